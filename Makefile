@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make test` and `make demo` each create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned here, not in pyproject.toml (which asks for a range): these builds lie on the CI machines' disk.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: test demo bench clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install -q -e '.[test]' $(TORCH)
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install -q -e '.[demo]' $(TORCH)
+	touch $@
+
+test: $(VENV)/.test
+	$(PY) -m pytest
+
+demo: $(VENV)/.demo
+	MPLBACKEND=Agg $(PY) examples/demo.py
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/bench.py --quick
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,71 @@
+"""Internal batching: how many rows (integration steps, noise samples, occluded copies) go through one pass.
+
+``batch_size`` given by the user caps the rows per pass.  Left at ``None``, the cap is chosen so that peak memory
+stays bounded without tuning: on a CPU a fixed number of rows (throughput on a CPU barely grows past it); on a
+CUDA device the first pass runs a small probe batch, its measured peak memory per row sets the size of the rest
+so that one pass uses at most about a third of the memory that is free (never more than ``MAX_ROWS`` rows).
+The probe's cost per row is the larger of what the pass reports through :meth:`RowPlanner.measure` and the rise
+of the device's peak memory (read, never reset: the user's own peak statistics stay as they were).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+CPU_ROWS = 16
+PROBE_ROWS = 8
+MAX_ROWS = 256
+MEMORY_FRACTION = 1 / 3
+FALLBACK_ROWS = 64
+
+
+def check_batch_size(batch_size: Optional[int]) -> None:
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+
+
+class RowPlanner:
+    """Splits ``total`` rows into consecutive ``(start, stop)`` chunks; see the module docstring for sizes."""
+
+    def __init__(self, total: int, batch_size: Optional[int], device: torch.device) -> None:
+        check_batch_size(batch_size)
+        self.total = total
+        self.device = device
+        self.fixed = batch_size
+        self.adaptive = batch_size is None and device.type == "cuda"
+        self.measured_per_row: Optional[float] = None
+
+    def measure(self, bytes_per_row: float) -> None:
+        """Let a pass report the memory one row holds (e.g. the activations a forward keeps for backward)."""
+        self.measured_per_row = max(self.measured_per_row or 0.0, bytes_per_row)
+
+    def _rows_that_fit(self, per_row: float) -> int:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return int(max(1, min(MAX_ROWS, free * MEMORY_FRACTION // max(per_row, 1.0))))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start = 0
+        if self.fixed is not None:
+            size = self.fixed
+        elif not self.adaptive:
+            size = CPU_ROWS
+        else:
+            size = min(PROBE_ROWS, self.total)
+            if size < self.total:
+                allocated = torch.cuda.memory_allocated(self.device)
+                peak_before = torch.cuda.max_memory_allocated(self.device)
+                yield 0, size
+                start = size
+                peak = torch.cuda.max_memory_allocated(self.device)
+                estimates = [self.measured_per_row] if self.measured_per_row else []
+                if peak > peak_before:  # the probe set a new peak, so the peak measures it
+                    estimates.append((peak - allocated) / size)
+                size = self._rows_that_fit(max(estimates)) if estimates else FALLBACK_ROWS
+        while start < self.total:
+            stop = min(start + size, self.total)
+            yield start, stop
+            start = stop

@@ -1,0 +1,156 @@
+"""The contract every attribution method shares.
+
+::
+
+    explainer = Method(model, **options)       # model: nn.Module mapping (B, C, H, W) to (B, K) scores
+    saliency = explainer(x, target, **options)  # same as explainer.get_mask(x, target, **options)
+
+Options may be given at construction or per call; per call wins.  Every method accepts the common options
+``batch_size`` (rows per internal pass, ``None`` = memory-aware default), ``score`` (``'logit'``, ``'softmax'`` or
+``'log_softmax'``: what is explained) and ``create_graph`` (keep the map differentiable w.r.t. the model's
+parameters), plus its own, listed in its class attribute ``defaults``.
+
+A subclass implements :meth:`Explainer._explain`; the base class validates the input, the target and the options,
+runs the method inside the state guard with gradients enabled (also under an outer ``torch.no_grad()`` or
+``torch.inference_mode()``), and casts the result to float32 (float64 for float64 input) on the input's device.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, ClassVar, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .batching import RowPlanner, check_batch_size
+from .guard import preserve_model
+from .targets import Target, TargetSpec, resolve_target
+
+COMMON_OPTIONS: Mapping[str, Any] = {"batch_size": None, "score": "logit", "create_graph": False}
+
+
+class Explainer:
+    """Base class of every attribution method (see the module docstring for the call contract)."""
+
+    #: registry name, set by :func:`attribution.core.registry.register`
+    name: ClassVar[str] = ""
+    #: ``'gradient'`` methods return (B, C, H, W) signed maps; ``'cam'`` and ``'perturbation'`` (B, 1, H, W)
+    kind: ClassVar[str] = "gradient"
+    #: the method's own options and their defaults
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    #: True when the method evaluates the images themselves in its first pass, so that ``target=None`` can take
+    #: each image's arg-max from that pass instead of from an extra forward
+    argmax_on_rows: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.options: Dict[str, Any] = self._check_option_names(options)
+
+    # ----------------------------------------------------------------------------------------------- options
+    def option_names(self) -> set:
+        """Names of every option this explainer accepts."""
+        return set(COMMON_OPTIONS) | set(self.defaults)
+
+    def _check_option_names(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        known = self.option_names()
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; it accepts {sorted(known)}"
+                raise TypeError(f"{type(self).__name__} got an unknown option {key!r}{hint}")
+        return dict(options)
+
+    def resolved_options(self, **options: Any) -> Dict[str, Any]:
+        """Defaults, then construction options, then the call's options."""
+        merged = {**COMMON_OPTIONS, **self.defaults, **self.options, **self._check_option_names(options)}
+        check_batch_size(merged["batch_size"])
+        if not isinstance(merged["create_graph"], bool):
+            raise TypeError(f"create_graph must be a bool, got {merged['create_graph']!r}")
+        return merged
+
+    # -------------------------------------------------------------------------------------------------- call
+    def __call__(self, x: Tensor, target: TargetSpec = None, **options: Any) -> Tensor:
+        return self.get_mask(x, target, **options)
+
+    def get_mask(self, x: Tensor, target: TargetSpec = None, **options: Any) -> Tensor:
+        """The attribution of ``target`` for each image of ``x`` (B, C, H, W); see the module docstring."""
+        opts = self.resolved_options(**options)
+        check_input(x, self.model)
+        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.inference_mode(False), torch.enable_grad(), preserve_model(self.model):
+            x = x.detach()
+            if x.is_inference():
+                x = x.clone()
+            resolved = resolve_target(target, x.shape[0], x.device, opts.pop("score"))
+            self._resolve_argmax(x, resolved, opts["batch_size"])
+            saliency = self._explain(x, resolved, **opts)
+        return saliency.to(out_dtype)
+
+    def _explain(self, x: Tensor, target: Target, **options: Any) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ shared parts
+    def _model_input(self, rows: Tensor) -> Tensor:
+        """Rows cast to the dtype the model computes in (so float32 inputs drive fp16/bf16 models)."""
+        return rows.to(model_dtype(self.model, rows.dtype))
+
+    def _resolve_argmax(self, x: Tensor, target: Target, batch_size: Optional[int]) -> None:
+        """Fix ``target=None`` to each image's arg-max class, with forwards of ``x`` in chunks."""
+        if not target.pending or self.argmax_on_rows:
+            return
+        classes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
+                classes[start:stop] = self.model(self._model_input(x[start:stop])).argmax(dim=1)
+        target.classes = classes
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({type(self.model).__name__}{', ' if opts else ''}{opts})"
+
+
+def model_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The floating dtype of the model's first floating parameter or buffer, else ``default``."""
+    for tensor in _tensors(model):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return default
+
+
+def model_device(model: nn.Module) -> Optional[torch.device]:
+    for tensor in _tensors(model):
+        return tensor.device
+    return None
+
+
+def _tensors(model: nn.Module):
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def expected_channels(model: nn.Module) -> Optional[int]:
+    """Input channels of the model's first 2-D convolution, if it has one."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
+
+
+def check_input(x: Tensor, model: nn.Module) -> None:
+    """Raise a clear error for an input the model cannot take."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W); got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError("x holds no images (batch size 0)")
+    channels = expected_channels(model)
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"x has {x.shape[1]} channels but the model's first convolution expects {channels}")
+    device = model_device(model)
+    if device is not None and device != x.device:
+        raise ValueError(f"x is on {x.device} but the model is on {device}; move one of them")

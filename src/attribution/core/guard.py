@@ -1,0 +1,62 @@
+"""The state guard: every explainer call leaves the user's model exactly as it found it.
+
+Inside the guard the model runs in eval mode (dropout off, batch-norm on running statistics, so that each image's
+attribution is independent of the batch it came in).  On exit, normal or not, every module's training flag, every
+parameter's ``requires_grad`` and ``.grad``, every module's children and hook dictionaries are put back.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from torch import nn
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+def _hook_snapshot(module: nn.Module) -> Dict[str, dict]:
+    return {name: dict(getattr(module, name)) for name in _HOOK_DICTS if hasattr(module, name)}
+
+
+@contextmanager
+def preserve_model(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with ``model`` in eval mode and restore all of its observable state afterwards."""
+    modules: List[nn.Module] = list(model.modules())
+    training = [m.training for m in modules]
+    children = [dict(m._modules) for m in modules]
+    hooks = [_hook_snapshot(m) for m in modules]
+    params: List[Tuple[nn.Parameter, bool, object]] = [
+        (p, p.requires_grad, p.grad) for p in model.parameters()
+    ]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, kids in zip(modules, children):
+            if module._modules != kids:
+                module._modules.clear()
+                module._modules.update(kids)
+        for module, flag, saved in zip(modules, training, hooks):
+            module.training = flag
+            for name, before in saved.items():
+                now = getattr(module, name)
+                if now != before:
+                    now.clear()
+                    now.update(before)
+        with torch.no_grad():
+            for p, requires_grad, grad in params:
+                if p.requires_grad != requires_grad:
+                    p.requires_grad_(requires_grad)
+                if p.grad is not grad:
+                    p.grad = grad

@@ -1,0 +1,21 @@
+"""The gradient family: maps built from input gradients, (B, C, H, W) signed attributions."""
+from .base import GradientExplainer
+from .blur_ig import BlurIG
+from .guided_backprop import Deconvnet, GuidedBackProp
+from .guided_ig import GuidedIG
+from .input_x_gradient import InputXGradient
+from .integrated import IntegratedGradients
+from .smoothgrad import SmoothGrad
+from .vanilla import VanillaGradient
+
+__all__ = [
+    "BlurIG",
+    "Deconvnet",
+    "GradientExplainer",
+    "GuidedBackProp",
+    "GuidedIG",
+    "InputXGradient",
+    "IntegratedGradients",
+    "SmoothGrad",
+    "VanillaGradient",
+]

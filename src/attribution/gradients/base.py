@@ -1,0 +1,109 @@
+"""Shared machinery of the gradient family: input gradients of many rows, batched, and sums along paths.
+
+Every gradient method here is a weighted sum of input gradients at points derived from each image::
+
+    A_i = post_i * sum_k  coeff_{i,k} * grad f_{t_i}(p_{i,k})
+
+(vanilla gradient: one point, the image; IG: points on the straight line, coeff = quadrature weight, post = x - b;
+Blur IG: points on the blur path, coeff = -dsigma * dblur/dsigma).  :meth:`GradientExplainer._integrate` evaluates
+the B x K rows in chunks of ``batch_size`` with one forward and one input-gradient backward each
+(``torch.autograd.grad`` w.r.t. the rows only: no parameter gradients are formed or accumulated).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..core.batching import RowPlanner
+from ..core.explainer import Explainer
+from ..core.targets import Target
+
+PointFn = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
+
+
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """Sums are kept in float64 for float64 input, float32 otherwise (also for fp16/bf16 models)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class GradientExplainer(Explainer):
+    """Base class of methods built from input gradients; returns (B, C, H, W) signed attributions."""
+
+    kind = "gradient"
+
+    def _backward_rules(self) -> ContextManager[Any]:
+        """Context that changes how gradients flow through the model (guided backprop); none by default."""
+        return contextlib.nullcontext()
+
+    def _input_gradients(
+        self,
+        rows: Tensor,
+        owners: Tensor,
+        target: Target,
+        create_graph: bool = False,
+        planner: Optional[RowPlanner] = None,
+    ) -> Tensor:
+        """Gradient of each row's target score w.r.t. the row, in the rows' dtype."""
+        rows = self._model_input(rows.detach()).requires_grad_(True)
+        measure = planner is not None and planner.adaptive and planner.measured_per_row is None
+        before = torch.cuda.memory_allocated(rows.device) if measure else 0
+        with self._backward_rules():
+            outputs = self.model(rows)
+        if measure:  # activations kept for backward, doubled for the backward's own buffers
+            planner.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
+        scores = target(outputs, owners)
+        (grads,) = torch.autograd.grad(scores.sum(), rows, create_graph=create_graph, allow_unused=True)
+        return torch.zeros_like(rows) if grads is None else grads
+
+    def _integrate(
+        self,
+        x: Tensor,
+        target: Target,
+        steps: int,
+        points: PointFn,
+        batch_size: Optional[int],
+        create_graph: bool,
+    ) -> Tensor:
+        """``sum_k coeff * grad`` over ``steps`` points per image, evaluated ``batch_size`` rows at a time.
+
+        ``points(owners, step)`` gets (n,) image indices and (n,) step indices and returns the points (n, C, H, W)
+        and their coefficients (broadcastable to the points).  Rows are ordered image-major.
+        """
+        batch = x.shape[0]
+        total = torch.zeros(x.shape, dtype=accumulation_dtype(x), device=x.device)
+        planner = RowPlanner(batch * steps, batch_size, x.device)
+        for start, stop in planner:
+            index = torch.arange(start, stop, device=x.device)
+            owners, step = index // steps, index % steps
+            rows, coeff = points(owners, step)
+            grads = self._input_gradients(rows, owners, target, create_graph, planner)
+            total = total.index_add(0, owners, coeff * grads.to(total.dtype))
+        return total
+
+    def _gradient_at_input(self, x: Tensor, target: Target, batch_size: Optional[int], create_graph: bool) -> Tensor:
+        """Plain input gradients of the images themselves."""
+        ones = torch.ones((), dtype=accumulation_dtype(x), device=x.device)
+        return self._integrate(x, target, 1, lambda owners, _: (x[owners], ones), batch_size, create_graph)
+
+    def get_smoothed_mask(
+        self,
+        x: Tensor,
+        target: Any = None,
+        samples: int = 25,
+        std: float = 0.15,
+        process: Optional[Callable[[Tensor], Tensor]] = torch.square,
+        **options: Any,
+    ) -> Tensor:
+        """SmoothGrad of this method (the seed's API): mean over ``samples`` noisy copies of ``process(map)``.
+
+        ``std`` is the noise's standard deviation as a fraction of each image's value range (max - min);
+        ``process`` defaults to squaring, as in the seed and PAIR's ``GetSmoothedMask(magnitude=True)``.
+        """
+        from .smoothgrad import SmoothGrad
+
+        inner = {**self.options, **options}
+        smooth = SmoothGrad(self.model, method=type(self), samples=samples, std=std, process=process, **inner)
+        return smooth.get_mask(x, target)

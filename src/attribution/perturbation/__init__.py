@@ -1,0 +1,4 @@
+"""Perturbation methods: maps from forwards of perturbed copies, (B, 1, H, W)."""
+from .occlusion import Occlusion
+
+__all__ = ["Occlusion"]

@@ -1,0 +1,65 @@
+"""Shared fixtures: toy models with known answers, random images, the pretrained EfficientNet-Lite0."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+
+
+def tiny_cnn(activation: type = nn.ReLU, classes: int = 5, seed: int = 0, inplace: bool = False) -> nn.Module:
+    """A small conv net ending in global average pooling and a linear layer (random, seeded, eval mode)."""
+    torch.manual_seed(seed)
+    act = (lambda: activation(inplace=True)) if inplace else activation
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        act(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        act(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        act(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, classes),
+    )
+    return model.eval()
+
+
+class LinearModel(nn.Module):
+    """f(x) = W vec(x) + c: every path method has a closed form on it."""
+
+    def __init__(self, shape=(3, 8, 8), classes: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = nn.Linear(int(torch.tensor(shape).prod()), classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+@pytest.fixture
+def cnn() -> nn.Module:
+    return tiny_cnn()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 16, 16)
+
+
+# ------------------------------------------------------------------------------------- the real, pretrained model
+@pytest.fixture(scope="session")
+def efficientnet() -> nn.Module:
+    from attribution.data import load_efficientnet_lite0
+
+    return load_efficientnet_lite0()
+
+
+@pytest.fixture(scope="session")
+def composite() -> torch.Tensor:
+    """Cat on the left, coffee on the right (each a 160x160 square), ImageNet-normalised, (1, 3, 160, 320)."""
+    from attribution.data import cat_coffee_composite
+
+    return cat_coffee_composite(side=160)

@@ -1,0 +1,265 @@
+"""The call contract, checked for every registered method (a table, so each new method is covered for free)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import attribution
+from attribution import create, list_methods
+from conftest import tiny_cnn
+
+#: options that keep each method cheap here; every registered method must appear (see test_every_method_is_listed)
+FAST = {
+    "vanilla_gradient": {},
+    "input_x_gradient": {},
+    "integrated_gradients": {"steps": 8},
+    "blur_ig": {"steps": 6, "max_sigma": 4.0},
+    "guided_ig": {"steps": 6},
+    "guided_backprop": {},
+    "deconvnet": {},
+    "smoothgrad": {"samples": 3},
+    "occlusion": {"window": 4, "stride": 4},
+}
+#: methods with random draws: their batch/batch_size checks run with the noise turned off
+RANDOM = {"smoothgrad": {"std": 0.0}}
+METHODS = list_methods()
+
+
+def explain(name: str, model: nn.Module, x: torch.Tensor, target=None, **options) -> torch.Tensor:
+    return create(name, model, **FAST[name])(x, target, **options)
+
+
+def test_every_method_is_listed():
+    assert set(METHODS) == set(FAST), "add new methods to FAST so the shared invariants cover them"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_shape_dtype_and_finiteness(name, cnn, images):
+    out = explain(name, cnn, images, [0, 1, 2])
+    kind = attribution.get_method(name).kind
+    expected = images.shape if kind == "gradient" else (images.shape[0], 1) + images.shape[2:]
+    assert out.shape == expected and out.dtype == torch.float32 and out.device == images.device
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_batch_independence(name, cnn, images):
+    """Image i's attribution in a batch equals its attribution alone."""
+    options = RANDOM.get(name, {})
+    batch = explain(name, cnn, images, [3, 1, 4], **options)
+    for i, t in enumerate([3, 1, 4]):
+        alone = explain(name, cnn, images[i:i + 1], t, **options)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_batch_size_independence(name, cnn, images):
+    options = RANDOM.get(name, {})
+    reference = explain(name, cnn, images, [0, 1, 2], batch_size=1, **options)
+    for batch_size in (2, 7, None):
+        out = explain(name, cnn, images, [0, 1, 2], batch_size=batch_size, **options)
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_target_forms_agree(name, cnn, images):
+    """None (arg-max), a list, a LongTensor and a callable picking the same classes give the same maps."""
+    options = RANDOM.get(name, {})
+    classes = cnn(images).argmax(1)
+    by_none = explain(name, cnn, images, None, **options)
+    by_list = explain(name, cnn, images, classes.tolist(), **options)
+    by_tensor = explain(name, cnn, images, classes, **options)
+    by_callable = explain(name, cnn, images, lambda s: s.max(dim=1).values, **options)
+    by_owners = explain(name, cnn, images, lambda s, owner: s.gather(1, classes[owner, None])[:, 0], **options)
+    for other in (by_list, by_tensor, by_owners):
+        torch.testing.assert_close(other, by_none)
+    if attribution.get_method(name).kind == "gradient" and name not in ("integrated_gradients", "blur_ig", "guided_ig"):
+        torch.testing.assert_close(by_callable, by_none)  # at the image itself, max score = arg-max class score
+
+
+def snapshot(model: nn.Module):
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad": [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()],
+        "modules": [(n, m) for n, m in model.named_modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    after = snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    for (g0, v0), (g1, _) in zip(before["grad"], after["grad"]):
+        assert g1 is g0 and (g0 is None or torch.equal(g1, v0))
+    assert all(a[0] == b[0] and a[1] is b[1] for a, b in zip(after["modules"], before["modules"]))
+    assert len(after["modules"]) == len(before["modules"])
+    assert after["hooks"] == before["hooks"]
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+
+
+def odd_state_model() -> nn.Module:
+    """A model in train mode, with dropout and batch norm, one frozen layer and a stale .grad."""
+    model = tiny_cnn(inplace=True)
+    model.insert(1, nn.BatchNorm2d(8))
+    model.insert(-1, nn.Dropout(0.5))
+    model.train()
+    model[0].weight.requires_grad_(False)
+    model[-1].weight.grad = torch.ones_like(model[-1].weight)
+    model[2].register_forward_hook(lambda *a: None)
+    return model
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_model_left_as_found(name, images):
+    model = odd_state_model()
+    before = snapshot(model)
+    explain(name, model, images, [0, 1, 2])
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_model_left_as_found_when_target_raises(name, images):
+    model = odd_state_model()
+    before = snapshot(model)
+
+    def broken(scores):
+        raise RuntimeError("objective failed")
+
+    with pytest.raises(RuntimeError, match="objective failed"):
+        explain(name, model, images, broken)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_runs_in_eval_mode_whatever_the_model_flag(name, cnn, images):
+    """Dropout and batch norm behave as in eval mode during the call, so results do not depend on the flag."""
+    model = odd_state_model()
+    model[0].weight.requires_grad_(True)
+    model.eval()
+    options = RANDOM.get(name, {})
+    in_eval = explain(name, model, images, [0, 1, 2], **options)
+    model.train()
+    in_train = explain(name, model, images, [0, 1, 2], **options)
+    torch.testing.assert_close(in_eval, in_train)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_outer_no_grad_and_inference_mode(name, cnn, images):
+    options = RANDOM.get(name, {})
+    reference = explain(name, cnn, images, [0, 1, 2], **options)
+    with torch.no_grad():
+        torch.testing.assert_close(explain(name, cnn, images, [0, 1, 2], **options), reference)
+    with torch.inference_mode():
+        frozen = images.clone()
+        torch.testing.assert_close(explain(name, cnn, frozen, [0, 1, 2], **options), reference)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_float64_in_float64_out(name, images):
+    model = tiny_cnn().double()
+    out = explain(name, model, images.double(), [0, 1, 2], **RANDOM.get(name, {}))
+    assert out.dtype == torch.float64
+    reference = explain(name, tiny_cnn(), images, [0, 1, 2], **RANDOM.get(name, {}))
+    torch.testing.assert_close(out.float(), reference, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bfloat16_model_accumulates_in_float32(name, images):
+    model = tiny_cnn().to(torch.bfloat16)
+    out = explain(name, model, images, [0, 1, 2], **RANDOM.get(name, {}))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    reference = explain(name, tiny_cnn(), images, [0, 1, 2], **RANDOM.get(name, {}))
+    corr = torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1]
+    assert corr > 0.9
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_inplace_relu_resnet(name):
+    """torchvision ResNets use ReLU(inplace=True); every method must run on them and agree with out-of-place ReLUs."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    options = RANDOM.get(name, {})
+    inplace = explain(name, model, x, [1, 2], **options)
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    torch.testing.assert_close(explain(name, model, x, [1, 2], **options), inplace, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_create_graph_differentiable_wrt_parameters(name, cnn, images):
+    out = explain(name, cnn, images, [0, 1, 2], create_graph=True, **RANDOM.get(name, {}))
+    assert out.requires_grad
+    grads = torch.autograd.grad(out.square().sum(), [p for p in cnn.parameters()], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    plain = explain(name, cnn, images, [0, 1, 2], **RANDOM.get(name, {}))
+    assert not plain.requires_grad
+    torch.testing.assert_close(out.detach(), plain)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("name", METHODS)
+def test_bad_input_errors_name_the_problem(name, cnn, images):
+    explainer = create(name, cnn, **FAST[name])
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        explainer(images[0], 0)
+    with pytest.raises(ValueError, match="4 channels but the model's first convolution expects 3"):
+        explainer(torch.randn(2, 4, 16, 16), 0)
+    with pytest.raises(ValueError, match="target class 9 is out of range for a model with 5 outputs"):
+        explainer(images, 9)
+    with pytest.raises(ValueError, match="out of range"):
+        explainer(images, [0, -1, 2])
+    with pytest.raises(ValueError, match="2 class indices but the input has 3 images"):
+        explainer(images, [0, 1])
+    with pytest.raises(TypeError, match="integer class indices"):
+        explainer(images, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(TypeError, match="unknown option 'batchsize'.*'batch_size'"):
+        explainer(images, 0, batchsize=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        explainer(images, 0, batch_size=0)
+    with pytest.raises(ValueError, match="score must be one of"):
+        explainer(images, 0, score="probability")
+
+
+def test_wrong_device_is_named(cnn, images):
+    meta = tiny_cnn().to("meta")
+    with pytest.raises(ValueError, match="x is on cpu but the model is on meta"):
+        attribution.VanillaGradient(meta)(images, 0)
+
+
+def test_model_must_return_scores(images):
+    with pytest.raises(ValueError, match=r"must return scores of shape \(B, K\)"):
+        attribution.VanillaGradient(nn.Conv2d(3, 2, 3))(images, 0)
+
+
+def test_unknown_option_at_construction(cnn):
+    with pytest.raises(TypeError, match="unknown option 'step'.*'steps'"):
+        attribution.IntegratedGradients(cnn, step=3)
+
+
+def test_callable_target_must_return_one_score_per_row(cnn, images):
+    with pytest.raises(ValueError, match=r"one score per row, shape \(3,\)"):
+        attribution.VanillaGradient(cnn)(images, lambda s: s)
+
+
+def test_options_per_call_win_over_construction(cnn, images):
+    explainer = attribution.IntegratedGradients(cnn, steps=4)
+    torch.testing.assert_close(
+        explainer(images, 0, steps=9), attribution.IntegratedGradients(cnn)(images, 0, steps=9)
+    )
+    assert not torch.allclose(explainer(images, 0), explainer(images, 0, steps=9))
+
+
+def test_registry_create_and_errors(cnn):
+    assert isinstance(attribution.create("integrated_gradients", cnn), attribution.IntegratedGradients)
+    assert "occlusion" in attribution.list_methods("perturbation")
+    assert "occlusion" not in attribution.list_methods("gradient")
+    with pytest.raises(KeyError, match="did you mean 'integrated_gradients'"):
+        attribution.create("integrated_gradient", cnn)
