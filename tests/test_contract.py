@@ -20,9 +20,31 @@ FAST = {
     "deconvnet": {},
     "smoothgrad": {"samples": 3},
     "occlusion": {"window": 4, "stride": 4},
+    # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)
+    "grad_cam": {},
+    "hires_cam": {},
+    "grad_cam_elementwise": {},
+    "grad_cam_plusplus": {},
+    "xgrad_cam": {},
+    "layer_cam": {},
+    "bag_cam": {},
+    "eigen_cam": {},
+    "eigen_grad_cam": {},
+    "kpca_cam": {},
+    "score_cam": {},
+    "ss_cam": {"samples": 2},
+    "is_cam": {"steps": 2},
+    "ablation_cam": {},
+    "fullgrad": {},
+    "guided_grad_cam": {},
+    "combined": {},
 }
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
-RANDOM = {"smoothgrad": {"std": 0.0}}
+RANDOM = {"smoothgrad": {"std": 0.0}, "ss_cam": {"std": 0.0}}
+#: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
+#: probability between masked copies, about 1e-3 apart on this random net, which bf16's 8-bit mantissa blurs
+#: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)
+BF16_CORR = {"score_cam": 0.7, "ss_cam": 0.7, "is_cam": 0.7}
 METHODS = list_methods()
 
 
@@ -175,7 +197,7 @@ def test_bfloat16_model_accumulates_in_float32(name, images):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     reference = explain(name, tiny_cnn(), images, [0, 1, 2], **RANDOM.get(name, {}))
     corr = torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1]
-    assert corr > 0.9
+    assert corr > BF16_CORR.get(name, 0.9)
 
 
 @pytest.mark.parametrize("name", METHODS)

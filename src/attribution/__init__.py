@@ -4,6 +4,25 @@ Every method follows one contract (see :mod:`attribution.core.explainer`)::
 
     saliency = Method(model, **options)(x, target, **options)
 """
+from .cam import (
+    CAM,
+    AblationCAM,
+    BagCAM,
+    EigenCAM,
+    EigenGradCAM,
+    FullGrad,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    ISCAM,
+    KPCACAM,
+    LayerCAM,
+    ScoreCAM,
+    SSCAM,
+    XGradCAM,
+)
+from .combine import CombinedWrapper, GuidedGradCAM
 from .core import Explainer, create, get_method, list_methods, register
 from .gradients import (
     BlurIG,
@@ -21,17 +40,35 @@ from .perturbation import Occlusion
 __version__ = "0.1.0"
 
 __all__ = [
+    "AblationCAM",
+    "BagCAM",
     "BlurIG",
+    "CAM",
+    "CombinedWrapper",
     "Deconvnet",
+    "EigenCAM",
+    "EigenGradCAM",
     "Explainer",
+    "FullGrad",
+    "GradCAM",
+    "GradCAMElementWise",
+    "GradCAMPlusPlus",
     "GradientExplainer",
     "GuidedBackProp",
+    "GuidedGradCAM",
     "GuidedIG",
+    "HiResCAM",
+    "ISCAM",
     "InputXGradient",
     "IntegratedGradients",
+    "KPCACAM",
+    "LayerCAM",
     "Occlusion",
+    "SSCAM",
+    "ScoreCAM",
     "SmoothGrad",
     "VanillaGradient",
+    "XGradCAM",
     "create",
     "get_method",
     "list_methods",

@@ -43,3 +43,65 @@ def layer_name(model: nn.Module, layer: nn.Module) -> str:
         if module is layer:
             return name or "<model>"
     return type(layer).__name__
+
+
+# ------------------------------------------------------------------------------------------ the default layer
+#: module types that never make a good CAM layer even when their output is a spatial map
+_NOT_FEATURE_LAYERS = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
+    nn.Flatten,
+)
+
+
+def _is_feature_layer(module: nn.Module) -> bool:
+    if isinstance(module, _NOT_FEATURE_LAYERS):
+        return False
+    kind = type(module).__name__
+    return "Pool" not in kind and "Dropout" not in kind  # e.g. timm's SelectAdaptivePool2d
+
+
+def default_layer(model: nn.Module, x: "torch.Tensor") -> str:
+    """The dotted name of the default CAM layer for ``model`` on inputs shaped like ``x``.
+
+    The rule, for any model: run one image through the model and take the module that *finished last* among those
+    whose output is a spatial feature map, a (1, C, h, w) tensor with ``h * w > 1``, leaving out pooling, dropout,
+    identity and flatten modules and modules called more than once in the forward (shared activations).  Modules
+    finish after their children, so this is the outermost block holding the last spatial features: ``layer4``
+    for torchvision and timm ResNets, ``features`` for torchvision VGG, DenseNet, ConvNeXt, EfficientNet and
+    MobileNet, ``trunk_output`` for torchvision RegNet, ``bn2`` (the head's BatchNormAct) for timm EfficientNet,
+    ``_bn1`` for efficientnet_lite_pytorch's EfficientNet.  When the input is so small that the last stage is 1x1,
+    the rule falls back to the last stage that still has a spatial extent.
+    """
+    import torch
+
+    names = {module: name for name, module in model.named_modules() if name}
+    finished: List[str] = []
+    calls: dict = {}
+
+    def hook(module: nn.Module, _inputs: object, output: object) -> None:
+        name = names[module]
+        calls[name] = calls.get(name, 0) + 1
+        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+            finished.append(name)
+
+    handles = [module.register_forward_hook(hook) for module in names]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(model.named_modules())
+    candidates = [n for n in finished if calls[n] == 1 and _is_feature_layer(modules[n])]
+    if not candidates:
+        raise ValueError(
+            "found no module whose output is a spatial feature map (B, C, h, w) with h * w > 1; pass target_layer "
+            "(and a reshape_transform if the layer's output is not (B, C, h, w), e.g. transformer tokens)"
+        )
+    return candidates[-1]

@@ -1,0 +1,177 @@
+"""The CAM base class: ``map = combine(weights(activations, gradients), activations)`` at one or more layers.
+
+Every CAM here returns (B, 1, H, W) at the input's resolution: the map at the layer's resolution is upsampled
+bilinearly (``F.interpolate(..., mode='bilinear', align_corners=False)``, as Captum's ``LayerAttribution.interpolate``
+and OpenCV's ``resize``).  Maps are *raw*: rectified where the method's paper rectifies, never normalised per image
+(``attribution.utils.normalize_saliency`` does that), so they stay comparable across images and classes and stay
+differentiable with ``create_graph=True``.
+
+Layers (option ``target_layer``, at construction or per call): a dotted name (``'layer4'``, ``'features.28'``), a
+module of the model, or a list of them.  ``None`` picks the default layer (see
+:func:`attribution.core.layers.default_layer`: the last spatial feature block).  With several layers, each layer's
+map is upsampled to the input and the maps are fused by ``layer_fusion``: ``'mean'`` (default) or ``'max'`` of the
+raw maps (pytorch-grad-cam instead min-max normalises each layer's map before averaging).  ``reshape_transform``
+maps a layer output that is not (B, C, h, w), e.g. transformer tokens, to that shape; it is applied to the
+activations and to their gradients alike (so it should be a reshape/permutation/slice).
+
+Cost of the gradient CAMs: one forward and one ``torch.autograd.grad(score, activation)`` per image, i.e. a
+backward only from the score down to the layer.  The forward below the (first) layer runs without autograd
+recording unless ``create_graph=True``, which needs the whole graph.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.batching import RowPlanner
+from ..core.capture import LayerCapture, ReshapeTransform
+from ..core.explainer import Explainer
+from ..core.layers import LayerSpec, default_layer, layer_name, resolve_layers
+from ..core.targets import Target
+from ..gradients.base import accumulation_dtype
+
+FUSIONS = ("mean", "max")
+
+
+def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize of (N, C, h, w) maps to ``size`` (no-op when already there)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def channel_sum(weights: Tensor, activations: Tensor) -> Tensor:
+    """``ReLU(sum_k w_k * A_k)``: the usual CAM combination, (N, 1, h, w)."""
+    return F.relu((weights * activations).sum(dim=1, keepdim=True))
+
+
+def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` where the denominator is non-zero, 0 elsewhere (with finite gradients)."""
+    nonzero = denominator != 0
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)),
+                       torch.zeros_like(numerator))
+
+
+class CAM(Explainer):
+    """Base class of class activation maps; see the module docstring for layers, output and cost.
+
+    A subclass sets ``uses_gradients`` and overrides :meth:`_weights` (channel or element-wise weights) and, if
+    needed, :meth:`_combine` or :meth:`_layer_map`; methods with extra passes override :meth:`_explain`.
+    """
+
+    kind = "cam"
+    argmax_on_rows = True
+    defaults: ClassVar[Dict[str, Any]] = {"target_layer": None, "reshape_transform": None, "layer_fusion": "mean"}
+    #: whether the map needs d score / d activation (one backward to the layer); False: a forward is enough
+    uses_gradients: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, target_layer: LayerSpec = None, **options: Any) -> None:
+        if target_layer is not None:
+            options["target_layer"] = target_layer
+        super().__init__(model, **options)
+        self._default_layer_names: Dict[Tuple[int, ...], str] = {}
+
+    # ------------------------------------------------------------------------------------------------- layers
+    def target_layers(self, x: Tensor, target_layer: LayerSpec = None,
+                      reshape_transform: ReshapeTransform = None) -> List[nn.Module]:
+        """The modules a call on ``x`` captures (``target_layer=None``: the default layer for x's shape)."""
+        if target_layer is not None:
+            return resolve_layers(self.model, target_layer)
+        if reshape_transform is not None:
+            raise ValueError("with a reshape_transform, name the layer to capture: pass target_layer")
+        modules = dict(self.model.named_modules())
+        key = tuple(x.shape[1:])
+        name = self._default_layer_names.get(key)
+        if name not in modules:
+            name = default_layer(self.model, self._model_input(x[:1]))
+            self._default_layer_names[key] = name
+        return [modules[name]]
+
+    # ---------------------------------------------------------------------------------------------- capture
+    def _capture(self, rows: Tensor, owners: Tensor, target: Target, layers: Sequence[nn.Module],
+                 reshape_transform: ReshapeTransform, create_graph: bool,
+                 gradients: bool) -> Tuple[Tensor, List[Tensor], List[Optional[Tensor]]]:
+        """One forward of ``rows``: (model outputs, activations, gradients of the target score or None)."""
+        record_from_layer = gradients and not create_graph
+        with LayerCapture(layers, reshape_transform, record_from_layer, self.model) as capture:
+            with torch.set_grad_enabled(create_graph):
+                outputs = self.model(self._model_input(rows))
+            scores = target(outputs, owners)
+            activations = capture.activations()
+            grads: List[Optional[Tensor]] = [None] * len(layers)
+            if gradients:
+                grads = list(capture.gradients(scores.sum(), create_graph))
+        dtype = accumulation_dtype(rows)
+        for layer, act in zip(layers, activations):
+            if act.dim() != 4:
+                raise ValueError(
+                    f"the output of layer {self._name(layer)!r} has shape {tuple(act.shape)}; CAMs need (B, C, h, w): "
+                    "pass a reshape_transform that brings it to that shape"
+                )
+        if not create_graph:
+            activations = [a.detach() for a in activations]
+            grads = [None if g is None else g.detach() for g in grads]
+        activations = [a.to(dtype) for a in activations]
+        grads = [None if g is None else g.to(dtype) for g in grads]
+        return outputs, activations, grads
+
+    def _capture_all(self, x: Tensor, target: Target, layers: Sequence[nn.Module],
+                     reshape_transform: ReshapeTransform, batch_size: Optional[int],
+                     create_graph: bool) -> List[Tensor]:
+        """Activations of every image at every layer (forwards only), resolving ``target=None`` to classes."""
+        per_layer: List[List[Tensor]] = [[] for _ in layers]
+        classes = []
+        for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
+            owners = torch.arange(start, stop, device=x.device)
+            outputs, acts, _ = self._capture(x[start:stop], owners, target, layers, reshape_transform,
+                                             create_graph, gradients=False)
+            classes.append(outputs.argmax(dim=1))
+            for store, act in zip(per_layer, acts):
+                store.append(act)
+        if target.pending:
+            target.classes = torch.cat(classes)
+        return [torch.cat(chunks) for chunks in per_layer]
+
+    def _name(self, layer: nn.Module) -> str:
+        return layer_name(self.model, layer)
+
+    # -------------------------------------------------------------------------------------------------- maps
+    def _weights(self, activations: Tensor, gradients: Optional[Tensor], **options: Any) -> Tensor:
+        """Weights broadcastable to the activations: (N, C, 1, 1) per channel or (N, C, h, w) per element."""
+        raise NotImplementedError
+
+    def _combine(self, weights: Tensor, activations: Tensor) -> Tensor:
+        """The layer's map from weights and activations; default ``ReLU(sum_k w_k A_k)``."""
+        return channel_sum(weights, activations)
+
+    def _layer_map(self, activations: Tensor, gradients: Optional[Tensor], **options: Any) -> Tensor:
+        """(N, 1, h, w) map of one layer."""
+        return self._combine(self._weights(activations, gradients, **options), activations)
+
+    @staticmethod
+    def _fuse(maps: Sequence[Tensor], size: Sequence[int], fusion: str) -> Tensor:
+        """Upsample each layer's map to ``size`` and fuse them (mean or max)."""
+        if fusion not in FUSIONS:
+            raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {fusion!r}")
+        maps = [upsample(m, size) for m in maps]
+        if len(maps) == 1:
+            return maps[0]
+        stacked = torch.stack(maps)
+        return stacked.mean(dim=0) if fusion == "mean" else stacked.amax(dim=0)
+
+    def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,
+                 layer_fusion: str, batch_size: Optional[int], create_graph: bool, **options: Any) -> Tensor:
+        if layer_fusion not in FUSIONS:
+            raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
+        layers = self.target_layers(x, target_layer, reshape_transform)
+        chunks = []
+        for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
+            owners = torch.arange(start, stop, device=x.device)
+            _, acts, grads = self._capture(x[start:stop], owners, target, layers, reshape_transform, create_graph,
+                                           self.uses_gradients)
+            maps = [self._layer_map(a, g, **options) for a, g in zip(acts, grads)]
+            chunks.append(self._fuse(maps, x.shape[-2:], layer_fusion))
+        return torch.cat(chunks)

@@ -1,0 +1,105 @@
+"""FullGrad."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..core.batching import RowPlanner
+from ..core.capture import LayerCapture
+from ..core.layers import LayerSpec, resolve_layers
+from ..core.registry import register
+from ..core.targets import Target
+from ..gradients.base import accumulation_dtype
+from .base import CAM, safe_divide, upsample
+
+
+def implicit_bias(module: nn.Module) -> Optional[Tensor]:
+    """The per-channel bias a module adds to its output: a convolution's bias; for batch norm (running
+    statistics, as in eval mode) ``beta - mean * gamma / sqrt(var + eps)``.  None if it adds none."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return None if module.bias is None else module.bias
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.running_mean is None or module.running_var is None:
+            return None
+        scale = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight
+        bias = -module.running_mean * scale
+        return bias if module.bias is None else bias + module.bias
+    return None
+
+
+def bias_layers(model: nn.Module, within: Optional[List[nn.Module]] = None) -> List[Tuple[nn.Module, Tensor]]:
+    """2-D convolutions and batch norms with a bias, in ``model`` or only inside the modules ``within``."""
+    roots = within if within is not None else [model]
+    found, seen = [], set()
+    for root in roots:
+        for module in root.modules():
+            if id(module) in seen or not isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+                continue
+            seen.add(id(module))
+            bias = implicit_bias(module)
+            if bias is not None:
+                found.append((module, bias))
+    return found
+
+
+def rescale(maps: Tensor, per_channel: bool) -> Tensor:
+    """FullGrad's post-processing psi before upsampling: absolute value, then min-max to [0, 1] per image (over
+    all channels and positions) or, with ``per_channel``, per image and channel."""
+    maps = maps.abs()
+    flat = maps.flatten(2) if per_channel else maps.flatten(1)
+    low = flat.amin(dim=-1, keepdim=True)
+    return safe_divide(flat - low, flat.amax(dim=-1, keepdim=True) - low).view_as(maps)
+
+
+@register("fullgrad")
+class FullGrad(CAM):
+    """FullGrad: input-gradient times input plus every layer's bias-gradients, each post-processed and summed.
+
+    Srinivas & Fleuret, "Full-Gradient Representation for Neural Network Visualization", NeurIPS 2019,
+    arXiv:1905.00780.
+
+    ``map = sum_c psi(dy/dx * x)_c + sum_layers sum_c U(psi(b * dy/dz))_c`` where the layers are the model's
+    ``Conv2d`` and ``BatchNorm2d`` modules with a bias (for batch norm the implicit bias
+    ``beta - mean * gamma / sqrt(var + eps)``), ``z`` their outputs, ``U`` bilinear upsampling to the input and
+    ``psi`` the absolute value min-max scaled to [0, 1] per image over all channels of the term, as in the
+    authors' code.  ``target_layer`` (optional) restricts the bias layers to those inside the given modules.
+    Cost: one forward and one full backward (to the input and every bias layer) per image.
+
+    Differences from pytorch-grad-cam (and the seed library): they min-max scale every channel separately
+    (``per_channel=True`` reproduces that), select layers by exact type (here subclasses count too, e.g. timm's
+    and efficientnet_lite's same-padding convolutions) and min-max scale the final sum (here it stays raw).
+    For a batch norm that applies its activation itself (timm's ``BatchNormAct2d``) the bias-gradient is taken at
+    the module's output, after the activation.
+    """
+
+    defaults = {"target_layer": None, "per_channel": False}
+
+    def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, per_channel: bool,
+                 batch_size: Optional[int], create_graph: bool) -> Tensor:
+        within = None if target_layer is None else resolve_layers(self.model, target_layer)
+        layers = bias_layers(self.model, within)
+        modules = [module for module, _ in layers]
+        dtype = accumulation_dtype(x)
+        chunks = []
+        for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
+            owners = torch.arange(start, stop, device=x.device)
+            rows = self._model_input(x[start:stop]).detach().requires_grad_(True)
+            with LayerCapture(modules, model=self.model) as capture:
+                outputs = self.model(rows)
+            scores = target(outputs, owners)
+            if not modules:
+                grads = [torch.autograd.grad(scores.sum(), rows, create_graph=create_graph)[0]]
+            else:
+                grads = capture.gradients(scores.sum(), create_graph, extra=[rows])
+                grads = grads[-1:] + grads[:-1]
+            total = rescale((grads[0] * rows).to(dtype), per_channel).sum(dim=1, keepdim=True)
+            for (_, bias), grad in zip(layers, grads[1:]):
+                term = bias.to(dtype).view(1, -1, 1, 1) * grad.to(dtype)
+                total = total + upsample(rescale(term, per_channel), x.shape[-2:]).sum(dim=1, keepdim=True)
+            chunks.append(total if create_graph else total.detach())
+        return torch.cat(chunks)
+
