@@ -63,3 +63,29 @@ def composite() -> torch.Tensor:
     from attribution.data import cat_coffee_composite
 
     return cat_coffee_composite(side=160)
+
+
+def cam_cnn(seed: int = 0, classes: int = 10) -> nn.Module:
+    """Conv-BN-ReLU blocks with non-trivial batch-norm statistics, then global pooling and a linear layer.
+
+    Its block "2" (32 channels at 16x16 for 32x32 inputs) is followed by more convolutions, so gradients there vary
+    over positions (unlike at the last block of a GAP+linear net, where every gradient-weighted CAM coincides).
+    The classifier is scaled up so that gradients are O(1) rather than O(1e-3) (reference implementations add
+    epsilons of 1e-7..1e-6 that would otherwise dominate).
+    """
+    torch.manual_seed(seed)
+
+    def block(i: int, o: int, stride: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+    model = nn.Sequential(block(3, 16, 1), block(16, 32, 2), block(32, 32, 1), block(32, 48, 2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, classes))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+        model[-1].weight.mul_(100)
+    return model.eval()

@@ -34,7 +34,8 @@ class AblationCAM(CAM):
     computed once and only the modules after the layer run on the ablated copies.  The tail comes from tracing the
     model with ``torch.fx`` (see :mod:`attribution.cam.tail`); when fx cannot trace the model or cut it after the
     layer, AblationCAM falls back to C full forwards per image with a forward hook that replaces the layer's
-    output by the ablated copies (``self.last_mode`` says ``'tail'`` or ``'full'``).  Ablated copies run
+    output by the ablated copies (``self.last_mode`` says ``'tail'`` or ``'full'``; ``use_tail=False`` forces full
+    forwards).  Ablated copies run
     ``batch_size`` rows at a time (``None``: on a CPU, as many rows as fit in 64 MiB of layer output, at least 16;
     on CUDA, sized by the memory probe), without autograd unless ``create_graph=True``; ``progress=True`` shows a
     bar.  The layer's output must be (B, C, h, w): ``reshape_transform`` is not supported.
@@ -45,41 +46,44 @@ class AblationCAM(CAM):
     """
 
     uses_gradients = False
-    defaults = {**CAM.defaults, "ablation_value": 0.0, "progress": False}
+    defaults = {**CAM.defaults, "ablation_value": 0.0, "use_tail": True, "progress": False}
 
     def __init__(self, model: nn.Module, target_layer: LayerSpec = None, **options: Any) -> None:
         super().__init__(model, target_layer, **options)
-        self._splits: Dict[int, Tuple[nn.Module, Optional[SplitModel]]] = {}
+        self._splits: Dict[int, Tuple[nn.Module, SplitModel]] = {}
         self.last_mode: Optional[str] = None
 
     def _split(self, layer: nn.Module) -> Optional[SplitModel]:
+        """The model traced and cut after ``layer`` (cached while the model's modules stay the same), or None."""
         cached = self._splits.get(id(layer))
-        if cached is not None and cached[0] is layer and (cached[1] is None or cached[1].still_valid()):
+        if cached is not None and cached[0] is layer and cached[1].still_valid():
             return cached[1]
         try:
-            split: Optional[SplitModel] = SplitModel(self.model, layer)
+            split = SplitModel(self.model, layer)
         except Unsplittable:
-            split = None
+            return None  # not cached: the reason (a hook, say) may be gone next time
         self._splits[id(layer)] = (layer, split)
         return split
 
     def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,
-                 layer_fusion: str, ablation_value: float, progress: bool, batch_size: Optional[int],
-                 create_graph: bool) -> Tensor:
+                 layer_fusion: str, ablation_value: float, use_tail: bool, progress: bool,
+                 batch_size: Optional[int], create_graph: bool) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
         if reshape_transform is not None:
             raise ValueError("AblationCAM ablates channels of a (B, C, h, w) layer output; reshape_transform is "
                              "not supported")
         layers = self.target_layers(x, target_layer)
-        maps = [self._layer_ablation(x, target, layer, float(ablation_value), progress, batch_size, create_graph)
-                for layer in layers]
+        if not isinstance(use_tail, bool):
+            raise TypeError(f"use_tail must be a bool, got {use_tail!r}")
+        maps = [self._layer_ablation(x, target, layer, float(ablation_value), use_tail, progress, batch_size,
+                                     create_graph) for layer in layers]
         return self._fuse(maps, x.shape[-2:], layer_fusion)
 
     # ---------------------------------------------------------------------------------------------- one layer
-    def _layer_ablation(self, x: Tensor, target: Target, layer: nn.Module, value: float, progress: bool,
-                        batch_size: Optional[int], create_graph: bool) -> Tensor:
-        split = self._split(layer)
+    def _layer_ablation(self, x: Tensor, target: Target, layer: nn.Module, value: float, use_tail: bool,
+                        progress: bool, batch_size: Optional[int], create_graph: bool) -> Tensor:
+        split = self._split(layer) if use_tail else None
         with torch.set_grad_enabled(create_graph):
             run = None
             if split is not None:

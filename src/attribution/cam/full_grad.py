@@ -98,6 +98,8 @@ class FullGrad(CAM):
                 grads = grads[-1:] + grads[:-1]
             total = rescale((grads[0] * rows).to(dtype), per_channel).sum(dim=1, keepdim=True)
             for (_, bias), grad in zip(layers, grads[1:]):
+                if grad.shape[-2] * grad.shape[-1] == 1:
+                    continue  # one position (a squeeze-excitation convolution): only a constant offset
                 term = bias.to(dtype).view(1, -1, 1, 1) * grad.to(dtype)
                 total = total + upsample(rescale(term, per_channel), x.shape[-2:]).sum(dim=1, keepdim=True)
             chunks.append(total if create_graph else total.detach())

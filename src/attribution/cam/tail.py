@@ -9,8 +9,9 @@ computed from the images (``x.size(0)`` and the like) are recomputed in the tail
 
 :class:`SplitModel` raises :class:`Unsplittable` when the model cannot be cut there (fx cannot trace it, the layer
 is not called in the traced graph, or an image-dependent value is not a per-image tensor); callers then fall
-back to full forwards.  Forward hooks of modules the tracer goes *through* (containers, custom blocks) do not run
-in the head or the tail; hooks of leaf modules (``nn.Conv2d``, ``nn.ReLU``...) and of the layer do.
+back to full forwards.  That includes models with forward hooks on modules the tracer goes *through* (containers,
+custom blocks): fx would call them on proxies while tracing.  Hooks of leaf modules (``nn.Conv2d``,
+``nn.ReLU``...) and of the layer are fine: they run, on real tensors, in the head and the tail.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..core.layers import layer_name
+
+
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 
 
 class Unsplittable(Exception):
@@ -68,6 +72,11 @@ class SplitModel:
         self.model = model
         self.layer = layer
         tracer = _Tracer(layer)
+        for name, module in model.named_modules():
+            hooked = any(getattr(module, kind, None) for kind in _FORWARD_HOOKS)
+            if hooked and not tracer.is_leaf_module(module, name):
+                raise Unsplittable(f"the module {name or '<model>'!r} has forward hooks, which fx would run on "
+                                   "proxies while tracing through it")
         try:
             graph = tracer.trace(model)
         except Exception as error:  # fx cannot trace data-dependent control flow and the like

@@ -71,24 +71,22 @@ def default_layer(model: nn.Module, x: "torch.Tensor") -> str:
 
     The rule, for any model: run one image through the model and take the module that *finished last* among those
     whose output is a spatial feature map, a (1, C, h, w) tensor with ``h * w > 1``, leaving out pooling, dropout,
-    identity and flatten modules and modules called more than once in the forward (shared activations).  Modules
-    finish after their children, so this is the outermost block holding the last spatial features: ``layer4``
-    for torchvision and timm ResNets, ``features`` for torchvision VGG, DenseNet, ConvNeXt, EfficientNet and
-    MobileNet, ``trunk_output`` for torchvision RegNet, ``bn2`` (the head's BatchNormAct) for timm EfficientNet,
-    ``_bn1`` for efficientnet_lite_pytorch's EfficientNet.  When the input is so small that the last stage is 1x1,
-    the rule falls back to the last stage that still has a spatial extent.
+    identity and flatten modules.  Modules finish after their children, so this is the outermost block holding the
+    last spatial features: ``layer4`` for torchvision and timm ResNets, ``features`` for torchvision VGG,
+    DenseNet, ConvNeXt, EfficientNet and MobileNet, ``trunk_output`` for torchvision RegNet, ``bn2`` (the head's
+    BatchNormAct) for timm EfficientNet.  A module called several times counts at its last call (captures keep
+    the last call too): efficientnet_lite_pytorch's EfficientNet gets its shared ``_swish`` activation, whose
+    last call is the head's ReLU6.  When the input is so small that the last stage is 1x1, the rule falls back to
+    the last stage that still has a spatial extent.
     """
     import torch
 
     names = {module: name for name, module in model.named_modules() if name}
     finished: List[str] = []
-    calls: dict = {}
 
     def hook(module: nn.Module, _inputs: object, output: object) -> None:
-        name = names[module]
-        calls[name] = calls.get(name, 0) + 1
         if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-            finished.append(name)
+            finished.append(names[module])
 
     handles = [module.register_forward_hook(hook) for module in names]
     try:
@@ -98,7 +96,7 @@ def default_layer(model: nn.Module, x: "torch.Tensor") -> str:
         for handle in handles:
             handle.remove()
     modules = dict(model.named_modules())
-    candidates = [n for n in finished if calls[n] == 1 and _is_feature_layer(modules[n])]
+    candidates = [n for n in finished if _is_feature_layer(modules[n])]
     if not candidates:
         raise ValueError(
             "found no module whose output is a spatial feature map (B, C, h, w) with h * w > 1; pass target_layer "
