@@ -248,6 +248,9 @@ def test_bad_input_errors_name_the_problem(name, cnn, images):
         explainer(images, 0, batch_size=0)
     with pytest.raises(ValueError, match="score must be one of"):
         explainer(images, 0, score="probability")
+    if "target_layer" in explainer.option_names():
+        with pytest.raises(ValueError, match=r"no layer named '4x'; closest names: .*\b4\b"):
+            explainer(images, 0, target_layer="4x")
 
 
 def test_wrong_device_is_named(cnn, images):

@@ -55,8 +55,8 @@ def test_bag_cam_is_the_seed_formula(x):
     torch.testing.assert_close(A.BagCAM(model, "2")(x, [1, 4]), upsample(expected, x.shape[-2:]))
 
 
-def test_grad_cam_plus_plus_uses_the_positive_gradients_only(x):
-    """With a single channel whose gradient is negative everywhere, Grad-CAM++'s weight (and map) is zero."""
+def test_grad_cam_plus_plus_is_the_papers_closed_form(x):
+    """Eq. 19 of the paper with the ReLU of Eq. 7 on the gradients, zero where the gradient is zero."""
     model = cam_cnn()
     x = torch.randn(2, 3, 32, 32)
     acts, grads = split_forward(model, 2, x, [0, 1])
@@ -337,3 +337,16 @@ def test_fullgrad_target_layer_restricts_the_bias_layers():
     torch.testing.assert_close(last_block, fullgrad_by_hand(model, x, [2, 7], within=model[3]), rtol=1e-4,
                                atol=1e-5)
     assert not torch.allclose(A.FullGrad(model)(x, [2, 7]), last_block)
+
+
+def test_score_cam_shares_masked_forwards_between_copies_of_an_image(x):
+    """Explaining one image for two classes costs C masked forwards, not 2C, and changes no map."""
+    model = tiny_cnn()
+    rows = []
+    handle = model[0].register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    both = A.ScoreCAM(model, "5")(torch.cat([x[:1], x[:1], x[1:2]]), [0, 3, 3])
+    handle.remove()
+    assert sum(rows) == 3 + 1 + 2 * 16  # capture pass, baseline, 16 channels for each of 2 distinct images
+    torch.testing.assert_close(both[0:1], A.ScoreCAM(model, "5")(x[:1], 0))
+    torch.testing.assert_close(both[1:2], A.ScoreCAM(model, "5")(x[:1], 3))
+    torch.testing.assert_close(both[2:3], A.ScoreCAM(model, "5")(x[1:2], 3))

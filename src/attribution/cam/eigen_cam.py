@@ -1,8 +1,7 @@
 """Eigen-CAM and Eigen-Grad-CAM, and the batched principal-component machinery they share with KPCA-CAM."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,30 +11,13 @@ from ..core.registry import register
 from .base import CAM
 
 
-@contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Run LAPACK single-threaded on a CPU: MKL's threaded ``eigh`` can take seconds on a loaded machine (7-12 s for
-    a (3, 256, 256) batch on 2 busy cores, 0.02 s on one thread), and one small matrix per image gains nothing
-    from threads."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _TopEigenpair(torch.autograd.Function):
     """Largest eigenvalue and its eigenvector of symmetric (n, m, m) matrices, with a backward that stays finite
     when the *other* eigenvalues are repeated (torch's eigh backward divides by every eigenvalue gap)."""
 
     @staticmethod
     def forward(ctx: Any, matrix: Tensor) -> Tuple[Tensor, Tensor]:
-        with _one_thread(matrix.device):
-            values, vectors = torch.linalg.eigh(matrix)
+        values, vectors = torch.linalg.eigh(matrix)
         ctx.save_for_backward(values, vectors)
         return values[..., -1], vectors[..., -1]
 

@@ -71,29 +71,50 @@ class _ScoreWeightedCAM(CAM):
 
     def _channel_scores(self, x: Tensor, acts: Tensor, target: Target, batch_size: Optional[int],
                         create_graph: bool, progress: bool, options: Dict[str, Any]) -> Tensor:
-        """(B, C): the mean target score of the masked copies of each image, one set of copies per channel."""
+        """(B, C): the mean target score of the masked copies of each image, one set of copies per channel.
+
+        Identical images (the same image explained for several classes) share their masked forwards.
+        """
         batch, channels = acts.shape[:2]
         samples = self._samples(options)
         per_image = channels * samples
-        total = batch * per_image
+        groups = duplicate_groups(x)
+        total = groups.shape[0] * per_image
         scores = torch.zeros(batch * channels, dtype=acts.dtype, device=x.device)
         bar = progress_bar(progress, total, f"{type(self).__name__} masked forwards")
         try:
             for start, stop in RowPlanner(total, batch_size, x.device):
                 index = torch.arange(start, stop, device=x.device)
-                image, channel, sample = index // per_image, (index // samples) % channels, index % samples
+                group, channel, sample = index // per_image, (index // samples) % channels, index % samples
+                image = groups[group, 0]
+                members = groups[group]  # (n, M): every image identical to the row's image
+                valid = members >= 0
+                rows = torch.arange(index.shape[0], device=x.device).unsqueeze(1).expand_as(members)[valid]
+                owners = members[valid]
                 with torch.enable_grad() if create_graph else torch.inference_mode():
                     masks = self._perturb(normalized_masks(acts[image, channel], x.shape[-2:]), sample, samples,
                                           options)
-                    masked = x[image] * masks.to(x.dtype)
-                    values = target(self.model(self._model_input(masked)), image).to(scores.dtype) / samples
+                    outputs = self.model(self._model_input(x[image] * masks.to(x.dtype)))
+                    values = target(outputs[rows], owners).to(scores.dtype) / samples
                 if not create_graph:
                     values = values.clone()  # an ordinary tensor again, outside inference mode
-                scores = scores.index_add(0, image * channels + channel, values)
+                scores = scores.index_add(0, owners * channels + channel[rows], values)
                 bar.update(stop - start)
         finally:
             bar.close()
         return scores.view(batch, channels)
+
+
+def duplicate_groups(x: Tensor) -> Tensor:
+    """(U, M) image indices of each distinct image of the batch, -1 padded; column 0 is the first occurrence."""
+    _, inverse = torch.unique(x.flatten(1), dim=0, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(x.shape[0], device=x.device) - starts[inverse[order]]
+    table = torch.full((counts.shape[0], int(counts.max())), -1, dtype=torch.long, device=x.device)
+    table[inverse[order], position] = order
+    return table[torch.argsort(table[:, 0])]
 
 
 @register("score_cam")
@@ -110,8 +131,8 @@ class ScoreCAM(_ScoreWeightedCAM):
     (True: subtract ``f_t(x_b)``), ``channel_softmax`` (False; True applies a softmax over channels to the
     weights, as pytorch-grad-cam and torchcam do).  Masked copies run ``batch_size`` at a time under
     ``torch.inference_mode`` (with autograd when ``create_graph=True``); ``progress=True`` shows a bar.
-    Cost: C masked forwards per image (C = the layer's channels), one forward per image to capture the layer and
-    one forward of the zero image for the baseline.
+    Cost: C masked forwards per distinct image (C = the layer's channels; copies of one image explained for other
+    classes share them), one forward per image to capture the layer and one of the zero image for the baseline.
 
     Difference from pytorch-grad-cam (and the seed library): they weight by a softmax over channels of the raw
     logits of the masked copies, with no baseline, and upsample masks with ``align_corners=True``; that is
@@ -132,7 +153,7 @@ class SSCAM(_ScoreWeightedCAM):
     ``w_k = mean_s f_t(x * (H_k + e_s)) - f_t(x_b)`` with ``e_s ~ N(0, std^2)`` per pixel (noise on the mask, the
     paper's first variant), ``samples`` draws (defaults samples=35, std=2.0 as torchcam's SS-CAM), drawn from
     ``generator`` if given; otherwise as :class:`ScoreCAM` (same options).  Not in pytorch-grad-cam.
-    Cost: C * samples masked forwards per image.
+    Cost: C * samples masked forwards per distinct image.
     """
 
     defaults = {**_ScoreWeightedCAM.defaults, "samples": 35, "std": 2.0, "generator": None}
@@ -158,7 +179,8 @@ class ISCAM(_ScoreWeightedCAM):
     arXiv:2010.03023, 2020.
 
     ``w_k = (1/N) sum_{i=1..N} f_t(x * (i/N) H_k) - f_t(x_b)`` with ``N = steps`` (default 10); otherwise as
-    :class:`ScoreCAM` (same options).  Not in pytorch-grad-cam.  Cost: C * steps masked forwards per image.
+    :class:`ScoreCAM` (same options).  Not in pytorch-grad-cam.  Cost: C * steps masked forwards per distinct
+    image.
     """
 
     defaults = {**_ScoreWeightedCAM.defaults, "steps": 10}
