@@ -32,7 +32,7 @@ FAST = {
     "eigen_grad_cam": {},
     "kpca_cam": {},
     "score_cam": {},
-    "ss_cam": {"samples": 2},
+    "ss_cam": {"samples": 1},
     "is_cam": {"steps": 2},
     "ablation_cam": {},
     "fullgrad": {},

@@ -171,8 +171,8 @@ class Tail:
 
 
 def ablation_rows(activations: Tensor, owners: Tensor, channels: Tensor, value: float) -> Tensor:
-    """Copies ``activations[owners]`` with channel ``channels[r]`` of row ``r`` set to ``value``."""
+    """Copies ``activations[owners]`` with channel ``channels[r]`` of row ``r`` set to ``value`` (one gather and
+    one small in-place write: building the copies is most of the cost of a short tail)."""
     rows = activations[owners]
-    mask = torch.zeros(rows.shape[:2], dtype=torch.bool, device=rows.device)
-    mask[torch.arange(rows.shape[0], device=rows.device), channels] = True
-    return torch.where(mask[:, :, None, None], torch.as_tensor(value, dtype=rows.dtype, device=rows.device), rows)
+    rows[torch.arange(rows.shape[0], device=rows.device), channels] = value
+    return rows
