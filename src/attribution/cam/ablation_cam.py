@@ -124,17 +124,18 @@ class AblationCAM(CAM):
         return channel_sum(weights[:, :, None, None], acts.to(dtype))
 
     def _tail_runner(self, split: SplitModel, x: Tensor, batch_size: Optional[int]) -> "_Runner":
-        values = [split.head(self._model_input(x[a:b])) for a, b in RowPlanner(x.shape[0], batch_size, x.device)]
-        if len(values) == 1:
-            merged = values[0]
-        else:
-            merged = {node: (torch.cat([v[node] for v in values]) if node in split.on_images
-                             and isinstance(values[0][node], Tensor) and values[0][node].dim() > 0 else values[0][node])
-                      for node in values[0]}
-        tail = split.tail(merged, x.shape[0])
+        plan = None
+        kept: List[Dict[Any, Any]] = []
+        for a, b in RowPlanner(x.shape[0], batch_size, x.device):
+            values = split.head(self._model_input(x[a:b]))
+            plan = plan or split.plan(values)
+            kept.append({node: values[node] for node in plan[1]})  # drop the rest of the head's values
+        merged = {node: torch.cat([k[node] for k in kept])
+                  if len(kept) > 1 and node in split.on_images and isinstance(kept[0][node], Tensor)
+                  and kept[0][node].dim() > 0 else kept[0][node] for node in plan[1]}
+        tail = split.tail(merged, x.shape[0], plan)
         acts = merged[split.cut]
-        owners = torch.arange(x.shape[0], device=x.device)
-        return _Runner(acts, tail(acts, owners), tail)
+        return _Runner(acts, tail(acts, torch.arange(x.shape[0], device=x.device)), tail)
 
     def _full_runner(self, layer: nn.Module, x: Tensor, batch_size: Optional[int]) -> "_Runner":
         acts, outputs = [], []

@@ -105,6 +105,14 @@ class _ScoreWeightedCAM(CAM):
         return scores.view(batch, channels)
 
 
+def positive_count(options: Dict[str, Any], name: str) -> int:
+    """The option ``name``, checked to be a positive int."""
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def duplicate_groups(x: Tensor) -> Tensor:
     """(U, M) image indices of each distinct image of the batch, -1 padded; column 0 is the first occurrence."""
     _, inverse = torch.unique(x.flatten(1), dim=0, return_inverse=True)
@@ -159,10 +167,7 @@ class SSCAM(_ScoreWeightedCAM):
     defaults = {**_ScoreWeightedCAM.defaults, "samples": 35, "std": 2.0, "generator": None}
 
     def _samples(self, options: Dict[str, Any]) -> int:
-        samples = options["samples"]
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive int, got {samples!r}")
-        return samples
+        return positive_count(options, "samples")
 
     def _perturb(self, masks: Tensor, sample: Tensor, samples: int, options: Dict[str, Any]) -> Tensor:
         if not options["std"]:
@@ -186,10 +191,7 @@ class ISCAM(_ScoreWeightedCAM):
     defaults = {**_ScoreWeightedCAM.defaults, "steps": 10}
 
     def _samples(self, options: Dict[str, Any]) -> int:
-        steps = options["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        return steps
+        return positive_count(options, "steps")
 
     def _perturb(self, masks: Tensor, sample: Tensor, samples: int, options: Dict[str, Any]) -> Tensor:
         return masks * ((sample + 1).to(masks.dtype) / samples).view(-1, 1, 1, 1)

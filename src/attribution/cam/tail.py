@@ -15,7 +15,7 @@ custom blocks): fx would call them on proxies while tracing.  Hooks of leaf modu
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -118,8 +118,9 @@ class SplitModel:
             return runner.env
         raise Unsplittable("the traced graph ended before the layer")  # pragma: no cover
 
-    def tail(self, values: Dict[fx.Node, Any], batch: int) -> "Tail":
-        """The tail for head ``values`` of ``batch`` images."""
+    def plan(self, values: Dict[fx.Node, Any]) -> Tuple[Set[fx.Node], List[fx.Node]]:
+        """(nodes the tail runs, head nodes whose values it takes), given one head run's ``values``: their types
+        decide which image-dependent non-tensor values are recomputed in the tail rather than passed in."""
         inside = {node for node in self.nodes if self.position[node] > self.position[self.cut]}
         while True:
             frontier = sorted({a for n in inside for a in n.all_input_nodes if a not in inside},
@@ -128,8 +129,12 @@ class SplitModel:
                          if f is not self.cut and f in self.on_images and f.op != "placeholder"
                          and not isinstance(values[f], Tensor)]
             if not recompute:
-                break
+                return inside, frontier
             inside.update(recompute)
+
+    def tail(self, values: Dict[fx.Node, Any], batch: int, plan: Tuple[Set[fx.Node], List[fx.Node]]) -> "Tail":
+        """The tail of :meth:`plan` for the head ``values`` (at least the plan's inputs) of ``batch`` images."""
+        inside, frontier = plan
         graph = fx.Graph()
         mapping: Dict[fx.Node, fx.Node] = {}
         for node in frontier:
