@@ -66,7 +66,9 @@ class FullGrad(CAM):
     ``Conv2d`` and ``BatchNorm2d`` modules with a bias (for batch norm the implicit bias
     ``beta - mean * gamma / sqrt(var + eps)``), ``z`` their outputs, ``U`` bilinear upsampling to the input and
     ``psi`` the absolute value min-max scaled to [0, 1] per image over all channels of the term, as in the
-    authors' code.  ``target_layer`` (optional) restricts the bias layers to those inside the given modules.
+    authors' code; layers whose output has a single position (squeeze-excitation convolutions) would add only a
+    constant and are skipped.  ``target_layer`` (optional) restricts the bias layers to those inside the given
+    modules.
     Cost: one forward and one full backward (to the input and every bias layer) per image.
 
     Differences from pytorch-grad-cam (and the seed library): they min-max scale every channel separately

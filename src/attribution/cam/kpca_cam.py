@@ -1,7 +1,7 @@
 """KPCA-CAM."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -134,10 +134,10 @@ class ScoreCAM(_ScoreWeightedCAM):
 
     With ``H_k`` channel ``k``'s activation map upsampled (bilinear) to the input and min-max scaled to [0, 1]:
     ``w_k = f_t(x * H_k) - f_t(x_b)``, the paper's channel-wise increase of confidence with the all-zero
-    baseline ``x_b`` (the fully masked image); ``map = ReLU(sum_k w_k A_k)``.  ``f_t`` is the target's softmax probability by
-    default (``score='softmax'``, as the authors' code), any ``score`` may be chosen.  Options: ``baseline``
-    (True: subtract ``f_t(x_b)``), ``channel_softmax`` (False; True applies a softmax over channels to the
-    weights, as pytorch-grad-cam and torchcam do).  Masked copies run ``batch_size`` at a time under
+    baseline ``x_b`` (the fully masked image); ``map = ReLU(sum_k w_k A_k)``.  ``f_t`` is the target's softmax
+    probability by default (``score='softmax'``, as the authors' code); any ``score`` may be chosen.  Options:
+    ``baseline`` (True: subtract ``f_t(x_b)``), ``channel_softmax`` (False; True applies a softmax over channels
+    to the weights, as pytorch-grad-cam and torchcam do).  Masked copies run ``batch_size`` at a time under
     ``torch.inference_mode`` (with autograd when ``create_graph=True``); ``progress=True`` shows a bar.
     Cost: C masked forwards per distinct image (C = the layer's channels; copies of one image explained for other
     classes share them), one forward per image to capture the layer and one of the zero image for the baseline.

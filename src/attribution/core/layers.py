@@ -4,7 +4,8 @@ from __future__ import annotations
 import difflib
 from typing import List, Sequence, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 LayerSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]]]
 
@@ -66,7 +67,7 @@ def _is_feature_layer(module: nn.Module) -> bool:
     return "Pool" not in kind and "Dropout" not in kind  # e.g. timm's SelectAdaptivePool2d
 
 
-def default_layer(model: nn.Module, x: "torch.Tensor") -> str:
+def default_layer(model: nn.Module, x: Tensor) -> str:
     """The dotted name of the default CAM layer for ``model`` on inputs shaped like ``x``.
 
     The rule, for any model: run one image through the model and take the module that *finished last* among those
@@ -79,13 +80,11 @@ def default_layer(model: nn.Module, x: "torch.Tensor") -> str:
     last call is the head's ReLU6.  When the input is so small that the last stage is 1x1, the rule falls back to
     the last stage that still has a spatial extent.
     """
-    import torch
-
     names = {module: name for name, module in model.named_modules() if name}
     finished: List[str] = []
 
     def hook(module: nn.Module, _inputs: object, output: object) -> None:
-        if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
             finished.append(names[module])
 
     handles = [module.register_forward_hook(hook) for module in names]
