@@ -17,13 +17,16 @@ from .gradients import (
     VanillaGradient,
 )
 from .perturbation import Occlusion
+from .transformers import AttentionRollout, GenericAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionRollout",
     "BlurIG",
     "Deconvnet",
     "Explainer",
+    "GenericAttention",
     "GradientExplainer",
     "GuidedBackProp",
     "GuidedIG",
