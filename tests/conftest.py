@@ -38,6 +38,19 @@ class LinearModel(nn.Module):
         return self.linear(x.flatten(1))
 
 
+def tiny_vit(seed: int = 0, classes: int = 5, fused: bool = True) -> nn.Module:
+    """A small timm ViT (class token, 4x4 patches on 16x16 inputs, 2 blocks), random, seeded, eval mode."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, mlp_ratio=2.0,
+                              num_classes=classes)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    return model.eval()
+
+
 @pytest.fixture
 def cnn() -> nn.Module:
     return tiny_cnn()

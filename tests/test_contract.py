@@ -7,7 +7,7 @@ from torch import nn
 
 import attribution
 from attribution import create, list_methods
-from conftest import tiny_cnn
+from conftest import tiny_cnn, tiny_vit
 
 #: options that keep each method cheap here; every registered method must appear (see test_every_method_is_listed)
 FAST = {
@@ -20,6 +20,8 @@ FAST = {
     "deconvnet": {},
     "smoothgrad": {"samples": 3},
     "occlusion": {"window": 4, "stride": 4},
+    "attention_rollout": {},
+    "generic_attention": {},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)
     "grad_cam": {},
     "hires_cam": {},
@@ -46,6 +48,20 @@ RANDOM = {"smoothgrad": {"std": 0.0}, "ss_cam": {"std": 0.0}}
 #: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)
 BF16_CORR = {"score_cam": 0.7, "ss_cam": 0.7, "is_cam": 0.7}
 METHODS = list_methods()
+
+
+def toy_model(name: str, inplace: bool = False) -> nn.Module:
+    """The toy model each method is checked on: a tiny ViT for attention methods, a tiny CNN for the rest."""
+    if attribution.get_method(name).kind == "attention":
+        return tiny_vit()
+    return tiny_cnn(inplace=inplace)
+
+
+@pytest.fixture
+def cnn(request) -> nn.Module:
+    """Overrides conftest's: the toy model that suits the test's method."""
+    callspec = getattr(request.node, "callspec", None)
+    return toy_model(callspec.params["name"]) if callspec and "name" in callspec.params else tiny_cnn()
 
 
 def explain(name: str, model: nn.Module, x: torch.Tensor, target=None, **options) -> torch.Tensor:
@@ -124,21 +140,27 @@ def assert_unchanged(model: nn.Module, before) -> None:
         assert torch.equal(after["state"][k], v), k
 
 
-def odd_state_model() -> nn.Module:
-    """A model in train mode, with dropout and batch norm, one frozen layer and a stale .grad."""
-    model = tiny_cnn(inplace=True)
-    model.insert(1, nn.BatchNorm2d(8))
-    model.insert(-1, nn.Dropout(0.5))
+def odd_state_model(name: str) -> nn.Module:
+    """A model in train mode, with dropout (and batch norm), one frozen layer, a stale .grad and a user's hook."""
+    if attribution.get_method(name).kind == "attention":
+        model = tiny_vit()
+        model.pos_drop.p = 0.5
+        first, last, hooked = model.patch_embed.proj, model.head, model.blocks[0]
+    else:
+        model = tiny_cnn(inplace=True)
+        model.insert(1, nn.BatchNorm2d(8))
+        model.insert(-1, nn.Dropout(0.5))
+        first, last, hooked = model[0], model[-1], model[2]
     model.train()
-    model[0].weight.requires_grad_(False)
-    model[-1].weight.grad = torch.ones_like(model[-1].weight)
-    model[2].register_forward_hook(lambda *a: None)
+    first.weight.requires_grad_(False)
+    last.weight.grad = torch.ones_like(last.weight)
+    hooked.register_forward_hook(lambda *a: None)
     return model
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_model_left_as_found(name, images):
-    model = odd_state_model()
+    model = odd_state_model(name)
     before = snapshot(model)
     explain(name, model, images, [0, 1, 2])
     assert_unchanged(model, before)
@@ -146,7 +168,7 @@ def test_model_left_as_found(name, images):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_model_left_as_found_when_target_raises(name, images):
-    model = odd_state_model()
+    model = odd_state_model(name)
     before = snapshot(model)
 
     def broken(scores):
@@ -160,8 +182,9 @@ def test_model_left_as_found_when_target_raises(name, images):
 @pytest.mark.parametrize("name", METHODS)
 def test_runs_in_eval_mode_whatever_the_model_flag(name, cnn, images):
     """Dropout and batch norm behave as in eval mode during the call, so results do not depend on the flag."""
-    model = odd_state_model()
-    model[0].weight.requires_grad_(True)
+    model = odd_state_model(name)
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.eval()
     options = RANDOM.get(name, {})
     in_eval = explain(name, model, images, [0, 1, 2], **options)
@@ -183,19 +206,19 @@ def test_outer_no_grad_and_inference_mode(name, cnn, images):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_float64_in_float64_out(name, images):
-    model = tiny_cnn().double()
+    model = toy_model(name).double()
     out = explain(name, model, images.double(), [0, 1, 2], **RANDOM.get(name, {}))
     assert out.dtype == torch.float64
-    reference = explain(name, tiny_cnn(), images, [0, 1, 2], **RANDOM.get(name, {}))
+    reference = explain(name, toy_model(name), images, [0, 1, 2], **RANDOM.get(name, {}))
     torch.testing.assert_close(out.float(), reference, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_bfloat16_model_accumulates_in_float32(name, images):
-    model = tiny_cnn().to(torch.bfloat16)
+    model = toy_model(name).to(torch.bfloat16)
     out = explain(name, model, images, [0, 1, 2], **RANDOM.get(name, {}))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    reference = explain(name, tiny_cnn(), images, [0, 1, 2], **RANDOM.get(name, {}))
+    reference = explain(name, toy_model(name), images, [0, 1, 2], **RANDOM.get(name, {}))
     corr = torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1]
     assert corr > BF16_CORR.get(name, 0.9)
 
@@ -205,7 +228,11 @@ def test_inplace_relu_resnet(name):
     """torchvision ResNets use ReLU(inplace=True); every method must run on them and agree with out-of-place ReLUs."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=7).eval()
+    if attribution.get_method(name).kind == "attention":  # torchvision's ViT: nn.MultiheadAttention, in-place-free
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                     hidden_dim=32, mlp_dim=64, num_classes=7).eval()
+    else:
+        model = torchvision.models.resnet18(num_classes=7).eval()
     x = torch.randn(2, 3, 32, 32)
     options = RANDOM.get(name, {})
     inplace = explain(name, model, x, [1, 2], **options)
@@ -253,7 +280,7 @@ def test_bad_input_errors_name_the_problem(name, cnn, images):
             explainer(images, 0, target_layer="4x")
 
 
-def test_wrong_device_is_named(cnn, images):
+def test_wrong_device_is_named(images):
     meta = tiny_cnn().to("meta")
     with pytest.raises(ValueError, match="x is on cpu but the model is on meta"):
         attribution.VanillaGradient(meta)(images, 0)

@@ -36,11 +36,13 @@ from .gradients import (
     VanillaGradient,
 )
 from .perturbation import Occlusion
+from .transformers import AttentionRollout, GenericAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AblationCAM",
+    "AttentionRollout",
     "BagCAM",
     "BlurIG",
     "CAM",
@@ -50,6 +52,7 @@ __all__ = [
     "EigenGradCAM",
     "Explainer",
     "FullGrad",
+    "GenericAttention",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",

@@ -1,4 +1,5 @@
-"""Guided Grad-CAM, CombinedWrapper (the seed's semantics and option routing) and the seed's quick start."""
+"""Guided Grad-CAM and CombinedWrapper (the seed's semantics and option routing); the quick start is in
+tests/test_quickstart.py."""
 from __future__ import annotations
 
 import pytest
@@ -56,45 +57,3 @@ def test_combined_refuses_options_both_methods_own(x):
         A.CombinedWrapper(model, A.SmoothGrad, A.SSCAM, samples=2)(x, 0, std=0.1)
     with pytest.raises(TypeError, match="cam_method must be a CAM"):
         A.CombinedWrapper(model, A.VanillaGradient, A.VanillaGradient)
-
-
-# ---------------------------------------------------------------------------------------------- the quick start
-def quick_start(model, img):
-    """The seed's quick start (issue 2), with only the model and image lines changed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from attribution import BlurIG, CombinedWrapper, GradCAM
-    from attribution.utils import normalize_saliency, visualize_single_saliency
-
-    blur_ig_kwargs = {'steps': 100, 'batch_size': 4, 'max_sigma': 50, 'grad_step': 0.01, 'sqrt': False}
-    img = torch.cat([img, img])  # batch input
-    target_index = torch.argmax(model(img), dim=1).cpu()
-    blur_ig = normalize_saliency(BlurIG(model).get_mask(img, target_index, **blur_ig_kwargs))
-    gradcam = normalize_saliency(GradCAM(model).get_mask(img, target_index, target_layer='layer3'))
-    combined = CombinedWrapper(model, BlurIG, GradCAM)
-    combined_saliency = normalize_saliency(combined.get_mask(img, target_index, target_layer='layer3',
-                                                             **blur_ig_kwargs))
-    visualize_single_saliency(blur_ig[0].unsqueeze(0))
-    return blur_ig, gradcam, combined_saliency
-
-
-@pytest.mark.parametrize("library", ["torchvision", "timm"])
-def test_seed_quick_start_on_resnet50(library):
-    """Random-weight ResNet-50s, a batch of 2 small images (32x32 keeps the 2 x 100 BlurIG steps fast)."""
-    if library == "torchvision":
-        torchvision = pytest.importorskip("torchvision")
-        torch.manual_seed(0)
-        model = torchvision.models.resnet50(num_classes=10).eval()
-    else:
-        timm = pytest.importorskip("timm")
-        torch.manual_seed(0)
-        model = timm.create_model("resnet50", num_classes=10).eval()
-    torch.manual_seed(1)
-    img = torch.rand(1, 3, 32, 32)
-    blur_ig, gradcam, combined = quick_start(model, img)
-    for saliency in (blur_ig, gradcam, combined):
-        assert saliency.shape == (2, 1, 32, 32) and torch.isfinite(saliency).all()
-        assert saliency.min() >= 0 and saliency.max() <= 1
-        torch.testing.assert_close(saliency[0], saliency[1])  # the two copies of the image agree
-    assert gradcam.amax() == 1 and combined.amax() == 1

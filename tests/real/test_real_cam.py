@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attribution import create
+from attribution import create, list_methods
 from attribution.data import EGYPTIAN_CAT, ESPRESSO
 
 #: options per method; the Score-CAM family uses block 14's output (192 channels, a 5x10 map) to keep its masked
@@ -40,6 +40,10 @@ def cat_share(maps: torch.Tensor) -> torch.Tensor:
     mass = maps.abs().sum(1)
     half = mass.shape[-1] // 2
     return mass[..., :half].sum((1, 2)) / mass.sum((1, 2))
+
+
+def test_every_cam_is_covered():
+    assert set(DISCRIMINATIVE) | set(CLASS_AGNOSTIC) | {"fullgrad"} == set(list_methods("cam")) | {"guided_grad_cam"}
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ class RowPlanner:
         self.fixed = batch_size
         self.adaptive = batch_size is None and device.type == "cuda"
         self.measured_per_row: Optional[float] = None
+        self.size: Optional[int] = batch_size  # rows per pass, known after the first full iteration
 
     def measure(self, bytes_per_row: float) -> None:
         """Let a pass report the memory one row holds (e.g. the activations a forward keeps for backward)."""
@@ -48,12 +49,12 @@ class RowPlanner:
         return int(max(1, min(MAX_ROWS, free * MEMORY_FRACTION // max(per_row, 1.0))))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Chunks of all ``total`` rows; iterating again (e.g. once per Guided IG step) reuses the size found."""
         start = 0
-        if self.fixed is not None:
-            size = self.fixed
-        elif not self.adaptive:
+        size = self.size
+        if size is None and not self.adaptive:
             size = CPU_ROWS
-        else:
+        if size is None:
             size = min(PROBE_ROWS, self.total)
             if size < self.total:
                 allocated = torch.cuda.memory_allocated(self.device)
@@ -65,6 +66,7 @@ class RowPlanner:
                 if peak > peak_before:  # the probe set a new peak, so the peak measures it
                     estimates.append((peak - allocated) / size)
                 size = self._rows_that_fit(max(estimates)) if estimates else FALLBACK_ROWS
+                self.size = size
         while start < self.total:
             stop = min(start + size, self.total)
             yield start, stop

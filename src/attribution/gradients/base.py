@@ -80,7 +80,9 @@ class GradientExplainer(Explainer):
             owners, step = index // steps, index % steps
             rows, coeff = points(owners, step)
             grads = self._input_gradients(rows, owners, target, create_graph, planner)
-            total = total.index_add(0, owners, coeff * grads.to(total.dtype))
+            contribution = coeff * grads.to(total.dtype)
+            # out of place only when the sum must stay differentiable
+            total = total.index_add(0, owners, contribution) if create_graph else total.index_add_(0, owners, contribution)
         return total
 
     def _gradient_at_input(self, x: Tensor, target: Target, batch_size: Optional[int], create_graph: bool) -> Tensor:

@@ -64,12 +64,13 @@ class GuidedIG(GradientExplainer):
         owners = torch.arange(batch, device=x.device)
         n_features = x[0].numel()
         kth = int(math.floor(fraction * (n_features - 1))) + 1  # numpy's quantile(..., method='lower')
+        planner = RowPlanner(batch, batch_size, x.device)
 
         for step in range(steps):
             grad = torch.cat(
                 [
-                    self._input_gradients(point[a:b], owners[a:b], target, create_graph).to(torch.float64)
-                    for a, b in RowPlanner(batch, batch_size, x.device)
+                    self._input_gradients(point[a:b], owners[a:b], target, create_graph, planner).to(torch.float64)
+                    for a, b in planner
                 ]
             )
             alpha = (step + 1.0) / steps

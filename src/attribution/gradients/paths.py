@@ -43,7 +43,9 @@ def quadrature(rule: str, steps: int) -> Tuple[Tensor, Tensor]:
 
     ``'linspace'`` is the rule of the seed and PAIR ``saliency``: ``linspace(0, 1, steps)``, each weighted
     ``1/steps``; ``'left'``, ``'right'``, ``'middle'`` and ``'trapezoid'`` are Riemann sums and
-    ``'gausslegendre'`` Gauss-Legendre quadrature, with the same points and weights as Captum's rules.
+    ``'gausslegendre'`` Gauss-Legendre quadrature, with the same points and weights as Captum's rules, except
+    that ``'trapezoid'`` is the composite trapezoid rule (weights ``1/(steps-1)``, ends halved, summing to 1);
+    Captum's ``'riemann_trapezoid'`` uses ``1/steps`` and so returns ``(steps-1)/steps`` times this.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")

@@ -30,7 +30,8 @@ class SmoothGrad(GradientExplainer):
     ``'smoothgrad'``: ``mean_s M(x + e_s)``; ``'smoothgrad_sq'``: ``mean_s M(x + e_s)^2``; ``'vargrad'``:
     ``var_s M(x + e_s)`` (population variance).  ``process`` (the seed's option), a callable applied to each map
     before averaging, generalises the first two.  Defaults samples=25, std=0.15 as PAIR and the seed.  Options of
-    the wrapped method pass through.  Noise is drawn image-major, ``(B, samples)``, from ``generator`` if given.
+    the wrapped method pass through.  Standard-normal float32 noise is drawn image-major, ``(B, samples, C, H, W)``, from ``generator`` if
+    given (as Captum's NoiseTunnel draws it), then scaled per image.
     Cost: ``samples`` times the wrapped method's.
     """
 
@@ -68,8 +69,7 @@ class SmoothGrad(GradientExplainer):
         done = 0
         while done < samples:
             k = min(group, samples - done)
-            noise = torch.randn((batch, k) + tuple(x.shape[1:]), generator=generator, device=x.device,
-                                dtype=sigma.dtype)
+            noise = torch.randn((batch, k) + tuple(x.shape[1:]), generator=generator, device=x.device)
             noisy = (x.unsqueeze(1) + sigma * noise).to(x.dtype).reshape((batch * k,) + tuple(x.shape[1:]))
             maps = self.inner._explain(noisy, target.repeat(k), **inner_options).to(first.dtype)
             maps = maps.view((batch, k) + tuple(maps.shape[1:]))

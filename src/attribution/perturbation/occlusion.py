@@ -24,12 +24,16 @@ def _pair(value: Size, name: str) -> Optional[Tuple[int, int]]:
 
 
 def window_grid(height: int, width: int, window: Tuple[int, int], stride: Tuple[int, int]) -> Tensor:
-    """(N, H, W) boolean masks of every window position, row-major, as Captum's Occlusion places them."""
+    """(N, H, W) boolean masks of every window position, row-major, as Captum's Occlusion places them.
+
+    Windows start every ``stride`` pixels until one reaches the far edge; the last one is cut at the edge, so
+    every pixel is covered: ``ceil((H - h) / s) + 1`` positions down, likewise across.
+    """
     (wh, ww), (sh, sw) = window, stride
     if wh > height or ww > width:
         raise ValueError(f"the occlusion window {window} is larger than the image ({height}, {width})")
-    tops = torch.arange(0, height - wh + 1, sh)
-    lefts = torch.arange(0, width - ww + 1, sw)
+    tops = torch.arange(0, -(-(height - wh) // sh) * sh + 1, sh)
+    lefts = torch.arange(0, -(-(width - ww) // sw) * sw + 1, sw)
     rows = torch.arange(height)
     cols = torch.arange(width)
     in_rows = (rows >= tops[:, None]) & (rows < tops[:, None] + wh)  # (T, H)
@@ -44,9 +48,9 @@ class Occlusion(Explainer):
     Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014, arXiv:1311.2901.
 
     For windows ``w`` (all channels, size ``window``, moved by ``stride``): ``A(p) = mean over windows w covering
-    pixel p of [f_t(x) - f_t(x with w set to fill)]``; pixels no window covers get 0 (as Captum's Occlusion).
-    Defaults scale with the image: window ``round(min(H, W) / 7)``, stride half of it (32 and 16 at 224x224:
-    169 forwards per image).  Occluded copies run ``batch_size`` at a time, without autograd unless ``create_graph=True`` (then the map is
+    pixel p of [f_t(x) - f_t(x with w set to fill)]``, windows placed as Captum's Occlusion places them (the last one cut
+    at the image edge).  Defaults scale with the image: window ``round(min(H, W) / 7)``, stride half of it (32 and
+    16 at 224x224: 169 forwards per image).  Occluded copies run ``batch_size`` at a time, without autograd unless ``create_graph=True`` (then the map is
     differentiable w.r.t. the model's parameters).  Returns
     (B, 1, H, W).  Cost: one forward per window position per image, plus one for the unoccluded image.
     """

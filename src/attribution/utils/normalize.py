@@ -1,6 +1,7 @@
 """Normalising maps for display and comparison."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -34,3 +35,14 @@ def minmax(maps: Tensor) -> Tensor:
     flat = maps.flatten(1)
     low = flat.amin(dim=1, keepdim=True)
     return ((flat - low) / (flat.amax(dim=1, keepdim=True) - low).clamp(min=EPS)).view_as(maps)
+
+
+def magnitude(maps: Tensor, percentile: float = 99.0) -> Tensor:
+    """Display scaling of signed (B, C, H, W) gradient maps, as PAIR ``saliency`` shows them: the absolute value
+    summed over channels, divided by its per-image ``percentile``-th percentile and clipped to [0, 1]; (B, 1, H, W).
+    """
+    total = maps.abs().sum(dim=1, keepdim=True)
+    flat = total.flatten(1).float()
+    k = min(flat.shape[1], max(1, math.ceil(percentile / 100.0 * flat.shape[1])))
+    top = flat.kthvalue(k, dim=1, keepdim=True).values
+    return (flat / top.clamp(min=EPS)).clamp(max=1.0).view_as(total).to(total.dtype)

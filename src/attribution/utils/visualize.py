@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .normalize import normalize_saliency
+from .normalize import magnitude, normalize_saliency
 
 
 def _colormap(name: str):
@@ -75,24 +75,29 @@ def visualize_single_saliency(saliency_map: Tensor, img_size: Optional[Tuple[int
 def plot_grid(images: Tensor, maps: Mapping[str, Tensor], mean: Optional[Sequence[float]] = None,
               std: Optional[Sequence[float]] = None, alpha: float = 0.5, cmap: str = "jet",
               titles: Optional[Sequence[str]] = None, cell: float = 2.4):
-    """A figure with one row per image: the image, then each method's map overlaid on it.
+    """A figure with one row per image: the image, then each method's map.
 
-    ``maps`` maps a method name to its (B, C, H, W) or (B, 1, H, W) maps for the B ``images``.
+    ``maps`` maps a method name to its maps for the B ``images``: (B, 1, H, W) maps (CAMs, perturbation) are
+    overlaid on the image with ``cmap``; (B, C, H, W) gradient maps are shown on their own as magnitudes
+    (:func:`attribution.utils.normalize.magnitude`: |A| summed over channels, clipped at the 99th percentile).
     Returns the matplotlib figure.
     """
     import matplotlib.pyplot as plt
 
     batch = images.shape[0]
     cols = 1 + len(maps)
-    fig, axes = plt.subplots(batch, cols, figsize=(cell * cols * images.shape[-1] / images.shape[-2], cell * batch),
-                             squeeze=False)
+    aspect = images.shape[-1] / images.shape[-2]
+    fig, axes = plt.subplots(batch, cols, figsize=(cell * cols * aspect, cell * batch), squeeze=False)
     for i in range(batch):
         axes[i, 0].imshow(to_image(images[i], mean, std))
         axes[i, 0].set_title(titles[i] if titles else "input", fontsize=9)
         for j, (name, m) in enumerate(maps.items(), start=1):
-            axes[i, j].imshow(overlay(images[i], m[i:i + 1], alpha, cmap, mean, std))
-            if i == 0 or titles:
-                axes[i, j].set_title(name, fontsize=9)
+            single = m[i:i + 1]
+            if single.shape[1] > 1:
+                axes[i, j].imshow(magnitude(single)[0, 0].cpu().numpy(), cmap="inferno", vmin=0, vmax=1)
+            else:
+                axes[i, j].imshow(overlay(images[i], single, alpha, cmap, mean, std))
+            axes[i, j].set_title(name, fontsize=9)
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()

@@ -1,0 +1,310 @@
+"""Benchmark: every registered method against the bare cost of the model passes it needs, and against its peers.
+
+For each model and method this measures, in one process and on one device:
+
+* the *floor*: the bare model passes the method cannot avoid (forwards, or forwards plus the gradient w.r.t. the
+  input), with the same number of rows and the same rows per pass as the method actually used;
+* the method's own time, its ratio to the floor, and its peak memory (CUDA: max allocated; CPU: peak RSS);
+* where installed, Captum's time for the same work (and pytorch-grad-cam's for CAMs).
+
+Times are medians over repeats after a warm-up, with ``torch.cuda.synchronize()`` around timed regions.
+Not a test: nothing here asserts a timing.  Usage::
+
+    python benchmarks/bench.py --quick                  # < 2 minutes on a 2-core CPU
+    python benchmarks/bench.py --device cuda --batch 32 --json results.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import warnings
+
+import torch
+from torch import nn
+
+import attribution
+from attribution.core import batching
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one run of ``fn`` in MiB: CUDA max allocated above the start, or the process's peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux)
+            f.write("5")
+    fn()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RowsSeen:
+    """Records the largest number of rows a method put through one pass (its internal batch size)."""
+
+    def __enter__(self) -> "RowsSeen":
+        self.rows = 0
+        self.original = batching.RowPlanner.__iter__
+        seen = self
+
+        def spy(planner):
+            for start, stop in seen.original(planner):
+                seen.rows = max(seen.rows, stop - start)
+                yield start, stop
+
+        batching.RowPlanner.__iter__ = spy
+        return self
+
+    def __exit__(self, *exc) -> None:
+        batching.RowPlanner.__iter__ = self.original
+
+
+# ------------------------------------------------------------------------------------------------------ floors
+
+
+def input_gradient_passes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, rows: int, chunk: int) -> None:
+    """``rows`` rows (copies of x) through forward + gradient w.r.t. the input, ``chunk`` rows per pass."""
+    done = 0
+    while done < rows:
+        n = min(chunk, rows - done)
+        index = torch.arange(done, done + n, device=x.device) % x.shape[0]
+        batch = x[index].detach().requires_grad_(True)
+        score = model(batch).gather(1, target[index, None]).sum()
+        torch.autograd.grad(score, batch)
+        done += n
+
+
+def forward_passes(model: nn.Module, x: torch.Tensor, rows: int, chunk: int) -> None:
+    """``rows`` rows through forwards without autograd, ``chunk`` rows per pass."""
+    with torch.inference_mode():
+        done = 0
+        while done < rows:
+            n = min(chunk, rows - done)
+            model(x[torch.arange(done, done + n, device=x.device) % x.shape[0]])
+            done += n
+
+
+@dataclass
+class Work:
+    """What one benchmark row runs: our options, the floor's passes, and (optionally) a peer."""
+
+    options: Dict[str, object]
+    floor: Callable[[nn.Module, torch.Tensor, torch.Tensor, int], None]
+    peer: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor, int], object]] = None
+    peer_name: str = ""
+
+
+def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
+    """Work for every method of the gradient family and for occlusion (square inputs of ``size``; occlusion
+    with windows of size/4 moved by size/8: 7 x 7 positions, so that the benchmark stays short)."""
+    window, stride = max(1, size // 4), max(1, size // 8)
+    positions = (-(-(size - window) // stride) + 1) ** 2
+    try:
+        import captum.attr as ca
+    except ImportError:  # pragma: no cover - Captum is a test/bench dependency
+        ca = None
+
+    def grads(rows_per_image: int):
+        return lambda m, x, t, chunk: input_gradient_passes(m, x, t, rows_per_image * x.shape[0], chunk)
+
+    def peer(build):
+        return None if ca is None else build
+
+    def guided_ig_floor(m, x, t, chunk):
+        for _ in range(steps):
+            input_gradient_passes(m, x, t, x.shape[0], chunk)
+
+    def occlusion_floor(m, x, t, chunk):
+        forward_passes(m, x, x.shape[0] * (positions + 1), chunk)
+
+    def captum_occlusion(m, x, t, chunk):
+        return ca.Occlusion(m).attribute(x, sliding_window_shapes=(3, window, window),
+                                         strides=(3, stride, stride), target=t,
+                                         perturbations_per_eval=max(1, chunk // x.shape[0]))
+
+    return {
+        "vanilla_gradient": Work({}, grads(1), peer(lambda m, x, t, c: ca.Saliency(m).attribute(x, t, abs=False)),
+                                 "captum Saliency"),
+        "input_x_gradient": Work({}, grads(1), peer(lambda m, x, t, c: ca.InputXGradient(m).attribute(x, t)),
+                                 "captum InputXGradient"),
+        "integrated_gradients": Work(
+            {"steps": steps, "method": "gausslegendre", "baseline": "zero"}, grads(steps),
+            peer(lambda m, x, t, c: ca.IntegratedGradients(m).attribute(x, target=t, n_steps=steps,
+                                                                        internal_batch_size=c)),
+            "captum IntegratedGradients"),
+        "blur_ig": Work({"steps": steps}, grads(steps)),
+        "guided_ig": Work({"steps": steps}, guided_ig_floor),
+        "guided_backprop": Work({}, grads(1), peer(lambda m, x, t, c: ca.GuidedBackprop(m).attribute(x, t)),
+                                "captum GuidedBackprop"),
+        "deconvnet": Work({}, grads(1), peer(lambda m, x, t, c: ca.Deconvolution(m).attribute(x, t)),
+                          "captum Deconvolution"),
+        "smoothgrad": Work(
+            {"samples": samples}, grads(samples),
+            peer(lambda m, x, t, c: ca.NoiseTunnel(ca.Saliency(m)).attribute(
+                x, nt_samples=samples, nt_samples_batch_size=max(1, c // x.shape[0]), stdevs=0.15, target=t,
+                abs=False)),
+            "captum NoiseTunnel(Saliency)"),
+        "occlusion": Work({"window": window, "stride": stride}, occlusion_floor, peer(captum_occlusion), "captum Occlusion"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ models
+
+
+def build_model(name: str, device: torch.device) -> nn.Module:
+    if name == "resnet50":
+        import torchvision
+
+        model = torchvision.models.resnet50()
+    elif name == "vit_b_16":
+        import torchvision
+
+        model = torchvision.models.vit_b_16()
+    elif name == "efficientnet_lite0":
+        from attribution.data import load_efficientnet_lite0
+
+        model = load_efficientnet_lite0()
+    else:
+        raise SystemExit(f"unknown model {name!r}")
+    return model.eval().to(device)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    batch: int
+    rows_per_pass: int
+    floor_s: float
+    ours_s: float
+    ratio: float
+    peak_mib: float
+    peer: str = ""
+    peer_s: float = float("nan")
+    speedup_vs_peer: float = float("nan")
+    notes: List[str] = field(default_factory=list)
+
+
+def run(args: argparse.Namespace) -> List[Row]:
+    device = torch.device(args.device)
+    work = gradient_work(args.steps, args.samples, args.size)
+    methods = args.methods or sorted(work)
+    missing = set(attribution.list_methods()) - set(work)
+    if missing and not args.methods:
+        print(f"# not benchmarked yet (no floor defined): {', '.join(sorted(missing))}")
+    rows: List[Row] = []
+    for model_name in args.models:
+        model = build_model(model_name, device)
+        torch.manual_seed(0)
+        x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+        with torch.no_grad():
+            target = model(x).argmax(1)
+        for name in methods:
+            if name not in work:
+                print(f"# {name}: no floor defined, skipped")
+                continue
+            spec = work[name]
+            explainer = attribution.create(name, model, **spec.options)
+            with RowsSeen() as seen:
+                explainer(x, target)
+            chunk = max(seen.rows, 1)
+            ours = timed(lambda: explainer(x, target), device, args.repeats)
+            floor = timed(lambda: spec.floor(model, x, target, chunk), device, args.repeats)
+            peak = peak_memory(lambda: explainer(x, target), device)
+            row = Row(model_name, name, args.batch, chunk, floor, ours, ours / floor, peak)
+            if spec.peer is not None and not args.no_peers:
+                try:
+                    row.peer_s = timed(lambda: spec.peer(model, x, target, chunk), device, args.repeats)
+                    row.peer, row.speedup_vs_peer = spec.peer_name, row.peer_s / ours
+                except Exception as error:  # a peer failing is a result, not a crash
+                    row.notes.append(f"{spec.peer_name} failed: {type(error).__name__}: {error}"[:160])
+            rows.append(row)
+            print_row(row)
+    return rows
+
+
+def print_header() -> None:
+    print(f"{'model':18s} {'method':22s} {'rows/pass':>9s} {'floor s':>9s} {'ours s':>9s} {'ratio':>6s} "
+          f"{'peak MiB':>9s}  {'peer':28s} {'peer s':>8s} {'x faster':>8s}")
+
+
+def print_row(r: Row) -> None:
+    peer = f"{r.peer:28s} {r.peer_s:8.3f} {r.speedup_vs_peer:8.2f}" if r.peer else ""
+    print(f"{r.model:18s} {r.method:22s} {r.rows_per_pass:9d} {r.floor_s:9.3f} {r.ours_s:9.3f} {r.ratio:6.2f} "
+          f"{r.peak_mib:9.0f}  {peer}" + (f"  [{'; '.join(r.notes)}]" if r.notes else ""))
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=["resnet50"])
+    parser.add_argument("--methods", nargs="*")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small sizes: finishes in under 2 minutes on 2 cores")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", module="captum")
+    warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+    if args.quick:
+        args.batch, args.size, args.steps, args.samples, args.repeats = 2, 96, 8, 4, 1
+    print(f"# {machine()}, torch {torch.__version__}, batch {args.batch}, {args.size}x{args.size}, "
+          f"steps {args.steps}, samples {args.samples}, median of {args.repeats}")
+    print_header()
+    rows = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "args": vars(args), "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

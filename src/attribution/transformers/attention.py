@@ -1,0 +1,115 @@
+"""Capturing attention probabilities, inside the autograd graph, without editing the model.
+
+Fused attention kernels (timm's ``F.scaled_dot_product_attention`` path, ``nn.MultiheadAttention``) never
+materialise the attention matrix.  While :class:`AttentionCapture` is active, a ``TorchFunctionMode`` reroutes
+``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward`` through an explicit computation that
+produces the same output from ``softmax(q k^T * scale + mask) @ v`` and records the probabilities: they are the
+tensors the output is computed from, so ``torch.autograd.grad(score, captured)`` gives the gradient w.r.t. each
+attention map.  timm attention modules already running without the fused kernel are captured by a forward hook on
+their ``attn_drop`` module.  Nothing outlives the ``with`` block.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                        is_causal: bool = False, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """``softmax(q k^T * scale + mask) @ v`` and the probabilities, for (..., L, d) queries and (..., S, d) keys."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    probs = logits.softmax(dim=-1)
+    return probs @ v, probs
+
+
+class AttentionCapture(TorchFunctionMode):
+    """Records the attention probabilities (B, heads, L, S) of every attention call, in forward order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.maps: List[Tensor] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "AttentionCapture":
+        self.maps = []
+        for module in self.model.modules():
+            if getattr(module, "fused_attn", True) is False and isinstance(getattr(module, "attn_drop", None), nn.Module):
+                self._handles.append(module.attn_drop.register_forward_hook(self._record_output))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return super().__exit__(*exc)
+
+    def _record_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self.maps.append(output)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._sdpa(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            return self._multi_head(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            repeat = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        out, probs = _explicit_attention(q, k, v, attn_mask, is_causal, scale)
+        self.maps.append(probs)
+        return out
+
+    def _multi_head(self, query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int, num_heads: int,
+                    in_proj_weight: Optional[Tensor], in_proj_bias: Optional[Tensor], bias_k: Optional[Tensor],
+                    bias_v: Optional[Tensor], add_zero_attn: bool, dropout_p: float, out_proj_weight: Tensor,
+                    out_proj_bias: Optional[Tensor], training: bool = True, key_padding_mask: Optional[Tensor] = None,
+                    need_weights: bool = True, attn_mask: Optional[Tensor] = None,
+                    use_separate_proj_weight: bool = False, q_proj_weight: Optional[Tensor] = None,
+                    k_proj_weight: Optional[Tensor] = None, v_proj_weight: Optional[Tensor] = None,
+                    static_k: Optional[Tensor] = None, static_v: Optional[Tensor] = None,
+                    average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """``nn.MultiheadAttention``'s computation for (L, N, E) inputs without extra key/value biases."""
+        if query.dim() != 3 or bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None \
+                or static_v is not None or key_padding_mask is not None:
+            raise NotImplementedError(
+                "attention capture supports nn.MultiheadAttention on batched inputs without bias_k/bias_v, "
+                "add_zero_attn, static keys or key padding masks"
+            )
+        length, batch, embed = query.shape
+        head_dim = embed // num_heads
+        if use_separate_proj_weight:
+            weights = (q_proj_weight, k_proj_weight, v_proj_weight)
+        else:
+            weights = in_proj_weight.chunk(3)
+        biases = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+        q, k, v = (F.linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases))
+
+        def heads(t: Tensor) -> Tensor:  # (S, N, E) -> (N, heads, S, head_dim)
+            return t.reshape(t.shape[0], batch, num_heads, head_dim).permute(1, 2, 0, 3)
+
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.view(batch, num_heads, *attn_mask.shape[-2:])
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # MultiheadAttention's True means "masked out"; _explicit_attention's "keep"
+        out, probs = _explicit_attention(heads(q), heads(k), heads(v), attn_mask, is_causal)
+        self.maps.append(probs)
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(length, batch, embed), out_proj_weight, out_proj_bias)
+        if not need_weights:
+            return out, None
+        return out, probs.mean(dim=1) if average_attn_weights else probs

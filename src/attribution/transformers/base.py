@@ -1,0 +1,87 @@
+"""Base of transformer-native methods: maps computed from the attention probabilities of every block."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.batching import RowPlanner
+from ..core.explainer import Explainer
+from ..core.targets import Target
+from .attention import AttentionCapture
+from .tokens import TokenLayout, token_layout
+
+
+class AttentionExplainer(Explainer):
+    """Runs the model with :class:`AttentionCapture`, checks the captured maps, and turns token relevance into a
+    (B, 1, H, W) map: the class token's row over the patch tokens (the mean over all rows for models without prefix
+    tokens), on the model's patch grid, upsampled bilinearly to the input size."""
+
+    kind = "attention"
+    #: True when the method needs the gradient of the target score w.r.t. each attention map
+    needs_gradients = False
+
+    def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool,
+                 **options) -> Tensor:
+        owners = torch.arange(x.shape[0], device=x.device)
+        maps = []
+        for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
+            rows = self._model_input(x[start:stop])
+            track = self.needs_gradients or create_graph
+            with torch.set_grad_enabled(track), AttentionCapture(self.model) as capture:
+                outputs = self.model(rows.requires_grad_(True) if track else rows)
+            attention = self._checked(capture.maps, stop - start)
+            layout = token_layout(self.model, tuple(x.shape[-2:]), attention[0].shape[-1], "the attention maps")
+            gradients = None
+            scores = target(outputs, owners[start:stop])  # validated even where unused (class-agnostic maps)
+            if self.needs_gradients:
+                gradients = torch.autograd.grad(scores.sum(), attention, create_graph=create_graph)
+                gradients = tuple(_at_least_float32(g) for g in gradients)
+            attention = [_at_least_float32(a) for a in attention]
+            with torch.set_grad_enabled(create_graph):
+                relevance = self._relevance(attention, gradients, **options)
+            maps.append(self._to_image(relevance, layout, tuple(x.shape[-2:])))
+        return torch.cat(maps)
+
+    def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], **options) -> Tensor:
+        """(B, N, N) token-to-token relevance from per-block (B, heads, N, N) attention (and its gradients)."""
+        raise NotImplementedError
+
+    def _checked(self, maps: List[Tensor], batch: int) -> List[Tensor]:
+        if not maps:
+            raise ValueError(
+                f"{type(self).__name__} found no attention in {type(self.model).__name__}'s forward pass; it needs "
+                "a transformer whose attention runs through F.scaled_dot_product_attention, nn.MultiheadAttention "
+                "or timm's Attention"
+            )
+        shapes = {tuple(m.shape[-2:]) for m in maps}
+        if any(m.shape[0] != batch for m in maps) or len(shapes) != 1 or maps[0].shape[-1] != maps[0].shape[-2]:
+            raise ValueError(
+                f"{type(self).__name__} needs global self-attention over one token sequence in every block; "
+                f"{type(self.model).__name__} has attention of shapes {sorted({tuple(m.shape) for m in maps})} "
+                f"for a batch of {batch} (windowed attention such as Swin's cannot be rolled out)"
+            )
+        return maps
+
+    @staticmethod
+    def _to_image(relevance: Tensor, layout: TokenLayout, size: Tuple[int, int]) -> Tensor:
+        rows = relevance[:, 0] if layout.prefix > 0 else relevance.mean(dim=1)
+        grid = rows[:, layout.prefix:].reshape(-1, 1, layout.height, layout.width)
+        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def fuse_heads(attention: Tensor, how: str) -> Tensor:
+    """(B, heads, N, N) -> (B, N, N) by the mean, max or min over heads."""
+    if how == "mean":
+        return attention.mean(dim=1)
+    if how == "max":
+        return attention.amax(dim=1)
+    if how == "min":
+        return attention.amin(dim=1)
+    raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {how!r}")

@@ -1,0 +1,53 @@
+"""Layer lookup errors and the state guard on its own."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attribution.core.guard import preserve_model
+from attribution.core.layers import layer_name, resolve_layer, resolve_layers
+from conftest import tiny_cnn
+
+
+def test_layer_names_modules_and_lists():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18()
+    assert resolve_layer(model, "layer3.1.conv2") is model.layer3[1].conv2
+    assert resolve_layer(model, model.layer4) is model.layer4
+    assert resolve_layers(model, ["layer3", model.layer4]) == [model.layer3, model.layer4]
+    assert layer_name(model, model.layer3[1].conv2) == "layer3.1.conv2"
+
+
+def test_unknown_layer_lists_the_closest_names():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18()
+    with pytest.raises(ValueError, match=r"no layer named 'layer5'; closest names: layer4, layer3, layer2, layer1"):
+        resolve_layer(model, "layer5")
+    with pytest.raises(ValueError, match=r"'layer3.1.con2'.*layer3\.1\.conv2"):
+        resolve_layer(model, "layer3.1.con2")
+    with pytest.raises(ValueError, match="not part of the model"):
+        resolve_layer(model, nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="dotted name or an nn.Module"):
+        resolve_layer(model, 3)
+
+
+def test_guard_restores_everything_it_promises():
+    model = tiny_cnn().train()
+    first = model[0].weight
+    model[2].bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with preserve_model(model):
+            assert not model.training
+            model[0].register_forward_hook(lambda *a: None)
+            model[0].register_forward_pre_hook(lambda *a: None)
+            model[4].register_full_backward_hook(lambda *a: None)
+            model[0].weight.grad = torch.ones_like(first)
+            model[2].bias.requires_grad_(True)
+            model[1] = nn.Identity()
+            model.add_module("extra", nn.ReLU())
+            raise RuntimeError("boom")
+    assert model.training and all(m.training for m in model.modules())
+    assert first.grad is None and not model[2].bias.requires_grad
+    assert isinstance(model[1], nn.ReLU) and not hasattr(model, "extra")
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks and not model[4]._backward_hooks

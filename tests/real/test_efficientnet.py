@@ -1,0 +1,60 @@
+"""Behaviour on a real model: the ImageNet-pretrained EfficientNet-Lite0 on scikit-image's photos, offline."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attribution
+from attribution.data import EGYPTIAN_CAT, ESPRESSO, normalize, photos
+
+pytest.importorskip("efficientnet_lite_pytorch")
+
+#: every gradient method, with options that keep the CPU cost small
+GRADIENT_METHODS = {
+    "vanilla_gradient": {},
+    "input_x_gradient": {},
+    "integrated_gradients": {"steps": 24},
+    "blur_ig": {"steps": 24},
+    "guided_ig": {"steps": 24},
+    "guided_backprop": {},
+    "deconvnet": {},
+    "smoothgrad": {"samples": 8},
+    "occlusion": {"window": 40, "stride": 20},
+    "guided_grad_cam": {},  # gradient-shaped; its 0.3 margin is checked in tests/real/test_real_cam.py
+}
+
+
+def test_the_embedded_model_classifies_the_photos(efficientnet):
+    with torch.no_grad():
+        predicted = efficientnet(normalize(photos(224))).argmax(1)
+    assert predicted.tolist() == [EGYPTIAN_CAT, ESPRESSO]
+
+
+def cat_half_share(saliency: torch.Tensor) -> torch.Tensor:
+    """Share of |attribution| on the left (cat) half, per image."""
+    mass = saliency.abs().sum(1)
+    half = mass.shape[-1] // 2
+    return mass[..., :half].flatten(1).sum(1) / mass.flatten(1).sum(1)
+
+
+def test_every_gradient_and_perturbation_method_is_covered():
+    assert set(GRADIENT_METHODS) == set(attribution.list_methods("gradient") + attribution.list_methods("perturbation"))
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENT_METHODS))
+def test_cat_class_puts_more_mass_on_the_cat_half(name, efficientnet, composite):
+    """On the cat-left / coffee-right composite, explaining 'Egyptian cat' puts a larger share of the map on the
+    left half than explaining 'espresso' does."""
+    torch.manual_seed(0)
+    x = composite.repeat(2, 1, 1, 1)
+    maps = attribution.create(name, efficientnet, **GRADIENT_METHODS[name])(x, [EGYPTIAN_CAT, ESPRESSO])
+    share = cat_half_share(maps)
+    assert share[0] > share[1], f"{name}: cat share {share[0]:.3f} for the cat class, {share[1]:.3f} for coffee"
+
+
+def test_guided_backprop_differs_from_the_gradient_on_relu6(efficientnet, composite):
+    """EfficientNet-Lite uses ReLU6: a guided map equal to the plain gradient would mean the rule never applied."""
+    guided = attribution.GuidedBackProp(efficientnet)(composite, EGYPTIAN_CAT)
+    plain = attribution.VanillaGradient(efficientnet)(composite, EGYPTIAN_CAT)
+    assert (guided - plain).abs().sum() > 0.5 * plain.abs().sum()
+    assert (guided >= -1e-12).float().mean() < 1  # signed, not a magnitude

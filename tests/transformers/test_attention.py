@@ -1,0 +1,152 @@
+"""Attention capture, attention rollout and generic attention against explicit references."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import attribution
+from attribution.transformers import AttentionCapture, token_layout, tokens_to_map
+from conftest import tiny_cnn, tiny_vit
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+
+def torchvision_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
+                                                hidden_dim=32, mlp_dim=64, num_classes=5).eval()
+
+
+def hooked_attention(model: nn.Module, x: torch.Tensor):
+    """Reference capture: timm's unfused path, probabilities read from each block's attn_drop output."""
+    maps = []
+    handles = [blk.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o)) for blk in model.blocks]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, maps
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(2)
+    return torch.randn(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_vit(fused=True), lambda: tiny_vit(fused=False), torchvision_vit])
+def test_capture_leaves_the_output_unchanged_and_sees_every_block(build):
+    model = build()
+    side = 32 if isinstance(model, torchvision.models.VisionTransformer) else 16
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        reference = model(x)
+    with AttentionCapture(model) as capture:
+        out = model(x)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    depth = len(model.blocks) if hasattr(model, "blocks") else len(model.encoder.layers)
+    assert len(capture.maps) == depth
+    tokens = 1 + (side // (4 if side == 16 else 8)) ** 2
+    assert all(m.shape == (2, 2, tokens, tokens) for m in capture.maps)
+    torch.testing.assert_close(capture.maps[0].sum(-1), torch.ones(2, 2, tokens))
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_captured_fused_attention_equals_timms_unfused_attention(x):
+    fused = tiny_vit(fused=True)
+    with AttentionCapture(fused) as capture:
+        fused(x)
+    _, unfused_maps = hooked_attention(tiny_vit(fused=False), x)
+    for ours, theirs in zip(capture.maps, unfused_maps):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert all(blk.attn.fused_attn for blk in fused.blocks)  # the model's flag is untouched
+
+
+def reference_rollout(maps, fusion="mean"):
+    tokens = maps[0].shape[-1]
+    result = torch.eye(tokens).expand(maps[0].shape[0], tokens, tokens)
+    for m in maps:
+        fused = {"mean": m.mean(1), "max": m.max(1).values, "min": m.min(1).values}[fusion]
+        a = 0.5 * fused + 0.5 * torch.eye(tokens)
+        a = a / a.sum(-1, keepdim=True)
+        result = torch.bmm(a, result)
+    return result
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+def test_rollout_equals_explicit_matrix_products(x, fusion):
+    model = tiny_vit(fused=False)
+    _, maps = hooked_attention(model, x)
+    expected = reference_rollout([m.detach() for m in maps], fusion)[:, 0, 1:].reshape(2, 1, 4, 4)
+    expected = nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)
+    ours = attribution.AttentionRollout(tiny_vit(fused=True))(x, head_fusion=fusion)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_discard_ratio_zeroes_the_lowest_entries_but_the_class_token():
+    from attribution.transformers.rollout import discard_lowest
+
+    fused = torch.tensor([[[0.0, 0.5], [0.2, 0.3]]])
+    torch.testing.assert_close(discard_lowest(fused, 0.5), torch.tensor([[[0.0, 0.5], [0.0, 0.3]]]))
+    kept = discard_lowest(torch.tensor([[[0.1, 0.5], [0.2, 0.3]]]), 0.5)
+    torch.testing.assert_close(kept, torch.tensor([[[0.1, 0.5], [0.0, 0.3]]]))
+
+
+def test_generic_attention_equals_its_formula_on_the_unfused_model(x):
+    model = tiny_vit(fused=False)
+    rows = x.clone().requires_grad_(True)
+    out, maps = hooked_attention(model, rows)
+    grads = torch.autograd.grad(out[[0, 1], [3, 1]].sum(), maps)
+    relevance = torch.eye(17).expand(2, 17, 17)
+    for a, g in zip(maps, grads):
+        relevance = relevance + torch.bmm((a * g).clamp(min=0).mean(1), relevance)
+    expected = (relevance - torch.eye(17))[:, 0, 1:].reshape(2, 1, 4, 4).detach()
+    expected = nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)
+    ours = attribution.GenericAttention(tiny_vit(fused=True))(x, [3, 1])
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_generic_attention_is_class_discriminative_rollout_is_not(x):
+    model = tiny_vit()
+    generic = attribution.GenericAttention(model)
+    rollout = attribution.AttentionRollout(model)
+    assert not torch.allclose(generic(x, [0, 0]), generic(x, [4, 4]))
+    torch.testing.assert_close(rollout(x, [0, 0]), rollout(x, [4, 4]))
+
+
+def test_models_without_global_attention_get_a_clear_error(x):
+    with pytest.raises(ValueError, match="found no attention"):
+        attribution.AttentionRollout(tiny_cnn())(x, 0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=24,
+                             depths=(1, 1), num_heads=(1, 2), window_size=7, num_classes=5).eval()
+    with pytest.raises(ValueError, match="windowed attention"):
+        attribution.GenericAttention(swin)(torch.randn(1, 3, 56, 56), 0)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_token_layout_reads_prefix_tokens_and_non_square_grids(registers):
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=(24, 40), patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                              reg_tokens=registers, num_classes=3)
+    layout = token_layout(model, (24, 40), 1 + registers + 15)
+    assert (layout.prefix, layout.height, layout.width) == (1 + registers, 3, 5)
+    tokens = torch.arange(2 * layout.tokens * 2, dtype=torch.float32).view(2, layout.tokens, 2)
+    grid = tokens_to_map(tokens, layout)
+    assert grid.shape == (2, 2, 3, 5)
+    assert torch.equal(grid[0, 0, 1, 2], tokens[0, layout.prefix + 1 * 5 + 2, 0])  # row-major patch order
+    with pytest.raises(ValueError, match="cannot lay out the 17 tokens"):
+        token_layout(model, (24, 40), 17)
+
+
+def test_rollout_on_a_non_square_input_uses_the_right_grid():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=(16, 32), patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                              num_classes=3).eval()
+    out = attribution.AttentionRollout(model)(torch.randn(1, 3, 16, 32))
+    assert out.shape == (1, 1, 16, 32)
