@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# OpenMP threads that spin while waiting slow torch down ~100x when other processes share the cores
+export OMP_WAIT_POLICY ?= PASSIVE
 # torch is pinned here, not in pyproject.toml (which asks for a range): these builds lie on the CI machines' disk.
 TORCH := torch==2.14.1 torchvision==0.29.1
 

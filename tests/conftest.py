@@ -1,6 +1,11 @@
 """Shared fixtures: toy models with known answers, random images, the pretrained EfficientNet-Lite0."""
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while waiting make torch ~100x slower when other processes share the cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 from torch import nn

@@ -1,7 +1,7 @@
 """SmoothGrad and its variants, around any gradient method."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Type, Union
+from typing import Any, Callable, Optional, Type, Union
 
 import torch
 from torch import Tensor, nn

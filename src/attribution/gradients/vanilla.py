@@ -1,7 +1,7 @@
 """Vanilla gradient (saliency map)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from torch import Tensor
 
