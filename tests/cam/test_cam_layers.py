@@ -122,8 +122,12 @@ def test_reshape_transform_for_token_outputs(x):
     torch.testing.assert_close(mine, expected)
     with pytest.raises(ValueError, match="name the layer"):
         A.GradCAM(model, reshape_transform=tokens_to_map)(x, 0)
-    with pytest.raises(ValueError, match="reshape_transform is not supported"):
-        A.AblationCAM(model, "tokens", reshape_transform=tokens_to_map)(x, 0)
+    # ablating channel k of the tokens is ablating channel k of the feature map, in the fx tail and with full forwards
+    for use_tail in (True, False):
+        ablation = A.AblationCAM(model, "tokens", reshape_transform=tokens_to_map, use_tail=use_tail)
+        torch.testing.assert_close(ablation(x, [0, 3]), A.AblationCAM(model, "act")(x, [0, 3]))
+    with pytest.raises(ValueError, match="does not just select and rearrange"):
+        A.AblationCAM(model, "tokens", reshape_transform=lambda t: 2 * tokens_to_map(t))(x, 0)
 
 
 # ------------------------------------------------------------------------------------------- default layer

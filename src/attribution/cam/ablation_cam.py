@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.batching import CPU_ROWS, MAX_ROWS, RowPlanner
-from ..core.capture import LayerCapture, ReshapeTransform
+from ..core.capture import LayerCapture, ReshapeTransform, channel_positions, layer_transform
 from ..core.layers import LayerSpec
 from ..core.progress import progress_bar
 from ..core.registry import register
@@ -38,7 +38,14 @@ class AblationCAM(CAM):
     forwards).  Ablated copies run
     ``batch_size`` rows at a time (``None``: on a CPU, as many rows as fit in 64 MiB of layer output, at least 16;
     on CUDA, sized by the memory probe), without autograd unless ``create_graph=True``; ``progress=True`` shows a
-    bar.  The layer's output must be (B, C, h, w): ``reshape_transform`` is not supported.
+    bar.
+
+    Layers whose output is not (B, C, h, w) are read through the same layout as every CAM's (token sequences,
+    channels-last maps; see :mod:`attribution.core.spatial`) or through ``reshape_transform``: channel ``k`` is
+    ablated where the layout takes map ``A_k`` from, i.e. feature ``k`` of every *patch* token of a vision
+    transformer (class, distillation and register tokens are left as they are, as they are not part of the map),
+    and the model runs on with the output kept in its own shape.  A ``reshape_transform`` must only select and
+    rearrange elements (a view, permute or slice), so that the ablated elements can be found.
 
     Differences from pytorch-grad-cam: it ablates with 0 only when the layer's minimum activation is exactly 0
     and otherwise with ``min - 1e7`` (here: always ``ablation_value``), always runs full forwards, and offers
@@ -70,19 +77,17 @@ class AblationCAM(CAM):
                  batch_size: Optional[int], create_graph: bool) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
-        if reshape_transform is not None:
-            raise ValueError("AblationCAM ablates channels of a (B, C, h, w) layer output; reshape_transform is "
-                             "not supported")
-        layers = self.target_layers(x, target_layer)
+        layers = self.target_layers(x, target_layer, reshape_transform)
         if not isinstance(use_tail, bool):
             raise TypeError(f"use_tail must be a bool, got {use_tail!r}")
-        maps = [self._layer_ablation(x, target, layer, float(ablation_value), use_tail, progress, batch_size,
-                                     create_graph) for layer in layers]
+        maps = [self._layer_ablation(x, target, layer, reshape_transform, float(ablation_value), use_tail, progress,
+                                     batch_size, create_graph) for layer in layers]
         return self._fuse(maps, x.shape[-2:], layer_fusion)
 
     # ---------------------------------------------------------------------------------------------- one layer
-    def _layer_ablation(self, x: Tensor, target: Target, layer: nn.Module, value: float, use_tail: bool,
-                        progress: bool, batch_size: Optional[int], create_graph: bool) -> Tensor:
+    def _layer_ablation(self, x: Tensor, target: Target, layer: nn.Module, reshape_transform: ReshapeTransform,
+                        value: float, use_tail: bool, progress: bool, batch_size: Optional[int],
+                        create_graph: bool) -> Tensor:
         split = self._split(layer) if use_tail else None
         with torch.set_grad_enabled(create_graph):
             run = None
@@ -96,12 +101,18 @@ class AblationCAM(CAM):
                 run = self._full_runner(layer, x, batch_size)
                 self.last_mode = "full"
             acts, clean_outputs = run.activations, run.clean_outputs
+            transform = layer_transform(self.model, layer, acts.shape, x.shape[-2:], reshape_transform)
+            maps = transform(acts)
+            if maps.dim() != 4:
+                raise ValueError(f"the output of layer {self._name(layer)!r} has shape {tuple(maps.shape)} after "
+                                 "reshape_transform; CAMs need (B, C, h, w)")
+            positions = None if maps is acts else channel_positions(transform, acts.shape, self._name(layer))
             batch = x.shape[0]
             owners = torch.arange(batch, device=x.device)
             clean = target(clean_outputs, owners)
             if target.pending:
                 target.classes = clean_outputs.argmax(dim=1)
-            channels = acts.shape[1]
+            channels = maps.shape[1]
             rows = batch_size
             if rows is None and x.device.type == "cpu":
                 rows = int(max(CPU_ROWS, min(MAX_ROWS * 16, TAIL_CHUNK_BYTES // max(1, acts[0].numel()
@@ -112,7 +123,7 @@ class AblationCAM(CAM):
                 for start, stop in RowPlanner(batch * channels, rows, x.device):
                     index = torch.arange(start, stop, device=x.device)
                     image, channel = index // channels, index % channels
-                    outputs = run(ablation_rows(acts, image, channel, value), image)
+                    outputs = run(ablation_rows(acts, image, channel, value, positions), image)
                     parts.append(target(outputs, image))
                     bar.update(stop - start)
             finally:
@@ -121,7 +132,7 @@ class AblationCAM(CAM):
         dtype = accumulation_dtype(x)
         clean = clean.to(dtype).unsqueeze(1)
         weights = safe_divide(clean - ablated.to(dtype), clean)
-        return channel_sum(weights[:, :, None, None], acts.to(dtype))
+        return channel_sum(weights[:, :, None, None], maps.to(dtype))
 
     def _tail_runner(self, split: SplitModel, x: Tensor, batch_size: Optional[int]) -> "_Runner":
         plan = None

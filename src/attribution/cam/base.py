@@ -96,7 +96,7 @@ class CAM(Explainer):
                  gradients: bool) -> Tuple[Tensor, List[Tensor], List[Optional[Tensor]]]:
         """One forward of ``rows``: (model outputs, activations, gradients of the target score or None)."""
         record_from_layer = gradients and not create_graph
-        with LayerCapture(layers, reshape_transform, record_from_layer, self.model) as capture:
+        with LayerCapture(layers, reshape_transform, record_from_layer, self.model, rows.shape[-2:]) as capture:
             with torch.set_grad_enabled(create_graph):
                 outputs = self.model(self._model_input(rows))
             scores = target(outputs, owners)

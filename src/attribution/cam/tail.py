@@ -15,7 +15,7 @@ custom blocks): fx would call them on proxies while tracing.  Hooks of leaf modu
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -92,9 +92,12 @@ class SplitModel:
         self.on_images = self._image_dependent()
 
     def _image_dependent(self) -> set:
-        dependent: set = set()
+        """Nodes computed from the images: the first input and what depends on it (further inputs, such as
+        timm's ``attn_mask=None``, keep their defaults and are constants)."""
+        placeholders = [node for node in self.nodes if node.op == "placeholder"]
+        dependent: set = set(placeholders[:1])
         for node in self.nodes:
-            if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            if any(a in dependent for a in node.all_input_nodes):
                 dependent.add(node)
         return dependent
 
@@ -175,9 +178,17 @@ class Tail:
         return self.module(*args)
 
 
-def ablation_rows(activations: Tensor, owners: Tensor, channels: Tensor, value: float) -> Tensor:
+def ablation_rows(activations: Tensor, owners: Tensor, channels: Tensor, value: float,
+                  positions: Optional[Tensor] = None) -> Tensor:
     """Copies ``activations[owners]`` with channel ``channels[r]`` of row ``r`` set to ``value`` (one gather and
-    one small in-place write: building the copies is most of the cost of a short tail)."""
+    one small in-place write: building the copies is most of the cost of a short tail).  For a layer output that
+    is not (B, C, h, w) (tokens, channels-last maps), ``positions`` (C, h*w) says where each channel's elements lie
+    in an image's flattened output (:func:`attribution.core.capture.channel_positions`)."""
     rows = activations[owners]
-    rows[torch.arange(rows.shape[0], device=rows.device), channels] = value
+    if positions is None:
+        rows[torch.arange(rows.shape[0], device=rows.device), channels] = value
+        return rows
+    rows = rows.contiguous()  # positions index the row-major layout
+    flat = rows.view(rows.shape[0], -1)
+    flat.scatter_(1, positions[channels], value)
     return rows

@@ -7,6 +7,12 @@
     (activation,) = capture.activations()                  # (B, C, h, w), through reshape_transform if given
     (gradient,) = capture.gradients(score.sum())           # d score / d activation, same shape
 
+Layer outputs reach the caller as (B, C, h, w) maps: through ``reshape_transform`` when one is given, otherwise,
+when the capture knows the input's ``image_size``, through the layout that
+:func:`attribution.core.spatial.spatial_layout` reads from the output's shape (token sequences of vision
+transformers, channels-last Swin maps, CNN maps as they are).  Gradients go through the same transform as their
+activations.  Without either, outputs stay as they are.
+
 Gradients come from ``torch.autograd.grad(score, captured_output)``: no backward hooks (they break on in-place
 operations, pytorch#61519), no parameter gradients, and autograd runs only the part of the backward between the
 score and the layer.  The hook returns a copy of the layer's output to the rest of the network, so an in-place
@@ -28,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import layer_name
+from .spatial import spatial_layout
 
 ReshapeTransform = Optional[Callable[[Tensor], Tensor]]
 
@@ -41,9 +48,13 @@ class LayerCapture:
         reshape_transform: ReshapeTransform = None,
         record_from_layer: bool = False,
         model: Optional[nn.Module] = None,
+        image_size: Optional[Sequence[int]] = None,
     ) -> None:
         self.layers = list(layers)
         self.reshape_transform = reshape_transform
+        self.image_size = None if image_size is None else tuple(int(s) for s in image_size)
+        if reshape_transform is None and image_size is not None and model is None:
+            raise ValueError("laying out layer outputs from the image size needs the model")
         self.record_from_layer = record_from_layer
         self.model = model
         self.outputs: List[Optional[Tensor]] = [None] * len(self.layers)
@@ -92,13 +103,17 @@ class LayerCapture:
                 where = layer_name(self.model, layer) if self.model is not None else type(layer).__name__
                 raise RuntimeError(f"the layer {where!r} did not run in the model's forward pass")
 
-    def _reshape(self, tensor: Tensor) -> Tensor:
-        return tensor if self.reshape_transform is None else self.reshape_transform(tensor)
+    def transform(self, index: int) -> Callable[[Tensor], Tensor]:
+        """What brings layer ``index``'s output (and its gradient) to (B, C, h, w): see :func:`layer_transform`."""
+        output = self.outputs[index]
+        if output is None:
+            return self.reshape_transform or _identity
+        return layer_transform(self.model, self.layers[index], output.shape, self.image_size, self.reshape_transform)
 
     def activations(self) -> List[Tensor]:
-        """The captured outputs, through ``reshape_transform``."""
+        """The captured outputs, through :meth:`transform`."""
         self._check_ran()
-        return [self._reshape(output) for output in self.outputs]  # type: ignore[arg-type]
+        return [self.transform(i)(output) for i, output in enumerate(self.outputs)]  # type: ignore[arg-type]
 
     def gradients(self, score: Tensor, create_graph: bool = False, extra: Sequence[Tensor] = ()) -> List[Tensor]:
         """``d score / d output`` for each captured layer (reshaped like the activations), then for ``extra``."""
@@ -107,4 +122,40 @@ class LayerCapture:
         grads = torch.autograd.grad(score, inputs, create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
         count = len(self.outputs)
-        return [self._reshape(g) for g in grads[:count]] + grads[count:]
+        return [self.transform(i)(g) for i, g in enumerate(grads[:count])] + grads[count:]
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def layer_transform(model: Optional[nn.Module], layer: nn.Module, shape: Sequence[int],
+                    image_size: Optional[Sequence[int]], reshape_transform: ReshapeTransform = None
+                    ) -> Callable[[Tensor], Tensor]:
+    """The map from ``layer``'s output of shape ``shape`` to (B, C, h, w): the user's ``reshape_transform`` if
+    given, else the :class:`~attribution.core.spatial.SpatialLayout` read from the shape when the input's
+    ``image_size`` is known, else the identity."""
+    if reshape_transform is not None:
+        return reshape_transform
+    if image_size is None or model is None:
+        return _identity
+    return spatial_layout(model, image_size, shape, layer_name(model, layer), layer)
+
+
+def channel_positions(transform: Callable[[Tensor], Tensor], shape: Sequence[int], where: str) -> Tensor:
+    """(C, h*w) indices into one image's flattened layer output (of shape ``shape``, batch first) of the elements
+    that ``transform`` places in each channel of its (1, C, h, w) result: found by transforming a tensor that
+    holds its own flat indices, so any transform that only selects and rearranges elements can be inverted."""
+    count = 1
+    for size in shape[1:]:
+        count *= int(size)
+    probe = torch.arange(count, dtype=torch.float64).view(1, *shape[1:])
+    mapped = transform(probe)
+    whole = mapped.dim() == 4 and mapped.shape[0] == 1 and bool((mapped == mapped.round()).all()) \
+        and bool(((mapped >= 0) & (mapped < count)).all())
+    if whole:
+        positions = mapped[0].flatten(1).long()
+        if torch.unique(positions).numel() == positions.numel():
+            return positions
+    raise ValueError(f"the reshape_transform of layer {where!r} does not just select and rearrange the elements "
+                     "of its output; channels can only be ablated through one that does")

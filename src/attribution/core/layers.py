@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import difflib
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from .spatial import SpatialLayout, spatial_layout
 
 LayerSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]]]
 
@@ -71,21 +73,30 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
     """The dotted name of the default CAM layer for ``model`` on inputs shaped like ``x``.
 
     The rule, for any model: run one image through the model and take the module that *finished last* among those
-    whose output is a spatial feature map, a (1, C, h, w) tensor with ``h * w > 1``, leaving out pooling, dropout,
-    identity and flatten modules.  Modules finish after their children, so this is the outermost block holding the
-    last spatial features: ``layer4`` for torchvision and timm ResNets, ``features`` for torchvision VGG,
-    DenseNet, ConvNeXt, EfficientNet and MobileNet, ``trunk_output`` for torchvision RegNet, ``bn2`` (the head's
-    BatchNormAct) for timm EfficientNet.  A module called several times counts at its last call (captures keep
-    the last call too): efficientnet_lite_pytorch's EfficientNet gets its shared ``_swish`` activation, whose
-    last call is the head's ReLU6.  When the input is so small that the last stage is 1x1, the rule falls back to
-    the last stage that still has a spatial extent.
+    whose output is a spatial feature map with more than one position, leaving out pooling, dropout, identity and
+    flatten modules.  Spatial feature maps are (B, C, h, w) maps, channels-last (B, h, w, C) maps and token
+    sequences (B, N, C) that :func:`attribution.core.spatial.spatial_layout` can lay out on the input's grid.
+    Modules finish after their children, so this is the outermost block holding the last spatial features:
+    ``layer4`` for torchvision and timm ResNets, ``features`` for torchvision VGG, DenseNet, ConvNeXt, EfficientNet
+    and MobileNet, ``trunk_output`` for torchvision RegNet, ``bn2`` (the head's BatchNormAct) for timm EfficientNet,
+    the final ``norm`` for timm's Swin and ``permute`` (the final norm's output, channels first) for torchvision's.
+    A module called several times counts at its last call (captures keep the last call too):
+    efficientnet_lite_pytorch's EfficientNet gets its shared ``_swish`` activation, whose last call is the head's
+    ReLU6.  When the input is so small that the last stage is 1x1, the rule falls back to the last stage that
+    still has a spatial extent.
+
+    Vision transformers that classify from their class token (timm ViT and DeiT with ``global_pool='token'``,
+    register-token models, torchvision's ``VisionTransformer``) are detected by one backward from that last layer:
+    its patch tokens do not reach the output (only the class token does), so no CAM can be read there.  They get
+    :func:`class_token_layer` instead (see docs/transformers.md for the evidence behind it).  Transformers that
+    pool their patch tokens (BEiT, EVA, ``global_pool='avg'``) keep the general rule, like CNNs.
     """
     names = {module: name for name, module in model.named_modules() if name}
-    finished: List[str] = []
+    finished: List[Tuple[str, Tuple[int, ...]]] = []
 
     def hook(module: nn.Module, _inputs: object, output: object) -> None:
-        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-            finished.append(names[module])
+        if isinstance(output, Tensor) and output.dim() in (3, 4):
+            finished.append((names[module], tuple(output.shape)))
 
     handles = [module.register_forward_hook(hook) for module in names]
     try:
@@ -95,10 +106,61 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
         for handle in handles:
             handle.remove()
     modules = dict(model.named_modules())
-    candidates = [n for n in finished if _is_feature_layer(modules[n])]
+    candidates: List[Tuple[str, SpatialLayout]] = []
+    for name, shape in finished:
+        if not _is_feature_layer(modules[name]):
+            continue
+        try:
+            layout = spatial_layout(model, x.shape[-2:], shape, name, modules[name])
+        except ValueError:
+            continue
+        if layout.height * layout.width > 1:
+            candidates.append((name, layout))
     if not candidates:
         raise ValueError(
             "found no module whose output is a spatial feature map (B, C, h, w) with h * w > 1; pass target_layer "
             "(and a reshape_transform if the layer's output is not (B, C, h, w), e.g. transformer tokens)"
         )
-    return candidates[-1]
+    name, layout = candidates[-1]
+    if layout.kind == "tokens" and layout.prefix > 0 and not _patches_reach_output(model, modules[name], x, layout):
+        return class_token_layer(model, [n for n, lay in candidates if lay.kind == "tokens"]) or name
+    return name
+
+
+def _patches_reach_output(model: nn.Module, layer: nn.Module, x: Tensor, layout: SpatialLayout) -> bool:
+    """Whether the outputs depend on the patch tokens of ``layer``'s output (one forward and backward, 1 image)."""
+    captured: List[Tensor] = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        with torch.enable_grad():
+            outputs = model(x[:1].detach().clone().requires_grad_(x.is_floating_point()))
+            tokens = captured[-1]
+            if not tokens.requires_grad:
+                return False
+            (grad,) = torch.autograd.grad(outputs.float().pow(2).sum(), tokens, allow_unused=True)
+    finally:
+        handle.remove()
+    return grad is not None and bool(grad[:, layout.prefix:].abs().sum() > 0)
+
+
+def class_token_layer(model: nn.Module, token_layers: Sequence[str]) -> Optional[str]:
+    """The default CAM layer of a vision transformer that classifies from its class token: the input of the
+    attention of the middle block (``norm1`` of block ``depth // 2`` in timm, ``ln_1`` in torchvision), i.e. the
+    first module with a token output inside that block.  ``token_layers``: modules with token outputs, in the
+    order they finished.  The blocks are the largest run of same-typed siblings whose outputs are tokens.  None
+    when no such run is found."""
+    modules = dict(model.named_modules())
+    stacks: dict = {}
+    for name in token_layers:
+        parent, _, child = name.rpartition(".")
+        siblings = stacks.setdefault((parent, type(modules[name])), [])
+        if name not in siblings:
+            siblings.append(name)
+    if not stacks:
+        return None
+    blocks = max(stacks.values(), key=len)
+    if len(blocks) < 2:
+        return None
+    middle = blocks[len(blocks) // 2]
+    inside = [n for n in token_layers if n.startswith(middle + ".")]
+    return inside[0] if inside else middle

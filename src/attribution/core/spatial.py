@@ -1,0 +1,172 @@
+"""Layer outputs as spatial maps: one rule that lays out CNN feature maps, channels-last maps and token sequences.
+
+CAMs need a layer's output as a (B, C, h, w) map.  CNN layers give that directly; Swin stages and blocks (timm
+and torchvision) give channels-last (B, h, w, C) maps; ViT, DeiT, BEiT and EVA blocks give token sequences
+(B, N, C) whose first tokens are class, distillation or register tokens.  :func:`spatial_layout` decides which
+from the output's shape, the input image's size and what the model declares, and returns a
+:class:`SpatialLayout` that turns the output (and, alike, its gradient) into (B, C, h, w):
+
+- (B, N, C): tokens.  The prefix comes from the model (timm's ``num_prefix_tokens``, torchvision's class token)
+  and the patch grid from its patch size and the *actual* input size (``(H // p, W // p)``, non-square inputs
+  included); models that declare neither get the grid ``(H // s, W // s)`` of the one stride ``s`` whose grid
+  holds all N tokens (hierarchical token models, token stages of hybrid nets).
+- (B, a, b, c): ``(B, C, h, w)`` or ``(B, h, w, C)``, whichever puts a grid of the input's proportions at the
+  spatial positions (``h = H / s`` and ``w = W / s`` for one stride ``s``, up to rounding).  When both do (the
+  channel count equals a spatial size), the layer decides: convolutions and batch norms are channels-first,
+  ``LayerNorm`` and ``Linear`` layers channels-last, and other layers follow the model (timm models with
+  ``output_fmt == 'NHWC'`` such as Swin, torchvision's Swin): channels-last there, channels-first elsewhere.
+  A 4-D output neither reading explains is taken as (B, C, h, w), as any CNN layer always was.
+- anything else raises a ``ValueError`` naming the layer and the shape: a wrong guess cannot pass silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+from torch import Tensor, nn
+
+
+# --------------------------------------------------------------------------------------------------- tokens
+@dataclass(frozen=True)
+class TokenLayout:
+    """``prefix`` leading non-patch tokens, then ``height * width`` patch tokens in row-major order."""
+
+    prefix: int
+    height: int
+    width: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.height * self.width
+
+
+def patch_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The model's patch size, from timm's or torchvision's attributes or its patch-embedding convolution."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "patch_size", None) or getattr(model, "patch_size", None)
+    if size is not None:
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.stride == module.kernel_size and module.kernel_size[0] > 1:
+            return int(module.kernel_size[0]), int(module.kernel_size[1])
+    return None
+
+
+def prefix_tokens(model: nn.Module) -> Optional[int]:
+    """Class/distillation/register tokens before the patches, as the model declares them (None if it does not)."""
+    count = getattr(model, "num_prefix_tokens", None)
+    if count is not None:
+        return int(count)
+    if hasattr(model, "class_token") and hasattr(model, "conv_proj"):  # torchvision VisionTransformer
+        return 1
+    return None
+
+
+def _stride_grids(image_hw: Tuple[int, int], positions: int) -> set:
+    """Grids ``(H // s, W // s)`` or ``(ceil(H / s), ceil(W / s))`` of ``positions`` cells, for integer strides s."""
+    height, width = image_hw
+    grids = set()
+    for stride in range(1, max(height, width) + 1):
+        for grid in ((height // stride, width // stride), (-(-height // stride), -(-width // stride))):
+            if grid[0] * grid[1] == positions:
+                grids.add(grid)
+    return grids
+
+
+def token_layout(model: nn.Module, image_hw: Tuple[int, int], tokens: int, where: str = "the model") -> TokenLayout:
+    """The layout of a sequence of ``tokens`` tokens that ``model`` makes from an image of size ``image_hw``.
+
+    The patch grid of the model's patch size comes first, after the declared prefix tokens or with none (the
+    patch embedding's output, before they are prepended); a model that declares no prefix tokens (or none) may
+    also have its tokens on a coarser grid of the input's proportions (a later stage of a hierarchical model).
+    """
+    size = patch_size(model)
+    declared = prefix_tokens(model)
+    if size is not None:
+        grid = (image_hw[0] // size[0], image_hw[1] // size[1])
+        prefix = tokens - grid[0] * grid[1]
+        if prefix >= 0 and (declared is None or prefix in (0, declared)):  # 0: before the prefix is prepended
+            return TokenLayout(prefix, *grid)
+    if not declared:
+        grids = _stride_grids(image_hw, tokens)
+        if len(grids) == 1:
+            return TokenLayout(0, *grids.pop())
+    raise ValueError(
+        f"cannot lay out the {tokens} tokens of {where} on a patch grid: patch size {size}, input "
+        f"{tuple(image_hw)}, {declared if declared is not None else 'unknown'} prefix tokens; pass a "
+        "reshape_transform"
+    )
+
+
+def tokens_to_map(tokens: Tensor, layout: TokenLayout) -> Tensor:
+    """(B, N, C) token features to (B, C, h, w) patch maps, dropping the prefix tokens."""
+    if tokens.dim() != 3 or tokens.shape[1] != layout.tokens:
+        raise ValueError(f"expected tokens of shape (B, {layout.tokens}, C), got {tuple(tokens.shape)}")
+    patches = tokens[:, layout.prefix:]
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], layout.height, layout.width)
+
+
+# ---------------------------------------------------------------------------------------------- any output
+@dataclass(frozen=True)
+class SpatialLayout:
+    """How a layer output becomes (B, C, h, w): ``kind`` is ``'nchw'`` (as it is), ``'nhwc'`` (permuted) or
+    ``'tokens'`` (``prefix`` tokens dropped, the rest laid out row-major on the ``height x width`` grid)."""
+
+    kind: str
+    height: int
+    width: int
+    prefix: int = 0
+
+    def __call__(self, output: Tensor) -> Tensor:
+        if self.kind == "nchw":
+            return output
+        if self.kind == "nhwc":
+            return output.permute(0, 3, 1, 2)
+        return tokens_to_map(output, TokenLayout(self.prefix, self.height, self.width))
+
+
+def _fits(image_hw: Tuple[int, int], height: int, width: int) -> bool:
+    """Whether an ``height x width`` grid is the input downsampled by one integer stride (floor or ceil)."""
+    if height < 1 or width < 1 or height > image_hw[0] or width > image_hw[1]:
+        return False
+    for stride in {max(1, round(image_hw[0] / height)), max(1, round(image_hw[1] / width))}:
+        for extent, size in ((height, image_hw[0]), (width, image_hw[1])):
+            if extent not in (size // stride, -(-size // stride)):
+                break
+        else:
+            return True
+    return False
+
+
+def _channels_last(model: nn.Module, layer: Optional[nn.Module], channels: int) -> bool:
+    """Tie-break when a (B, a, b, c) output reads both ways: the layer's own type, else the model's format."""
+    if isinstance(layer, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        return False
+    if isinstance(layer, nn.LayerNorm) and tuple(layer.normalized_shape) == (channels,):
+        return True
+    if isinstance(layer, nn.Linear) and layer.out_features == channels:
+        return True
+    if str(getattr(model, "output_fmt", "")).upper() == "NHWC":  # timm's Swin and other channels-last models
+        return True
+    return type(model).__name__ == "SwinTransformer" and type(model).__module__.startswith("torchvision.")
+
+
+def spatial_layout(model: nn.Module, image_hw: Sequence[int], shape: Sequence[int], where: str = "the layer",
+                   layer: Optional[nn.Module] = None) -> SpatialLayout:
+    """How the output of shape ``shape`` of ``layer`` (named ``where``) becomes (B, C, h, w); see the module
+    docstring for the rule.  Raises ``ValueError`` naming the layer and the shape when no reading fits."""
+    image_hw = (int(image_hw[0]), int(image_hw[1]))
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 4:
+        first, last = _fits(image_hw, shape[2], shape[3]), _fits(image_hw, shape[1], shape[2])
+        if last and (not first or _channels_last(model, layer, shape[3])):
+            return SpatialLayout("nhwc", shape[1], shape[2])
+        return SpatialLayout("nchw", shape[2], shape[3])
+    if len(shape) == 3:
+        tokens = token_layout(model, image_hw, shape[1], f"layer {where!r} (output shape {shape})")
+        return SpatialLayout("tokens", tokens.height, tokens.width, tokens.prefix)
+    raise ValueError(
+        f"the output of layer {where!r} has shape {shape}; CAMs need (B, C, h, w) feature maps, (B, h, w, C) "
+        "channels-last maps or (B, N, C) token sequences: pick another layer or pass a reshape_transform that "
+        "brings it to (B, C, h, w)"
+    )
