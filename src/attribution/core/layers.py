@@ -147,18 +147,23 @@ def class_token_layer(model: nn.Module, token_layers: Sequence[str]) -> Optional
     """The default CAM layer of a vision transformer that classifies from its class token: the input of the
     attention of the middle block (``norm1`` of block ``depth // 2`` in timm, ``ln_1`` in torchvision), i.e. the
     first module with a token output inside that block.  ``token_layers``: modules with token outputs, in the
-    order they finished.  The blocks are the largest run of same-typed siblings whose outputs are tokens.  None
-    when no such run is found."""
+    order they finished.  The blocks are the largest group of same-typed children of a ``Sequential`` or
+    ``ModuleList`` whose outputs are tokens (among equal groups, the one holding most token layers).  None when
+    there is no such group of at least two."""
     modules = dict(model.named_modules())
     stacks: dict = {}
     for name in token_layers:
-        parent, _, child = name.rpartition(".")
+        parent, _, _ = name.rpartition(".")
+        if not isinstance(modules.get(parent, model), (nn.Sequential, nn.ModuleList)):
+            continue
         siblings = stacks.setdefault((parent, type(modules[name])), [])
         if name not in siblings:
             siblings.append(name)
-    if not stacks:
-        return None
-    blocks = max(stacks.values(), key=len)
+
+    def size(stack: List[str]) -> Tuple[int, int]:  # most blocks; among equals, those holding most token layers
+        return len(stack), sum(n.startswith(block + ".") for block in stack for n in token_layers)
+
+    blocks = max(stacks.values(), key=size, default=[])
     if len(blocks) < 2:
         return None
     middle = blocks[len(blocks) // 2]
