@@ -1,13 +1,23 @@
-"""On a tiny ViT trained for a detection-style task on a non-square patch grid, transformer-native maps point at
-the evidence; the same maps transposed do not (so the check can fail)."""
+"""On a tiny ViT trained for a detection-style task on a non-square patch grid, transformer-native maps and CAMs at
+the documented default layer point at the evidence; the same maps transposed do not (so the check can fail).
+Run with ``-s`` to see every CAM's pointing rate at every block (docs/transformers.md has the full table over
+seeds, from benchmarks/vit_layers.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import attribution
 
 pytest.importorskip("timm")
+from attribution.core.layers import default_layer  # noqa: E402
 from synthetic import pointing_rate, train_task, transposed  # noqa: E402
+
+#: CAMs with one backward (cheap enough to run at every layer here)
+GRADIENT_CAMS = ["grad_cam", "hires_cam", "grad_cam_elementwise", "grad_cam_plusplus", "xgrad_cam", "layer_cam",
+                 "bag_cam", "eigen_cam", "eigen_grad_cam", "kpca_cam"]
+#: CAMs with one forward per channel, run at the default layer only (SS-CAM and IS-CAM with fewer draws)
+PER_CHANNEL = {"score_cam": {}, "ss_cam": {"samples": 4}, "is_cam": {"steps": 4}, "ablation_cam": {}}
 
 
 @pytest.fixture(scope="module")
@@ -23,3 +33,44 @@ def test_attention_maps_point_at_the_pattern(task, name):
     print(f"{name}: pointing {rate:.2f}, transposed {wrong:.2f}")
     assert rate >= 0.9
     assert wrong < 0.3
+
+
+def candidate_layers(model) -> list:
+    """The patch embedding, each block's norm1 (its attention's input), norm2 (its MLP's input) and output, the
+    final norm: in forward order."""
+    blocks = [[f"blocks.{i}.norm1", f"blocks.{i}.norm2", f"blocks.{i}"] for i in range(len(model.blocks))]
+    return ["patch_embed"] + sum(blocks, []) + ["norm"]
+
+
+def test_cams_at_every_block(task):
+    """Every gradient CAM at every candidate layer, printed as a table.  Past the last block's attention the patch
+    tokens no longer reach the class token, so every gradient CAM is a constant map there: the reason the default
+    layer of class-token models lies inside the network."""
+    layers = candidate_layers(task.model)
+    rates = {}
+    for name in GRADIENT_CAMS:
+        for layer in layers:
+            maps = attribution.create(name, task.model, target_layer=layer)(task.images, 1)
+            rates[name, layer] = pointing_rate(maps, task.patches)
+    print("\n" + "method".ljust(22) + " ".join(layer.replace("blocks.", "b").ljust(9) for layer in layers))
+    for name in GRADIENT_CAMS:
+        print(name.ljust(22) + " ".join(f"{rates[name, layer]:.2f}".ljust(9) for layer in layers))
+    last = len(task.model.blocks) - 1
+    for name in GRADIENT_CAMS:
+        if name not in ("eigen_cam", "kpca_cam"):  # class-agnostic: they do not use gradients
+            assert rates[name, "norm"] == rates[name, f"blocks.{last}.norm2"] == 0.0, name
+
+
+def test_cams_at_the_default_layer_point_at_the_pattern(task):
+    layer = default_layer(task.model, task.images[:1])
+    assert layer == "blocks.1.norm1"  # the documented rule for class-token models (docs/transformers.md)
+    results = {}
+    for name in GRADIENT_CAMS + list(PER_CHANNEL):
+        maps = attribution.create(name, task.model, **PER_CHANNEL.get(name, {}))(task.images, 1)
+        results[name] = pointing_rate(maps, task.patches), pointing_rate(transposed(maps), task.patches)
+    print(f"\nat the default layer {layer}: " + ", ".join(f"{n} {r:.2f} (transposed {w:.2f})"
+                                                        for n, (r, w) in results.items()))
+    best = max(results, key=lambda n: results[n][0])
+    assert results[best][0] >= 0.8, results
+    assert results[best][1] < 0.3, results
+    assert sum(rate >= 0.8 for rate, _ in results.values()) >= 3, results  # not a single lucky method

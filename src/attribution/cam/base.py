@@ -10,9 +10,12 @@ Layers (option ``target_layer``, at construction or per call): a dotted name (``
 module of the model, or a list of them.  ``None`` picks the default layer (see
 :func:`attribution.core.layers.default_layer`: the last spatial feature block).  With several layers, each layer's
 map is upsampled to the input and the maps are fused by ``layer_fusion``: ``'mean'`` (default) or ``'max'`` of the
-raw maps (pytorch-grad-cam instead min-max normalises each layer's map before averaging).  ``reshape_transform``
-maps a layer output that is not (B, C, h, w), e.g. transformer tokens, to that shape; it is applied to the
-activations and to their gradients alike (so it should be a reshape/permutation/slice).
+raw maps (pytorch-grad-cam instead min-max normalises each layer's map before averaging).  Layer outputs that are
+not (B, C, h, w) are laid out automatically (:mod:`attribution.core.spatial`): token sequences of ViT, DeiT, BEiT
+and EVA on the model's patch grid for the actual input size with class, distillation and register tokens dropped,
+channels-last Swin maps permuted; a shape that cannot be laid out raises an error naming the layer and the shape.
+``reshape_transform`` (optional) replaces that rule for layers it cannot read; either is applied to the
+activations and to their gradients alike (so a transform should be a reshape/permutation/slice).
 
 Cost of the gradient CAMs: one forward and one ``torch.autograd.grad(score, activation)`` per image, i.e. a
 backward only from the score down to the layer.  The forward below the (first) layer runs without autograd

@@ -60,7 +60,9 @@ def first_component(features: Tensor) -> Tensor:
     centred = rows - rows.mean(dim=1, keepdim=True)
     if h * w <= c:
         value, u = top_eigenpair(centred @ centred.transpose(1, 2))
-        projection = u * value.clamp(min=torch.finfo(value.dtype).tiny).sqrt().unsqueeze(1)
+        positive = value > 0  # a zero spectrum (all features equal, e.g. zero gradients) gives a zero map
+        scale = torch.where(positive, value, torch.ones_like(value)).sqrt() * positive  # finite gradients at 0
+        projection = u * scale.unsqueeze(1)
     else:
         _, v = top_eigenpair(centred.transpose(1, 2) @ centred)
         projection = (centred @ v.unsqueeze(-1)).squeeze(-1)
