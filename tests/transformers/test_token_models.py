@@ -193,3 +193,17 @@ def test_ablation_cam_ablates_one_channel_of_every_patch_token():
         explainer = A.AblationCAM(model, "blocks.0", use_tail=use_tail)
         torch.testing.assert_close(explainer(x, classes), expected, rtol=1e-4, atol=1e-5)
         assert explainer.last_mode == mode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(set(A.list_methods("cam")) | {"guided_grad_cam"}))
+def test_cams_on_token_models_on_cuda_match_cpu(name):
+    from conftest import tiny_vit
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    options = {"ss_cam": {"samples": 2, "std": 0.0}, "is_cam": {"steps": 2}}.get(name, {})
+    cpu = A.create(name, tiny_vit(), **options)(x, [0, 1])
+    gpu = A.create(name, tiny_vit().cuda(), **options)(x.cuda(), [0, 1])
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)

@@ -106,7 +106,8 @@ class AblationCAM(CAM):
             if maps.dim() != 4:
                 raise ValueError(f"the output of layer {self._name(layer)!r} has shape {tuple(maps.shape)} after "
                                  "reshape_transform; CAMs need (B, C, h, w)")
-            positions = None if maps is acts else channel_positions(transform, acts.shape, self._name(layer))
+            positions = None if maps is acts else channel_positions(transform, acts.shape, self._name(layer),
+                                                                     acts.device)
             batch = x.shape[0]
             owners = torch.arange(batch, device=x.device)
             clean = target(clean_outputs, owners)

@@ -142,14 +142,16 @@ def layer_transform(model: Optional[nn.Module], layer: nn.Module, shape: Sequenc
     return spatial_layout(model, image_size, shape, layer_name(model, layer), layer)
 
 
-def channel_positions(transform: Callable[[Tensor], Tensor], shape: Sequence[int], where: str) -> Tensor:
+def channel_positions(transform: Callable[[Tensor], Tensor], shape: Sequence[int], where: str,
+                      device: Optional[torch.device] = None) -> Tensor:
     """(C, h*w) indices into one image's flattened layer output (of shape ``shape``, batch first) of the elements
-    that ``transform`` places in each channel of its (1, C, h, w) result: found by transforming a tensor that
-    holds its own flat indices, so any transform that only selects and rearranges elements can be inverted."""
+    that ``transform`` places in each channel of its (1, C, h, w) result, on ``device``: found by transforming a
+    tensor that holds its own flat indices, so any transform that only selects and rearranges elements can be
+    inverted."""
     count = 1
     for size in shape[1:]:
         count *= int(size)
-    probe = torch.arange(count, dtype=torch.float64).view(1, *shape[1:])
+    probe = torch.arange(count, dtype=torch.float64, device=device).view(1, *shape[1:])
     mapped = transform(probe)
     whole = mapped.dim() == 4 and mapped.shape[0] == 1 and bool((mapped == mapped.round()).all()) \
         and bool(((mapped >= 0) & (mapped < count)).all())
