@@ -224,6 +224,24 @@ def test_bfloat16_model_accumulates_in_float32(name, images):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_amp_runs_the_model_in_bfloat16_and_sums_in_float32(name, cnn, images):
+    """amp=True: autocast around the model's passes only; the float32 model and input stay as they are."""
+    seen = []
+    hook = cnn.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        out = explain(name, cnn, images, [0, 1, 2], amp=True, **RANDOM.get(name, {}))
+    finally:
+        hook.remove()
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    reference = explain(name, cnn, images, [0, 1, 2], **RANDOM.get(name, {}))
+    corr = torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1]
+    assert corr > BF16_CORR.get(name, 0.9)
+    with pytest.raises(ValueError, match="amp must be"):
+        explain(name, cnn, images, 0, amp="fp8")
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_inplace_relu_resnet(name):
     """torchvision ResNets use ReLU(inplace=True); every method must run on them and agree with out-of-place ReLUs."""
     torchvision = pytest.importorskip("torchvision")

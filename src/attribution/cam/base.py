@@ -86,7 +86,8 @@ class CAM(Explainer):
         key = tuple(x.shape[1:])
         name = self._default_layer_names.get(key)
         if name not in modules:
-            name = default_layer(self.model, self._model_input(x[:1]))
+            with self._autocast():
+                name = default_layer(self.model, self._model_input(x[:1]))
             self._default_layer_names[key] = name
         return [modules[name]]
 
@@ -98,7 +99,7 @@ class CAM(Explainer):
         record_from_layer = gradients and not create_graph
         with LayerCapture(layers, reshape_transform, record_from_layer, self.model) as capture:
             with torch.set_grad_enabled(create_graph):
-                outputs = self.model(self._model_input(rows))
+                outputs = self._forward(rows)
             scores = target(outputs, owners)
             activations = capture.activations()
             grads: List[Optional[Tensor]] = [None] * len(layers)
