@@ -76,8 +76,10 @@ LAYERS = ["_fc", "_blocks.15", "_blocks.8", "_conv_stem"]
 
 
 def _check_falls(result):
-    first, last = result.spearman_abs[0], result.spearman_abs[-1]
-    assert (last < first).all() and (last < 0.5).all(), result.spearman_abs
+    """From 1 (the original map against itself), the rank correlation falls below 0.9 at the first step and below
+    0.5 in magnitude once every listed layer is random; nothing is flagged."""
+    assert (result.spearman_abs < 0.9).all(), result.spearman_abs
+    assert (result.spearman_abs[-1].abs() < 0.5).all(), result.spearman_abs
     assert not result.flagged.any()
 
 
