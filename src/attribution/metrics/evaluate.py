@@ -135,6 +135,8 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
                 raise ValueError(f"metric {name!r} needs regions= (ground-truth boxes or masks)")
             table[name] = _REGION[name](maps, regions, **extra)
         else:  # model_randomisation
+            if explainer is None:
+                raise ValueError("'model_randomisation' needs the explainer, not only its maps")
             result = model_randomisation(explainer, images, fixed, model=model, **extra)
             table[name] = result.spearman_abs[-1]
             table.curves[name] = (torch.arange(1, len(result.layers) + 1) / len(result.layers),

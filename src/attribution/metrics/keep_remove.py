@@ -64,36 +64,29 @@ def _mask_curve(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSp
     return Curve(trapezoid(y, x), x, y)
 
 
-def keep_positive_mask(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = None, *,
-                       fractions: Fractions = None, substrate: SubstrateSpec = "zeros", score: str = "softmax",
-                       batch_size: Optional[int] = None, seed: int = 0) -> Curve:
-    """KPM: keep the most positively attributed pixels, mask the rest; higher area is better (module docstring)."""
-    return _mask_curve(model, images, maps, target, sign=1, keep=True, fractions=fractions, substrate=substrate,
-                       score=score, batch_size=batch_size, seed=seed)
+def _metric(name: str, sign: int, keep: bool, default_score: str, doc: str):
+    """One of the four public metrics: ``f(model, images, maps, target=None, *, fractions, substrate, score,
+    batch_size, seed) -> Curve``."""
+
+    def metric(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = None, *,
+               fractions: Fractions = None, substrate: SubstrateSpec = "zeros", score: str = default_score,
+               batch_size: Optional[int] = None, seed: int = 0) -> Curve:
+        return _mask_curve(model, images, maps, target, sign=sign, keep=keep, fractions=fractions,
+                           substrate=substrate, score=score, batch_size=batch_size, seed=seed)
+
+    metric.__name__ = metric.__qualname__ = name
+    metric.__doc__ = doc + "\n\n    See the module docstring for the protocol; returns a :class:`Curve` ``(auc, x, y)``."
+    return metric
 
 
-def keep_negative_mask(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = None, *,
-                       fractions: Fractions = None, substrate: SubstrateSpec = "zeros", score: str = "softmax",
-                       batch_size: Optional[int] = None, seed: int = 0) -> Curve:
-    """KNM: keep the most negatively attributed pixels, mask the rest; lower area is better."""
-    return _mask_curve(model, images, maps, target, sign=-1, keep=True, fractions=fractions, substrate=substrate,
-                       score=score, batch_size=batch_size, seed=seed)
-
-
-def keep_absolute_mask(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = None, *,
-                       fractions: Fractions = None, substrate: SubstrateSpec = "zeros", score: str = "accuracy",
-                       batch_size: Optional[int] = None, seed: int = 0) -> Curve:
-    """KAM: keep the pixels of largest ``|A|``, mask the rest; accuracy by default; higher area is better."""
-    return _mask_curve(model, images, maps, target, sign=0, keep=True, fractions=fractions, substrate=substrate,
-                       score=score, batch_size=batch_size, seed=seed)
-
-
-def remove_absolute_mask(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = None, *,
-                         fractions: Fractions = None, substrate: SubstrateSpec = "zeros", score: str = "accuracy",
-                         batch_size: Optional[int] = None, seed: int = 0) -> Curve:
-    """RAM: mask the pixels of largest ``|A|``, keep the rest; accuracy by default; lower area is better."""
-    return _mask_curve(model, images, maps, target, sign=0, keep=False, fractions=fractions, substrate=substrate,
-                       score=score, batch_size=batch_size, seed=seed)
+keep_positive_mask = _metric("keep_positive_mask", 1, True, "softmax",
+                             "KPM: keep the most positively attributed pixels, mask the rest; higher area is better.")
+keep_negative_mask = _metric("keep_negative_mask", -1, True, "softmax",
+                             "KNM: keep the most negatively attributed pixels, mask the rest; lower area is better.")
+keep_absolute_mask = _metric("keep_absolute_mask", 0, True, "accuracy",
+                             "KAM: keep the pixels of largest ``|A|``, mask the rest; accuracy; higher area is better.")
+remove_absolute_mask = _metric("remove_absolute_mask", 0, False, "accuracy",
+                               "RAM: mask the pixels of largest ``|A|``, keep the rest; accuracy; lower area is better.")
 
 
 # ------------------------------------------------------------------------------------------- the seed's names

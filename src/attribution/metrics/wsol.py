@@ -37,7 +37,7 @@ from .regions import Regions, box_iou, pad_boxes, region_mask
 CAM_CURVE_INTERVAL = 0.01
 V2_IOU_THRESHOLDS = (0.3, 0.5, 0.7)
 #: pixels labelled per chunk of (image, threshold) maps
-CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 24}
 
 
 class BoxAccuracy(NamedTuple):
