@@ -14,7 +14,8 @@ from .keep_remove import (kam, keep_absolute_mask, keep_negative_mask, keep_posi
                           remove_absolute_mask, shap_fractions)
 from .localisation import Pointing, attribution_localisation, energy_pointing_game, pointing_game
 from .regions import box_iou, boxes_to_mask, region_mask
-from .road import RoadResult, noisy_linear_impute, road
+from .imputation import linear_impute, noisy_linear_impute
+from .road import RoadResult, road
 from .sanity import RandomisationResult, model_randomisation, randomisation_layers, reinitialise
 from .similarity import (class_specific_spearman_rank_corr, rank_data, spearman, spearman_rank_correlation_value,
                          ssim)
@@ -56,6 +57,7 @@ __all__ = [
     "keep_positive_mask",
     "knm",
     "kpm",
+    "linear_impute",
     "make_substrate",
     "max_box_acc",
     "max_box_acc_v2",

@@ -57,7 +57,7 @@ def check_maps(images: Tensor, maps: Tensor) -> Tensor:
             f"maps of shape {tuple(maps.shape)} do not match images of shape {tuple(images.shape)} "
             "(same batch and height/width needed; resize the maps to the image first)"
         )
-    return pixel_map(maps).flatten(1).to(device=images.device)
+    return pixel_map(maps.detach()).flatten(1).to(device=images.device)
 
 
 def pixel_map(maps: Tensor) -> Tensor:

@@ -14,7 +14,6 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..core.explainer import Explainer
 from ..core.targets import TargetSpec
 from .common import resolve_scorer
 from .complexity import gini
