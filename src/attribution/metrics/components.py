@@ -98,9 +98,8 @@ def hole_boxes(mask: Tensor) -> ComponentBoxes:
     border[:, :, 0] = border[:, :, -1] = True
     flat = labels.flatten(1)
     slot = (flat - 1).clamp(min=0)
-    touches = torch.zeros_like(flat, dtype=torch.bool).scatter_reduce(
-        1, slot, (border.flatten(1) & (flat > 0)), "amax")
-    inner = torch.where(touches.gather(1, slot) & (flat > 0), torch.zeros_like(flat), flat).view_as(labels)
+    touches = torch.zeros_like(flat).scatter_reduce(1, slot, (border.flatten(1) & (flat > 0)).long(), "amax")
+    inner = torch.where((touches.gather(1, slot) > 0) & (flat > 0), torch.zeros_like(flat), flat).view_as(labels)
     found = component_boxes(inner)
     grow = torch.tensor([-1, -1, 1, 1], device=mask.device)
     return ComponentBoxes(found.boxes + grow, found.area, found.valid)

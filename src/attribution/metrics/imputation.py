@@ -16,9 +16,10 @@ for every image and channel of a batch at once by conjugate gradients preconditi
   stay boundary values on every grid); bilinear prolongation (a stride-2 transposed convolution with
   ``[1, 3, 3, 1] x [1, 3, 3, 1] / 16``) and its exact transpose as restriction; the coarse operators are the same
   stencil on the coarse masks; two damped-Jacobi sweeps (``omega = 0.8``) before and after; the coarsest grid
-  (at most 8 pixels a side) is solved exactly with a batched dense inverse.  The V-cycle is symmetric, as CG needs;
-* CG stops when every system's residual is below ``tol`` times its right-hand side: 10 to 25 iterations at
-  224 x 224 whatever the mask, where Jacobi-preconditioned CG needs 300 to 900.
+  (at most 64 pixels) is solved exactly with a batched dense inverse.  The V-cycle is symmetric, as CG needs;
+* CG stops when every system's residual is below ``tol`` times its right-hand side.  Measured at 224 x 224 (smooth
+  removed regions of 20 % to 95 %, and random pixels): 6 to 22 iterations, where Jacobi-preconditioned CG needs
+  300 to 900; on one CPU thread 0.6-0.8 s for 4 images against 0.5-2.4 s for the SciPy reference.
 
 Computes in float64 for float64 input (agreeing with the exact solve to about 1e-7 of the image's scale) and in
 float32 otherwise (about 1e-4 at 224 x 224 with large removed regions, a hundredth of ROAD's noise).
@@ -84,7 +85,7 @@ class _Multigrid:
         taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=dtype, device=device)
         self.transfer = (taps[:, None] * taps[None, :] / 16).view(1, 1, 4, 4)
         self.grids: List[_Grid] = [_Grid(hole)]
-        while min(self.grids[-1].hole.shape[-2:]) > COARSEST:
+        while self.grids[-1].hole.shape[-2] * self.grids[-1].hole.shape[-1] > COARSEST ** 2:
             fine = _pad_even(self.grids[-1].hole)
             self.grids.append(_Grid(-F.max_pool2d(-fine, 2)))  # unknown if all children are
         self.grids[-1].solve_exactly()
