@@ -37,6 +37,7 @@ from .gradients import (
 )
 from .perturbation import Occlusion
 from .transformers import AttentionRollout, GenericAttention
+from . import metrics, utils  # noqa: E402  (sub-packages reachable as attribution.metrics, attribution.utils)
 
 __version__ = "0.1.0"
 
