@@ -10,7 +10,9 @@ Layers (option ``target_layer``, at construction or per call): a dotted name (``
 module of the model, or a list of them.  ``None`` picks the default layer (see
 :func:`attribution.core.layers.default_layer`: the last spatial feature block).  With several layers, each layer's
 map is upsampled to the input and the maps are fused by ``layer_fusion``: ``'mean'`` (default) or ``'max'`` of the
-raw maps (pytorch-grad-cam instead min-max normalises each layer's map before averaging).  ``reshape_transform``
+raw maps (pytorch-grad-cam instead min-max normalises each layer's map before averaging), or ``'product'``: each
+layer's upsampled map min-max scaled to [0, 1] per image, then multiplied (RefineCAM's fusion, see
+:class:`attribution.cam.refine_cam.RefineCAM`).  ``reshape_transform``
 maps a layer output that is not (B, C, h, w), e.g. transformer tokens, to that shape; it is applied to the
 activations and to their gradients alike (so it should be a reshape/permutation/slice).
 
@@ -33,7 +35,7 @@ from ..core.layers import LayerSpec, default_layer, layer_name, resolve_layers
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
 
-FUSIONS = ("mean", "max")
+FUSIONS = ("mean", "max", "product")
 
 
 def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
@@ -53,6 +55,13 @@ def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     nonzero = denominator != 0
     return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)),
                        torch.zeros_like(numerator))
+
+
+def min_max_scale(maps: Tensor) -> Tensor:
+    """Each (1, H, W) map of (N, 1, H, W) scaled to [0, 1] over its pixels (0 where it is constant)."""
+    flat = maps.flatten(1)
+    low = flat.amin(dim=1, keepdim=True)
+    return safe_divide(flat - low, flat.amax(dim=1, keepdim=True) - low).view_as(maps)
 
 
 class CAM(Explainer):
@@ -104,7 +113,7 @@ class CAM(Explainer):
             activations = capture.activations()
             grads: List[Optional[Tensor]] = [None] * len(layers)
             if gradients:
-                grads = list(capture.gradients(scores.sum(), create_graph))
+                grads = list(self._layer_gradients(capture, scores.sum(), create_graph))
         dtype = accumulation_dtype(rows)
         for layer, act in zip(layers, activations):
             if act.dim() != 4:
@@ -136,6 +145,10 @@ class CAM(Explainer):
             target.classes = torch.cat(classes)
         return [torch.cat(chunks) for chunks in per_layer]
 
+    def _layer_gradients(self, capture: LayerCapture, score: Tensor, create_graph: bool) -> List[Tensor]:
+        """What reaches :meth:`_weights` as ``gradients``: ``d score / d activation`` at each captured layer."""
+        return capture.gradients(score, create_graph)
+
     def _name(self, layer: nn.Module) -> str:
         return layer_name(self.model, layer)
 
@@ -158,9 +171,13 @@ class CAM(Explainer):
         if fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {fusion!r}")
         maps = [upsample(m, size) for m in maps]
+        if fusion == "product":
+            maps = [min_max_scale(m) for m in maps]
         if len(maps) == 1:
             return maps[0]
         stacked = torch.stack(maps)
+        if fusion == "product":
+            return stacked.prod(dim=0)
         return stacked.mean(dim=0) if fusion == "mean" else stacked.amax(dim=0)
 
     def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,

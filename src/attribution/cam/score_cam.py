@@ -13,18 +13,12 @@ from ..core.progress import progress_bar
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
-from .base import CAM, FUSIONS, channel_sum, upsample
+from .base import CAM, FUSIONS, channel_sum, min_max_scale, upsample
 
 
 def normalized_masks(activations: Tensor, size: tuple) -> Tensor:
     """(n, h, w) activation maps upsampled to ``size`` and min-max scaled to [0, 1] each (0 where constant)."""
-    up = upsample(activations.unsqueeze(1), size)
-    flat = up.flatten(1)
-    low = flat.amin(dim=1, keepdim=True)
-    span = flat.amax(dim=1, keepdim=True) - low
-    scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)),
-                         torch.zeros_like(flat))
-    return scaled.view_as(up)
+    return min_max_scale(upsample(activations.unsqueeze(1), size))
 
 
 class _ScoreWeightedCAM(CAM):

@@ -6,12 +6,13 @@
     saliency = explainer(x, target, **options)  # same as explainer.get_mask(x, target, **options)
 
 Options may be given at construction or per call; per call wins.  Every method accepts the common options
-``batch_size`` (rows per internal pass, ``None`` = memory-aware default), ``score`` (``'logit'``, ``'softmax'`` or
-``'log_softmax'``: what is explained), ``create_graph`` (keep the map differentiable w.r.t. the model's
-parameters) and ``amp`` (``True`` or ``torch.bfloat16``/``torch.float16``: run the model's forwards and backwards
-under ``torch.autocast`` in that precision while everything the method sums stays float32; faster on GPUs, at the
-cost of the low precision's rounding in the gradients: maps typically agree with float32 ones to a correlation
-above 0.99, not to 1e-5), plus its own options, listed in its class attribute ``defaults``.
+``batch_size`` (rows per internal pass, ``None`` = memory-aware default), ``score`` (``'logit'``, ``'softmax'``,
+``'log_softmax'`` or ``'rest'``, the logit plus its log-probability: what is explained), ``create_graph`` (keep
+the map differentiable w.r.t. the model's parameters) and ``amp`` (``True`` or ``torch.bfloat16``/``torch.float16``:
+run the model's forwards and backwards under ``torch.autocast`` in that precision while everything the method sums
+stays float32; faster on GPUs, at the cost of the low precision's rounding in the gradients: maps typically agree
+with float32 ones to a correlation above 0.99, not to 1e-5), plus its own options, listed in its class attribute
+``defaults``.
 
 A subclass implements :meth:`Explainer._explain`; the base class validates the input, the target and the options,
 runs the method inside the state guard with gradients enabled (also under an outer ``torch.no_grad()`` or
