@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import warnings
 
@@ -125,7 +125,7 @@ def forward_passes(model: nn.Module, x: torch.Tensor, rows: int, chunk: int) -> 
 class Work:
     """What one benchmark row runs: our options, the floor's passes, and (optionally) a peer."""
 
-    options: Dict[str, object]
+    options: Union[Dict[str, object], Callable[[nn.Module], Dict[str, object]]]  # or built from the model
     floor: Callable[..., None]  # (model, x, target, rows per pass, explainer) -> None
     peers: Dict[str, Optional[Callable[..., object]]] = field(default_factory=dict)  # name -> same signature
     models: str = "all"  # "all", "cnn" (needs spatial feature maps) or "vit" (needs attention)
@@ -203,6 +203,35 @@ def layer_gradient_passes(model: nn.Module, x: torch.Tensor, target: torch.Tenso
         torch.autograd.grad(out.gather(1, target[start:start + chunk, None]).sum(), act)
 
 
+def hessian_vector_passes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, chunk: int, explainer) -> None:
+    """Forward, the gradient to the layer with its graph, and its backward against the activation (H A)."""
+    (layer,) = explainer.target_layers(x)
+    for start in range(0, x.shape[0], chunk):
+        out, act = layer_activation(model, layer, x[start:start + chunk], grad=True)
+        (grad,) = torch.autograd.grad(out.gather(1, target[start:start + chunk, None]).sum(), act, create_graph=True)
+        torch.autograd.grad(grad, act, grad_outputs=act.detach(), allow_unused=True)
+
+
+def layers_gradient_passes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, chunk: int, explainer) -> None:
+    """Forward plus the gradient to every one of the explainer's layers at once (down to the shallowest)."""
+    layers = explainer.target_layers(x, explainer.options.get("target_layer"))
+    for start in range(0, x.shape[0], chunk):
+        store: list = []
+        handles = [layer.register_forward_hook(lambda m, i, o: store.append(o)) for layer in layers]
+        try:
+            out = model(x[start:start + chunk])
+        finally:
+            for handle in handles:
+                handle.remove()
+        torch.autograd.grad(out.gather(1, target[start:start + chunk, None]).sum(), store)
+
+
+def stage_ends(model: nn.Module) -> Dict[str, object]:
+    """RefineCAM's layers for the benchmark: the four stages of a ResNet, else the default layer alone."""
+    names = [n for n in ("layer1", "layer2", "layer3", "layer4") if n in dict(model.named_modules())]
+    return {"target_layer": names} if names else {}
+
+
 def channels_at_layer(model: nn.Module, x: torch.Tensor, explainer) -> int:
     (layer,) = explainer.target_layers(x)
     return layer_activation(model, layer, x[:1], grad=False)[1].shape[1]
@@ -253,6 +282,39 @@ def cam_work(size: int) -> Dict[str, Work]:
                 owners, channels = index // acts.shape[1], index % acts.shape[1]
                 tail(ablation_rows(acts, owners, channels, 0.0), owners)
 
+    def window_rows(x, t, e):  # SESS's windows of every image (with its defaults), and their targets
+        from attribution.cam.sess import Pyramid, Scale, _scales
+
+        window = min(x.shape[-2:])
+        pyramid = Pyramid([Scale(*x.shape[-2:], s, window, window) for s in _scales(None, 12, 2 / 7, window)])
+        index = torch.arange(x.shape[0] * len(pyramid), device=x.device)
+        images = index // len(pyramid)
+        return pyramid.windows(x, images, index % len(pyramid)), t[images]
+
+    def sess_floor(m, x, t, chunk, e):  # a forward of every window, then a forward and layer gradient of each
+        rows, targets = window_rows(x, t, e)
+        forward_passes(m, rows, rows.shape[0], chunk)
+        layer_gradient_passes(m, rows, targets, chunk, e.base)
+
+    def finer_peer(m, x, t, chunk, e):  # pytorch-grad-cam compares with the nearest classes only for targets=None
+        (layer,) = e.target_layers(x)
+        with pgc.FinerCAM(model=m, target_layers=[layer]) as cam:
+            return cam(x, targets=None)
+
+    def sess_peer(m, x, t, chunk, e):
+        (layer,) = e.target_layers(x)
+        with pgc.SESS(model=m, target_layers=[layer], batch_size=chunk) as cam:
+            return cam(x, [ClassifierOutputTarget(int(c)) for c in t])
+
+    def refine_peer(m, x, t, chunk, e):
+        layers = e.target_layers(x, e.options.get("target_layer"))
+        cam = pgc.RefineCAM(model=m, target_layers=layers)
+        try:
+            return cam(x, [ClassifierOutputTarget(int(c)) for c in t])
+        finally:
+            for inner in cam.base_cam_per_layer:
+                inner.activations_and_grads.release()
+
     def two_pass_floor(m, x, t, chunk, e):  # guided backprop's input gradient and Grad-CAM's layer gradient
         input_gradient_passes(m, x, t, x.shape[0], chunk)
         layer_gradient_passes(m, x, t, chunk, e.cam)
@@ -284,6 +346,13 @@ def cam_work(size: int) -> Dict[str, Work]:
         "score_cam": pgc_work(score_floor, "ScoreCAM", batch_size="chunk"),
         "ablation_cam": pgc_work(tail_floor, "AblationCAM", batch_size="chunk"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
+        "fem": pgc_work(forward_floor, "FEM"),
+        "shapley_cam": pgc_work(hessian_vector_passes, "ShapleyCAM"),
+        "finer_cam": Work({}, layer_gradient_passes, {"pytorch-grad-cam FinerCAM": pgc and finer_peer}, "cnn"),
+        "refine_cam": Work(stage_ends, layers_gradient_passes, {"pytorch-grad-cam RefineCAM": pgc and refine_peer},
+                           "cnn"),
+        "sess": Work({}, sess_floor, {"pytorch-grad-cam SESS": pgc and sess_peer}, "cnn"),
+        "random_cam": pgc_work(forward_floor, "RandomCAM"),
         "guided_grad_cam": Work({}, two_pass_floor, models="cnn"),
         "attention_rollout": Work({}, forward_floor, models="vit"),
         "generic_attention": Work({}, input_floor, models="vit"),
@@ -291,7 +360,7 @@ def cam_work(size: int) -> Dict[str, Work]:
 
 
 #: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods
-SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam"}
+SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows
 COMPOSITE = {"combined", "ss_cam", "is_cam"}
 
@@ -357,7 +426,8 @@ def run(args: argparse.Namespace) -> List[Row]:
             family = "vit" if model_name.startswith("vit") else "cnn"
             if spec.models not in ("all", family):
                 continue
-            explainer = attribution.create(name, model, **spec.options)
+            options = spec.options(model) if callable(spec.options) else spec.options
+            explainer = attribution.create(name, model, **options)
             with RowsSeen() as seen:
                 explainer(x, target)
             chunk = max(seen.rows, 1)

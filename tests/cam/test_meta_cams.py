@@ -128,6 +128,23 @@ def test_window_starts_cover_the_length_with_equal_windows():
     assert Scale(100, 200, 150, 100, 100).size == (150, 300)
 
 
+def crops(x, scale):
+    """(B, n, C, w, w): the windows of ``x`` resized to ``scale`` as torchvision's resize does, cropped."""
+    scaled = F.interpolate(x, size=scale.size, mode="bilinear", align_corners=False, antialias=True)
+    w = scale.window
+    return torch.stack([scaled[:, :, y:y + w, xx:xx + w] for y, xx in scale.corners], 1)
+
+
+@pytest.mark.parametrize("short, window, step", [(40, 32, 32), (24, 20, 9)])  # up- and (antialiased) down-scaling
+def test_windows_are_crops_of_the_resized_image(short, window, step):
+    torch.manual_seed(0)
+    wide = torch.randn(3, 3, 32, 48)
+    scale = Scale(32, 48, short, window, step)
+    images, which = torch.tensor([2, 0, 1, 2]), torch.tensor([0, len(scale) - 1, 1, 2])
+    torch.testing.assert_close(scale.windows(wide, images, which), crops(wide, scale)[images, which],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_paste_is_resizing_the_zero_padded_window():
     torch.manual_seed(0)
     scale = Scale(20, 30, 27, 12, 7)
@@ -155,7 +172,7 @@ def sess_by_hand(model, x, classes, scales, window, theta=0.0):
     pieces = []
     for s in scales:
         scale = Scale(*x.shape[-2:], s, window, window)
-        patches = scale.patches(x)
+        patches = crops(x, scale)
         for j in range(len(scale)):
             probs = model(patches[:, j]).softmax(1)[torch.arange(x.shape[0]), classes].detach().clamp(min=0)
             cam = min_max_scale(A.GradCAM(model, "2")(patches[:, j], classes))[:, 0]

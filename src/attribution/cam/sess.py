@@ -18,6 +18,8 @@ from .meta import MetaCAM
 POOLS = ("mean", "max")
 #: the fused map's smoothing: OpenCV's ``GaussianBlur(map, (11, 11), 5)`` as pytorch-grad-cam applies it
 BLUR_SIZE, BLUR_SIGMA = 11, 5.0
+#: windows handed to the base method in one call (it batches them further by ``batch_size``)
+ROWS_PER_BASE_CALL = 256
 
 
 def window_starts(length: int, window: int, step: int) -> List[int]:
@@ -34,11 +36,15 @@ def scaled_size(height: int, width: int, short: int) -> Tuple[int, int]:
     return int(short * height / width), short
 
 
-def resize_matrix(length: int, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(size, length) matrix of 1-D linear resizing (``align_corners=False``): bilinear resizing of a map ``M`` is
-    ``R_h M R_w^T``."""
-    identity = torch.eye(length, dtype=dtype, device=device).unsqueeze(0)
-    return F.interpolate(identity, size=size, mode="linear", align_corners=False)[0].T
+def resize_matrix(length: int, size: int, dtype: torch.dtype, device: torch.device,
+                  antialias: bool = False) -> Tensor:
+    """(size, length) matrix of 1-D bilinear resizing (``align_corners=False``, as ``F.interpolate``), so that
+    resizing a map ``M`` is ``R_h M R_w^T``.  Built by resizing the identity along one axis of a 2-D call (the
+    other axis kept at 2 pixels: ``F.interpolate`` antialiases only in 2-D and mishandles 1-pixel axes there)."""
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    eye = torch.eye(length, dtype=work, device=device).view(length, 1, length, 1).expand(-1, -1, -1, 2)
+    resized = F.interpolate(eye, size=(size, 2), mode="bilinear", align_corners=False, antialias=antialias)
+    return resized[:, 0, :, 0].T.to(dtype)
 
 
 def gaussian_blur(maps: Tensor, size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> Tensor:
@@ -56,6 +62,7 @@ class Scale:
     """One scale of the pyramid: the resized image's size and the windows' top-left corners (row-major)."""
 
     def __init__(self, height: int, width: int, short: int, window: int, step: int) -> None:
+        self.image_size = (height, width)
         self.size = scaled_size(height, width, short)
         ys, xs = window_starts(self.size[0], window, step), window_starts(self.size[1], window, step)
         self.corners = [(y, x) for y in ys for x in xs]
@@ -64,21 +71,48 @@ class Scale:
     def __len__(self) -> int:
         return len(self.corners)
 
-    def patches(self, x: Tensor) -> Tensor:
-        """(B, n, C, w, w): every window of every image resized to this scale (bilinear, antialiased)."""
-        scaled = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-        w = self.window
-        return torch.stack([scaled[:, :, y:y + w, x:x + w] for y, x in self.corners], dim=1)
+    def _bands(self, which: Tensor, matrices: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(n, w, .) rows of the (scaled height, .) and (scaled width, .) ``matrices`` that windows ``which`` cover."""
+        corners = torch.tensor(self.corners, device=which.device)[which]  # (n, 2)
+        steps = torch.arange(self.window, device=which.device)
+        return matrices[0][corners[:, 0, None] + steps], matrices[1][corners[:, 1, None] + steps]
+
+    def windows(self, x: Tensor, images: Tensor, which: Tensor) -> Tensor:
+        """(n, C, w, w): window ``which[i]`` of image ``images[i]`` resized to this scale (bilinear,
+        antialiased as torchvision's ``resize``), computed window by window without resizing the whole image."""
+        matrices = [resize_matrix(n, s, x.dtype, x.device, antialias=True) for n, s in zip(self.image_size, self.size)]
+        left, right = self._bands(which, matrices)  # (n, w, H), (n, w, W)
+        return left.unsqueeze(1) @ x[images] @ right.unsqueeze(1).transpose(-1, -2)
 
     def paste(self, maps: Tensor, size: Sequence[int]) -> Tensor:
         """(B, n, w, w) window maps -> (B, n, H, W): each pasted into a zero map of this scale at its window and
         resized to ``size`` (bilinear), computed as ``R_h[:, rows] map R_w[:, cols]^T`` without the zeros."""
-        w = self.window
-        rows = resize_matrix(self.size[0], size[0], maps.dtype, maps.device)
-        cols = resize_matrix(self.size[1], size[1], maps.dtype, maps.device)
-        left = torch.stack([rows[:, y:y + w] for y, _ in self.corners])  # (n, H, w)
-        right = torch.stack([cols[:, x:x + w] for _, x in self.corners])  # (n, W, w)
-        return left @ maps @ right.transpose(1, 2)
+        matrices = [resize_matrix(s, n, maps.dtype, maps.device).T for s, n in zip(self.size, size)]
+        left, right = self._bands(torch.arange(len(self), device=maps.device), matrices)  # (n, w, H), (n, w, W)
+        return left.transpose(1, 2) @ maps @ right
+
+
+class Pyramid:
+    """The windows of every scale, numbered scale after scale."""
+
+    def __init__(self, scales: List[Scale]) -> None:
+        self.scales = scales
+        self.offsets = [0]
+        for scale in scales:
+            self.offsets.append(self.offsets[-1] + len(scale))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def windows(self, x: Tensor, images: Tensor, which: Tensor) -> Tensor:
+        """(n, C, w, w): window ``which[i]`` (a pyramid-wide number) of image ``images[i]``."""
+        window = self.scales[0].window
+        out = x.new_empty(images.shape[0], x.shape[1], window, window)
+        for scale, first, last in zip(self.scales, self.offsets, self.offsets[1:]):
+            here = (which >= first) & (which < last)
+            if here.any():
+                out[here] = scale.windows(x, images[here], which[here] - first)
+        return out
 
 
 @register("sess")
@@ -127,49 +161,53 @@ class SESS(MetaCAM):
             raise ValueError(f"pre_filter_ratio must be in [0, 1), got {pre_filter_ratio!r}")
         if not isinstance(smooth, bool) or not isinstance(softmax_weights, bool):
             raise TypeError("smooth and softmax_weights must be bools")
-        pyramid = [Scale(height, width, s, window, step)
-                   for s in _scales(scales, num_scales, scale_step_ratio, window)]
+        pyramid = Pyramid([Scale(height, width, s, window, step)
+                           for s in _scales(scales, num_scales, scale_step_ratio, window)])
         weight_target = target.with_score("softmax") if softmax_weights else target
         weights = self._window_weights(x, pyramid, weight_target, batch_size, create_graph)
-        kept = self._kept(weights, pre_filter_ratio)
+        images, which = self._kept(weights, pre_filter_ratio).nonzero(as_tuple=True)
 
         dtype = accumulation_dtype(x)
+        maps = []
+        for start in range(0, images.shape[0], ROWS_PER_BASE_CALL):
+            part = slice(start, start + ROWS_PER_BASE_CALL)
+            rows = pyramid.windows(x, images[part], which[part])
+            maps.append(self.base._explain(rows, target.select(images[part]), batch_size=batch_size,
+                                           create_graph=create_graph, **options))
+        maps = min_max_scale(torch.cat(maps).to(dtype))[:, 0] * weights[images, which, None, None]
+
         total = torch.zeros(x.shape[0], height, width, dtype=dtype, device=x.device)
         count = torch.zeros_like(total)
-        offset = 0
-        for scale in pyramid:
-            kept_here = kept[:, offset:offset + len(scale)]
-            images, windows = kept_here.nonzero(as_tuple=True)
-            if images.numel():
-                patches = scale.patches(x)[images, windows]
-                maps = self.base._explain(patches, target.select(images), batch_size=batch_size,
-                                          create_graph=create_graph, **options)
-                maps = min_max_scale(maps.to(dtype))[:, 0] * weights[images, offset + windows, None, None]
-                dense = maps.new_zeros(x.shape[0], len(scale), window, window).index_put((images, windows), maps)
-                pasted = scale.paste(dense, (height, width))
-                if pool == "max":
-                    total = torch.maximum(total, pasted.amax(dim=1))
-                else:
-                    counted = (pasted > theta) & kept_here[:, :, None, None]
-                    total = total + (pasted * counted).sum(dim=1)
-                    count = count + counted.sum(dim=1)
-            offset += len(scale)
+        for scale, first, last in zip(pyramid.scales, pyramid.offsets, pyramid.offsets[1:]):
+            here = (which >= first) & (which < last)
+            if not here.any():
+                continue
+            dense = maps.new_zeros(x.shape[0], len(scale), window, window)
+            dense = dense.index_put((images[here], which[here] - first), maps[here])
+            pasted = scale.paste(dense, (height, width))
+            if pool == "max":
+                total = torch.maximum(total, pasted.amax(dim=1))
+            else:
+                run = torch.zeros(x.shape[0], len(scale), dtype=torch.bool, device=x.device)
+                run[images[here], which[here] - first] = True
+                counted = (pasted > theta) & run[:, :, None, None]
+                total = total + (pasted * counted).sum(dim=1)
+                count = count + counted.sum(dim=1)
         fused = (total if pool == "max" else safe_divide(total, count)).unsqueeze(1)
         return gaussian_blur(fused) if smooth else fused
 
-    def _window_weights(self, x: Tensor, pyramid: List[Scale], target: Target, batch_size: Optional[int],
+    def _window_weights(self, x: Tensor, pyramid: Pyramid, target: Target, batch_size: Optional[int],
                         create_graph: bool) -> Tensor:
         """(B, n): every window's target score, clipped at 0 and divided by its image's largest (1 if none > 0)."""
-        per_scale = []
-        for scale in pyramid:
-            rows = scale.patches(x).flatten(0, 1)  # image-major: row r is window r % n of image r // n
-            scores = []
-            for start, stop in RowPlanner(rows.shape[0], batch_size, x.device):
-                owners = torch.arange(start, stop, device=x.device) // len(scale)
-                with torch.set_grad_enabled(create_graph):
-                    scores.append(target(self._forward(rows[start:stop]), owners).to(accumulation_dtype(x)))
-            per_scale.append(torch.cat(scores).view(x.shape[0], len(scale)))
-        scores = torch.cat(per_scale, dim=1).clamp(min=0)
+        count = len(pyramid)
+        scores = []
+        for start, stop in RowPlanner(x.shape[0] * count, batch_size, x.device):
+            index = torch.arange(start, stop, device=x.device)
+            images, which = index // count, index % count
+            with torch.set_grad_enabled(create_graph):
+                outputs = self._forward(pyramid.windows(x, images, which))
+                scores.append(target(outputs, images).to(accumulation_dtype(x)))
+        scores = torch.cat(scores).view(x.shape[0], count).clamp(min=0)
         best = scores.amax(dim=1, keepdim=True)
         return torch.where(best > 0, safe_divide(scores, best), torch.ones_like(scores))
 
