@@ -4,7 +4,8 @@ For each model and method this measures, in one process and on one device:
 
 * the *floor*: the bare model passes the method cannot avoid (forwards, or forwards plus the gradient w.r.t. the
   input), with the same number of rows and the same rows per pass as the method actually used;
-* the method's own time, its ratio to the floor, and its peak memory (CUDA: max allocated; CPU: peak RSS);
+* the method's own time, its ratio to the floor, and its peak memory next to the floor's (CUDA: max allocated
+  above the start; CPU: the process's peak RSS, which includes the model and the Python runtime);
 * where installed, Captum's time for the same work (and pytorch-grad-cam's for CAMs).
 
 Times are medians over repeats after a warm-up, with ``torch.cuda.synchronize()`` around timed regions.
@@ -399,6 +400,7 @@ class Row:
     ours_s: float
     ratio: float
     peak_mib: float
+    floor_peak_mib: float
     peers: Dict[str, float] = field(default_factory=dict)  # peer -> seconds for the same work
     notes: List[str] = field(default_factory=list)
 
@@ -434,7 +436,8 @@ def run(args: argparse.Namespace) -> List[Row]:
             ours = timed(lambda: explainer(x, target), device, args.repeats)
             floor = timed(lambda: spec.floor(model, x, target, chunk, explainer), device, args.repeats)
             peak = peak_memory(lambda: explainer(x, target), device)
-            row = Row(model_name, name, args.batch, chunk, floor, ours, ours / floor, peak)
+            floor_peak = peak_memory(lambda: spec.floor(model, x, target, chunk, explainer), device)
+            row = Row(model_name, name, args.batch, chunk, floor, ours, ours / floor, peak, floor_peak)
             for peer_name, peer in spec.peers.items():
                 if peer is None or args.no_peers:
                     continue
@@ -451,13 +454,13 @@ def run(args: argparse.Namespace) -> List[Row]:
 
 def print_header() -> None:
     print(f"{'model':18s} {'method':22s} {'rows/pass':>9s} {'floor s':>9s} {'ours s':>9s} {'ratio':>6s} "
-          f"{'peak MiB':>9s}  peers: seconds (how many times slower than ours)")
+          f"{'peak MiB':>9s} {'floor MiB':>9s}  peers: seconds (how many times slower than ours)")
 
 
 def print_row(r: Row) -> None:
     peers = "; ".join(f"{name} {sec:.3f} ({sec / r.ours_s:.2f}x)" for name, sec in r.peers.items())
     print(f"{r.model:18s} {r.method:22s} {r.rows_per_pass:9d} {r.floor_s:9.3f} {r.ours_s:9.3f} {r.ratio:6.2f} "
-          f"{r.peak_mib:9.0f}  {peers}" + (f"  [{'; '.join(r.notes)}]" if r.notes else ""))
+          f"{r.peak_mib:9.0f} {r.floor_peak_mib:9.0f}  {peers}" + (f"  [{'; '.join(r.notes)}]" if r.notes else ""))
 
 
 def machine() -> str:

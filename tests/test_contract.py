@@ -277,6 +277,39 @@ def test_create_graph_differentiable_wrt_parameters(name, cnn, images):
     torch.testing.assert_close(out.detach(), plain)
 
 
+# ------------------------------------------------------------------------------------------------------ CUDA
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", METHODS)
+def test_cuda_matches_cpu(name, cnn, images):
+    """On CUDA with the memory-aware default batch size (the probe path) the maps equal the CPU's."""
+    options = RANDOM.get(name, {})
+    cpu = explain(name, cnn, images, [0, 1, 2], **options)
+    gpu = explain(name, cnn.cuda(), images.cuda(), torch.tensor([0, 1, 2]), **options)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4 * float(cpu.abs().max()) + 1e-7)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", METHODS)
+def test_cuda_half_model(name, cnn, images):
+    """An fp16 model on CUDA with float32 input: float32 maps that agree with the float32 model's."""
+    options = RANDOM.get(name, {})
+    reference = explain(name, cnn, images, [0, 1, 2], **options)
+    out = explain(name, cnn.cuda().half(), images.cuda(), [0, 1, 2], **options)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    corr = torch.corrcoef(torch.stack([out.cpu().flatten(), reference.flatten()]))[0, 1]
+    assert corr > BF16_CORR.get(name, 0.9)
+
+
+@needs_cuda
+def test_cuda_input_on_another_device_is_named(images):
+    with pytest.raises(ValueError, match="x is on cpu but the model is on cuda"):
+        attribution.VanillaGradient(tiny_cnn().cuda())(images, 0)
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("name", METHODS)
 def test_bad_input_errors_name_the_problem(name, cnn, images):
