@@ -176,25 +176,31 @@ class SESS(MetaCAM):
                                            create_graph=create_graph, **options))
         maps = min_max_scale(torch.cat(maps).to(dtype))[:, 0] * weights[images, which, None, None]
 
-        total = torch.zeros(x.shape[0], height, width, dtype=dtype, device=x.device)
+        fused = self._fuse_windows(maps, images, which, pyramid, x.shape[0], (height, width), pool, theta)
+        return gaussian_blur(fused) if smooth else fused
+
+    @staticmethod
+    def _fuse_windows(maps: Tensor, images: Tensor, which: Tensor, pyramid: Pyramid, batch: int,
+                      size: Tuple[int, int], pool: str, theta: float) -> Tensor:
+        """(B, 1, H, W): the (n, w, w) maps of windows ``which`` of ``images`` pasted back and pooled per pixel."""
+        total = maps.new_zeros(batch, *size)
         count = torch.zeros_like(total)
         for scale, first, last in zip(pyramid.scales, pyramid.offsets, pyramid.offsets[1:]):
             here = (which >= first) & (which < last)
             if not here.any():
                 continue
-            dense = maps.new_zeros(x.shape[0], len(scale), window, window)
-            dense = dense.index_put((images[here], which[here] - first), maps[here])
-            pasted = scale.paste(dense, (height, width))
+            index = (images[here], which[here] - first)
+            dense = maps.new_zeros(batch, len(scale), *maps.shape[-2:]).index_put(index, maps[here])
+            pasted = scale.paste(dense, size)  # (B, n, H, W), zero for the windows not run
             if pool == "max":
                 total = torch.maximum(total, pasted.amax(dim=1))
-            else:
-                run = torch.zeros(x.shape[0], len(scale), dtype=torch.bool, device=x.device)
-                run[images[here], which[here] - first] = True
-                counted = (pasted > theta) & run[:, :, None, None]
-                total = total + (pasted * counted).sum(dim=1)
-                count = count + counted.sum(dim=1)
-        fused = (total if pool == "max" else safe_divide(total, count)).unsqueeze(1)
-        return gaussian_blur(fused) if smooth else fused
+                continue
+            run = torch.zeros(batch, len(scale), dtype=torch.bool, device=maps.device).index_put(
+                index, torch.ones_like(index[0], dtype=torch.bool))
+            counted = (pasted > theta) & run[:, :, None, None]
+            total = total + (pasted * counted).sum(dim=1)
+            count = count + counted.sum(dim=1)
+        return (total if pool == "max" else safe_divide(total, count)).unsqueeze(1)
 
     def _window_weights(self, x: Tensor, pyramid: Pyramid, target: Target, batch_size: Optional[int],
                         create_graph: bool) -> Tensor:
