@@ -362,6 +362,8 @@ def cam_work(size: int) -> Dict[str, Work]:
 
 #: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods
 SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess"}
+#: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
+SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows
 COMPOSITE = {"combined", "ss_cam", "is_cam"}
 
@@ -440,6 +442,9 @@ def run(args: argparse.Namespace) -> List[Row]:
             row = Row(model_name, name, args.batch, chunk, floor, ours, ours / floor, peak, floor_peak)
             for peer_name, peer in spec.peers.items():
                 if peer is None or args.no_peers:
+                    continue
+                if device.type == "cpu" and peer_name in SLOW_PEERS_ON_CPU and not args.quick:
+                    row.notes.append(f"{peer_name} skipped on CPU (C full forwards per image)")
                     continue
                 try:
                     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
