@@ -43,7 +43,7 @@ from .gradients import (
 )
 from .perturbation import Occlusion
 from .transformers import AttentionRollout, GenericAttention
-from . import metrics, utils  # noqa: E402  (sub-packages reachable as attribution.metrics, attribution.utils)
+from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
 
@@ -88,5 +88,7 @@ __all__ = [
     "create",
     "get_method",
     "list_methods",
+    "metrics",
     "register",
+    "utils",
 ]

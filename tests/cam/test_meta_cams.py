@@ -9,7 +9,7 @@ from torch import nn
 import attribution as A
 from attribution.cam.base import min_max_scale, upsample
 from attribution.cam.sess import Scale, gaussian_blur, window_starts
-from conftest import cam_cnn, tiny_cnn
+from conftest import cam_cnn
 
 
 @pytest.fixture

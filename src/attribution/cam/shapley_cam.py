@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-import torch
 from torch import Tensor
 
 from ..core.capture import LayerCapture
