@@ -4,7 +4,8 @@ For each model and method this measures, in one process and on one device:
 
 * the *floor*: the bare model passes the method cannot avoid (forwards, or forwards plus the gradient w.r.t. the
   input), with the same number of rows and the same rows per pass as the method actually used;
-* the method's own time, its ratio to the floor, and its peak memory (CUDA: max allocated; CPU: peak RSS);
+* the method's own time, its ratio to the floor, and its peak memory next to the floor's (CUDA: max allocated
+  above the start; CPU: the process's peak RSS, which includes the model and the Python runtime);
 * where installed, Captum's time for the same work (and pytorch-grad-cam's for CAMs).
 
 Times are medians over repeats after a warm-up, with ``torch.cuda.synchronize()`` around timed regions.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
@@ -24,7 +26,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import warnings
 
@@ -124,10 +126,10 @@ def forward_passes(model: nn.Module, x: torch.Tensor, rows: int, chunk: int) -> 
 class Work:
     """What one benchmark row runs: our options, the floor's passes, and (optionally) a peer."""
 
-    options: Dict[str, object]
-    floor: Callable[[nn.Module, torch.Tensor, torch.Tensor, int], None]
-    peer: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor, int], object]] = None
-    peer_name: str = ""
+    options: Union[Dict[str, object], Callable[[nn.Module], Dict[str, object]]]  # or built from the model
+    floor: Callable[..., None]  # (model, x, target, rows per pass, explainer) -> None
+    peers: Dict[str, Optional[Callable[..., object]]] = field(default_factory=dict)  # name -> same signature
+    models: str = "all"  # "all", "cnn" (needs spatial feature maps) or "vit" (needs attention)
 
 
 def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
@@ -141,16 +143,16 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         ca = None
 
     def grads(rows_per_image: int):
-        return lambda m, x, t, chunk: input_gradient_passes(m, x, t, rows_per_image * x.shape[0], chunk)
+        return lambda m, x, t, chunk, e: input_gradient_passes(m, x, t, rows_per_image * x.shape[0], chunk)
 
     def peer(build):
-        return None if ca is None else build
+        return None if ca is None else (lambda m, x, t, c, e: build(m, x, t, c))
 
-    def guided_ig_floor(m, x, t, chunk):
+    def guided_ig_floor(m, x, t, chunk, e):
         for _ in range(steps):
             input_gradient_passes(m, x, t, x.shape[0], chunk)
 
-    def occlusion_floor(m, x, t, chunk):
+    def occlusion_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * (positions + 1), chunk)
 
     def captum_occlusion(m, x, t, chunk):
@@ -159,39 +161,221 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                                          perturbations_per_eval=max(1, chunk // x.shape[0]))
 
     return {
-        "vanilla_gradient": Work({}, grads(1), peer(lambda m, x, t, c: ca.Saliency(m).attribute(x, t, abs=False)),
-                                 "captum Saliency"),
-        "input_x_gradient": Work({}, grads(1), peer(lambda m, x, t, c: ca.InputXGradient(m).attribute(x, t)),
-                                 "captum InputXGradient"),
+        "vanilla_gradient": Work({}, grads(1), {"captum Saliency": peer(
+            lambda m, x, t, c: ca.Saliency(m).attribute(x, t, abs=False))}),
+        "input_x_gradient": Work({}, grads(1), {"captum InputXGradient": peer(
+            lambda m, x, t, c: ca.InputXGradient(m).attribute(x, t))}),
         "integrated_gradients": Work(
             {"steps": steps, "method": "gausslegendre", "baseline": "zero"}, grads(steps),
-            peer(lambda m, x, t, c: ca.IntegratedGradients(m).attribute(x, target=t, n_steps=steps,
-                                                                        internal_batch_size=c)),
-            "captum IntegratedGradients"),
+            {"captum IntegratedGradients": peer(lambda m, x, t, c: ca.IntegratedGradients(m).attribute(
+                x, target=t, n_steps=steps, internal_batch_size=c))}),
         "blur_ig": Work({"steps": steps}, grads(steps)),
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
-        "guided_backprop": Work({}, grads(1), peer(lambda m, x, t, c: ca.GuidedBackprop(m).attribute(x, t)),
-                                "captum GuidedBackprop"),
-        "deconvnet": Work({}, grads(1), peer(lambda m, x, t, c: ca.Deconvolution(m).attribute(x, t)),
-                          "captum Deconvolution"),
-        "smoothgrad": Work(
-            {"samples": samples}, grads(samples),
-            peer(lambda m, x, t, c: ca.NoiseTunnel(ca.Saliency(m)).attribute(
+        "guided_backprop": Work({}, grads(1), {"captum GuidedBackprop": peer(
+            lambda m, x, t, c: ca.GuidedBackprop(m).attribute(x, t))}),
+        "deconvnet": Work({}, grads(1), {"captum Deconvolution": peer(
+            lambda m, x, t, c: ca.Deconvolution(m).attribute(x, t))}),
+        "smoothgrad": Work({"samples": samples}, grads(samples), {"captum NoiseTunnel(Saliency)": peer(
+            lambda m, x, t, c: ca.NoiseTunnel(ca.Saliency(m)).attribute(
                 x, nt_samples=samples, nt_samples_batch_size=max(1, c // x.shape[0]), stdevs=0.15, target=t,
-                abs=False)),
-            "captum NoiseTunnel(Saliency)"),
-        "occlusion": Work({"window": window, "stride": stride}, occlusion_floor, peer(captum_occlusion), "captum Occlusion"),
+                abs=False))}),
+        "occlusion": Work({"window": window, "stride": stride}, occlusion_floor, {"captum Occlusion": peer(
+            captum_occlusion)}),
     }
+
+
+def layer_activation(model: nn.Module, layer: nn.Module, x: torch.Tensor, grad: bool) -> tuple:
+    """(model outputs, the layer's output) of one forward."""
+    store = {}
+    handle = layer.register_forward_hook(lambda m, i, o: store.update(a=o))
+    try:
+        with torch.set_grad_enabled(grad):
+            out = model(x)
+    finally:
+        handle.remove()
+    return out, store["a"]
+
+
+def layer_gradient_passes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, chunk: int, explainer) -> None:
+    """Forward plus ``torch.autograd.grad(score, layer output)``: the least a gradient CAM can do."""
+    (layer,) = explainer.target_layers(x)
+    for start in range(0, x.shape[0], chunk):
+        out, act = layer_activation(model, layer, x[start:start + chunk], grad=True)
+        torch.autograd.grad(out.gather(1, target[start:start + chunk, None]).sum(), act)
+
+
+def hessian_vector_passes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, chunk: int, explainer) -> None:
+    """Forward, the gradient to the layer with its graph, and its backward against the activation (H A)."""
+    (layer,) = explainer.target_layers(x)
+    for start in range(0, x.shape[0], chunk):
+        out, act = layer_activation(model, layer, x[start:start + chunk], grad=True)
+        (grad,) = torch.autograd.grad(out.gather(1, target[start:start + chunk, None]).sum(), act, create_graph=True)
+        torch.autograd.grad(grad, act, grad_outputs=act.detach(), allow_unused=True)
+
+
+def layers_gradient_passes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, chunk: int, explainer) -> None:
+    """Forward plus the gradient to every one of the explainer's layers at once (down to the shallowest)."""
+    layers = explainer.target_layers(x, explainer.options.get("target_layer"))
+    for start in range(0, x.shape[0], chunk):
+        store: list = []
+        handles = [layer.register_forward_hook(lambda m, i, o: store.append(o)) for layer in layers]
+        try:
+            out = model(x[start:start + chunk])
+        finally:
+            for handle in handles:
+                handle.remove()
+        torch.autograd.grad(out.gather(1, target[start:start + chunk, None]).sum(), store)
+
+
+def stage_ends(model: nn.Module) -> Dict[str, object]:
+    """RefineCAM's layers for the benchmark: the four stages of a ResNet, else the default layer alone."""
+    names = [n for n in ("layer1", "layer2", "layer3", "layer4") if n in dict(model.named_modules())]
+    return {"target_layer": names} if names else {}
+
+
+def channels_at_layer(model: nn.Module, x: torch.Tensor, explainer) -> int:
+    (layer,) = explainer.target_layers(x)
+    return layer_activation(model, layer, x[:1], grad=False)[1].shape[1]
+
+
+def cam_work(size: int) -> Dict[str, Work]:
+    """Work for the CAM family (default layers) and the transformer-native methods."""
+    try:
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:  # pragma: no cover - a bench/test dependency
+        pgc = None
+
+    def grad_cam_peer(cls_name: str, **attributes):
+        if pgc is None:
+            return None
+
+        def run(m, x, t, chunk, e):
+            (layer,) = e.target_layers(x)
+            cam = getattr(pgc, cls_name)(model=m, target_layers=[layer])
+            for key, value in attributes.items():
+                setattr(cam, key, chunk if value == "chunk" else value)
+            try:
+                return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
+            finally:
+                cam.activations_and_grads.release()
+
+        return run
+
+    def forward_floor(m, x, t, chunk, e):
+        forward_passes(m, x, x.shape[0], chunk)
+
+    def score_floor(m, x, t, chunk, e):  # the clean forward and one masked forward per channel
+        forward_passes(m, x, x.shape[0] * (1 + channels_at_layer(m, x, e)), chunk)
+
+    def tail_floor(m, x, t, chunk, e):  # one head forward, then the tail on every ablated copy
+        from attribution.cam.tail import SplitModel, ablation_rows
+
+        (layer,) = e.target_layers(x)
+        with torch.inference_mode():
+            split = SplitModel(m, layer)
+            values = split.head(x)
+            tail = split.tail(values, x.shape[0], split.plan(values))
+            acts = values[split.cut]
+            rows = x.shape[0] * acts.shape[1]
+            for start in range(0, rows, chunk):
+                index = torch.arange(start, min(start + chunk, rows), device=x.device)
+                owners, channels = index // acts.shape[1], index % acts.shape[1]
+                tail(ablation_rows(acts, owners, channels, 0.0), owners)
+
+    def window_rows(x, t, e):  # SESS's windows of every image (with its defaults), and their targets
+        from attribution.cam.sess import Pyramid, Scale, _scales
+
+        window = min(x.shape[-2:])
+        pyramid = Pyramid([Scale(*x.shape[-2:], s, window, window) for s in _scales(None, 12, 2 / 7, window)])
+        index = torch.arange(x.shape[0] * len(pyramid), device=x.device)
+        images = index // len(pyramid)
+        return pyramid.windows(x, images, index % len(pyramid)), t[images]
+
+    def sess_floor(m, x, t, chunk, e):  # a forward of every window, then a forward and layer gradient of each
+        rows, targets = window_rows(x, t, e)
+        forward_passes(m, rows, rows.shape[0], chunk)
+        layer_gradient_passes(m, rows, targets, chunk, e.base)
+
+    def finer_peer(m, x, t, chunk, e):  # pytorch-grad-cam compares with the nearest classes only for targets=None
+        (layer,) = e.target_layers(x)
+        with pgc.FinerCAM(model=m, target_layers=[layer]) as cam:
+            return cam(x, targets=None)
+
+    def sess_peer(m, x, t, chunk, e):
+        (layer,) = e.target_layers(x)
+        with pgc.SESS(model=m, target_layers=[layer], batch_size=chunk) as cam:
+            return cam(x, [ClassifierOutputTarget(int(c)) for c in t])
+
+    def refine_peer(m, x, t, chunk, e):
+        layers = e.target_layers(x, e.options.get("target_layer"))
+        cam = pgc.RefineCAM(model=m, target_layers=layers)
+        try:
+            return cam(x, [ClassifierOutputTarget(int(c)) for c in t])
+        finally:
+            for inner in cam.base_cam_per_layer:
+                inner.activations_and_grads.release()
+
+    def two_pass_floor(m, x, t, chunk, e):  # guided backprop's input gradient and Grad-CAM's layer gradient
+        input_gradient_passes(m, x, t, x.shape[0], chunk)
+        layer_gradient_passes(m, x, t, chunk, e.cam)
+
+    def input_floor(m, x, t, chunk, e):
+        input_gradient_passes(m, x, t, x.shape[0], chunk)
+
+    def captum_layer_grad_cam(m, x, t, chunk, e):
+        import captum.attr as ca
+
+        (layer,) = e.target_layers(x)
+        return ca.LayerGradCam(m, layer).attribute(x, target=t, relu_attributions=True)
+
+    def pgc_work(floor, cls_name: str, models: str = "cnn", **attributes) -> Work:
+        return Work({}, floor, {f"pytorch-grad-cam {cls_name}": grad_cam_peer(cls_name, **attributes)}, models)
+
+    return {
+        "grad_cam": Work({}, layer_gradient_passes, {"pytorch-grad-cam GradCAM": grad_cam_peer("GradCAM"),
+                                                     "captum LayerGradCam": captum_layer_grad_cam}, "cnn"),
+        "hires_cam": pgc_work(layer_gradient_passes, "HiResCAM"),
+        "grad_cam_elementwise": pgc_work(layer_gradient_passes, "GradCAMElementWise"),
+        "grad_cam_plusplus": pgc_work(layer_gradient_passes, "GradCAMPlusPlus"),
+        "xgrad_cam": pgc_work(layer_gradient_passes, "XGradCAM"),
+        "layer_cam": pgc_work(layer_gradient_passes, "LayerCAM"),
+        "bag_cam": Work({}, layer_gradient_passes, models="cnn"),
+        "eigen_cam": pgc_work(forward_floor, "EigenCAM"),
+        "eigen_grad_cam": pgc_work(layer_gradient_passes, "EigenGradCAM"),
+        "kpca_cam": pgc_work(forward_floor, "KPCA_CAM"),
+        "score_cam": pgc_work(score_floor, "ScoreCAM", batch_size="chunk"),
+        "ablation_cam": pgc_work(tail_floor, "AblationCAM", batch_size="chunk"),
+        "fullgrad": pgc_work(input_floor, "FullGrad"),
+        "fem": pgc_work(forward_floor, "FEM"),
+        "shapley_cam": pgc_work(hessian_vector_passes, "ShapleyCAM"),
+        "finer_cam": Work({}, layer_gradient_passes, {"pytorch-grad-cam FinerCAM": pgc and finer_peer}, "cnn"),
+        "refine_cam": Work(stage_ends, layers_gradient_passes, {"pytorch-grad-cam RefineCAM": pgc and refine_peer},
+                           "cnn"),
+        "sess": Work({}, sess_floor, {"pytorch-grad-cam SESS": pgc and sess_peer}, "cnn"),
+        "random_cam": pgc_work(forward_floor, "RandomCAM"),
+        "guided_grad_cam": Work({}, two_pass_floor, models="cnn"),
+        "attention_rollout": Work({}, forward_floor, models="vit"),
+        "generic_attention": Work({}, input_floor, models="vit"),
+    }
+
+
+#: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods
+SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess"}
+#: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
+SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
+#: not benchmarked: their cost is that of the methods they combine, measured on their own rows
+COMPOSITE = {"combined", "ss_cam", "is_cam"}
 
 
 # ------------------------------------------------------------------------------------------------------ models
 
 
 def build_model(name: str, device: torch.device) -> nn.Module:
-    if name == "resnet50":
+    if name in ("resnet50", "resnet18"):
         import torchvision
 
-        model = torchvision.models.resnet50()
+        model = getattr(torchvision.models, name)()
     elif name == "vit_b_16":
         import torchvision
 
@@ -218,19 +402,19 @@ class Row:
     ours_s: float
     ratio: float
     peak_mib: float
-    peer: str = ""
-    peer_s: float = float("nan")
-    speedup_vs_peer: float = float("nan")
+    floor_peak_mib: float
+    peers: Dict[str, float] = field(default_factory=dict)  # peer -> seconds for the same work
     notes: List[str] = field(default_factory=list)
 
 
 def run(args: argparse.Namespace) -> List[Row]:
     device = torch.device(args.device)
-    work = gradient_work(args.steps, args.samples, args.size)
-    methods = args.methods or sorted(work)
-    missing = set(attribution.list_methods()) - set(work)
-    if missing and not args.methods:
-        print(f"# not benchmarked yet (no floor defined): {', '.join(sorted(missing))}")
+    work = {**gradient_work(args.steps, args.samples, args.size), **cam_work(args.size)}
+    default = [n for n in work if not (device.type == "cpu" and n in SLOW_ON_CPU and not args.quick)]
+    methods = args.methods or sorted(default)
+    missing = set(attribution.list_methods()) - set(work) - COMPOSITE
+    if missing:
+        print(f"# no floor defined, not benchmarked: {', '.join(sorted(missing))}")
     rows: List[Row] = []
     for model_name in args.models:
         model = build_model(model_name, device)
@@ -243,20 +427,31 @@ def run(args: argparse.Namespace) -> List[Row]:
                 print(f"# {name}: no floor defined, skipped")
                 continue
             spec = work[name]
-            explainer = attribution.create(name, model, **spec.options)
+            family = "vit" if model_name.startswith("vit") else "cnn"
+            if spec.models not in ("all", family):
+                continue
+            options = spec.options(model) if callable(spec.options) else spec.options
+            explainer = attribution.create(name, model, **options)
             with RowsSeen() as seen:
                 explainer(x, target)
             chunk = max(seen.rows, 1)
             ours = timed(lambda: explainer(x, target), device, args.repeats)
-            floor = timed(lambda: spec.floor(model, x, target, chunk), device, args.repeats)
+            floor = timed(lambda: spec.floor(model, x, target, chunk, explainer), device, args.repeats)
             peak = peak_memory(lambda: explainer(x, target), device)
-            row = Row(model_name, name, args.batch, chunk, floor, ours, ours / floor, peak)
-            if spec.peer is not None and not args.no_peers:
+            floor_peak = peak_memory(lambda: spec.floor(model, x, target, chunk, explainer), device)
+            row = Row(model_name, name, args.batch, chunk, floor, ours, ours / floor, peak, floor_peak)
+            for peer_name, peer in spec.peers.items():
+                if peer is None or args.no_peers:
+                    continue
+                if device.type == "cpu" and peer_name in SLOW_PEERS_ON_CPU and not args.quick:
+                    row.notes.append(f"{peer_name} skipped on CPU (C full forwards per image)")
+                    continue
                 try:
-                    row.peer_s = timed(lambda: spec.peer(model, x, target, chunk), device, args.repeats)
-                    row.peer, row.speedup_vs_peer = spec.peer_name, row.peer_s / ours
+                    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                        row.peers[peer_name] = timed(lambda: peer(model, x, target, chunk, explainer), device,
+                                                     args.repeats)
                 except Exception as error:  # a peer failing is a result, not a crash
-                    row.notes.append(f"{spec.peer_name} failed: {type(error).__name__}: {error}"[:160])
+                    row.notes.append(f"{peer_name} failed: {type(error).__name__}: {error}"[:160])
             rows.append(row)
             print_row(row)
     return rows
@@ -264,13 +459,13 @@ def run(args: argparse.Namespace) -> List[Row]:
 
 def print_header() -> None:
     print(f"{'model':18s} {'method':22s} {'rows/pass':>9s} {'floor s':>9s} {'ours s':>9s} {'ratio':>6s} "
-          f"{'peak MiB':>9s}  {'peer':28s} {'peer s':>8s} {'x faster':>8s}")
+          f"{'peak MiB':>9s} {'floor MiB':>9s}  peers: seconds (how many times slower than ours)")
 
 
 def print_row(r: Row) -> None:
-    peer = f"{r.peer:28s} {r.peer_s:8.3f} {r.speedup_vs_peer:8.2f}" if r.peer else ""
+    peers = "; ".join(f"{name} {sec:.3f} ({sec / r.ours_s:.2f}x)" for name, sec in r.peers.items())
     print(f"{r.model:18s} {r.method:22s} {r.rows_per_pass:9d} {r.floor_s:9.3f} {r.ours_s:9.3f} {r.ratio:6.2f} "
-          f"{r.peak_mib:9.0f}  {peer}" + (f"  [{'; '.join(r.notes)}]" if r.notes else ""))
+          f"{r.peak_mib:9.0f} {r.floor_peak_mib:9.0f}  {peers}" + (f"  [{'; '.join(r.notes)}]" if r.notes else ""))
 
 
 def machine() -> str:
@@ -296,7 +491,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     warnings.filterwarnings("ignore", module="captum")
     warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
     if args.quick:
-        args.batch, args.size, args.steps, args.samples, args.repeats = 2, 96, 8, 4, 1
+        args.batch, args.size, args.steps, args.samples, args.repeats = 2, 64, 8, 4, 1
+        args.models = ["resnet18"] if args.models == ["resnet50"] else args.models
     print(f"# {machine()}, torch {torch.__version__}, batch {args.batch}, {args.size}x{args.size}, "
           f"steps {args.steps}, samples {args.samples}, median of {args.repeats}")
     print_header()

@@ -38,11 +38,17 @@ FAST = {
     "is_cam": {"steps": 2},
     "ablation_cam": {},
     "fullgrad": {},
+    "fem": {},
+    "shapley_cam": {},
+    "finer_cam": {},
+    "refine_cam": {},
+    "sess": {"num_scales": 2},
+    "random_cam": {},
     "guided_grad_cam": {},
     "combined": {},
 }
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
-RANDOM = {"smoothgrad": {"std": 0.0}, "ss_cam": {"std": 0.0}}
+RANDOM = {"smoothgrad": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
 #: probability between masked copies, about 1e-3 apart on this random net, which bf16's 8-bit mantissa blurs
 #: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)
@@ -224,6 +230,24 @@ def test_bfloat16_model_accumulates_in_float32(name, images):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_amp_runs_the_model_in_bfloat16_and_sums_in_float32(name, cnn, images):
+    """amp=True: autocast around the model's passes only; the float32 model and input stay as they are."""
+    seen = []
+    hook = cnn.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        out = explain(name, cnn, images, [0, 1, 2], amp=True, **RANDOM.get(name, {}))
+    finally:
+        hook.remove()
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    reference = explain(name, cnn, images, [0, 1, 2], **RANDOM.get(name, {}))
+    corr = torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1]
+    assert corr > BF16_CORR.get(name, 0.9)
+    with pytest.raises(ValueError, match="amp must be"):
+        explain(name, cnn, images, 0, amp="fp8")
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_inplace_relu_resnet(name):
     """torchvision ResNets use ReLU(inplace=True); every method must run on them and agree with out-of-place ReLUs."""
     torchvision = pytest.importorskip("torchvision")
@@ -251,6 +275,39 @@ def test_create_graph_differentiable_wrt_parameters(name, cnn, images):
     plain = explain(name, cnn, images, [0, 1, 2], **RANDOM.get(name, {}))
     assert not plain.requires_grad
     torch.testing.assert_close(out.detach(), plain)
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", METHODS)
+def test_cuda_matches_cpu(name, cnn, images):
+    """On CUDA with the memory-aware default batch size (the probe path) the maps equal the CPU's."""
+    options = RANDOM.get(name, {})
+    cpu = explain(name, cnn, images, [0, 1, 2], **options)
+    gpu = explain(name, cnn.cuda(), images.cuda(), torch.tensor([0, 1, 2]), **options)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4 * float(cpu.abs().max()) + 1e-7)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", METHODS)
+def test_cuda_half_model(name, cnn, images):
+    """An fp16 model on CUDA with float32 input: float32 maps that agree with the float32 model's."""
+    options = RANDOM.get(name, {})
+    reference = explain(name, cnn, images, [0, 1, 2], **options)
+    out = explain(name, cnn.cuda().half(), images.cuda(), [0, 1, 2], **options)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    corr = torch.corrcoef(torch.stack([out.cpu().flatten(), reference.flatten()]))[0, 1]
+    assert corr > BF16_CORR.get(name, 0.9)
+
+
+@needs_cuda
+def test_cuda_input_on_another_device_is_named(images):
+    with pytest.raises(ValueError, match="x is on cpu but the model is on cuda"):
+        attribution.VanillaGradient(tiny_cnn().cuda())(images, 0)
 
 
 # ------------------------------------------------------------------------------------------------- bad input

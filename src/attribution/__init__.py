@@ -10,6 +10,8 @@ from .cam import (
     BagCAM,
     EigenCAM,
     EigenGradCAM,
+    FEM,
+    FinerCAM,
     FullGrad,
     GradCAM,
     GradCAMElementWise,
@@ -18,8 +20,12 @@ from .cam import (
     ISCAM,
     KPCACAM,
     LayerCAM,
+    RandomCAM,
+    RefineCAM,
     ScoreCAM,
+    SESS,
     SSCAM,
+    ShapleyCAM,
     XGradCAM,
 )
 from .combine import CombinedWrapper, GuidedGradCAM
@@ -37,6 +43,7 @@ from .gradients import (
 )
 from .perturbation import Occlusion
 from .transformers import AttentionRollout, GenericAttention
+from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
 
@@ -51,6 +58,8 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "Explainer",
+    "FEM",
+    "FinerCAM",
     "FullGrad",
     "GenericAttention",
     "GradCAM",
@@ -67,13 +76,19 @@ __all__ = [
     "KPCACAM",
     "LayerCAM",
     "Occlusion",
+    "RandomCAM",
+    "RefineCAM",
+    "SESS",
     "SSCAM",
     "ScoreCAM",
+    "ShapleyCAM",
     "SmoothGrad",
     "VanillaGradient",
     "XGradCAM",
     "create",
     "get_method",
     "list_methods",
+    "metrics",
     "register",
+    "utils",
 ]

@@ -1,7 +1,7 @@
 """Maps that combine a gradient-family map with a CAM: Guided Grad-CAM and the seed's ``CombinedWrapper``."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Type, Union
+from typing import Any, Dict, Optional
 
 from torch import Tensor, nn
 
@@ -9,26 +9,12 @@ from .cam.base import CAM
 from .cam.grad_cam import GradCAM
 from .core.explainer import COMMON_OPTIONS, Explainer
 from .core.layers import LayerSpec
-from .core.registry import get_method, register
+from .core.registry import MethodSpec, register, resolve_method
 from .core.targets import Target
 from .gradients.base import GradientExplainer
 from .gradients.guided_backprop import GuidedBackProp
 from .gradients.vanilla import VanillaGradient
 from .utils.normalize import normalize_saliency
-
-MethodSpec = Union[str, Type[Explainer]]
-
-
-def _method(spec: MethodSpec, family: type, what: str) -> Type[Explainer]:
-    cls = get_method(spec) if isinstance(spec, str) else spec
-    if not (isinstance(cls, type) and issubclass(cls, family)):
-        raise TypeError(f"{what} must be a {family.__name__} class or registry name, got {spec!r}")
-    return cls
-
-
-def _retarget(target: Target, score: str) -> Target:
-    """The same classes or objective under another ``score``."""
-    return Target(target.batch, score, classes=target.classes, objective=target.objective)
 
 
 @register("guided_grad_cam")
@@ -80,8 +66,8 @@ class CombinedWrapper(Explainer):
 
     def __init__(self, model: nn.Module, gradient_method: MethodSpec = VanillaGradient,
                  cam_method: MethodSpec = GradCAM, **options: Any) -> None:
-        self.gradient = _method(gradient_method, GradientExplainer, "gradient_method")(model)
-        self.cam = _method(cam_method, CAM, "cam_method")(model)
+        self.gradient = resolve_method(gradient_method, GradientExplainer, "gradient_method")(model)
+        self.cam = resolve_method(cam_method, CAM, "cam_method")(model)
         own = (self.gradient.option_names() & self.cam.option_names()) - set(COMMON_OPTIONS)
         self._ambiguous = own
         self._explicit: set = set()
@@ -102,7 +88,8 @@ class CombinedWrapper(Explainer):
         routed = {k: v for k, v in options.items()
                   if k in inner.option_names() and (k in self._explicit or k in ("batch_size", "create_graph"))}
         merged = inner.resolved_options(**routed)
-        return _retarget(target, merged.pop("score")), merged
+        merged.pop("amp")  # the outer call's autocast covers the inner methods' passes
+        return target.with_score(merged.pop("score")), merged
 
     def _explain(self, x: Tensor, target: Target, **options: Any) -> Tensor:
         options["score"] = target.score

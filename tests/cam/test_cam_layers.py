@@ -198,7 +198,8 @@ class Guarded(nn.Module):
         return NoBackward.apply(x)
 
 
-@pytest.mark.parametrize("method", [A.GradCAM, A.GradCAMPlusPlus, A.HiResCAM, A.LayerCAM, A.EigenGradCAM])
+@pytest.mark.parametrize("method", [A.GradCAM, A.GradCAMPlusPlus, A.HiResCAM, A.LayerCAM, A.EigenGradCAM,
+                                    A.ShapleyCAM, A.FinerCAM, A.RefineCAM])
 def test_gradient_cams_do_not_backpropagate_below_the_layer(method, x):
     model = cam_cnn()
     model.insert(1, Guarded())

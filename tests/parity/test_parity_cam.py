@@ -17,7 +17,7 @@ from attribution.cam.eigen_cam import orient
 from conftest import cam_cnn, tiny_cnn
 
 pgc = pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, ClassifierOutputTarget  # noqa: E402
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection, get_2d_projection_kernel  # noqa: E402
 
 LAYER = 2  # cam_cnn's third block: 32 channels at 16x16, followed by more convolutions
@@ -61,6 +61,8 @@ SHARED = [
     ("ScoreCAM", "ScoreCAM", {"score": "logit", "channel_softmax": True}),
     # the layer is post-ReLU, so pytorch-grad-cam ablates with 0 as the paper (and we) do
     ("AblationCAM", "AblationCAM", {}),
+    ("FEM", "FEM", {}),
+    ("ShapleyCAM", "ShapleyCAM", {}),
 ]
 
 
@@ -71,6 +73,49 @@ def test_matches_pytorch_grad_cam(ours, theirs, options, case):
     mine = getattr(A, ours)(model, layer, **options)(x, classes)
     ref = reference(getattr(pgc, theirs), model, x, classes, target_layers=[layer])
     assert mine.shape == (3, 1, 32, 32)
+    corr = pearson_per_image(mine, ref)
+    assert corr.min() >= 0.99, corr
+
+
+def test_shapley_cam_with_rest_matches_pytorch_grad_cam(case):
+    """The paper's ReST utility (``score='rest'``): the Hessian term is non-zero through the softmax."""
+    model, x, classes = case
+    layer = model[LAYER]
+    mine = A.ShapleyCAM(model, layer, score="rest")(x, classes)
+    with pgc.ShapleyCAM(model=model, target_layers=[layer]) as cam:
+        ref = cam(input_tensor=x, targets=[ClassifierOutputReST(c) for c in classes])
+    corr = pearson_per_image(mine, ref)
+    assert corr.min() >= 0.99, corr
+
+
+def test_finer_cam_matches_pytorch_grad_cam(case):
+    """pytorch-grad-cam compares with the nearest classes only for ``targets=None`` (the arg-max)."""
+    model, x, _ = case
+    layer = model[LAYER]
+    mine = A.FinerCAM(model, layer)(x)
+    cam = pgc.FinerCAM(model=model, target_layers=[layer])
+    with cam:
+        ref = cam(x, targets=None)
+    corr = pearson_per_image(mine, ref)
+    assert corr.min() >= 0.99, corr
+    assert pearson_per_image(A.GradCAM(model, layer)(x), ref).min() < 0.99  # the comparison changes the map
+
+
+def test_refine_cam_matches_pytorch_grad_cam(case):
+    model, x, classes = case
+    layers = [model[1], model[2], model[3]]
+    mine = A.RefineCAM(model, layers)(x, classes)
+    ref = pgc.RefineCAM(model=model, target_layers=layers)(x, [ClassifierOutputTarget(c) for c in classes])
+    corr = pearson_per_image(mine, ref)
+    assert corr.min() >= 0.99, corr
+
+
+def test_sess_matches_pytorch_grad_cam(case):
+    model, x, classes = case
+    layer = model[LAYER]
+    mine = A.SESS(model, layer, num_scales=3)(x, classes)
+    with pgc.SESS(model=model, target_layers=[layer], num_scales=3) as cam:
+        ref = cam(x, [ClassifierOutputTarget(c) for c in classes])
     corr = pearson_per_image(mine, ref)
     assert corr.min() >= 0.99, corr
 

@@ -1,9 +1,9 @@
 """CAMs on the pretrained EfficientNet-Lite0: cat on the left, coffee on the right of one composite image.
 
 Each class-discriminative method must put at least 0.3 more of its mass on the cat half when explaining the cat
-(ImageNet 285, Egyptian cat) than when explaining the coffee (967, espresso).  Eigen-CAM and KPCA-CAM are
-class-agnostic (the target does not enter their maps) and are exempt; FullGrad is held to a weaker bar (see its
-test).  The image is given twice, once per class, so the Score-CAM family's masked forwards are shared.
+(ImageNet 285, Egyptian cat) than when explaining the coffee (967, espresso).  Eigen-CAM, KPCA-CAM and FEM are
+class-agnostic (the target does not enter their maps) and are exempt, as is the RandomCAM baseline (not a CAM:
+``kind='baseline'``); FullGrad is held to a weaker bar (see its test).  The image is given twice, once per class, so the Score-CAM family's masked forwards are shared.
 """
 from __future__ import annotations
 
@@ -30,8 +30,13 @@ DISCRIMINATIVE = {
     "score_cam": {"target_layer": "_blocks.14"},
     "is_cam": {"target_layer": "_blocks.14", "steps": 2},
     "ss_cam": {"target_layer": "_blocks.14", "samples": 1, "std": 0.2, "generator": torch.Generator().manual_seed(0)},
+    # the head is piecewise linear (ReLU6), so with logits ShapleyCAM is Grad-CAM: the paper's ReST utility instead
+    "shapley_cam": {"score": "rest"},
+    "finer_cam": {},
+    "refine_cam": {"target_layer": ["_blocks.4", "_blocks.10", "_blocks.15"]},
+    "sess": {"scales": [160, 240]},  # 2 + 6 windows of 160 x 160 per image
 }
-CLASS_AGNOSTIC = ("eigen_cam", "kpca_cam")
+CLASS_AGNOSTIC = ("eigen_cam", "kpca_cam", "fem")
 MARGIN = 0.3
 
 

@@ -3,6 +3,8 @@ from .ablation_cam import AblationCAM
 from .bag_cam import BagCAM
 from .base import CAM
 from .eigen_cam import EigenCAM, EigenGradCAM
+from .fem import FEM
+from .finer_cam import FinerCAM
 from .full_grad import FullGrad
 from .grad_cam import GradCAM
 from .grad_cam_elementwise import GradCAMElementWise
@@ -10,7 +12,12 @@ from .grad_cam_plusplus import GradCAMPlusPlus
 from .hires_cam import HiResCAM
 from .kpca_cam import KPCACAM
 from .layer_cam import LayerCAM
+from .meta import MetaCAM
+from .random_cam import RandomCAM
+from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
+from .sess import SESS
+from .shapley_cam import ShapleyCAM
 from .xgrad_cam import XGradCAM
 
 __all__ = [
@@ -19,6 +26,8 @@ __all__ = [
     "CAM",
     "EigenCAM",
     "EigenGradCAM",
+    "FEM",
+    "FinerCAM",
     "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
@@ -27,7 +36,12 @@ __all__ = [
     "ISCAM",
     "KPCACAM",
     "LayerCAM",
+    "MetaCAM",
+    "RandomCAM",
+    "RefineCAM",
+    "SESS",
     "SSCAM",
     "ScoreCAM",
+    "ShapleyCAM",
     "XGradCAM",
 ]

@@ -89,7 +89,7 @@ class AblationCAM(CAM):
                         value: float, use_tail: bool, progress: bool, batch_size: Optional[int],
                         create_graph: bool) -> Tensor:
         split = self._split(layer) if use_tail else None
-        with torch.set_grad_enabled(create_graph):
+        with torch.set_grad_enabled(create_graph), self._autocast():
             run = None
             if split is not None:
                 try:
@@ -154,11 +154,11 @@ class AblationCAM(CAM):
         calls = 0
         for a, b in RowPlanner(x.shape[0], batch_size, x.device):
             with LayerCapture([layer], model=self.model) as capture:
-                outputs.append(self.model(self._model_input(x[a:b])))
+                outputs.append(self._forward(x[a:b]))
             capture._check_ran()
             acts.append(capture.outputs[0])
             calls = capture.calls[0]
-        model, model_input = self.model, self._model_input
+        forward = self._forward
 
         def forward_with(layer_rows: Tensor, owners: Tensor) -> Tensor:
             state = {"calls": 0}
@@ -169,7 +169,7 @@ class AblationCAM(CAM):
 
             handle = layer.register_forward_hook(replace)
             try:
-                return model(model_input(x[owners]))
+                return forward(x[owners])
             finally:
                 handle.remove()
 

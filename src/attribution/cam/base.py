@@ -10,12 +10,14 @@ Layers (option ``target_layer``, at construction or per call): a dotted name (``
 module of the model, or a list of them.  ``None`` picks the default layer (see
 :func:`attribution.core.layers.default_layer`: the last spatial feature block).  With several layers, each layer's
 map is upsampled to the input and the maps are fused by ``layer_fusion``: ``'mean'`` (default) or ``'max'`` of the
-raw maps (pytorch-grad-cam instead min-max normalises each layer's map before averaging).  Layer outputs that are
-not (B, C, h, w) are laid out automatically (:mod:`attribution.core.spatial`): token sequences of ViT, DeiT, BEiT
-and EVA on the model's patch grid for the actual input size with class, distillation and register tokens dropped,
-channels-last Swin maps permuted; a shape that cannot be laid out raises an error naming the layer and the shape.
-``reshape_transform`` (optional) replaces that rule for layers it cannot read; either is applied to the
-activations and to their gradients alike (so a transform should be a reshape/permutation/slice).
+raw maps (pytorch-grad-cam instead min-max normalises each layer's map before averaging), or ``'product'``: each
+layer's upsampled map min-max scaled to [0, 1] per image, then multiplied (RefineCAM's fusion, see
+:class:`attribution.cam.refine_cam.RefineCAM`).  Layer outputs that are not (B, C, h, w) are laid out
+automatically (:mod:`attribution.core.spatial`): token sequences of ViT, DeiT, BEiT and EVA on the model's patch
+grid for the actual input size with class, distillation and register tokens dropped, channels-last Swin maps
+permuted; a shape that cannot be laid out raises an error naming the layer and the shape.  ``reshape_transform``
+(optional) replaces that rule for layers it cannot read; either is applied to the activations and to their
+gradients alike (so a transform should be a reshape/permutation/slice).
 
 Cost of the gradient CAMs: one forward and one ``torch.autograd.grad(score, activation)`` per image, i.e. a
 backward only from the score down to the layer.  The forward below the (first) layer runs without autograd
@@ -36,7 +38,7 @@ from ..core.layers import LayerSpec, default_layer, layer_name, resolve_layers
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
 
-FUSIONS = ("mean", "max")
+FUSIONS = ("mean", "max", "product")
 
 
 def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
@@ -56,6 +58,13 @@ def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     nonzero = denominator != 0
     return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)),
                        torch.zeros_like(numerator))
+
+
+def min_max_scale(maps: Tensor) -> Tensor:
+    """Each (1, H, W) map of (N, 1, H, W) scaled to [0, 1] over its pixels (0 where it is constant)."""
+    flat = maps.flatten(1)
+    low = flat.amin(dim=1, keepdim=True)
+    return safe_divide(flat - low, flat.amax(dim=1, keepdim=True) - low).view_as(maps)
 
 
 class CAM(Explainer):
@@ -89,7 +98,8 @@ class CAM(Explainer):
         key = tuple(x.shape[1:])
         name = self._default_layer_names.get(key)
         if name not in modules:
-            name = default_layer(self.model, self._model_input(x[:1]))
+            with self._autocast():
+                name = default_layer(self.model, self._model_input(x[:1]))
             self._default_layer_names[key] = name
         return [modules[name]]
 
@@ -101,12 +111,12 @@ class CAM(Explainer):
         record_from_layer = gradients and not create_graph
         with LayerCapture(layers, reshape_transform, record_from_layer, self.model, rows.shape[-2:]) as capture:
             with torch.set_grad_enabled(create_graph):
-                outputs = self.model(self._model_input(rows))
+                outputs = self._forward(rows)
             scores = target(outputs, owners)
             activations = capture.activations()
             grads: List[Optional[Tensor]] = [None] * len(layers)
             if gradients:
-                grads = list(capture.gradients(scores.sum(), create_graph))
+                grads = list(self._layer_gradients(capture, scores.sum(), create_graph))
         dtype = accumulation_dtype(rows)
         for layer, act in zip(layers, activations):
             if act.dim() != 4:
@@ -138,6 +148,10 @@ class CAM(Explainer):
             target.classes = torch.cat(classes)
         return [torch.cat(chunks) for chunks in per_layer]
 
+    def _layer_gradients(self, capture: LayerCapture, score: Tensor, create_graph: bool) -> List[Tensor]:
+        """What reaches :meth:`_weights` as ``gradients``: ``d score / d activation`` at each captured layer."""
+        return capture.gradients(score, create_graph)
+
     def _name(self, layer: nn.Module) -> str:
         return layer_name(self.model, layer)
 
@@ -160,9 +174,13 @@ class CAM(Explainer):
         if fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {fusion!r}")
         maps = [upsample(m, size) for m in maps]
+        if fusion == "product":
+            maps = [min_max_scale(m) for m in maps]
         if len(maps) == 1:
             return maps[0]
         stacked = torch.stack(maps)
+        if fusion == "product":
+            return stacked.prod(dim=0)
         return stacked.mean(dim=0) if fusion == "mean" else stacked.amax(dim=0)
 
     def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,

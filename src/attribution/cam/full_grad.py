@@ -91,7 +91,7 @@ class FullGrad(CAM):
             owners = torch.arange(start, stop, device=x.device)
             rows = self._model_input(x[start:stop]).detach().requires_grad_(True)
             with LayerCapture(modules, model=self.model) as capture:
-                outputs = self.model(rows)
+                outputs = self._forward(rows)
             scores = target(outputs, owners)
             if not modules:
                 grads = [torch.autograd.grad(scores.sum(), rows, create_graph=create_graph)[0]]

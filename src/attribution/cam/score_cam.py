@@ -13,18 +13,12 @@ from ..core.progress import progress_bar
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
-from .base import CAM, FUSIONS, channel_sum, upsample
+from .base import CAM, FUSIONS, channel_sum, min_max_scale, upsample
 
 
 def normalized_masks(activations: Tensor, size: tuple) -> Tensor:
     """(n, h, w) activation maps upsampled to ``size`` and min-max scaled to [0, 1] each (0 where constant)."""
-    up = upsample(activations.unsqueeze(1), size)
-    flat = up.flatten(1)
-    low = flat.amin(dim=1, keepdim=True)
-    span = flat.amax(dim=1, keepdim=True) - low
-    scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)),
-                         torch.zeros_like(flat))
-    return scaled.view_as(up)
+    return min_max_scale(upsample(activations.unsqueeze(1), size))
 
 
 class _ScoreWeightedCAM(CAM):
@@ -65,7 +59,7 @@ class _ScoreWeightedCAM(CAM):
     def _baseline_scores(self, x: Tensor, target: Target, create_graph: bool) -> Tensor:
         """``f_t`` of the all-zero image (the fully masked input), for each image's target: (B,)."""
         with torch.set_grad_enabled(create_graph):
-            outputs = self.model(self._model_input(torch.zeros_like(x[:1])))
+            outputs = self._forward(torch.zeros_like(x[:1]))
             owners = torch.arange(x.shape[0], device=x.device)
             return target(outputs.expand(x.shape[0], -1), owners).to(accumulation_dtype(x))
 
@@ -94,7 +88,7 @@ class _ScoreWeightedCAM(CAM):
                 with torch.enable_grad() if create_graph else torch.inference_mode():
                     masks = self._perturb(normalized_masks(acts[image, channel], x.shape[-2:]), sample, samples,
                                           options)
-                    outputs = self.model(self._model_input(x[image] * masks.to(x.dtype)))
+                    outputs = self._forward(x[image] * masks.to(x.dtype))
                     values = target(outputs[rows], owners).to(scores.dtype) / samples
                 if not create_graph:
                     values = values.clone()  # an ordinary tensor again, outside inference mode

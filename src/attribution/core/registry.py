@@ -5,7 +5,7 @@ The CLI, the benchmarks and the shared invariant tests enumerate methods from he
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Type, TypeVar, Union
 
 from torch import nn
 
@@ -13,6 +13,7 @@ from .explainer import Explainer
 
 _REGISTRY: Dict[str, Type[Explainer]] = {}
 E = TypeVar("E", bound=Type[Explainer])
+MethodSpec = Union[str, Type[Explainer]]
 
 
 def register(name: str) -> Callable[[E], E]:
@@ -44,5 +45,14 @@ def create(name: str, model: nn.Module, **options: Any) -> Explainer:
 
 
 def list_methods(kind: Optional[str] = None) -> List[str]:
-    """Registered method names, optionally only those of one ``kind`` ('gradient', 'cam', 'perturbation')."""
+    """Registered method names, optionally only those of one ``kind`` ('gradient', 'cam', 'perturbation',
+    'attention', 'baseline')."""
     return sorted(n for n, cls in _REGISTRY.items() if kind is None or cls.kind == kind)
+
+
+def resolve_method(spec: MethodSpec, family: type, what: str) -> Type[Explainer]:
+    """The explainer class ``spec`` names (a registry name or the class itself), checked to be a ``family``."""
+    cls = get_method(spec) if isinstance(spec, str) else spec
+    if not (isinstance(cls, type) and issubclass(cls, family)):
+        raise TypeError(f"{what} must be a {family.__name__} class or registry name, got {spec!r}")
+    return cls

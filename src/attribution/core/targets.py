@@ -16,7 +16,7 @@ from torch import Tensor
 
 TargetSpec = Union[None, int, Sequence[int], Tensor, Callable[..., Tensor]]
 
-SCORES = ("logit", "softmax", "log_softmax")
+SCORES = ("logit", "softmax", "log_softmax", "rest")
 
 
 def apply_score(outputs: Tensor, score: str) -> Tensor:
@@ -33,6 +33,8 @@ def apply_score(outputs: Tensor, score: str) -> Tensor:
         return outputs.softmax(dim=1)
     if score == "log_softmax":
         return outputs.log_softmax(dim=1)
+    if score == "rest":  # Cai, arXiv:2501.06261: the logit plus its log-probability (logit - cross-entropy)
+        return outputs + outputs.log_softmax(dim=1)
     raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
@@ -80,6 +82,10 @@ class Target:
             self._check_range(scores.shape[1])
         return scores.gather(1, self.classes[owners].unsqueeze(1)).squeeze(1)
 
+    def with_score(self, score: str) -> "Target":
+        """The same classes or objective under another ``score``."""
+        return Target(self.batch, score, classes=self.classes, objective=self.objective)
+
     def repeat(self, copies: int) -> "Target":
         """The target of ``B * copies`` rows ordered image-major (row ``r`` is a copy of image ``r // copies``)."""
         if self.classes is not None:
@@ -88,6 +94,15 @@ class Target:
             objective, parent = self.objective, copies
             return Target(self.batch * copies, self.score, objective=lambda s, owners: objective(s, owners // parent))
         return Target(self.batch * copies, self.score, objective=self.objective)
+
+    def select(self, images: Tensor) -> "Target":
+        """The target of ``len(images)`` new rows, row ``r`` derived from image ``images[r]`` (e.g. its patches)."""
+        if self.classes is not None:
+            return Target(images.shape[0], self.score, classes=self.classes[images])
+        if self.objective is not None and self._takes_owners:
+            objective = self.objective
+            return Target(images.shape[0], self.score, objective=lambda s, owners: objective(s, images[owners]))
+        return Target(images.shape[0], self.score, objective=self.objective)
 
     def _check_range(self, num_classes: int) -> None:
         low, high = int(self.classes.min()), int(self.classes.max())

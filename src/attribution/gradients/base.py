@@ -51,7 +51,7 @@ class GradientExplainer(Explainer):
         measure = planner is not None and planner.adaptive and planner.measured_per_row is None
         before = torch.cuda.memory_allocated(rows.device) if measure else 0
         with self._backward_rules():
-            outputs = self.model(rows)
+            outputs = self._forward(rows)
         if measure:  # activations kept for backward, doubled for the backward's own buffers
             planner.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
         scores = target(outputs, owners)

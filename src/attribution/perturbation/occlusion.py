@@ -69,7 +69,7 @@ class Occlusion(Explainer):
         n = masks.shape[0]
         owners = torch.arange(batch, device=x.device)
         with torch.set_grad_enabled(create_graph):
-            clean = torch.cat([target(self.model(self._model_input(x[a:b])), owners[a:b])
+            clean = torch.cat([target(self._forward(x[a:b]), owners[a:b])
                                for a, b in RowPlanner(batch, batch_size, x.device)])
             drops = torch.empty(batch, n, dtype=clean.dtype, device=x.device)
             for start, stop in RowPlanner(batch * n, batch_size, x.device):
@@ -77,7 +77,7 @@ class Occlusion(Explainer):
                 image, position = index // n, index % n
                 occluded = torch.where(masks[position].unsqueeze(1), torch.as_tensor(fill, dtype=x.dtype,
                                        device=x.device), x[image])
-                drops[image, position] = clean[image] - target(self.model(self._model_input(occluded)), image)
+                drops[image, position] = clean[image] - target(self._forward(occluded), image)
             masks_f = masks.to(drops.dtype).flatten(1)
             total = drops @ masks_f
             count = masks_f.sum(0)

@@ -31,7 +31,7 @@ class AttentionExplainer(Explainer):
             rows = self._model_input(x[start:stop])
             track = self.needs_gradients or create_graph
             with torch.set_grad_enabled(track), AttentionCapture(self.model) as capture:
-                outputs = self.model(rows.requires_grad_(True) if track else rows)
+                outputs = self._forward(rows.requires_grad_(True) if track else rows)
             attention = self._checked(capture.maps, stop - start)
             layout = token_layout(self.model, tuple(x.shape[-2:]), attention[0].shape[-1], "the attention maps")
             gradients = None

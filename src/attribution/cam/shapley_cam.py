@@ -1,0 +1,43 @@
+"""ShapleyCAM."""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from torch import Tensor
+
+from ..core.capture import LayerCapture
+from ..core.registry import register
+from .base import CAM
+
+
+@register("shapley_cam")
+class ShapleyCAM(CAM):
+    """ShapleyCAM: Grad-CAM with the gradient corrected by half the Hessian-vector product with the activations.
+
+    Cai, "CAMs as Shapley Value-based Explainers", arXiv:2501.06261, 2025.
+
+    A second-order Taylor expansion of the score around the activations gives each channel's Shapley value in
+    closed form: ``w_k = mean_ij (g - H A / 2)_k`` with ``g = dy/dA`` and ``H = d^2 y / dA^2``,
+    ``map = ReLU(sum_k w_k A_k)``.  Between a ReLU network's layer and its logits the score is piecewise linear, so
+    ``H A = 0`` and the map is Grad-CAM's; the term matters for smooth activations (SiLU, GELU) and for scores
+    through a softmax: ``score='rest'`` is the paper's residual-softmax target-class utility ``y_c + log p_c``
+    (``score='logit'`` by default, as pytorch-grad-cam's ShapleyCAM).
+    Cost: one forward, one gradient to the layer that keeps its graph, and one more backward of that gradient
+    (the Hessian-vector product: ``H A = d (g . A) / dA`` with ``A`` held fixed), all from the score down to the
+    layer only.  Works with in-place ReLUs (autograd differentiates ``threshold_backward`` a second time; no
+    backward hooks).  Same formula as pytorch-grad-cam's ``ShapleyCAM``; with a ``reshape_transform`` the product
+    ``g . A`` is taken over the reshaped elements (pytorch-grad-cam takes it over the raw layer output, which
+    differs only for transforms that drop elements, such as a class token).
+    """
+
+    def _layer_gradients(self, capture: LayerCapture, score: Tensor, create_graph: bool) -> List[Tensor]:
+        grads = capture.gradients(score, create_graph=True)
+        acts = [a.detach() for a in capture.activations()]
+        product = sum((g * a).sum() for g, a in zip(grads, acts))
+        if not product.requires_grad:  # the gradient does not depend on anything: H = 0
+            return [g if create_graph else g.detach() for g in grads]
+        hvps = capture.gradients(product, create_graph)
+        return [g - 0.5 * h for g, h in zip(grads, hvps)]
+
+    def _weights(self, activations: Tensor, gradients: Optional[Tensor], **options: Any) -> Tensor:
+        return gradients.mean(dim=(2, 3), keepdim=True)

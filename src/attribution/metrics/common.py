@@ -1,0 +1,233 @@
+"""What the metrics share: pixel maps and their orderings, substrates, the batched scoring of perturbed copies,
+trapezoid areas, and the result type of a curve metric.
+
+Conventions used by every metric in :mod:`attribution.metrics`:
+
+* ``maps`` are (B, C, H, W) or (B, 1, H, W) attributions (any explainer's output).  A per-pixel map is the sum over
+  channels (signed); pass ``maps.abs()`` to rank by magnitude instead.
+* ``target`` is what an explainer takes: ``None`` (each image's arg-max class on the unperturbed image), an int, a
+  sequence or LongTensor of class indices, or a callable objective (see :mod:`attribution.core.targets`).
+* ``score`` is what is measured on each perturbed copy: ``'softmax'``, ``'logit'``, ``'log_softmax'`` (the target's
+  score) or ``'accuracy'`` (1 when the target class is still the arg-max, else 0; needs class indices).
+* Perturbed copies are built on the images' device, ``batch_size`` rows per forward (``None``: the memory-aware
+  default of :class:`attribution.core.batching.RowPlanner`), under ``torch.no_grad`` and the model state guard.
+* Ties between equal attributions are broken by a fixed random permutation of the pixels (``seed``), as SHAP's
+  benchmark does with its constant tie-breaking noise, so that flat regions of a map are not removed top-left first.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.batching import RowPlanner
+from ..core.explainer import model_dtype
+from ..core.guard import preserve_model
+from ..core.targets import SCORES, Target, TargetSpec, resolve_target
+
+MEASURES = SCORES + ("accuracy",)
+SubstrateSpec = Union[str, float, Tensor, Callable[[Tensor], Tensor]]
+RowFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Curve(NamedTuple):
+    """A perturbation curve per image.  Unpacks as ``auc, x, y`` (the seed's ``kpm`` returned that triple).
+
+    ``auc`` (B,): trapezoid area under each image's curve over ``x``; ``x`` (S,): the fraction of pixels changed
+    (inserted, deleted, kept or removed) at each step; ``y`` (B, S): the measured score at each step.
+    """
+
+    auc: Tensor
+    x: Tensor
+    y: Tensor
+
+
+# ------------------------------------------------------------------------------------------------------- maps
+def check_maps(images: Tensor, maps: Tensor) -> Tensor:
+    """Validate ``maps`` against ``images`` and return the per-pixel map (B, H*W) (channel sum) in float."""
+    if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
+        raise ValueError("maps must be a tensor of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)")
+    if maps.dim() == 3:
+        maps = maps.unsqueeze(1)
+    if maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"maps of shape {tuple(maps.shape)} do not match images of shape {tuple(images.shape)} "
+            "(same batch and height/width needed; resize the maps to the image first)"
+        )
+    return pixel_map(maps.detach()).flatten(1).to(device=images.device)
+
+
+def pixel_map(maps: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H, W): the channel sum, in float32 (float64 stays float64)."""
+    if maps.dim() == 3:
+        maps = maps.unsqueeze(1)
+    dtype = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    return maps.to(dtype).sum(dim=1)
+
+
+def salience_ranks(values: Tensor, seed: int = 0) -> Tensor:
+    """Rank of every pixel in descending order of ``values`` (B, N): 0 for the most salient.
+
+    Equal values are ordered by one fixed random permutation of the pixel indices (drawn from ``seed``).
+    """
+    batch, n = values.shape
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=generator).to(values.device)
+    order = perm[values[:, perm].argsort(dim=1, descending=True, stable=True)]
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=values.device).expand(batch, n))
+    return ranks
+
+
+def trapezoid(y: Tensor, x: Tensor) -> Tensor:
+    """Trapezoid area under ``y`` (..., S) over ``x`` (S,), the rule RISE's ``auc`` applies on a uniform grid."""
+    return torch.trapezoid(y, x.to(y), dim=-1)
+
+
+# -------------------------------------------------------------------------------------------------- substrates
+def gaussian_kernel_1d(size: int, sigma: float, reflect: bool = False, dtype=torch.float64) -> Tensor:
+    """A normalised 1-D Gaussian of ``size`` taps.
+
+    With ``reflect=False`` the plain sampled Gaussian.  With ``reflect=True`` the kernel RISE builds by smoothing a
+    centred delta of length ``size`` with ``scipy.ndimage.gaussian_filter(delta, sigma)`` (taps out to 4 sigma,
+    boundary mode 'reflect', so tails past the ends fold back in and the kernel is flatter than a sampled Gaussian).
+    """
+    if reflect:
+        radius = int(4.0 * sigma + 0.5)
+        offsets = torch.arange(-radius, radius + 1, dtype=dtype)
+        weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        weights = weights / weights.sum()
+        # out[i] = sum_j w_j delta(reflect(i + j)), the reflection of period 2 * size that scipy's 'reflect' uses
+        pos = (torch.arange(size)[:, None] + offsets.long()[None, :]) % (2 * size)
+        pos = torch.where(pos >= size, 2 * size - 1 - pos, pos)
+        return (weights * (pos == size // 2)).sum(dim=1)
+    offsets = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return weights / weights.sum()
+
+
+def gaussian_blur(images: Tensor, size: int, sigma: float, padding: str = "zeros", reflect_kernel: bool = False
+                  ) -> Tensor:
+    """Blur each channel of (B, C, H, W) ``images`` with a separable ``size`` x ``size`` Gaussian.
+
+    ``padding='zeros'`` pads with zeros (RISE's ``conv2d(..., padding=klen // 2)``); ``'reflect'`` mirrors the border
+    (torchvision's ``GaussianBlur``, which the seed's keep/remove-mask metrics used with size 51, sigma 41).
+    """
+    channels = images.shape[1]
+    k = gaussian_kernel_1d(size, sigma, reflect=reflect_kernel).to(device=images.device, dtype=images.dtype)
+    half = size // 2
+    x = images
+    if padding == "reflect":
+        x = F.pad(x, (half, half, half, half), mode="reflect")
+        pad = 0
+    elif padding == "zeros":
+        pad = half
+    else:
+        raise ValueError(f"padding must be 'zeros' or 'reflect', got {padding!r}")
+    x = F.conv2d(x, k.view(1, 1, 1, size).expand(channels, 1, 1, size), padding=(0, pad), groups=channels)
+    return F.conv2d(x, k.view(1, 1, size, 1).expand(channels, 1, size, 1), padding=(pad, 0), groups=channels)
+
+
+def rise_blur(images: Tensor) -> Tensor:
+    """RISE's insertion substrate: the 11 x 11 kernel of ``gkern(11, 5)``, zero padding (Petsiuk et al. 2018)."""
+    return gaussian_blur(images, 11, 5.0, padding="zeros", reflect_kernel=True)
+
+
+def make_substrate(images: Tensor, substrate: SubstrateSpec) -> Tensor:
+    """The image that replaces removed pixels, (B, C, H, W) on the images' device.
+
+    ``'zeros'``: 0 in the model's input space (the dataset mean for inputs normalised by it, SHAP's mean
+    imputation); ``'blur'``: RISE's blurred image; ``'mean'``: each image's per-channel mean; a float: that
+    constant; a tensor broadcastable to the images; or a callable ``f(images) -> tensor``.
+    """
+    if isinstance(substrate, str):
+        if substrate == "zeros":
+            return torch.zeros_like(images)
+        if substrate == "blur":
+            return rise_blur(images)
+        if substrate == "mean":
+            return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+        raise ValueError(f"substrate must be 'zeros', 'blur', 'mean', a number, a tensor or a callable, got {substrate!r}")
+    if isinstance(substrate, (int, float)) and not isinstance(substrate, bool):
+        return torch.full_like(images, float(substrate))
+    if isinstance(substrate, Tensor):
+        return substrate.to(device=images.device, dtype=images.dtype).expand_as(images)
+    if callable(substrate):
+        return substrate(images).to(device=images.device, dtype=images.dtype).expand_as(images)
+    raise TypeError(f"substrate must be a string, a number, a tensor or a callable, got {type(substrate).__name__}")
+
+
+# ------------------------------------------------------------------------------------------- scoring of rows
+class RowScorer:
+    """Maps raw model outputs of perturbed rows to the measured value per row (see the module docstring)."""
+
+    def __init__(self, target: Target, measure: str) -> None:
+        self.target = target
+        self.measure = measure
+
+    def __call__(self, outputs: Tensor, owners: Tensor) -> Tensor:
+        if self.measure == "accuracy":
+            return (outputs.argmax(dim=1) == self.target.classes[owners]).to(torch.float32)
+        return self.target(outputs, owners)
+
+
+def resolve_scorer(model: nn.Module, images: Tensor, target: TargetSpec, score: str,
+                   batch_size: Optional[int]) -> RowScorer:
+    """Resolve ``target`` for ``images`` (``None``: the model's arg-max on each image) and ``score``."""
+    if score not in MEASURES:
+        raise ValueError(f"score must be one of {MEASURES}, got {score!r}")
+    resolved = resolve_target(target, images.shape[0], images.device, "logit" if score == "accuracy" else score)
+    if resolved.pending:
+        classes = torch.empty(images.shape[0], dtype=torch.long, device=images.device)
+        dtype = model_dtype(model, images.dtype)
+        with torch.no_grad(), preserve_model(model):
+            for start, stop in RowPlanner(images.shape[0], batch_size, images.device):
+                classes[start:stop] = model(images[start:stop].to(dtype)).argmax(dim=1)
+        resolved.classes = classes
+    if score == "accuracy" and resolved.classes is None:
+        raise ValueError("score='accuracy' needs class indices as the target, not a callable objective")
+    return RowScorer(resolved, score)
+
+
+def score_rows(model: nn.Module, rows: RowFn, batch: int, steps: int, scorer: RowScorer,
+               batch_size: Optional[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Evaluate ``batch * steps`` perturbed rows, image-major, and return the measured values (batch, steps).
+
+    ``rows(owners, step)`` builds the rows for (n,) image indices and (n,) step indices; they are evaluated
+    ``batch_size`` at a time without autograd, the model held in eval mode by the state guard.
+    """
+    out = torch.empty(batch * steps, dtype=torch.float32 if dtype != torch.float64 else dtype, device=device)
+    run_dtype = model_dtype(model, dtype)
+    with torch.no_grad(), preserve_model(model):
+        for start, stop in RowPlanner(batch * steps, batch_size, device):
+            index = torch.arange(start, stop, device=device)
+            owners, step = index // steps, index % steps
+            out[start:stop] = scorer(model(rows(owners, step).to(run_dtype)), owners).to(out.dtype)
+    return out.view(batch, steps)
+
+
+def counts_for(fractions: Tensor, n: int) -> Tensor:
+    """Pixel counts ``round(fraction * n)`` for fractions in [0, 1]."""
+    if fractions.dim() != 1 or fractions.numel() < 1:
+        raise ValueError("fractions must be a non-empty 1-D sequence of values in [0, 1]")
+    if (fractions < 0).any() or (fractions > 1).any():
+        raise ValueError("fractions must lie in [0, 1]")
+    return torch.round(fractions.to(torch.float64) * n).long()
+
+
+def as_fractions(values, device: torch.device) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.float64, device=device).flatten()
+
+
+def step_fractions(step: float) -> Tensor:
+    """The grid 0, step, 2 step, ..., 1 (the seed's ``np.arange(0, 1 + step, step)``, clipped to 1)."""
+    if not 0 < step <= 1:
+        raise ValueError(f"step must be in (0, 1], got {step!r}")
+    count = int(math.floor(1 / step + 1e-9)) + 1
+    grid = torch.arange(count, dtype=torch.float64) * step
+    if grid[-1] < 1 - 1e-9:
+        grid = torch.cat([grid, torch.ones(1, dtype=torch.float64)])
+    return grid.clamp(max=1.0)

@@ -1,0 +1,143 @@
+"""One entry point: run an explainer on a batch, then a list of metrics, and get a table back.
+
+::
+
+    table = evaluate(explainer, model, images, targets, metrics=["deletion", "insertion", "road", "gini"])
+    table["deletion"]        # (B,) per-image deletion AUC
+    table.means              # {"deletion": tensor(0.12), ...}
+    table.plot()             # the curves (mean over images, and each image faintly)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..core.targets import TargetSpec
+from .common import resolve_scorer
+from .complexity import gini
+from .insertion_deletion import deletion, insertion
+from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_mask, remove_absolute_mask
+from .localisation import attribution_localisation, energy_pointing_game, pointing_game
+from .regions import Regions
+from .road import road
+from .sanity import model_randomisation
+from .wsol import max_box_acc, max_box_acc_v2, pxap
+
+_CURVES: Dict[str, Callable[..., Any]] = {
+    "deletion": deletion, "insertion": insertion, "kpm": keep_positive_mask, "knm": keep_negative_mask,
+    "kam": keep_absolute_mask, "ram": remove_absolute_mask,
+}
+_REGION: Dict[str, Callable[..., Any]] = {
+    "pointing_game": lambda m, r, **o: pointing_game(m, r, **o).hit.to(torch.float32),
+    "energy_pointing_game": energy_pointing_game,
+    "attribution_localisation": attribution_localisation,
+    "max_box_acc": lambda m, r, **o: max_box_acc(m, r, **o).value,
+    "max_box_acc_v2": lambda m, r, **o: max_box_acc_v2(m, r, **o).value,
+    "pxap": lambda m, r, **o: pxap(m, r, **o).value,
+}
+#: every metric name :func:`evaluate` accepts
+METRICS = tuple(sorted([*_CURVES, *_REGION, "road", "gini", "model_randomisation"]))
+#: metrics where a lower value is better (the others: higher is better)
+LOWER_IS_BETTER = frozenset({"deletion", "knm", "ram", "road_morf", "model_randomisation"})
+
+
+class EvaluationTable(dict):
+    """Metric name -> (B,) per-image values (or a 0-d value for dataset-level metrics such as MaxBoxAcc).
+
+    ``curves`` maps a curve metric's name to ``(x (S,), y (B, S))``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.curves: Dict[str, Tuple[Tensor, Tensor]] = {}
+
+    @property
+    def means(self) -> Dict[str, Tensor]:
+        """Each metric's mean over images (NaN entries left out)."""
+        return {k: v.to(torch.float64).nanmean() for k, v in self.items()}
+
+    def summary(self) -> str:
+        """One line per metric: its mean and which direction is better."""
+        width = max((len(k) for k in self), default=0)
+        return "\n".join(f"{k:<{width}}  {float(v):.4f}  ({'lower' if k in LOWER_IS_BETTER else 'higher'} is better)"
+                         for k, v in self.means.items())
+
+    def __repr__(self) -> str:
+        return f"EvaluationTable(\n{self.summary()}\n)"
+
+    def plot(self, names: Optional[Iterable[str]] = None, axes=None):
+        """Plot the curves (each image faintly, the mean boldly), one panel per curve; returns the figure."""
+        import matplotlib.pyplot as plt
+
+        names = [n for n in (names or self.curves) if n in self.curves]
+        if not names:
+            raise ValueError("the table holds no curves; evaluate a curve metric such as 'deletion' first")
+        if axes is None:
+            fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+            axes = axes[0]
+        else:
+            fig = axes[0].figure
+        for ax, name in zip(axes, names):
+            x, y = (t.detach().to(torch.float64).cpu() for t in self.curves[name])
+            for row in y:
+                ax.plot(x.numpy(), row.numpy(), color="0.75", linewidth=0.8)
+            ax.plot(x.numpy(), y.mean(dim=0).numpy(), color="C0", linewidth=2)
+            mean = float(self[name].to(torch.float64).nanmean()) if name in self else float("nan")
+            ax.set_title(f"{name}  (mean {mean:.3f})", fontsize=9)
+            ax.set_xlabel("fraction of pixels", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: TargetSpec = None,
+             metrics: Iterable[str] = ("deletion", "insertion"), *, regions: Optional[Regions] = None,
+             maps: Optional[Tensor] = None, options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+             batch_size: Optional[int] = None) -> EvaluationTable:
+    """Explain ``images`` with ``explainer`` and score the maps with ``metrics`` (names in :data:`METRICS`).
+
+    ``explainer``: an :class:`attribution.Explainer` or any callable ``f(images, targets) -> maps``; ``model``: the
+    model the perturbation metrics query (default: the explainer's).  ``targets`` is fixed once (``None``: the
+    model's arg-max) and used by the explainer and by every metric.  ``regions``: ground-truth boxes or masks, for
+    the localisation and WSOL metrics.  ``maps``: precomputed maps (then the explainer is only needed by
+    ``'model_randomisation'``).  ``options``: per-metric keyword arguments, e.g. ``{"deletion": {"step": 56}}``.
+    """
+    model = model if model is not None else getattr(explainer, "model", None)
+    if not isinstance(model, nn.Module):
+        raise TypeError("give the model (an nn.Module) the metrics should query")
+    names = list(metrics)
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    resolved = resolve_scorer(model, images, targets, "logit", batch_size).target
+    fixed = resolved.classes if resolved.classes is not None else targets
+    if maps is None:
+        maps = explainer(images, fixed).detach()
+    table = EvaluationTable()
+    for name in names:
+        extra = options.get(name, {})
+        if name in _CURVES:
+            curve = _CURVES[name](model, images, maps, fixed, batch_size=batch_size, **extra)
+            table[name], table.curves[name] = curve.auc, (curve.x, curve.y)
+        elif name == "road":
+            result = road(model, images, maps, fixed, batch_size=batch_size, **extra)
+            table["road"] = result.combined
+            table["road_morf"], table["road_lerf"] = result.morf.mean(dim=1), result.lerf.mean(dim=1)
+            table.curves["road_morf"] = (result.fractions, result.morf)
+            table.curves["road_lerf"] = (result.fractions, result.lerf)
+        elif name == "gini":
+            table[name] = gini(maps)
+        elif name in _REGION:
+            if regions is None:
+                raise ValueError(f"metric {name!r} needs regions= (ground-truth boxes or masks)")
+            table[name] = _REGION[name](maps, regions, **extra)
+        else:  # model_randomisation
+            if explainer is None:
+                raise ValueError("'model_randomisation' needs the explainer, not only its maps")
+            result = model_randomisation(explainer, images, fixed, model=model, **extra)
+            table[name] = result.spearman_abs[-1]
+            table.curves[name] = (torch.arange(1, len(result.layers) + 1) / len(result.layers),
+                                  result.spearman_abs.t())
+    return table

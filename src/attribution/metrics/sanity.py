@@ -1,0 +1,173 @@
+"""The model-randomisation sanity check.
+
+Adebayo, Gilmer, Muelly, Goodfellow, Hardt & Kim, "Sanity Checks for Saliency Maps", NeurIPS 2018,
+arXiv:1810.03292.
+
+A map that explains the model must change when the model's weights are destroyed.  The cascading test
+re-initialises the layers of a *copy* of the model from the output towards the input (the user's model is never
+touched), one more layer at each step, and compares each step's map with the original map by
+
+* Spearman rank correlation of the absolute maps and of the signed maps, and
+* SSIM of the absolute maps,
+
+with the maps first put through PAIR saliency's visualisations, as the paper's code did: absolute maps summed over
+channels, clipped at their 99th percentile and scaled to [0, 1]; signed maps summed over channels and scaled by the
+99th percentile of their magnitude into [-1, 1].  A map whose absolute rank correlation with the original is still
+at least ``threshold`` (0.5) after every listed layer is re-initialised is *flagged*: it does not depend on the
+model (an edge detector gives 1.0).  The 0.5 cut-off is this library's choice; the paper reports the curves.
+
+Re-initialisation calls each module's own ``reset_parameters()`` (PyTorch's default initialiser for that layer,
+as the paper re-drew weights from their initialisers; batch norm returns to identity and its running statistics
+are reset); a parameter of a module without one is redrawn from a normal of its own standard deviation.  Each
+layer's draw comes from ``seed`` and the layer's name (the same in the cascading and the independent test), in a
+forked RNG, so the caller's random state is left alone.  The target is fixed to the
+original model's choice (``None``: its arg-max), so every step explains the same class.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import zlib
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..core.explainer import Explainer
+from ..core.guard import preserve_model
+from ..core.targets import TargetSpec
+from .common import resolve_scorer
+from .similarity import spearman, ssim
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+FLAG_THRESHOLD = 0.5
+PERCENTILE = 0.99
+
+
+class RandomisationResult(NamedTuple):
+    """Per step ``l`` (layers ``layers[:l + 1]`` re-initialised, cascading) and image: ``spearman_abs``,
+    ``spearman`` and ``ssim`` (L, B); ``flagged`` (B,): the last step's ``spearman_abs >= threshold``."""
+
+    layers: List[str]
+    spearman_abs: Tensor
+    spearman: Tensor
+    ssim: Tensor
+    flagged: Tensor
+
+
+def visualise_abs(maps: Tensor) -> Tensor:
+    """PAIR's ``VisualizeImageGrayscale``: channel sum of ``|maps|``, min to 99th percentile scaled to [0, 1]."""
+    m = maps.abs().sum(dim=1).flatten(1).to(torch.float64) if maps.dim() == 4 else maps.abs().flatten(1).double()
+    low = m.amin(dim=1, keepdim=True)
+    high = torch.quantile(m, PERCENTILE, dim=1, keepdim=True)
+    return ((m - low) / (high - low).clamp(min=1e-12)).clamp(0, 1)
+
+
+def visualise_signed(maps: Tensor) -> Tensor:
+    """PAIR's ``VisualizeImageDiverging``: channel sum, over the 99th percentile of its magnitude, in [-1, 1]."""
+    m = maps.sum(dim=1).flatten(1).to(torch.float64) if maps.dim() == 4 else maps.flatten(1).double()
+    span = torch.quantile(m.abs(), PERCENTILE, dim=1, keepdim=True).clamp(min=1e-12)
+    return ((m + span) / (2 * span)).clamp(-1, 1)
+
+
+def randomisation_layers(model: nn.Module, images: Tensor) -> List[str]:
+    """Default layers, top-down: the model's children that hold parameters, containers (Sequential, ModuleList,
+    ModuleDict) opened one level, ordered by when they first run in a forward of one image, last first."""
+    candidates = []
+    for name, child in model.named_children():
+        if isinstance(child, CONTAINERS):
+            candidates += [(f"{name}.{sub}", m) for sub, m in child.named_children()]
+        else:
+            candidates.append((name, child))
+    candidates = [(n, m) for n, m in candidates if any(True for _ in m.parameters())]
+    seen: List[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: seen.append(n) if n not in seen else None)
+               for n, m in candidates]
+    try:
+        with torch.no_grad(), preserve_model(model):
+            model(images[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(reversed(seen))
+
+
+def reinitialise(module: nn.Module) -> None:
+    """Re-draw every parameter under ``module`` (see the module docstring), in place."""
+    done = set()
+    with torch.no_grad():
+        for sub in module.modules():
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
+                done.update(id(p) for p in sub.parameters(recurse=False))
+        for p in module.parameters():
+            if id(p) not in done:
+                p.copy_(torch.randn_like(p) * (p.std() if p.numel() > 1 else p.abs()).clamp(min=1e-3))
+
+
+def _rebind(explainer, model: nn.Module) -> Callable[[Tensor, TargetSpec], Tensor]:
+    """The same explanation method for another model (a copy of the explainer's)."""
+    if isinstance(explainer, Explainer) and explainer.model is model:
+        return explainer
+    if isinstance(explainer, Explainer):
+        names = {id(m): n for n, m in explainer.model.named_modules()}
+        modules = dict(model.named_modules())
+
+        def move(value):
+            if isinstance(value, nn.Module) and id(value) in names:
+                return modules[names[id(value)]]
+            if isinstance(value, (list, tuple)):
+                return type(value)(move(v) for v in value)
+            return value
+
+        return type(explainer)(model, **{k: move(v) for k, v in explainer.options.items()})
+    try:
+        takes_model = "model" in inspect.signature(explainer).parameters
+    except (TypeError, ValueError):
+        takes_model = False
+    if takes_model:
+        return lambda x, target: explainer(x, target, model=model)
+    return explainer  # a map that does not take the model cannot follow it: exactly what the check exposes
+
+
+def model_randomisation(explainer, images: Tensor, target: TargetSpec = None, *, model: Optional[nn.Module] = None,
+                        layers: Optional[Sequence[str]] = None, cascading: bool = True, seed: int = 0,
+                        threshold: float = FLAG_THRESHOLD) -> RandomisationResult:
+    """Run the cascading (or, with ``cascading=False``, independent) model-randomisation test.
+
+    ``explainer``: an :class:`attribution.Explainer` (rebuilt with the same options for each randomised copy), or
+    any callable ``f(x, target)`` with ``model=`` given; such a callable follows the copies only if it accepts a
+    ``model`` keyword.  ``layers``: dotted module names, top-down (default :func:`randomisation_layers`).
+    """
+    base = explainer.model if isinstance(explainer, Explainer) else model
+    if not isinstance(base, nn.Module):
+        raise TypeError("give model= (an nn.Module) when the explainer is not an attribution.Explainer")
+    resolved = resolve_scorer(base, images, target, "logit", None).target
+    fixed = resolved.classes if resolved.classes is not None else target
+    names = list(layers) if layers is not None else randomisation_layers(base, images)
+    if not names:
+        raise ValueError("no layers to randomise")
+    original = _rebind(explainer, base)(images, fixed).detach()
+    reference_abs, reference_signed = visualise_abs(original), visualise_signed(original)
+    size = original.shape[-2:]
+    rows = {"spearman_abs": [], "spearman": [], "ssim": []}
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        copy_model = copy.deepcopy(base)
+        for name in names:
+            if not cascading:
+                copy_model = copy.deepcopy(base)
+            modules = dict(copy_model.named_modules())
+            if name not in modules:
+                raise ValueError(f"the model has no layer named {name!r}")
+            torch.manual_seed(seed + zlib.crc32(name.encode()))  # a layer's draw depends on (seed, name) only
+            reinitialise(modules[name])
+            maps = _rebind(explainer, copy_model)(images, fixed).detach()
+            absolute = visualise_abs(maps)
+            rows["spearman_abs"].append(spearman(reference_abs, absolute))
+            rows["spearman"].append(spearman(reference_signed, visualise_signed(maps)))
+            rows["ssim"].append(ssim(reference_abs.view(-1, *size), absolute.view(-1, *size)))
+    table = {k: torch.stack(v) for k, v in rows.items()}
+    return RandomisationResult(names, table["spearman_abs"], table["spearman"], table["ssim"],
+                               table["spearman_abs"][-1] >= threshold)

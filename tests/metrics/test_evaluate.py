@@ -1,0 +1,78 @@
+"""evaluate(): one call, a table of per-image values and means, curves that plot."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import attribution  # noqa: E402
+from attribution.metrics import METRICS, deletion, evaluate, gini  # noqa: E402
+from conftest import tiny_cnn  # noqa: E402
+
+
+def setup():
+    model = tiny_cnn()
+    torch.manual_seed(6)
+    return model, attribution.VanillaGradient(model), torch.randn(3, 3, 16, 16)
+
+
+def test_table_holds_per_image_values_and_means():
+    model, explainer, x = setup()
+    boxes = torch.tensor([[0, 0, 7, 7], [4, 4, 11, 11], [8, 8, 15, 15]])
+    names = ["deletion", "insertion", "kpm", "knm", "kam", "ram", "road", "gini", "pointing_game",
+             "energy_pointing_game", "attribution_localisation", "max_box_acc", "max_box_acc_v2", "pxap"]
+    table = evaluate(explainer, model, x, [0, 1, 2], names, regions=boxes, options={"deletion": {"step": 16}})
+    assert set(table) == set(names) | {"road_morf", "road_lerf"}
+    for name in names:
+        value = table[name]
+        assert value.shape in ((3,), ()), name
+        assert torch.isfinite(table.means[name]), name
+    maps = explainer(x, [0, 1, 2])
+    torch.testing.assert_close(table["deletion"], deletion(model, x, maps, [0, 1, 2], step=16).auc)
+    torch.testing.assert_close(table["gini"], gini(maps))
+    assert "deletion" in table.summary() and "lower is better" in table.summary()
+    assert set(table.curves) == {"deletion", "insertion", "kpm", "knm", "kam", "ram", "road_morf", "road_lerf"}
+
+
+def test_targets_default_to_the_models_choice_and_maps_can_be_given():
+    model, explainer, x = setup()
+    top = model(x).argmax(dim=1)
+    maps = explainer(x, top)
+    a = evaluate(explainer, model, x, None, ["deletion"], options={"deletion": {"step": 32}})
+    b = evaluate(None, model, x, top, ["deletion"], maps=maps, options={"deletion": {"step": 32}})
+    torch.testing.assert_close(a["deletion"], b["deletion"])
+
+
+def test_plot_and_errors():
+    model, explainer, x = setup()
+    table = evaluate(explainer, None, x, [0, 1, 2], ["deletion", "insertion", "model_randomisation"],
+                     options={"deletion": {"step": 32}, "insertion": {"step": 32}})
+    figure = table.plot()
+    assert len(figure.axes) == 3
+    with pytest.raises(ValueError, match="needs regions"):
+        evaluate(explainer, model, x, None, ["pointing_game"])
+    with pytest.raises(ValueError, match="unknown metrics"):
+        evaluate(explainer, model, x, None, ["delition"])
+    with pytest.raises(ValueError, match="needs the explainer"):
+        evaluate(None, model, x, None, ["model_randomisation"], maps=explainer(x))
+    assert "deletion" in METRICS and "road" in METRICS
+
+
+def test_metrics_do_not_depend_on_the_cam_family():
+    """attribution.metrics imports nothing from attribution.cam (it must work in a build without it)."""
+    import ast
+    from pathlib import Path
+
+    import attribution.metrics as module
+
+    for path in Path(module.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                assert "cam" not in target.split("."), (path.name, target)
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("attribution.cam") for alias in node.names), path.name
+    assert all(hasattr(module, name) for name in module.__all__)

@@ -1,0 +1,53 @@
+"""Spearman, SSIM, the seed's class-specific rank correlation, and the Gini index."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribution.metrics import (class_specific_spearman_rank_corr, gini, rank_data, spearman,
+                                 spearman_rank_correlation_value, ssim)
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import rankdata, spearmanr
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 6, (3, 1, 10, 10), generator=generator).float()  # many ties
+    b = torch.rand(3, 1, 10, 10, generator=generator)
+    expected = torch.tensor([spearmanr(a[i].flatten(), b[i].flatten())[0] for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(spearman(a, b), expected)
+    torch.testing.assert_close(rank_data(a.flatten(1)), torch.from_numpy(rankdata(a.flatten(1), axis=1) - 1))
+
+
+def test_ssim_matches_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 20, 23, generator=generator)
+    y = (x + 0.3 * torch.rand(2, 20, 23, generator=generator)).clamp(0, 1)
+    expected = torch.tensor([structural_similarity(x[i].numpy(), y[i].numpy(), data_range=1.0) for i in range(2)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(ssim(x, y), expected)
+    torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+
+
+def test_class_specific_rank_correlation_as_the_seed():
+    """The seed's own example: the same map correlates 1, its negation -1; the mean over the list."""
+    generator = torch.Generator().manual_seed(2)
+    a = torch.rand(4, 1, 8, 8, generator=generator)
+    others = [-a, a.clone(), torch.rand(4, 1, 8, 8, generator=generator)]
+    result = class_specific_spearman_rank_corr(a, others)
+    expected = (-1 + 1 + spearman_rank_correlation_value(a, others[2])) / 3
+    torch.testing.assert_close(result, expected)
+
+
+def test_gini_closed_forms():
+    n = 64
+    one_hot = torch.zeros(2, 1, 8, 8)
+    one_hot[:, 0, 3, 4] = -5.0
+    assert gini(one_hot).tolist() == pytest.approx([(n - 1) / n] * 2)
+    assert gini(torch.ones(1, 3, 4, 4)).item() == pytest.approx(0.0, abs=1e-12)
+    assert gini(torch.zeros(1, 1, 4, 4)).item() == 0.0
+    # two levels, half the entries 0 and half 1: G = 1/2
+    half = torch.cat([torch.zeros(32), torch.ones(32)]).view(1, 1, 8, 8)
+    assert gini(half).item() == pytest.approx(0.5)
