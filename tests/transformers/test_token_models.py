@@ -81,12 +81,14 @@ def swin(narrow: bool) -> nn.Module:
 SPECS = {
     "vit_small_patch16_224": Spec(vit("vit_small_patch16_224", 64, 4), (64, 64), "blocks.2.norm1",
                                   SpatialLayout("tokens", 4, 4, 1)),
-    "vit_small_patch16_224@48x80": Spec(vit("vit_small_patch16_224", (48, 80), 4), (48, 80), "blocks.2.norm1",
-                                        SpatialLayout("tokens", 3, 5, 1)),
+    # dynamic_img_size: SESS hands the model square windows of the non-square image
+    "vit_small_patch16_224@48x80": Spec(vit("vit_small_patch16_224", (48, 80), 4, dynamic_img_size=True), (48, 80),
+                                        "blocks.2.norm1", SpatialLayout("tokens", 3, 5, 1)),
     "deit_small_distilled_patch16_224": Spec(vit("deit_small_distilled_patch16_224", 64, 4), (64, 64),
                                              "blocks.2.norm1", SpatialLayout("tokens", 4, 4, 2)),
-    "vit_small_patch14_reg4_dinov2@42x70": Spec(vit("vit_small_patch14_reg4_dinov2", (42, 70), 4), (42, 70),
-                                                "blocks.2.norm1", SpatialLayout("tokens", 3, 5, 5)),
+    "vit_small_patch14_reg4_dinov2@42x70": Spec(vit("vit_small_patch14_reg4_dinov2", (42, 70), 4,
+                                                    dynamic_img_size=True), (42, 70), "blocks.2.norm1",
+                                                SpatialLayout("tokens", 3, 5, 5)),
     "beit_base_patch16_224": Spec(vit("beit_base_patch16_224", 64, 2), (64, 64), "blocks.1",
                                   SpatialLayout("tokens", 4, 4, 1)),
     "eva02_tiny_patch14_224": Spec(vit("eva02_tiny_patch14_224", 56, 2), (56, 56), "blocks.1",
@@ -159,7 +161,10 @@ def test_every_method_runs_without_a_user_reshape(spec, name):
     kind = A.get_method(name).kind
     expected = x.shape if kind == "gradient" else (2, 1) + x.shape[2:]
     assert out.shape == expected and out.dtype == torch.float32
-    assert torch.isfinite(out).all() and out.abs().sum() > 0  # (one image's ReLU'd map may be 0 on random weights)
+    assert torch.isfinite(out).all()
+    # one image's rectified map may be 0 on random weights; FEM's k-sigma threshold cannot be passed on a 2x2 grid
+    # (the largest z-score of 4 values is sqrt(3) < 2), the Swins' last stage here
+    assert out.abs().sum() > 0 or (name == "fem" and SPECS[spec].layout.height * SPECS[spec].layout.width <= 4)
 
 
 def test_ablation_cam_ablates_one_channel_of_every_patch_token():
