@@ -36,6 +36,15 @@ def candidate_layers(model) -> list:
     return names + ["norm"]
 
 
+def table(title: str, layers: list, rows: dict) -> None:
+    """A markdown table: one row of cells per method, one column per layer."""
+    print(f"\n### {title}\n")
+    print("| method | " + " | ".join(layers) + " |")
+    print("|---" * (len(layers) + 1) + "|")
+    for method, cells in rows.items():
+        print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -51,9 +60,8 @@ def main() -> None:
         task = train_task(seed=seed, depth=args.depth, global_pool=args.pool)
         images, patches = task.images[:args.images], task.patches[:args.images]
         layers = candidate_layers(task.model)
-        print(f"\n### seed {seed}, depth {args.depth}, pool {args.pool} (trained in {time.time() - start:.0f} s)\n")
-        print("| method | " + " | ".join(layers) + " |")
-        print("|---" * (len(layers) + 1) + "|")
+        trained = time.time() - start
+        rows = {}
         for method in args.methods:
             rates = []
             for layer in layers:
@@ -62,21 +70,17 @@ def main() -> None:
                     options["generator"] = torch.Generator().manual_seed(0)
                 maps = A.create(method, task.model, target_layer=layer, **options)(images, 1)
                 rate, wrong = pointing_rate(maps, patches), pointing_rate(transposed(maps), patches)
-                rates.append(rate)
+                rates.append(f"{rate:.2f}")
                 totals.setdefault((method, layer), []).append((rate, wrong))
-            print(f"| {method} | " + " | ".join(f"{r:.2f}" for r in rates) + " |", flush=True)
+            rows[method] = rates
+        table(f"seed {seed}, depth {args.depth}, pool {args.pool} (trained in {trained:.0f} s)", layers, rows)
     if len(args.seeds) > 1:
-        print(f"\n### mean over seeds {args.seeds} (transposed maps in brackets)\n")
-        print("| method | " + " | ".join(layers) + " |")
-        print("|---" * (len(layers) + 1) + "|")
+        means = {}
         for method in args.methods:
-            cells = []
-            for layer in layers:
-                values = totals[(method, layer)]
-                rate = sum(v[0] for v in values) / len(values)
-                wrong = sum(v[1] for v in values) / len(values)
-                cells.append(f"{rate:.2f} ({wrong:.2f})")
-            print(f"| {method} | " + " | ".join(cells) + " |")
+            values = [totals[(method, layer)] for layer in layers]
+            means[method] = [f"{sum(v[0] for v in vs) / len(vs):.2f} ({sum(v[1] for v in vs) / len(vs):.2f})"
+                             for vs in values]
+        table(f"mean over seeds {args.seeds} (transposed maps in brackets)", layers, means)
 
 
 if __name__ == "__main__":
