@@ -152,6 +152,7 @@ def test_automatic_layout_equals_the_hand_written_reshape(spec):
 
 
 @pytest.mark.filterwarnings("ignore:GuidedBackProp found no ReLU-family activation")
+@pytest.mark.filterwarnings("ignore:Deconvnet found no ReLU-family activation")
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("spec", sorted(SPECS))
 def test_every_method_runs_without_a_user_reshape(spec, name):
