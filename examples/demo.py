@@ -35,6 +35,11 @@ METHODS = {
     "Guided IG": ("guided_ig", {"steps": 32}),
     "Guided Backprop": ("guided_backprop", {}),
     "Occlusion": ("occlusion", {}),
+    "Grad-CAM": ("grad_cam", {}),
+    "Grad-CAM++": ("grad_cam_plusplus", {}),
+    "Ablation-CAM": ("ablation_cam", {}),
+    "Finer-CAM": ("finer_cam", {}),
+    "Guided Grad-CAM": ("guided_grad_cam", {}),
 }
 
 
@@ -57,11 +62,11 @@ def main(out: Path = Path(__file__).parent / "figures" / "demo.png") -> Path:
         maps_wide[title] = explainer(composite.to(device), [EGYPTIAN_CAT, ESPRESSO]).cpu()
         print(f"{title:22s} {time.perf_counter() - start:6.2f} s")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_grid(singles, maps_square, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    fig = plot_grid(singles, maps_square, mean=IMAGENET_MEAN, std=IMAGENET_STD, cell=1.6,
                     titles=["cat photo, class 'Egyptian cat'", "coffee photo, class 'espresso'"])
     fig.savefig(out, dpi=110, bbox_inches="tight")
     wide = out.with_name(out.stem + "_composite.png")
-    fig = plot_grid(composite, maps_wide, mean=IMAGENET_MEAN, std=IMAGENET_STD, cell=1.6,
+    fig = plot_grid(composite, maps_wide, mean=IMAGENET_MEAN, std=IMAGENET_STD, rows="methods", cell=1.6,
                     titles=["composite, class 'Egyptian cat'", "composite, class 'espresso'"])
     fig.savefig(wide, dpi=110, bbox_inches="tight")
     print(f"wrote {out} and {wide}")

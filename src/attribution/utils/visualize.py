@@ -18,15 +18,14 @@ def _colormap(name: str):
 
 
 def to_heatmap(saliency_map: Tensor, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """One map (1, C, H, W), (C, H, W) or (H, W) to an (H, W) float array in [0, 1], resized bilinearly."""
+    """One map (1, C, H, W), (C, H, W) or (H, W) to an (H, W) float array in [0, 1] (``normalize_saliency``:
+    channel max, ReLU, min-max), resized bilinearly."""
     m = saliency_map.detach()
     while m.dim() < 4:
         m = m.unsqueeze(0)
     if m.shape[0] != 1:
         raise ValueError(f"expected a single map, got a batch of {m.shape[0]}; index one, e.g. maps[0:1]")
-    m = m.float()
-    if m.shape[1] > 1 or m.min() < 0 or m.max() > 1:
-        m = normalize_saliency(m)
+    m = normalize_saliency(m.float())  # raw maps (CAMs are not normalised) span the colormap; idempotent on [0, 1]
     if size is not None and tuple(size) != tuple(m.shape[-2:]):
         m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False).clamp(0, 1)
     return m[0, 0].cpu().numpy()
@@ -74,31 +73,37 @@ def visualize_single_saliency(saliency_map: Tensor, img_size: Optional[Tuple[int
 
 def plot_grid(images: Tensor, maps: Mapping[str, Tensor], mean: Optional[Sequence[float]] = None,
               std: Optional[Sequence[float]] = None, alpha: float = 0.5, cmap: str = "jet",
-              titles: Optional[Sequence[str]] = None, cell: float = 2.4):
-    """A figure with one row per image: the image, then each method's map.
+              titles: Optional[Sequence[str]] = None, cell: float = 2.4, rows: str = "images"):
+    """A figure of every method's map for every image.
 
     ``maps`` maps a method name to its maps for the B ``images``: (B, 1, H, W) maps (CAMs, perturbation) are
     overlaid on the image with ``cmap``; (B, C, H, W) gradient maps are shown on their own as magnitudes
     (:func:`attribution.utils.normalize.magnitude`: |A| summed over channels, clipped at the 99th percentile).
+    ``rows='images'``: one row per image, the image first, then a column per method; ``rows='methods'``: the
+    images in the first row, then a row per method (better for wide images or many methods).
     Returns the matplotlib figure.
     """
     import matplotlib.pyplot as plt
 
+    if rows not in ("images", "methods"):
+        raise ValueError(f"rows must be 'images' or 'methods', got {rows!r}")
     batch = images.shape[0]
-    cols = 1 + len(maps)
+    panels = 1 + len(maps)
     aspect = images.shape[-1] / images.shape[-2]
-    fig, axes = plt.subplots(batch, cols, figsize=(cell * cols * aspect, cell * batch), squeeze=False)
+    shape = (batch, panels) if rows == "images" else (panels, batch)
+    fig, axes = plt.subplots(*shape, figsize=(cell * shape[1] * aspect, cell * shape[0]), squeeze=False)
+    grid = axes if rows == "images" else axes.T  # grid[image, panel]
     for i in range(batch):
-        axes[i, 0].imshow(to_image(images[i], mean, std))
-        axes[i, 0].set_title(titles[i] if titles else "input", fontsize=9)
+        grid[i, 0].imshow(to_image(images[i], mean, std))
+        grid[i, 0].set_title(titles[i] if titles else "input", fontsize=9)
         for j, (name, m) in enumerate(maps.items(), start=1):
             single = m[i:i + 1]
             if single.shape[1] > 1:
-                axes[i, j].imshow(magnitude(single)[0, 0].cpu().numpy(), cmap="inferno", vmin=0, vmax=1)
+                grid[i, j].imshow(magnitude(single)[0, 0].cpu().numpy(), cmap="inferno", vmin=0, vmax=1)
             else:
-                axes[i, j].imshow(overlay(images[i], single, alpha, cmap, mean, std))
-            axes[i, j].set_title(name, fontsize=9)
-        for ax in axes[i]:
-            ax.axis("off")
+                grid[i, j].imshow(overlay(images[i], single, alpha, cmap, mean, std))
+            grid[i, j].set_title(name, fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
     fig.tight_layout()
     return fig
