@@ -5,7 +5,6 @@ seeds, from benchmarks/vit_layers.py)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import attribution
 
