@@ -1,7 +1,7 @@
 """FullGrad."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -46,13 +46,27 @@ def bias_layers(model: nn.Module, within: Optional[List[nn.Module]] = None) -> L
     return found
 
 
-def rescale(maps: Tensor, per_channel: bool) -> Tensor:
-    """FullGrad's post-processing psi before upsampling: absolute value, then min-max to [0, 1] per image (over
-    all channels and positions) or, with ``per_channel``, per image and channel."""
-    maps = maps.abs()
-    flat = maps.flatten(2) if per_channel else maps.flatten(1)
-    low = flat.amin(dim=-1, keepdim=True)
-    return safe_divide(flat - low, flat.amax(dim=-1, keepdim=True) - low).view_as(maps)
+def rescaled_sum(term: Tensor, weight: Optional[Tensor], per_channel: bool, in_place: bool = False) -> Tensor:
+    """FullGrad's post-processing psi of ``weight_c * term_c``, summed over channels, as (N, 1, h, w): psi is the
+    absolute value min-max scaled to [0, 1] per image (over all channels and positions) or, with
+    ``per_channel``, per image and channel.  ``weight`` (C,) is a per-channel factor (a bias), or None.
+
+    The scaling is folded into the channel sum (``sum_c (|t_c| - lo) / (hi - lo) = (sum_c |t_c| - C lo) / (hi -
+    lo)``) and ``|w_c t_c| = |w_c| |t_c|`` keeps the weight out of the full-size tensor, so that tensor is read
+    three times and written once (not at all with ``in_place``, which overwrites ``term`` with its absolute
+    value)."""
+    magnitude = term.abs_() if in_place else term.abs()
+    channels = term.shape[1]
+    low, high = torch.aminmax(magnitude.flatten(2), dim=-1)                          # (N, C)
+    scale = torch.ones(channels, dtype=term.dtype, device=term.device) if weight is None else weight.abs()
+    low, high = low * scale, high * scale
+    if per_channel:
+        inverse = safe_divide(torch.ones_like(low), high - low)                      # (N, C)
+        shifted = torch.einsum("nchw,nc->nhw", magnitude, scale * inverse) - (low * inverse).sum(1).view(-1, 1, 1)
+        return shifted.unsqueeze(1)
+    low, high = low.amin(dim=1).view(-1, 1, 1), high.amax(dim=1).view(-1, 1, 1)    # (N, 1, 1)
+    shifted = torch.einsum("nchw,c->nhw", magnitude, scale) - channels * low
+    return safe_divide(shifted, high - low).unsqueeze(1)
 
 
 @register("fullgrad")
@@ -98,13 +112,18 @@ class FullGrad(CAM):
             else:
                 grads = capture.gradients(scores.sum(), create_graph, extra=[rows])
                 grads = grads[-1:] + grads[:-1]
-            total = rescale((grads[0] * rows).to(dtype), per_channel).sum(dim=1, keepdim=True)
+            total = rescaled_sum((grads[0] * rows).to(dtype), None, per_channel, in_place=not create_graph)
+            # upsampling is linear, so the channels and all layers of one resolution are summed first and each
+            # resolution is upsampled once: the same map for far less work
+            by_size: Dict[Tuple[int, int], Tensor] = {}
             for (_, bias), grad in zip(layers, grads[1:]):
-                if grad.shape[-2] * grad.shape[-1] == 1:
+                size = (grad.shape[-2], grad.shape[-1])
+                if size[0] * size[1] == 1:
                     continue  # one position (a squeeze-excitation convolution): only a constant offset
-                term = bias.to(dtype).view(1, -1, 1, 1) * grad.to(dtype)
-                # upsampling is linear, so summing the channels first gives the same map for far less work
-                total = total + upsample(rescale(term, per_channel).sum(dim=1, keepdim=True), x.shape[-2:])
+                term = rescaled_sum(grad.to(dtype), bias.to(dtype), per_channel, in_place=not create_graph)
+                by_size[size] = by_size[size] + term if size in by_size else term
+            for summed in by_size.values():
+                total = total + upsample(summed, x.shape[-2:])
             chunks.append(total if create_graph else total.detach())
         return torch.cat(chunks)
 
