@@ -8,6 +8,7 @@ handled (the rerouted activation is computed out of place), and nothing of it ou
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -63,10 +64,12 @@ class _Rectifier(torch.autograd.Function):
             return positive, None, None, None, None
         (x,) = ctx.saved_tensors
         if ctx.slope:
-            local = torch.where(x > 0, torch.ones_like(x), torch.full_like(x, ctx.slope))
+            guided = positive * torch.where(x > 0, torch.ones_like(x), torch.full_like(x, ctx.slope))
+        elif ctx.high == math.inf:  # ReLU: the fused kernel of ReLU's own backward (``grad`` where ``x > low``)
+            guided = torch.ops.aten.threshold_backward(positive, x, ctx.low)
         else:
-            local = ((x > ctx.low) & (x < ctx.high)).to(grad.dtype)
-        return positive * local, None, None, None, None
+            guided = torch.where((x > ctx.low) & (x < ctx.high), positive, 0.0)
+        return guided, None, None, None, None
 
 
 class RectifierRules(TorchFunctionMode):
