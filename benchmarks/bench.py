@@ -415,11 +415,20 @@ def run(args: argparse.Namespace) -> List[Row]:
     missing = set(attribution.list_methods()) - set(work) - COMPOSITE
     if missing:
         print(f"# no floor defined, not benchmarked: {', '.join(sorted(missing))}")
+    formats = {"channels_last": True} if args.channels_last else {}
+    if args.amp:
+        formats["amp"] = True
     rows: List[Row] = []
+    def autocast(fn, *fn_args):  # with --amp, floors and peers run under the same bf16 autocast as ours
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            return fn(*fn_args)
+
     for model_name in args.models:
         model = build_model(model_name, device)
         torch.manual_seed(0)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+        if args.channels_last:  # floors and peers get channels-last inputs too: the same kernels for everyone
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             target = model(x).argmax(1)
         for name in methods:
@@ -431,14 +440,14 @@ def run(args: argparse.Namespace) -> List[Row]:
             if spec.models not in ("all", family):
                 continue
             options = spec.options(model) if callable(spec.options) else spec.options
-            explainer = attribution.create(name, model, **options)
+            explainer = attribution.create(name, model, **options, **formats)
             with RowsSeen() as seen:
                 explainer(x, target)
             chunk = max(seen.rows, 1)
             ours = timed(lambda: explainer(x, target), device, args.repeats)
-            floor = timed(lambda: spec.floor(model, x, target, chunk, explainer), device, args.repeats)
+            floor = timed(lambda: autocast(spec.floor, model, x, target, chunk, explainer), device, args.repeats)
             peak = peak_memory(lambda: explainer(x, target), device)
-            floor_peak = peak_memory(lambda: spec.floor(model, x, target, chunk, explainer), device)
+            floor_peak = peak_memory(lambda: autocast(spec.floor, model, x, target, chunk, explainer), device)
             row = Row(model_name, name, args.batch, chunk, floor, ours, ours / floor, peak, floor_peak)
             for peer_name, peer in spec.peers.items():
                 if peer is None or args.no_peers:
@@ -448,8 +457,8 @@ def run(args: argparse.Namespace) -> List[Row]:
                     continue
                 try:
                     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-                        row.peers[peer_name] = timed(lambda: peer(model, x, target, chunk, explainer), device,
-                                                     args.repeats)
+                        row.peers[peer_name] = timed(lambda: autocast(peer, model, x, target, chunk, explainer),
+                                                     device, args.repeats)
                 except Exception as error:  # a peer failing is a result, not a crash
                     row.notes.append(f"{peer_name} failed: {type(error).__name__}: {error}"[:160])
             rows.append(row)
@@ -485,6 +494,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last=True, inputs channels-last")
+    parser.add_argument("--amp", action="store_true", help="amp=True; floors and peers under bf16 autocast")
     parser.add_argument("--quick", action="store_true", help="small sizes: finishes in under 2 minutes on 2 cores")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
@@ -494,7 +505,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         args.batch, args.size, args.steps, args.samples, args.repeats = 2, 64, 8, 4, 1
         args.models = ["resnet18"] if args.models == ["resnet50"] else args.models
     print(f"# {machine()}, torch {torch.__version__}, batch {args.batch}, {args.size}x{args.size}, "
-          f"steps {args.steps}, samples {args.samples}, median of {args.repeats}")
+          f"steps {args.steps}, samples {args.samples}, median of {args.repeats}"
+          + (", channels-last" if args.channels_last else "") + (", bf16 autocast" if args.amp else ""))
     print_header()
     rows = run(args)
     if args.json:

@@ -248,6 +248,27 @@ def test_amp_runs_the_model_in_bfloat16_and_sums_in_float32(name, cnn, images):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_channels_last_feeds_the_model_channels_last_and_changes_no_map(name, cnn, images):
+    """channels_last=True: the model sees channels-last inputs; the map is the default's, contiguous."""
+    formats = []
+    hook = cnn.register_forward_pre_hook(
+        lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        out = explain(name, cnn, images, [0, 1, 2], channels_last=True, **RANDOM.get(name, {}))
+    finally:
+        hook.remove()
+    assert formats and all(formats)
+    assert out.is_contiguous()
+    reference = explain(name, cnn, images, [0, 1, 2], **RANDOM.get(name, {}))
+    if name == "guided_ig":  # its path ranks pixels by |gradient|: a rounding difference can swap near-ties
+        assert torch.corrcoef(torch.stack([out.flatten(), reference.flatten()]))[0, 1] > 0.99
+    else:
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()) + 1e-7)
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        explain(name, cnn, images, 0, channels_last="yes")
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_inplace_relu_resnet(name):
     """torchvision ResNets use ReLU(inplace=True); every method must run on them and agree with out-of-place ReLUs."""
     torchvision = pytest.importorskip("torchvision")

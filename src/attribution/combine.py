@@ -88,7 +88,8 @@ class CombinedWrapper(Explainer):
         routed = {k: v for k, v in options.items()
                   if k in inner.option_names() and (k in self._explicit or k in ("batch_size", "create_graph"))}
         merged = inner.resolved_options(**routed)
-        merged.pop("amp")  # the outer call's autocast covers the inner methods' passes
+        merged.pop("amp")  # the outer call's autocast and memory format cover the inner methods' passes
+        merged.pop("channels_last")
         return target.with_score(merged.pop("score")), merged
 
     def _explain(self, x: Tensor, target: Target, **options: Any) -> Tensor:

@@ -11,8 +11,11 @@ Options may be given at construction or per call; per call wins.  Every method a
 the map differentiable w.r.t. the model's parameters) and ``amp`` (``True`` or ``torch.bfloat16``/``torch.float16``:
 run the model's forwards and backwards under ``torch.autocast`` in that precision while everything the method sums
 stays float32; faster on GPUs, at the cost of the low precision's rounding in the gradients: maps typically agree
-with float32 ones to a correlation above 0.99, not to 1e-5), plus its own options, listed in its class attribute
-``defaults``.
+with float32 ones to a correlation above 0.99, not to 1e-5) and ``channels_last`` (hand the model its (B, C, H, W)
+inputs in the channels-last memory format, which convolution kernels on GPUs and recent CPUs run faster, about
+20% on a 2-core CPU with ResNet-50; the model's weights are not touched, the maps equal the default's up to float
+rounding, and a model that calls ``.view`` on its feature maps may refuse such inputs, so it is off by default),
+plus its own options, listed in its class attribute ``defaults``.
 
 A subclass implements :meth:`Explainer._explain`; the base class validates the input, the target and the options,
 runs the method inside the state guard with gradients enabled (also under an outer ``torch.no_grad()`` or
@@ -32,9 +35,11 @@ from .batching import RowPlanner, check_batch_size
 from .guard import preserve_model
 from .targets import Target, TargetSpec, resolve_target
 
-COMMON_OPTIONS: Mapping[str, Any] = {"batch_size": None, "score": "logit", "create_graph": False, "amp": False}
+COMMON_OPTIONS: Mapping[str, Any] = {"batch_size": None, "score": "logit", "create_graph": False, "amp": False,
+                                     "channels_last": False}
 AMP_DTYPES = {True: torch.bfloat16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 _AMP_DTYPE: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar("amp_dtype", default=None)
+_CHANNELS_LAST: contextvars.ContextVar[bool] = contextvars.ContextVar("channels_last", default=False)
 
 
 class Explainer:
@@ -75,8 +80,9 @@ class Explainer:
         """Defaults, then construction options, then the call's options."""
         merged = {**COMMON_OPTIONS, **self.defaults, **self.options, **self._check_option_names(options)}
         check_batch_size(merged["batch_size"])
-        if not isinstance(merged["create_graph"], bool):
-            raise TypeError(f"create_graph must be a bool, got {merged['create_graph']!r}")
+        for flag in ("create_graph", "channels_last"):
+            if not isinstance(merged[flag], bool):
+                raise TypeError(f"{flag} must be a bool, got {merged[flag]!r}")
         if merged["amp"] is not False and merged["amp"] not in AMP_DTYPES:
             raise ValueError(f"amp must be False, True, torch.bfloat16 or torch.float16, got {merged['amp']!r}")
         return merged
@@ -92,6 +98,7 @@ class Explainer:
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         amp = opts.pop("amp")
         token = _AMP_DTYPE.set(AMP_DTYPES[amp] if amp is not False else None)
+        layout_token = _CHANNELS_LAST.set(opts.pop("channels_last"))
         try:
             with torch.inference_mode(False), torch.enable_grad(), preserve_model(self.model):
                 x = x.detach()
@@ -102,15 +109,20 @@ class Explainer:
                 saliency = self._explain(x, resolved, **opts)
         finally:
             _AMP_DTYPE.reset(token)
-        return saliency.to(out_dtype)
+            _CHANNELS_LAST.reset(layout_token)
+        return saliency.to(out_dtype).contiguous()
 
     def _explain(self, x: Tensor, target: Target, **options: Any) -> Tensor:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ shared parts
     def _model_input(self, rows: Tensor) -> Tensor:
-        """Rows cast to the dtype the model computes in (so float32 inputs drive fp16/bf16 models)."""
-        return rows.to(model_dtype(self.model, rows.dtype))
+        """Rows cast to the dtype the model computes in (so float32 inputs drive fp16/bf16 models), in the
+        channels-last memory format when the call asks for it.  Like ``amp``, the format is the outermost call's."""
+        rows = rows.to(model_dtype(self.model, rows.dtype))
+        if _CHANNELS_LAST.get() and rows.dim() == 4:
+            rows = rows.contiguous(memory_format=torch.channels_last)
+        return rows
 
     def _autocast(self) -> ContextManager[Any]:
         """``torch.autocast`` in the call's ``amp`` precision, or nothing when ``amp`` is off.  The precision is
