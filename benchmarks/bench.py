@@ -268,6 +268,9 @@ def cam_work(size: int) -> Dict[str, Work]:
     def score_floor(m, x, t, chunk, e):  # the clean forward and one masked forward per channel
         forward_passes(m, x, x.shape[0] * (1 + channels_at_layer(m, x, e)), chunk)
 
+    def vit_cx_floor(m, x, t, chunk, e):  # the clean forward and two forwards per cluster mask (as last counted)
+        forward_passes(m, x, x.shape[0] + 2 * int(sum(c.sum() for c in e.last_cluster_counts)), chunk)
+
     def tail_floor(m, x, t, chunk, e):  # one head forward, then the tail on every ablated copy
         from attribution.cam.tail import SplitModel, ablation_rows
 
@@ -346,6 +349,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "kpca_cam": pgc_work(forward_floor, "KPCA_CAM"),
         "score_cam": pgc_work(score_floor, "ScoreCAM", batch_size="chunk"),
         "ablation_cam": pgc_work(tail_floor, "AblationCAM", batch_size="chunk"),
+        "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
         "fem": pgc_work(forward_floor, "FEM"),
         "shapley_cam": pgc_work(hessian_vector_passes, "ShapleyCAM"),
@@ -361,7 +365,7 @@ def cam_work(size: int) -> Dict[str, Work]:
 
 
 #: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods
-SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess"}
+SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

@@ -44,11 +44,12 @@ FAST = {
     "refine_cam": {},
     "sess": {"num_scales": 2},
     "random_cam": {},
+    "vit_cx": {"generator": torch.Generator().manual_seed(0)},
     "guided_grad_cam": {},
     "combined": {},
 }
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
-RANDOM = {"smoothgrad": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}}
+RANDOM = {"smoothgrad": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
 #: probability between masked copies, about 1e-3 apart on this random net, which bf16's 8-bit mantissa blurs
 #: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)

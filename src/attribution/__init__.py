@@ -26,6 +26,7 @@ from .cam import (
     SESS,
     SSCAM,
     ShapleyCAM,
+    ViTCX,
     XGradCAM,
 )
 from .combine import CombinedWrapper, GuidedGradCAM
@@ -84,6 +85,7 @@ __all__ = [
     "ShapleyCAM",
     "SmoothGrad",
     "VanillaGradient",
+    "ViTCX",
     "XGradCAM",
     "create",
     "get_method",

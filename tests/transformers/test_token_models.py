@@ -25,7 +25,7 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
 #: one forward per channel: run on the narrow build of each architecture
-PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam")
+PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx")
 CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigma": 4.0}, "guided_ig": {"steps": 4},
          "smoothgrad": {"samples": 2}, "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},
          "is_cam": {"steps": 2}}
@@ -208,7 +208,7 @@ def test_cams_on_token_models_on_cuda_match_cpu(name):
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
-    options = {"ss_cam": {"samples": 2, "std": 0.0}, "is_cam": {"steps": 2}}.get(name, {})
+    options = {"ss_cam": {"samples": 2, "std": 0.0}, "is_cam": {"steps": 2}, "vit_cx": {"noise": 0.0}}.get(name, {})
     cpu = A.create(name, tiny_vit(), **options)(x, [0, 1])
     gpu = A.create(name, tiny_vit().cuda(), **options)(x.cuda(), [0, 1])
     assert gpu.device.type == "cuda"

@@ -18,6 +18,7 @@ from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
 from .sess import SESS
 from .shapley_cam import ShapleyCAM
+from .vit_cx import ViTCX
 from .xgrad_cam import XGradCAM
 
 __all__ = [
@@ -43,5 +44,6 @@ __all__ = [
     "SSCAM",
     "ScoreCAM",
     "ShapleyCAM",
+    "ViTCX",
     "XGradCAM",
 ]
