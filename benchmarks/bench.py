@@ -467,7 +467,15 @@ def run(args: argparse.Namespace) -> List[Row]:
                     row.notes.append(f"{peer_name} failed: {type(error).__name__}: {error}"[:160])
             rows.append(row)
             print_row(row)
+            if args.json:  # after every row, so that a run cut short keeps what it measured
+                save(args, rows)
     return rows
+
+
+def save(args: argparse.Namespace, rows: List[Row]) -> None:
+    with open(args.json, "w") as f:
+        json.dump({"machine": machine(), "torch": torch.__version__, "args": vars(args),
+                   "rows": [asdict(r) for r in rows]}, f, indent=1)
 
 
 def print_header() -> None:
@@ -512,10 +520,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"steps {args.steps}, samples {args.samples}, median of {args.repeats}"
           + (", channels-last" if args.channels_last else "") + (", bf16 autocast" if args.amp else ""))
     print_header()
-    rows = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "args": vars(args), "rows": [asdict(r) for r in rows]}, f, indent=1)
+    run(args)
 
 
 if __name__ == "__main__":

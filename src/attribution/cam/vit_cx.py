@@ -95,11 +95,13 @@ class ViTCX(CAM):
     target's softmax probability by default (``score='softmax'``, as the authors).  Raw: no ReLU, no scaling.
 
     Options: ``distance_threshold``, ``noise`` (0 turns the noise off: ``s_k = f_t(x * M_k)``), ``generator`` (for
-    the noise; one draw per mask, image by image, clusters ordered by their first channel), ``progress``; the layer as every CAM (ViTs need no reshape; the authors' examples use the last
-    block's ``norm1``, the default here is the library's rule).  Clustering and similarities are computed at the
-    layer's resolution (a map is scaled by the range of its upsampled version, which upsampling then preserves,
-    and ``U^T U`` gives the inner products of upsampled maps), the clustering for the whole batch at once.  Cost per image: one forward, then 2 K masked forwards (K clusters,
-    at most the layer's channels) run ``batch_size`` at a time under ``torch.inference_mode``.  After a call,
+    the noise; one draw per mask, image by image, clusters ordered by their first channel), ``progress``; the
+    layer as every CAM (ViTs need no reshape; the authors' examples use the last block's ``norm1``, the default
+    here is the library's rule).  Similarities are computed at the layer's resolution (a map is scaled by the
+    range of its upsampled version, which upsampling then preserves, and ``U^T U`` gives the inner products of
+    upsampled maps) and the clustering runs for the whole batch at once (up to C - 1 merges over a (B, C, C)
+    matrix).  Cost per image: two forwards, then 2 K masked forwards (K with ``noise=0``; K clusters, at most the
+    layer's C channels) run ``batch_size`` at a time under ``torch.inference_mode``.  After a call,
     ``last_cluster_counts`` holds K for every image (one tensor per layer).
     """
 
@@ -142,7 +144,7 @@ class ViTCX(CAM):
         inner = scaled @ gram @ scaled.transpose(1, 2)                               # (B, C, C)
         norms = inner.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         cosine = safe_divide(inner, norms.unsqueeze(2) * norms.unsqueeze(1))
-        labels = complete_linkage(1 - cosine, threshold)
+        labels = complete_linkage(1 - cosine.detach(), threshold)  # discrete: no gradient flows through it
         masks = []
         for image in range(batch):
             _, members = torch.unique(labels[image], return_inverse=True)
@@ -160,24 +162,26 @@ class ViTCX(CAM):
         flat_masks = torch.cat(masks)                                                 # (sum K, 1, h, w)
         total = flat_masks.shape[0]
         dtype = accumulation_dtype(x)
-        impact = torch.zeros(total, dtype=dtype, device=x.device)
-        bar = progress_bar(progress, 2 * total, f"{type(self).__name__} masked forwards")
+        changes = []
+        bar = progress_bar(progress, total, f"{type(self).__name__} masks scored")
         try:
             for start, stop in RowPlanner(total, None if batch_size is None else max(1, batch_size // 2), x.device):
                 owners = owners_of_mask[start:stop]
                 mask = upsample(flat_masks[start:stop], x.shape[-2:]).to(x.dtype)
                 images = x[owners]
-                fill = (1 - mask) * noise * torch.randn(images.shape, generator=generator, dtype=x.dtype,
-                                                        device=x.device if generator is None else generator.device
-                                                        ).to(x.device) if noise else torch.zeros_like(images)
-                both = self._scores(torch.cat([images * mask + fill, images + fill]), owners.repeat(2), target,
-                                    create_graph)
-                impact = impact.index_add(0, torch.arange(start, stop, device=x.device),
-                                          both[: stop - start] - both[stop - start:])
-                bar.update(2 * (stop - start))
+                if noise:
+                    draw = torch.randn(images.shape, generator=generator, dtype=x.dtype,
+                                       device=x.device if generator is None else generator.device)
+                    fill = (1 - mask) * noise * draw.to(x.device)
+                    both = self._scores(torch.cat([images * mask + fill, images + fill]), owners.repeat(2), target,
+                                        create_graph)
+                    changes.append(both[: stop - start] - both[stop - start:])
+                else:  # without noise the second image is x itself, whose score is known
+                    changes.append(self._scores(images * mask, owners, target, create_graph) - clean[owners])
+                bar.update(stop - start)
         finally:
             bar.close()
-        impact = impact + clean[owners_of_mask]
+        impact = torch.cat(changes) + clean[owners_of_mask]
         size = flat_masks.shape[-2:]
         weighted = torch.zeros(x.shape[0], 1, *size, dtype=dtype, device=x.device)
         weighted = weighted.index_add(0, owners_of_mask, impact.view(-1, 1, 1, 1) * flat_masks)
