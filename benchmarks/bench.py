@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import warnings
 
@@ -35,6 +35,7 @@ from torch import nn
 
 import attribution
 from attribution.core import batching
+from attribution.utils import get_reshape_transform
 
 # ------------------------------------------------------------------------------------------------ measurement
 
@@ -233,6 +234,22 @@ def stage_ends(model: nn.Module) -> Dict[str, object]:
     return {"target_layer": names} if names else {}
 
 
+class PeerSkipped(Exception):
+    """A peer that has no way to do this row's work (noted in the row, not timed)."""
+
+
+_TOKEN_LAYERS: Dict[Tuple[int, int, Tuple[int, ...]], bool] = {}
+
+
+def token_layer(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer`` outputs a token sequence (B, N, C) on inputs like ``x`` (found once, outside the timings
+    that follow: the first call runs inside the warm-up)."""
+    key = (id(model), id(layer), tuple(x.shape[1:]))
+    if key not in _TOKEN_LAYERS:
+        _TOKEN_LAYERS[key] = layer_activation(model, layer, x[:1], grad=False)[1].dim() == 3
+    return _TOKEN_LAYERS[key]
+
+
 def channels_at_layer(model: nn.Module, x: torch.Tensor, explainer) -> int:
     (layer,) = explainer.target_layers(x)
     return layer_activation(model, layer, x[:1], grad=False)[1].shape[1]
@@ -252,7 +269,9 @@ def cam_work(size: int) -> Dict[str, Work]:
 
         def run(m, x, t, chunk, e):
             (layer,) = e.target_layers(x)
-            cam = getattr(pgc, cls_name)(model=m, target_layers=[layer])
+            # a ViT's token layer needs the hand-written reshape pytorch-grad-cam asks for (class token first)
+            reshape = get_reshape_transform(has_cls_token=True) if token_layer(m, layer, x) else None
+            cam = getattr(pgc, cls_name)(model=m, target_layers=[layer], reshape_transform=reshape)
             for key, value in attributes.items():
                 setattr(cam, key, chunk if value == "chunk" else value)
             try:
@@ -330,6 +349,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         import captum.attr as ca
 
         (layer,) = e.target_layers(x)
+        if token_layer(m, layer, x):
+            raise PeerSkipped("LayerGradCam needs (B, C, h, w) layer outputs")
         return ca.LayerGradCam(m, layer).attribute(x, target=t, relu_attributions=True)
 
     def pgc_work(floor, cls_name: str, models: str = "cnn", **attributes) -> Work:
@@ -337,16 +358,16 @@ def cam_work(size: int) -> Dict[str, Work]:
 
     return {
         "grad_cam": Work({}, layer_gradient_passes, {"pytorch-grad-cam GradCAM": grad_cam_peer("GradCAM"),
-                                                     "captum LayerGradCam": captum_layer_grad_cam}, "cnn"),
-        "hires_cam": pgc_work(layer_gradient_passes, "HiResCAM"),
-        "grad_cam_elementwise": pgc_work(layer_gradient_passes, "GradCAMElementWise"),
-        "grad_cam_plusplus": pgc_work(layer_gradient_passes, "GradCAMPlusPlus"),
-        "xgrad_cam": pgc_work(layer_gradient_passes, "XGradCAM"),
-        "layer_cam": pgc_work(layer_gradient_passes, "LayerCAM"),
-        "bag_cam": Work({}, layer_gradient_passes, models="cnn"),
-        "eigen_cam": pgc_work(forward_floor, "EigenCAM"),
-        "eigen_grad_cam": pgc_work(layer_gradient_passes, "EigenGradCAM"),
-        "kpca_cam": pgc_work(forward_floor, "KPCA_CAM"),
+                                                     "captum LayerGradCam": captum_layer_grad_cam}, "all"),
+        "hires_cam": pgc_work(layer_gradient_passes, "HiResCAM", "all"),
+        "grad_cam_elementwise": pgc_work(layer_gradient_passes, "GradCAMElementWise", "all"),
+        "grad_cam_plusplus": pgc_work(layer_gradient_passes, "GradCAMPlusPlus", "all"),
+        "xgrad_cam": pgc_work(layer_gradient_passes, "XGradCAM", "all"),
+        "layer_cam": pgc_work(layer_gradient_passes, "LayerCAM", "all"),
+        "bag_cam": Work({}, layer_gradient_passes, models="all"),
+        "eigen_cam": pgc_work(forward_floor, "EigenCAM", "all"),
+        "eigen_grad_cam": pgc_work(layer_gradient_passes, "EigenGradCAM", "all"),
+        "kpca_cam": pgc_work(forward_floor, "KPCA_CAM", "all"),
         "score_cam": pgc_work(score_floor, "ScoreCAM", batch_size="chunk"),
         "ablation_cam": pgc_work(tail_floor, "AblationCAM", batch_size="chunk"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
@@ -357,7 +378,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "refine_cam": Work(stage_ends, layers_gradient_passes, {"pytorch-grad-cam RefineCAM": pgc and refine_peer},
                            "cnn"),
         "sess": Work({}, sess_floor, {"pytorch-grad-cam SESS": pgc and sess_peer}, "cnn"),
-        "random_cam": pgc_work(forward_floor, "RandomCAM"),
+        "random_cam": pgc_work(forward_floor, "RandomCAM", "all"),
         "guided_grad_cam": Work({}, two_pass_floor, models="cnn"),
         "attention_rollout": Work({}, forward_floor, models="vit"),
         "generic_attention": Work({}, input_floor, models="vit"),
@@ -463,6 +484,8 @@ def run(args: argparse.Namespace) -> List[Row]:
                     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
                         row.peers[peer_name] = timed(lambda: autocast(peer, model, x, target, chunk, explainer),
                                                      device, args.repeats)
+                except PeerSkipped as why:
+                    row.notes.append(f"{peer_name} skipped: {why}")
                 except Exception as error:  # a peer failing is a result, not a crash
                     row.notes.append(f"{peer_name} failed: {type(error).__name__}: {error}"[:160])
             rows.append(row)

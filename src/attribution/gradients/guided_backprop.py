@@ -64,11 +64,11 @@ class _Rectifier(torch.autograd.Function):
             return positive, None, None, None, None
         (x,) = ctx.saved_tensors
         if ctx.slope:
-            guided = positive * torch.where(x > 0, torch.ones_like(x), torch.full_like(x, ctx.slope))
+            guided = torch.where(x > 0, positive, positive * ctx.slope)
         elif ctx.high == math.inf:  # ReLU: the fused kernel of ReLU's own backward (``grad`` where ``x > low``)
             guided = torch.ops.aten.threshold_backward(positive, x, ctx.low)
-        else:
-            guided = torch.where((x > ctx.low) & (x < ctx.high), positive, 0.0)
+        else:  # ReLU6 / Hardtanh: the fused kernel of Hardtanh's backward (``grad`` where ``low < x < high``)
+            guided = torch.ops.aten.hardtanh_backward(positive, x, ctx.low, ctx.high)
         return guided, None, None, None, None
 
 
