@@ -104,7 +104,7 @@ class FullGrad(CAM):
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
             owners = torch.arange(start, stop, device=x.device)
             rows = self._model_input(x[start:stop]).detach().requires_grad_(True)
-            with LayerCapture(modules, model=self.model) as capture:
+            with LayerCapture(modules, model=self.model, keep_values=False) as capture:
                 outputs = self._forward(rows)
             scores = target(outputs, owners)
             if not modules:

@@ -20,6 +20,10 @@ operation after the layer (``F.relu(features, inplace=True)`` in torchvision's D
 ResNet block) cannot change what was captured.  A module called several times in one forward is captured at its
 last call.
 
+With ``keep_values=False`` only gradients are asked for: the hook records the output's place in the autograd graph
+(``torch.autograd.graph.get_gradient_edge``) and hands the output on uncopied, so an in-place operation after the
+layer cannot change which gradient is taken, and no copy is made (FullGrad captures every batch norm this way).
+
 With ``record_from_layer=True`` (the caller runs the forward under ``torch.no_grad()``), the first captured layer
 to run turns gradient recording on and hands the rest of the network a leaf copy of its output: nothing below the
 layer is recorded for backward (less memory, a cheaper forward).  Maps are then differentiable w.r.t. the layer's
@@ -49,6 +53,7 @@ class LayerCapture:
         record_from_layer: bool = False,
         model: Optional[nn.Module] = None,
         image_size: Optional[Sequence[int]] = None,
+        keep_values: bool = True,
     ) -> None:
         self.layers = list(layers)
         self.reshape_transform = reshape_transform
@@ -57,7 +62,10 @@ class LayerCapture:
             raise ValueError("laying out layer outputs from the image size needs the model")
         self.record_from_layer = record_from_layer
         self.model = model
+        # without gradient edges (torch < 2.2) the outputs are copied, as when values are kept
+        self.keep_values = keep_values or not hasattr(torch.autograd.graph, "get_gradient_edge")
         self.outputs: List[Optional[Tensor]] = [None] * len(self.layers)
+        self.edges: List[Any] = [None] * len(self.layers)
         self.calls: List[int] = [0] * len(self.layers)
         self._handles: List[Any] = []
         self._recording = False
@@ -93,7 +101,10 @@ class LayerCapture:
                 output = output.detach().requires_grad_(output.is_floating_point())
             self.outputs[index] = output
             self.calls[index] += 1
-            return output.clone()
+            if self.keep_values:
+                return output.clone()
+            self.edges[index] = torch.autograd.graph.get_gradient_edge(output) if output.requires_grad else None
+            return output
 
         return hook
 
@@ -113,14 +124,22 @@ class LayerCapture:
     def activations(self) -> List[Tensor]:
         """The captured outputs, through :meth:`transform`."""
         self._check_ran()
+        if not self.keep_values:
+            raise RuntimeError("this capture was made with keep_values=False: it holds gradients, not activations")
         return [self.transform(i)(output) for i, output in enumerate(self.outputs)]  # type: ignore[arg-type]
 
     def gradients(self, score: Tensor, create_graph: bool = False, extra: Sequence[Tensor] = ()) -> List[Tensor]:
         """``d score / d output`` for each captured layer (reshaped like the activations), then for ``extra``."""
         self._check_ran()
-        inputs = list(self.outputs) + list(extra)
-        grads = torch.autograd.grad(score, inputs, create_graph=create_graph, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+        outputs = list(self.outputs) + list(extra)
+        if self.keep_values:
+            inputs = outputs
+        else:  # the recorded graph positions; outputs that need no gradient get zeros
+            inputs = [edge for edge in self.edges if edge is not None] + list(extra)
+        found = iter(torch.autograd.grad(score, inputs, create_graph=create_graph, allow_unused=True))
+        grads = [next(found) if self.keep_values or i >= len(self.edges) or self.edges[i] is not None else None
+                 for i in range(len(outputs))]
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, outputs)]
         count = len(self.outputs)
         return [self.transform(i)(g) for i, g in enumerate(grads[:count])] + grads[count:]
 
