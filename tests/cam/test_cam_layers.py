@@ -183,6 +183,29 @@ def test_capture_survives_in_place_ops_after_the_layer_and_removes_its_hooks():
     assert not conv._forward_hooks
 
 
+def test_gradient_only_capture_takes_the_gradient_before_an_in_place_op_without_copying():
+    """keep_values=False: d score / d conv output, not d score / d (ReLU'd output), though the ReLU is in place and
+    the output is handed on uncopied; asking it for activations is an error."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Conv2d(4, 2, 3))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    handed_on = []
+    spy = model[1].register_forward_pre_hook(lambda m, args: handed_on.append(args[0]))
+    with LayerCapture([conv], keep_values=False) as capture:
+        out = model(x)
+    spy.remove()
+    assert handed_on[0] is capture.outputs[0]  # no copy
+    (grad, grad_x) = capture.gradients(out.sum(), extra=[x])
+    pre = conv(x)
+    expected, expected_x = torch.autograd.grad(model[2](torch.relu(pre)).sum(), [pre, x])
+    torch.testing.assert_close(grad, expected)
+    torch.testing.assert_close(grad_x, expected_x)
+    assert (grad[pre < 0] == 0).all() and (grad[pre > 0] != 0).any()
+    with pytest.raises(RuntimeError, match="keep_values=False"):
+        capture.activations()
+
+
 class NoBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
