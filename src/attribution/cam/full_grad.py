@@ -112,6 +112,8 @@ class FullGrad(CAM):
             else:
                 grads = capture.gradients(scores.sum(), create_graph, extra=[rows])
                 grads = grads[-1:] + grads[:-1]
+            # in_place overwrites the returned gradients with their absolute values: safe although one gradient
+            # tensor may be returned for two layers (a residual add hands both the same one), since |.| is idempotent
             total = rescaled_sum((grads[0] * rows).to(dtype), None, per_channel, in_place=not create_graph)
             # upsampling is linear, so the channels and all layers of one resolution are summed first and each
             # resolution is upsampled once: the same map for far less work

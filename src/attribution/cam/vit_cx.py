@@ -1,7 +1,7 @@
 """ViT-CX: masks from a layer's feature maps, merged by clustering, scored by their causal impact on the output."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -123,9 +123,9 @@ class ViTCX(CAM):
         maps = []
         self.last_cluster_counts: List[Tensor] = []
         for acts in activations:
-            masks = self._cluster_masks(acts, x.shape[-2:], float(distance_threshold))
-            self.last_cluster_counts.append(torch.tensor([m.shape[0] for m in masks]))
-            maps.append(self._causal_map(x, masks, clean, target, float(noise), generator, batch_size,
+            masks, counts = self._cluster_masks(acts, x.shape[-2:], float(distance_threshold))
+            self.last_cluster_counts.append(counts.cpu())
+            maps.append(self._causal_map(x, masks, counts, clean, target, float(noise), generator, batch_size,
                                          create_graph, progress))
         return self._fuse(maps, x.shape[-2:], layer_fusion)
 
@@ -136,8 +136,9 @@ class ViTCX(CAM):
         return values if create_graph else values.clone()
 
     @staticmethod
-    def _cluster_masks(acts: Tensor, size: Sequence[int], threshold: float) -> List[Tensor]:
-        """Per image, the (K, 1, h, w) min-max scaled cluster masks at the layer's resolution."""
+    def _cluster_masks(acts: Tensor, size: Sequence[int], threshold: float) -> Tuple[Tensor, Tensor]:
+        """The min-max scaled cluster masks of every image at the layer's resolution, (sum K, 1, h, w) image by
+        image and within an image by first channel, and each image's K, (B,)."""
         batch, channels, h, w = acts.shape
         scaled = scaled_as_upsampled(acts.reshape(batch * channels, 1, h, w), size).view(batch, channels, h * w)
         gram = upsampling_gram((h, w), size, scaled.dtype, scaled.device)
@@ -145,21 +146,18 @@ class ViTCX(CAM):
         norms = inner.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         cosine = safe_divide(inner, norms.unsqueeze(2) * norms.unsqueeze(1))
         labels = complete_linkage(1 - cosine.detach(), threshold)  # discrete: no gradient flows through it
-        masks = []
-        for image in range(batch):
-            _, members = torch.unique(labels[image], return_inverse=True)
-            summed = torch.zeros(int(members.max()) + 1, h * w, dtype=scaled.dtype, device=scaled.device)
-            summed = summed.index_add(0, members, scaled[image])
-            masks.append(scaled_as_upsampled(summed.view(-1, 1, h, w), size))
-        return masks
+        # a cluster is named by its first channel: sum every channel into that slot, keep the slots that name one
+        summed = torch.zeros_like(scaled).scatter_add(1, labels.unsqueeze(2).expand_as(scaled), scaled)
+        roots = labels == torch.arange(channels, device=labels.device)               # (B, C)
+        masks = scaled_as_upsampled(summed[roots].view(-1, 1, h, w), size)
+        return masks, roots.sum(dim=1)
 
-    def _causal_map(self, x: Tensor, masks: List[Tensor], clean: Tensor, target: Target, noise: float,
-                    generator: Optional[torch.Generator], batch_size: Optional[int], create_graph: bool,
-                    progress: bool) -> Tensor:
-        """``(1/K) sum_k s_k M_k / sum_j M_j`` for every image (see the class docstring)."""
-        counts = torch.tensor([m.shape[0] for m in masks], device=x.device)
+    def _causal_map(self, x: Tensor, flat_masks: Tensor, counts: Tensor, clean: Tensor, target: Target,
+                    noise: float, generator: Optional[torch.Generator], batch_size: Optional[int],
+                    create_graph: bool, progress: bool) -> Tensor:
+        """``(1/K) sum_k s_k M_k / sum_j M_j`` for every image (see the class docstring), from the masks of
+        :meth:`_cluster_masks`."""
         owners_of_mask = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), counts)
-        flat_masks = torch.cat(masks)                                                 # (sum K, 1, h, w)
         total = flat_masks.shape[0]
         dtype = accumulation_dtype(x)
         changes = []

@@ -62,7 +62,7 @@ class LayerCapture:
             raise ValueError("laying out layer outputs from the image size needs the model")
         self.record_from_layer = record_from_layer
         self.model = model
-        # without gradient edges (torch < 2.2) the outputs are copied, as when values are kept
+        # without gradient edges (older torch) the outputs are copied, as when values are kept
         self.keep_values = keep_values or not hasattr(torch.autograd.graph, "get_gradient_edge")
         self.outputs: List[Optional[Tensor]] = [None] * len(self.layers)
         self.edges: List[Any] = [None] * len(self.layers)
@@ -131,15 +131,16 @@ class LayerCapture:
     def gradients(self, score: Tensor, create_graph: bool = False, extra: Sequence[Tensor] = ()) -> List[Tensor]:
         """``d score / d output`` for each captured layer (reshaped like the activations), then for ``extra``."""
         self._check_ran()
-        outputs = list(self.outputs) + list(extra)
-        if self.keep_values:
-            inputs = outputs
-        else:  # the recorded graph positions; outputs that need no gradient get zeros
-            inputs = [edge for edge in self.edges if edge is not None] + list(extra)
-        found = iter(torch.autograd.grad(score, inputs, create_graph=create_graph, allow_unused=True))
-        grads = [next(found) if self.keep_values or i >= len(self.edges) or self.edges[i] is not None else None
-                 for i in range(len(outputs))]
-        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, outputs)]
+        # the outputs themselves, or their recorded graph positions (None for an output that needs no gradient)
+        sources = self.outputs if self.keep_values else self.edges
+        wanted = [i for i, source in enumerate(sources) if source is not None]
+        found = torch.autograd.grad(score, [sources[i] for i in wanted] + list(extra), create_graph=create_graph,
+                                    allow_unused=True)
+        grads: List[Optional[Tensor]] = [None] * len(sources)
+        for i, grad in zip(wanted, found):
+            grads[i] = grad
+        grads += found[len(wanted):]
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, list(self.outputs) + list(extra))]
         count = len(self.outputs)
         return [self.transform(i)(g) for i, g in enumerate(grads[:count])] + grads[count:]
 
