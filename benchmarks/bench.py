@@ -134,8 +134,9 @@ class Work:
 
 
 def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
-    """Work for every method of the gradient family and for occlusion (square inputs of ``size``; occlusion
-    with windows of size/4 moved by size/8: 7 x 7 positions, so that the benchmark stays short)."""
+    """Work for every method of the gradient family and the perturbation methods (square inputs of ``size``;
+    occlusion with windows of size/4 moved by size/8: 7 x 7 positions, and RISE with as many masks, so that the
+    benchmark stays short)."""
     window, stride = max(1, size // 4), max(1, size // 8)
     positions = (-(-(size - window) // stride) + 1) ** 2
     try:
@@ -155,6 +156,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
 
     def occlusion_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * (positions + 1), chunk)
+
+    def rise_floor(m, x, t, chunk, e):
+        forward_passes(m, x, x.shape[0] * positions, chunk)
 
     def captum_occlusion(m, x, t, chunk):
         return ca.Occlusion(m).attribute(x, sliding_window_shapes=(3, window, window),
@@ -182,6 +186,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                 abs=False))}),
         "occlusion": Work({"window": window, "stride": stride}, occlusion_floor, {"captum Occlusion": peer(
             captum_occlusion)}),
+        "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
     }
 
 

@@ -42,7 +42,7 @@ from .gradients import (
     SmoothGrad,
     VanillaGradient,
 )
-from .perturbation import Occlusion
+from .perturbation import RISE, Occlusion
 from .transformers import AttentionRollout, GenericAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -79,6 +79,7 @@ __all__ = [
     "Occlusion",
     "RandomCAM",
     "RefineCAM",
+    "RISE",
     "SESS",
     "SSCAM",
     "ScoreCAM",

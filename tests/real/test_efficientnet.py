@@ -20,8 +20,11 @@ GRADIENT_METHODS = {
     "deconvnet": {},
     "smoothgrad": {"samples": 8},
     "occlusion": {"window": 40, "stride": 20},
+    "rise": {"n_masks": 120, "grid": 6, "generator": torch.Generator().manual_seed(0)},
     "guided_grad_cam": {},  # gradient-shaped; its 0.3 margin is checked in tests/real/test_real_cam.py
 }
+#: methods held to a margin, as the CAMs are: RISE's masks are coarse, so its map is as regional as a CAM's
+MARGINS = {"rise": 0.3}
 
 
 def test_the_embedded_model_classifies_the_photos(efficientnet):
@@ -49,7 +52,8 @@ def test_cat_class_puts_more_mass_on_the_cat_half(name, efficientnet, composite)
     x = composite.repeat(2, 1, 1, 1)
     maps = attribution.create(name, efficientnet, **GRADIENT_METHODS[name])(x, [EGYPTIAN_CAT, ESPRESSO])
     share = cat_half_share(maps)
-    assert share[0] > share[1], f"{name}: cat share {share[0]:.3f} for the cat class, {share[1]:.3f} for coffee"
+    assert share[0] - share[1] > MARGINS.get(name, 0.0), \
+        f"{name}: cat share {share[0]:.3f} for the cat class, {share[1]:.3f} for coffee"
 
 
 def test_guided_backprop_differs_from_the_gradient_on_relu6(efficientnet, composite):
