@@ -176,6 +176,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                 x, target=t, n_steps=steps, internal_batch_size=c))}),
         "blur_ig": Work({"steps": steps}, grads(steps)),
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
+        "idgi": Work({"steps": steps}, grads(steps)),
         "guided_backprop": Work({}, grads(1), {"captum GuidedBackprop": peer(
             lambda m, x, t, c: ca.GuidedBackprop(m).attribute(x, t))}),
         "deconvnet": Work({}, grads(1), {"captum Deconvolution": peer(

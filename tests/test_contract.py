@@ -16,6 +16,7 @@ FAST = {
     "integrated_gradients": {"steps": 8},
     "blur_ig": {"steps": 6, "max_sigma": 4.0},
     "guided_ig": {"steps": 6},
+    "idgi": {"steps": 6},
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 3},

@@ -16,6 +16,7 @@ GRADIENT_METHODS = {
     "integrated_gradients": {"steps": 24},
     "blur_ig": {"steps": 24},
     "guided_ig": {"steps": 24},
+    "idgi": {"steps": 24},
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 8},

@@ -3,6 +3,7 @@ from .base import GradientExplainer
 from .blur_ig import BlurIG
 from .guided_backprop import Deconvnet, GuidedBackProp
 from .guided_ig import GuidedIG
+from .idgi import IDGI
 from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
 from .smoothgrad import SmoothGrad
@@ -14,6 +15,7 @@ __all__ = [
     "GradientExplainer",
     "GuidedBackProp",
     "GuidedIG",
+    "IDGI",
     "InputXGradient",
     "IntegratedGradients",
     "SmoothGrad",

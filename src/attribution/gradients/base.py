@@ -24,6 +24,14 @@ from ..core.targets import Target
 PointFn = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
 
 
+def important_direction(grads: Tensor) -> Tensor:
+    """``g^2 / |g|^2`` per row of ``grads`` (n, ...): the share of each feature in the squared gradient norm, the
+    unit of IDGI's step (zero for a zero gradient)."""
+    square = grads.square()
+    norm = square.flatten(1).sum(1).view((-1,) + (1,) * (grads.dim() - 1))
+    return torch.where(norm > 0, square / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(square))
+
+
 def accumulation_dtype(x: Tensor) -> torch.dtype:
     """Sums are kept in float64 for float64 input, float32 otherwise (also for fp16/bf16 models)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -47,6 +55,17 @@ class GradientExplainer(Explainer):
         planner: Optional[RowPlanner] = None,
     ) -> Tensor:
         """Gradient of each row's target score w.r.t. the row, in the rows' dtype."""
+        return self._scores_and_input_gradients(rows, owners, target, create_graph, planner)[1]
+
+    def _scores_and_input_gradients(
+        self,
+        rows: Tensor,
+        owners: Tensor,
+        target: Target,
+        create_graph: bool = False,
+        planner: Optional[RowPlanner] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """Each row's target score (float32 or float64) and its gradient w.r.t. the row (the rows' dtype)."""
         rows = self._model_input(rows.detach()).requires_grad_(True)
         measure = planner is not None and planner.adaptive and planner.measured_per_row is None
         before = torch.cuda.memory_allocated(rows.device) if measure else 0
@@ -56,7 +75,7 @@ class GradientExplainer(Explainer):
             planner.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
         scores = target(outputs, owners)
         (grads,) = torch.autograd.grad(scores.sum(), rows, create_graph=create_graph, allow_unused=True)
-        return torch.zeros_like(rows) if grads is None else grads
+        return scores if create_graph else scores.detach(), torch.zeros_like(rows) if grads is None else grads
 
     def _integrate(
         self,
@@ -66,21 +85,35 @@ class GradientExplainer(Explainer):
         points: PointFn,
         batch_size: Optional[int],
         create_graph: bool,
+        idgi: bool = False,
     ) -> Tensor:
         """``sum_k coeff * grad`` over ``steps`` points per image, evaluated ``batch_size`` rows at a time.
 
         ``points(owners, step)`` gets (n,) image indices and (n,) step indices and returns the points (n, C, H, W)
-        and their coefficients (broadcastable to the points).  Rows are ordered image-major.
+        and their coefficients (broadcastable to the points).  Rows are ordered image-major.  With ``idgi`` the
+        points must run along a path from its start to the image, their coefficients are ignored, and the sum is
+        IDGI's ``sum_k important_direction(grad_k) * (f(p_{k+1}) - f(p_k))`` (see :mod:`.idgi`); the previous
+        row's direction and score carry over from one pass to the next.
         """
         batch = x.shape[0]
         total = torch.zeros(x.shape, dtype=accumulation_dtype(x), device=x.device)
         planner = RowPlanner(batch * steps, batch_size, x.device)
+        before: Optional[Tuple[Tensor, Tensor]] = None  # the last row's (direction, score), for the next pass
         for start, stop in planner:
             index = torch.arange(start, stop, device=x.device)
             owners, step = index // steps, index % steps
             rows, coeff = points(owners, step)
-            grads = self._input_gradients(rows, owners, target, create_graph, planner)
-            contribution = coeff * grads.to(total.dtype)
+            scores, grads = self._scores_and_input_gradients(rows, owners, target, create_graph, planner)
+            if idgi:
+                direction, scores = important_direction(grads.to(total.dtype)), scores.to(total.dtype)
+                if before is None:
+                    before = (torch.zeros_like(direction[:1]), torch.zeros_like(scores[:1]))
+                previous = torch.cat([before[0], direction[:-1]]), torch.cat([before[1], scores[:-1]])
+                change = torch.where(step > 0, scores - previous[1], torch.zeros_like(scores))
+                contribution = previous[0] * change.view((-1,) + (1,) * (direction.dim() - 1))
+                before = direction[-1:], scores[-1:]
+            else:
+                contribution = coeff * grads.to(total.dtype)
             # out of place only when the sum must stay differentiable
             total = total.index_add(0, owners, contribution) if create_graph else total.index_add_(0, owners, contribution)
         return total

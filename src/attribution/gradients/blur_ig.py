@@ -70,7 +70,10 @@ class BlurIG(GradientExplainer):
         sqrt: bool,
         batch_size: Optional[int],
         create_graph: bool,
+        idgi: bool = False,
     ) -> Tensor:
+        """With ``idgi`` (set by :class:`~attribution.gradients.idgi.IDGI`): IDGI on the ``steps + 1`` blurred images
+        from ``max_sigma`` down to the image itself (sigma 0)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if max_sigma <= 0 or grad_step <= 0:
@@ -82,6 +85,9 @@ class BlurIG(GradientExplainer):
         dtype = accumulation_dtype(x)
         images = x.to(dtype)
         height, width = x.shape[-2:]
+        if idgi:
+            return self._integrate(x, target, steps + 1, lambda owners, step: (
+                gaussian_blur(images[owners], sigmas[steps - step]), None), batch_size, create_graph, idgi=True)
 
         def points(owners: Tensor, step: Tensor):
             s, s2 = sigmas[step], sigmas[step] + grad_step

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -10,7 +10,7 @@ from torch import Tensor
 from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
-from .base import GradientExplainer
+from .base import GradientExplainer, important_direction
 from .paths import BaselineSpec, make_baseline
 
 EPSILON = 1e-9
@@ -47,7 +47,10 @@ class GuidedIG(GradientExplainer):
         max_dist: float,
         batch_size: Optional[int],
         create_graph: bool,
+        idgi: bool = False,
     ) -> Tensor:
+        """With ``idgi`` (set by :class:`~attribution.gradients.idgi.IDGI`): IDGI on the points where each step
+        takes its gradient, then the image."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if not 0 < fraction <= 1 or not 0 <= max_dist <= 1:
@@ -66,13 +69,16 @@ class GuidedIG(GradientExplainer):
         kth = int(math.floor(fraction * (n_features - 1))) + 1  # numpy's quantile(..., method='lower')
         planner = RowPlanner(batch, batch_size, x.device)
 
+        before: Optional[Tuple[Tensor, Tensor]] = None  # IDGI: the last point's (direction, score)
+
         for step in range(steps):
-            grad = torch.cat(
-                [
-                    self._input_gradients(point[a:b], owners[a:b], target, create_graph, planner).to(torch.float64)
-                    for a, b in planner
-                ]
-            )
+            scores, grad = (torch.cat(parts).to(torch.float64) for parts in zip(*(
+                self._scores_and_input_gradients(point[a:b], owners[a:b], target, create_graph, planner)
+                for a, b in planner)))
+            if idgi:
+                if before is not None:
+                    attribution = attribution + before[0] * (scores - before[1]).view(shape)
+                before = important_direction(grad), scores
             alpha = (step + 1.0) / steps
             alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
             x_min, x_max = start + alpha_min * delta, start + alpha_max * delta
@@ -100,6 +106,11 @@ class GuidedIG(GradientExplainer):
                 full = (gamma > 1).view(shape)
                 partial_step = point + (x_max - point) * gamma.clamp(max=1).view(shape)
                 point = torch.where(chosen, torch.where(full, x_max, partial_step), point)
-                attribution = attribution + (point - old) * grad
+                if not idgi:
+                    attribution = attribution + (point - old) * grad
                 active = moving_now & (gamma > 1)
+        if idgi and before is not None:  # the path ends at the image
+            with torch.set_grad_enabled(create_graph):
+                end = torch.cat([target(self._forward(x[a:b]), owners[a:b]) for a, b in planner]).to(torch.float64)
+            attribution = attribution + before[0] * (end - before[1]).view(shape)
         return attribution

@@ -38,9 +38,13 @@ class IntegratedGradients(GradientExplainer):
         method: str,
         batch_size: Optional[int],
         create_graph: bool,
+        idgi: bool = False,
     ) -> Tensor:
+        """With ``idgi`` (set by :class:`~attribution.gradients.idgi.IDGI`): IDGI on ``steps`` evenly spaced points
+        from the baseline to the image, both included, whatever ``method``."""
         dtype = accumulation_dtype(x)
-        alphas, weights = (t.to(device=x.device, dtype=dtype) for t in quadrature(method, steps))
+        rule = "linspace" if idgi else method
+        alphas, weights = (t.to(device=x.device, dtype=dtype) for t in quadrature(rule, steps))
         start = make_baseline(x, baseline).to(dtype)
         delta = x.to(dtype) - start
 
@@ -48,4 +52,5 @@ class IntegratedGradients(GradientExplainer):
             a = alphas[step].view(-1, 1, 1, 1)
             return start[owners] + a * delta[owners], weights[step].view(-1, 1, 1, 1)
 
-        return delta * self._integrate(x, target, steps, points, batch_size, create_graph)
+        total = self._integrate(x, target, steps, points, batch_size, create_graph, idgi)
+        return total if idgi else delta * total
