@@ -351,6 +351,10 @@ def cam_work(size: int) -> Dict[str, Work]:
     def input_floor(m, x, t, chunk, e):
         input_gradient_passes(m, x, t, x.shape[0], chunk)
 
+    def opti_floor(m, x, t, chunk, e):  # the clean forward, then a forward and input gradient per iteration
+        forward_passes(m, x, x.shape[0], chunk)
+        input_gradient_passes(m, x, t, x.shape[0] * OPTI_ITERATIONS, chunk)
+
     def captum_layer_grad_cam(m, x, t, chunk, e):
         import captum.attr as ca
 
@@ -378,6 +382,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "ablation_cam": pgc_work(tail_floor, "AblationCAM", batch_size="chunk"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
+        "opti_cam": Work({"iterations": OPTI_ITERATIONS}, opti_floor, {}, "all"),
         "fem": pgc_work(forward_floor, "FEM"),
         "shapley_cam": pgc_work(hessian_vector_passes, "ShapleyCAM"),
         "finer_cam": Work({}, layer_gradient_passes, {"pytorch-grad-cam FinerCAM": pgc and finer_peer}, "cnn"),
@@ -391,6 +396,8 @@ def cam_work(size: int) -> Dict[str, Work]:
     }
 
 
+#: Opti-CAM's optimisation steps in the benchmark (its default is 50)
+OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods
 SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU

@@ -39,6 +39,7 @@ FAST = {
     "ss_cam": {"samples": 1},
     "is_cam": {"steps": 2},
     "ablation_cam": {},
+    "opti_cam": {"iterations": 5},
     "fullgrad": {},
     "fem": {},
     "shapley_cam": {},

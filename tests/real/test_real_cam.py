@@ -27,6 +27,7 @@ DISCRIMINATIVE = {
     "bag_cam": {},
     "eigen_grad_cam": {},
     "ablation_cam": {},
+    "opti_cam": {"iterations": 20},
     "guided_grad_cam": {},
     "combined": {},
     "score_cam": {"target_layer": "_blocks.14"},

@@ -13,6 +13,7 @@ from .hires_cam import HiResCAM
 from .kpca_cam import KPCACAM
 from .layer_cam import LayerCAM
 from .meta import MetaCAM
+from .opti_cam import OptiCAM
 from .random_cam import RandomCAM
 from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
@@ -38,6 +39,7 @@ __all__ = [
     "KPCACAM",
     "LayerCAM",
     "MetaCAM",
+    "OptiCAM",
     "RandomCAM",
     "RefineCAM",
     "SESS",
