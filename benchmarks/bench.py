@@ -293,6 +293,12 @@ def cam_work(size: int) -> Dict[str, Work]:
     def score_floor(m, x, t, chunk, e):  # the clean forward and one masked forward per channel
         forward_passes(m, x, x.shape[0] * (1 + channels_at_layer(m, x, e)), chunk)
 
+    def group_floor(m, x, t, chunk, e):  # the layer gradient, then the blurred image and one copy per group
+        channels = channels_at_layer(m, x, e)
+        groups = -(-channels // -(-channels // e.defaults["groups"]))
+        layer_gradient_passes(m, x, t, chunk, e)
+        forward_passes(m, x, x.shape[0] * (1 + groups), chunk)
+
     def vit_cx_floor(m, x, t, chunk, e):  # the clean forward and two forwards per cluster mask (as last counted)
         forward_passes(m, x, x.shape[0] + 2 * int(sum(c.sum() for c in e.last_cluster_counts)), chunk)
 
@@ -382,6 +388,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "ablation_cam": pgc_work(tail_floor, "AblationCAM", batch_size="chunk"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
+        "group_cam": Work({}, group_floor, {}, "cnn"),
         "opti_cam": Work({"iterations": OPTI_ITERATIONS}, opti_floor, {}, "all"),
         "fem": pgc_work(forward_floor, "FEM"),
         "shapley_cam": pgc_work(hessian_vector_passes, "ShapleyCAM"),

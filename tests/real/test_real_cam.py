@@ -28,6 +28,7 @@ DISCRIMINATIVE = {
     "eigen_grad_cam": {},
     "ablation_cam": {},
     "opti_cam": {"iterations": 20},
+    "group_cam": {},
     "guided_grad_cam": {},
     "combined": {},
     "score_cam": {"target_layer": "_blocks.14"},

@@ -9,6 +9,7 @@ from .full_grad import FullGrad
 from .grad_cam import GradCAM
 from .grad_cam_elementwise import GradCAMElementWise
 from .grad_cam_plusplus import GradCAMPlusPlus
+from .group_cam import GroupCAM
 from .hires_cam import HiResCAM
 from .kpca_cam import KPCACAM
 from .layer_cam import LayerCAM
@@ -34,6 +35,7 @@ __all__ = [
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GroupCAM",
     "HiResCAM",
     "ISCAM",
     "KPCACAM",

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core import filters
 from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
@@ -49,13 +50,7 @@ def resize_matrix(length: int, size: int, dtype: torch.dtype, device: torch.devi
 
 def gaussian_blur(maps: Tensor, size: int = BLUR_SIZE, sigma: float = BLUR_SIGMA) -> Tensor:
     """Separable Gaussian blur of (N, 1, H, W) maps with mirrored borders (OpenCV's default, BORDER_REFLECT_101)."""
-    half = size // 2
-    offsets = torch.arange(size, dtype=maps.dtype, device=maps.device) - half
-    kernel = torch.exp(-offsets.square() / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    mode = "reflect" if min(maps.shape[-2:]) > half else "replicate"
-    padded = F.pad(maps, (half, half, half, half), mode=mode)
-    return F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, size)), kernel.view(1, 1, size, 1))
+    return filters.gaussian_blur(maps, size, sigma, padding="reflect")
 
 
 class Scale:
