@@ -177,6 +177,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "blur_ig": Work({"steps": steps}, grads(steps)),
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
         "idgi": Work({"steps": steps}, grads(steps)),
+        "expected_gradients": Work({"samples": steps}, grads(steps), {"captum GradientShap": peer(
+            lambda m, x, t, c: ca.GradientShap(m).attribute(x, torch.zeros_like(x[:1]).repeat(4, 1, 1, 1),
+                                                             n_samples=steps, stdevs=0.0, target=t))}),
         "guided_backprop": Work({}, grads(1), {"captum GuidedBackprop": peer(
             lambda m, x, t, c: ca.GuidedBackprop(m).attribute(x, t))}),
         "deconvnet": Work({}, grads(1), {"captum Deconvolution": peer(

@@ -36,6 +36,7 @@ from .core import Explainer, create, get_method, list_methods, register
 from .gradients import (
     BlurIG,
     Deconvnet,
+    ExpectedGradients,
     GradientExplainer,
     GuidedBackProp,
     GuidedIG,
@@ -61,6 +62,7 @@ __all__ = [
     "Deconvnet",
     "EigenCAM",
     "EigenGradCAM",
+    "ExpectedGradients",
     "Explainer",
     "FEM",
     "FinerCAM",

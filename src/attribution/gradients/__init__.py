@@ -1,6 +1,7 @@
 """The gradient family: maps built from input gradients, (B, C, H, W) signed attributions."""
 from .base import GradientExplainer
 from .blur_ig import BlurIG
+from .expected import ExpectedGradients
 from .guided_backprop import Deconvnet, GuidedBackProp
 from .guided_ig import GuidedIG
 from .idgi import IDGI
@@ -12,6 +13,7 @@ from .vanilla import VanillaGradient
 __all__ = [
     "BlurIG",
     "Deconvnet",
+    "ExpectedGradients",
     "GradientExplainer",
     "GuidedBackProp",
     "GuidedIG",
