@@ -23,6 +23,7 @@ FAST = {
     "smoothgrad": {"samples": 3},
     "occlusion": {"window": 4, "stride": 4},
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},
+    "kernel_shap": {"grid": 3, "samples": 30, "generator": torch.Generator().manual_seed(0)},
     "attention_rollout": {},
     "generic_attention": {},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)

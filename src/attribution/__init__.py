@@ -46,7 +46,7 @@ from .gradients import (
     SmoothGrad,
     VanillaGradient,
 )
-from .perturbation import RISE, Occlusion
+from .perturbation import RISE, KernelSHAP, Occlusion
 from .transformers import AttentionRollout, GenericAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -82,6 +82,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedGradients",
     "KPCACAM",
+    "KernelSHAP",
     "LayerCAM",
     "Occlusion",
     "OptiCAM",

@@ -1,5 +1,6 @@
 """Perturbation methods: maps from forwards of perturbed copies, (B, 1, H, W)."""
+from .kernel_shap import KernelSHAP
 from .occlusion import Occlusion
 from .rise import RISE
 
-__all__ = ["Occlusion", "RISE"]
+__all__ = ["KernelSHAP", "Occlusion", "RISE"]
