@@ -8,6 +8,7 @@ explainer and a list of metrics in one call and returns a table.
 from .common import Curve, gaussian_blur, make_substrate, pixel_map, rise_blur
 from .complexity import gini
 from .components import ComponentBoxes, component_boxes, connected_components, hole_boxes
+from .confidence import ConfidenceChange, average_drop, confidence_change, increase_in_confidence
 from .evaluate import METRICS, EvaluationTable, evaluate
 from .insertion_deletion import delete_score, deletion, insert_score, insertion
 from .keep_remove import (kam, keep_absolute_mask, keep_negative_mask, keep_positive_mask, kpm, knm, ram,
@@ -26,6 +27,7 @@ __all__ = [
     "METRICS",
     "BoxAccuracy",
     "ComponentBoxes",
+    "ConfidenceChange",
     "Curve",
     "EvaluationTable",
     "PixelAP",
@@ -33,6 +35,7 @@ __all__ = [
     "RandomisationResult",
     "RoadResult",
     "attribution_localisation",
+    "average_drop",
     "binarize",
     "box_accuracy",
     "box_iou",
@@ -41,6 +44,7 @@ __all__ = [
     "cam_to_mask",
     "class_specific_spearman_rank_corr",
     "component_boxes",
+    "confidence_change",
     "connected_components",
     "delete_score",
     "deletion",
@@ -49,6 +53,7 @@ __all__ = [
     "gaussian_blur",
     "gini",
     "hole_boxes",
+    "increase_in_confidence",
     "insert_score",
     "insertion",
     "kam",

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..core.targets import TargetSpec
 from .common import resolve_scorer
 from .complexity import gini
+from .confidence import average_drop, increase_in_confidence
 from .insertion_deletion import deletion, insertion
 from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_mask, remove_absolute_mask
 from .localisation import attribution_localisation, energy_pointing_game, pointing_game
@@ -29,6 +30,8 @@ _CURVES: Dict[str, Callable[..., Any]] = {
     "deletion": deletion, "insertion": insertion, "kpm": keep_positive_mask, "knm": keep_negative_mask,
     "kam": keep_absolute_mask, "ram": remove_absolute_mask,
 }
+#: metrics with one value per image from perturbed forwards
+_SCORES: Dict[str, Callable[..., Any]] = {"average_drop": average_drop, "increase_in_confidence": increase_in_confidence}
 _REGION: Dict[str, Callable[..., Any]] = {
     "pointing_game": lambda m, r, **o: pointing_game(m, r, **o).hit.to(torch.float32),
     "energy_pointing_game": energy_pointing_game,
@@ -38,9 +41,9 @@ _REGION: Dict[str, Callable[..., Any]] = {
     "pxap": lambda m, r, **o: pxap(m, r, **o).value,
 }
 #: every metric name :func:`evaluate` accepts
-METRICS = tuple(sorted([*_CURVES, *_REGION, "road", "gini", "model_randomisation"]))
+METRICS = tuple(sorted([*_CURVES, *_SCORES, *_REGION, "road", "gini", "model_randomisation"]))
 #: metrics where a lower value is better (the others: higher is better)
-LOWER_IS_BETTER = frozenset({"deletion", "knm", "ram", "road_morf", "model_randomisation"})
+LOWER_IS_BETTER = frozenset({"deletion", "knm", "ram", "road_morf", "model_randomisation", "average_drop"})
 
 
 class EvaluationTable(dict):
@@ -121,6 +124,8 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
         if name in _CURVES:
             curve = _CURVES[name](model, images, maps, fixed, batch_size=batch_size, **extra)
             table[name], table.curves[name] = curve.auc, (curve.x, curve.y)
+        elif name in _SCORES:
+            table[name] = _SCORES[name](model, images, maps, fixed, batch_size=batch_size, **extra)
         elif name == "road":
             result = road(model, images, maps, fixed, batch_size=batch_size, **extra)
             table["road"] = result.combined
