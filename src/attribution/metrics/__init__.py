@@ -16,6 +16,7 @@ from .keep_remove import (kam, keep_absolute_mask, keep_negative_mask, keep_posi
 from .localisation import Pointing, attribution_localisation, energy_pointing_game, pointing_game
 from .regions import box_iou, boxes_to_mask, region_mask
 from .imputation import linear_impute, noisy_linear_impute
+from .infidelity import infidelity, max_sensitivity
 from .road import RoadResult, road
 from .sanity import RandomisationResult, model_randomisation, randomisation_layers, reinitialise
 from .similarity import (class_specific_spearman_rank_corr, rank_data, spearman, spearman_rank_correlation_value,
@@ -54,6 +55,7 @@ __all__ = [
     "gini",
     "hole_boxes",
     "increase_in_confidence",
+    "infidelity",
     "insert_score",
     "insertion",
     "kam",
@@ -65,6 +67,7 @@ __all__ = [
     "linear_impute",
     "make_substrate",
     "max_box_acc",
+    "max_sensitivity",
     "max_box_acc_v2",
     "model_randomisation",
     "noisy_linear_impute",

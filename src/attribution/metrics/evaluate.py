@@ -18,6 +18,7 @@ from ..core.targets import TargetSpec
 from .common import resolve_scorer
 from .complexity import gini
 from .confidence import average_drop, increase_in_confidence
+from .infidelity import infidelity, max_sensitivity
 from .insertion_deletion import deletion, insertion
 from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_mask, remove_absolute_mask
 from .localisation import attribution_localisation, energy_pointing_game, pointing_game
@@ -31,7 +32,8 @@ _CURVES: Dict[str, Callable[..., Any]] = {
     "kam": keep_absolute_mask, "ram": remove_absolute_mask,
 }
 #: metrics with one value per image from perturbed forwards
-_SCORES: Dict[str, Callable[..., Any]] = {"average_drop": average_drop, "increase_in_confidence": increase_in_confidence}
+_SCORES: Dict[str, Callable[..., Any]] = {"average_drop": average_drop, "increase_in_confidence": increase_in_confidence,
+                                          "infidelity": infidelity}
 _REGION: Dict[str, Callable[..., Any]] = {
     "pointing_game": lambda m, r, **o: pointing_game(m, r, **o).hit.to(torch.float32),
     "energy_pointing_game": energy_pointing_game,
@@ -41,9 +43,10 @@ _REGION: Dict[str, Callable[..., Any]] = {
     "pxap": lambda m, r, **o: pxap(m, r, **o).value,
 }
 #: every metric name :func:`evaluate` accepts
-METRICS = tuple(sorted([*_CURVES, *_SCORES, *_REGION, "road", "gini", "model_randomisation"]))
+METRICS = tuple(sorted([*_CURVES, *_SCORES, *_REGION, "road", "gini", "model_randomisation", "max_sensitivity"]))
 #: metrics where a lower value is better (the others: higher is better)
-LOWER_IS_BETTER = frozenset({"deletion", "knm", "ram", "road_morf", "model_randomisation", "average_drop"})
+LOWER_IS_BETTER = frozenset({"deletion", "knm", "ram", "road_morf", "model_randomisation", "average_drop",
+                             "infidelity", "max_sensitivity"})
 
 
 class EvaluationTable(dict):
@@ -138,6 +141,10 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
             if regions is None:
                 raise ValueError(f"metric {name!r} needs regions= (ground-truth boxes or masks)")
             table[name] = _REGION[name](maps, regions, **extra)
+        elif name == "max_sensitivity":
+            if explainer is None:
+                raise ValueError("'max_sensitivity' needs the explainer, not only its maps")
+            table[name] = max_sensitivity(explainer, images, fixed, model=model, **extra)
         else:  # model_randomisation
             if explainer is None:
                 raise ValueError("'model_randomisation' needs the explainer, not only its maps")
