@@ -43,6 +43,18 @@ class LinearModel(nn.Module):
         return self.linear(x.flatten(1))
 
 
+class CountingModel(nn.Module):
+    """Two scores from the image mean; ``calls`` records the rows of every forward (to count a method's passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return x.mean((1, 2, 3))[:, None].repeat(1, 2)
+
+
 def tiny_vit(seed: int = 0, classes: int = 5, fused: bool = True) -> nn.Module:
     """A small timm ViT (class token, 4x4 patches on 16x16 inputs, 2 blocks), random, seeded, eval mode."""
     from timm.models.vision_transformer import VisionTransformer

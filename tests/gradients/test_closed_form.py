@@ -9,7 +9,7 @@ from torch import nn
 import attribution
 from attribution.gradients.blur_ig import gaussian_blur
 from attribution.gradients.paths import RULES
-from conftest import LinearModel, tiny_cnn
+from conftest import CountingModel, LinearModel, tiny_cnn
 
 
 @pytest.fixture
@@ -213,12 +213,6 @@ def test_occlusion_on_a_linear_model(x8):
 
 
 def test_occlusion_default_window_scales_with_the_image():
-    calls = []
-
-    class Counting(nn.Module):
-        def forward(self, x):
-            calls.append(x.shape[0])
-            return x.mean((1, 2, 3))[:, None].repeat(1, 2)
-
-    attribution.Occlusion(Counting())(torch.randn(1, 3, 224, 224), 0, batch_size=1000)
-    assert sum(calls) == 1 + 13 * 13  # window 32, stride 16: ceil((224 - 32) / 16) + 1 = 13 positions a side
+    model = CountingModel()
+    attribution.Occlusion(model)(torch.randn(1, 3, 224, 224), 0, batch_size=1000)
+    assert sum(model.calls) == 1 + 13 * 13  # window 32, stride 16: ceil((224 - 32) / 16) + 1 = 13 positions a side

@@ -9,7 +9,7 @@ import torch
 
 import attribution
 from attribution.perturbation.kernel_shap import grid_segments, shapley_design
-from conftest import LinearModel, tiny_cnn
+from conftest import CountingModel, LinearModel, tiny_cnn
 
 
 def shapley_by_enumeration(model, image, cls, labels, baseline):
@@ -113,15 +113,9 @@ def test_agrees_with_captums_kernel_shap(model_and_images):
 
 
 def test_default_samples_and_forward_count():
-    calls = []
-
-    class Counting(torch.nn.Module):
-        def forward(self, x):
-            calls.append(x.shape[0])
-            return x.mean((1, 2, 3))[:, None].repeat(1, 2)
-
-    attribution.KernelSHAP(Counting(), grid=8)(torch.randn(1, 3, 16, 16), 0, batch_size=10_000)
-    assert sum(calls) == 2 + 2 * 64 + 2048  # the image, the baseline, SHAP's 2M + 2048 coalitions
+    model = CountingModel()
+    attribution.KernelSHAP(model, grid=8)(torch.randn(1, 3, 16, 16), 0, batch_size=10_000)
+    assert sum(model.calls) == 2 + 2 * 64 + 2048  # the image, the baseline, SHAP's 2M + 2048 coalitions
 
 
 @pytest.mark.parametrize("bad, message", [({"grid": 0}, "grid must be a positive int"),

@@ -8,7 +8,7 @@ from torch import nn
 
 import attribution
 from attribution.perturbation.rise import MaskDraws
-from conftest import LinearModel, tiny_cnn
+from conftest import CountingModel, LinearModel, tiny_cnn
 
 skimage_transform = pytest.importorskip("skimage.transform")
 
@@ -107,15 +107,9 @@ def test_same_generator_seed_same_map_and_masks_shared_by_the_batch(cnn, images)
 
 
 def test_rise_counts_its_forwards():
-    calls = []
-
-    class Counting(nn.Module):
-        def forward(self, x):
-            calls.append(x.shape[0])
-            return x.mean((1, 2, 3))[:, None].repeat(1, 2)
-
-    attribution.RISE(Counting(), n_masks=10, grid=2)(torch.randn(3, 3, 8, 8), 0, batch_size=4)
-    assert sum(calls) == 30 and max(calls) == 4
+    model = CountingModel()
+    attribution.RISE(model, n_masks=10, grid=2)(torch.randn(3, 3, 8, 8), 0, batch_size=4)
+    assert sum(model.calls) == 30 and max(model.calls) == 4
 
 
 @pytest.mark.parametrize("bad, message", [({"n_masks": 0}, "n_masks must be a positive int"),

@@ -46,17 +46,6 @@ class GradientExplainer(Explainer):
         """Context that changes how gradients flow through the model (guided backprop); none by default."""
         return contextlib.nullcontext()
 
-    def _input_gradients(
-        self,
-        rows: Tensor,
-        owners: Tensor,
-        target: Target,
-        create_graph: bool = False,
-        planner: Optional[RowPlanner] = None,
-    ) -> Tensor:
-        """Gradient of each row's target score w.r.t. the row, in the rows' dtype."""
-        return self._scores_and_input_gradients(rows, owners, target, create_graph, planner)[1]
-
     def _scores_and_input_gradients(
         self,
         rows: Tensor,
