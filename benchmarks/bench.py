@@ -415,6 +415,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "guided_grad_cam": Work({}, two_pass_floor, models="cnn"),
         "attention_rollout": Work({}, forward_floor, models="vit"),
         "generic_attention": Work({}, input_floor, models="vit"),
+        "attcat": Work({}, input_floor, models="vit"),
     }
 
 

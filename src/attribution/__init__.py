@@ -47,13 +47,14 @@ from .gradients import (
     VanillaGradient,
 )
 from .perturbation import RISE, KernelSHAP, Occlusion
-from .transformers import AttentionRollout, GenericAttention
+from .transformers import AttCAT, AttentionRollout, GenericAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AblationCAM",
+    "AttCAT",
     "AttentionRollout",
     "BagCAM",
     "BlurIG",

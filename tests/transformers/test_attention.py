@@ -150,3 +150,43 @@ def test_rollout_on_a_non_square_input_uses_the_right_grid():
                               num_classes=3).eval()
     out = attribution.AttentionRollout(model)(torch.randn(1, 3, 16, 32))
     assert out.shape == (1, 1, 16, 32)
+
+
+# ---------------------------------------------------------------------------------------------------- AttCAT
+def test_attention_blocks_are_the_children_holding_one_attention_call_each():
+    from attribution.transformers.attcat import attention_blocks
+
+    assert attention_blocks(tiny_vit(), torch.randn(1, 3, 16, 16)) == ["blocks.0", "blocks.1"]
+    assert attention_blocks(torchvision_vit(), torch.randn(1, 3, 32, 32)) == [
+        f"encoder.layers.encoder_layer_{i}" for i in range(3)]
+    with pytest.raises(ValueError, match="found no attention"):
+        attention_blocks(tiny_cnn(), torch.randn(1, 3, 16, 16))
+
+
+def test_attcat_equals_its_formula_on_the_unfused_model(x):
+    """R_i = sum over blocks of mean_{heads, queries} A[:, i] * sum_d (grad h * h)_i, h the block's input tokens."""
+    model = tiny_vit(fused=False)
+    inputs = []
+    handles = [blk.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for blk in model.blocks]
+    try:
+        out, maps = hooked_attention(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(out[[0, 1], [2, 4]].sum(), inputs)
+    relevance = sum(a.mean((1, 2)) * (g * h).sum(-1) for a, g, h in zip(maps, grads, inputs))
+    expected = relevance[:, 1:].reshape(2, 1, 4, 4).detach()
+    expected = nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)
+    ours = attribution.AttCAT(tiny_vit(fused=True))(x, [2, 4])
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_attcat_runs_on_torchvisions_vit_and_is_class_discriminative():
+    model = torchvision_vit()
+    torch.manual_seed(5)
+    nn.init.normal_(model.heads.head.weight)  # torchvision initialises the head to zero: no gradient would flow
+    images = torch.randn(2, 3, 32, 32)
+    attcat = attribution.AttCAT(model)
+    first, other = attcat(images, [0, 0]), attcat(images, [3, 3])
+    assert first.shape == (2, 1, 32, 32) and torch.isfinite(first).all()
+    assert not torch.allclose(first, other)

@@ -26,7 +26,7 @@ def task():
     return train_task()
 
 
-@pytest.mark.parametrize("name", ["generic_attention", "attention_rollout"])
+@pytest.mark.parametrize("name", ["generic_attention", "attention_rollout", "attcat"])
 def test_attention_maps_point_at_the_pattern(task, name):
     maps = attribution.create(name, task.model)(task.images, 1)
     rate = pointing_rate(maps, task.patches)

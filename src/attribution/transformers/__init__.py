@@ -1,7 +1,9 @@
 """Transformers: token layouts, attention capture, and transformer-native methods."""
+from .attcat import AttCAT
 from .attention import AttentionCapture
 from .generic_attention import GenericAttention
 from .rollout import AttentionRollout
 from .tokens import TokenLayout, token_layout, tokens_to_map
 
-__all__ = ["AttentionCapture", "AttentionRollout", "GenericAttention", "TokenLayout", "token_layout", "tokens_to_map"]
+__all__ = ["AttCAT", "AttentionCapture", "AttentionRollout", "GenericAttention", "TokenLayout", "token_layout",
+           "tokens_to_map"]

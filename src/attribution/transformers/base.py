@@ -67,9 +67,13 @@ class AttentionExplainer(Explainer):
 
     @staticmethod
     def _to_image(relevance: Tensor, layout: TokenLayout, size: Tuple[int, int]) -> Tensor:
-        rows = relevance[:, 0] if layout.prefix > 0 else relevance.mean(dim=1)
-        grid = rows[:, layout.prefix:].reshape(-1, 1, layout.height, layout.width)
-        return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        return scores_to_image(relevance[:, 0] if layout.prefix > 0 else relevance.mean(dim=1), layout, size)
+
+
+def scores_to_image(scores: Tensor, layout: TokenLayout, size: Tuple[int, int]) -> Tensor:
+    """(B, N) token scores to a (B, 1, H, W) map: the patch tokens on their grid, upsampled bilinearly."""
+    grid = scores[:, layout.prefix:].reshape(-1, 1, layout.height, layout.width)
+    return F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
