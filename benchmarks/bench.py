@@ -164,7 +164,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         forward_passes(m, x, x.shape[0] * (positions + 2), chunk)
 
     def captum_shap(m, x, t, chunk):
-        from attribution.perturbation.kernel_shap import grid_segments
+        from attribution.perturbation.segments import grid_segments
 
         mask = grid_segments(size, size, 4, x.device)[None, None].expand(1, 3, size, size)
         return torch.cat([ca.KernelShap(m).attribute(x[i:i + 1], target=t[i:i + 1], n_samples=positions,

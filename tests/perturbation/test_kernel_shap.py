@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import attribution
-from attribution.perturbation.kernel_shap import grid_segments, shapley_design
+from attribution.perturbation.kernel_shap import shapley_design
+from attribution.perturbation.segments import grid_segments
 from conftest import CountingModel, LinearModel, tiny_cnn
 
 

@@ -7,32 +7,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..core.batching import RowPlanner
 from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
-from ..gradients.base import accumulation_dtype
 from ..gradients.paths import BaselineSpec, make_baseline
+from .segments import coalition_scores, segment_labels
 
 #: with at most this many proper coalitions (2^M - 2) the design enumerates them all instead of sampling
 MAX_ENUMERATED = 1 << 14
-
-
-def grid_segments(height: int, width: int, grid: int, device: torch.device) -> Tensor:
-    """(H, W) segment labels of a ``grid`` x ``grid`` partition into near-equal rectangles, row-major."""
-    rows = torch.arange(height, device=device) * grid // height
-    cols = torch.arange(width, device=device) * grid // width
-    return rows[:, None] * grid + cols[None, :]
-
-
-def checked_segments(segments: Tensor, size: Tuple[int, int], device: torch.device) -> Tensor:
-    """User segment labels (H, W) of any integers, relabelled 0..M-1 in order of their values."""
-    if not isinstance(segments, Tensor) or segments.is_floating_point() or segments.is_complex() \
-            or tuple(segments.shape[-2:]) != tuple(size) or segments[..., 0, 0].numel() != 1:
-        shape = tuple(segments.shape) if isinstance(segments, Tensor) else type(segments).__name__
-        raise ValueError(f"segments must be an integer tensor of shape {tuple(size)} (one label per pixel, shared "
-                         f"by the batch), got {shape}")
-    return torch.unique(segments.reshape(size).to(device), return_inverse=True)[1]
 
 
 def shapley_design(features: int, samples: int, generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
@@ -98,11 +80,7 @@ class KernelSHAP(Explainer):
     def _explain(self, x: Tensor, target: Target, *, grid: int, segments: Optional[Tensor], samples: Optional[int],
                  baseline: BaselineSpec, generator: Optional[torch.Generator], batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-            raise ValueError(f"grid must be a positive int, got {grid!r}")
-        batch, _, height, width = x.shape
-        labels = grid_segments(height, width, grid, x.device) if segments is None else \
-            checked_segments(segments, (height, width), x.device)
+        labels = segment_labels(x, grid, segments)
         features = int(labels.max()) + 1
         if samples is None:
             samples = 2 * features + 2048
@@ -110,19 +88,12 @@ class KernelSHAP(Explainer):
             raise ValueError(f"samples must be a positive int or None, got {samples!r}")
         coalitions, weights = shapley_design(features, samples, generator)
         coalitions, weights = coalitions.to(x.device), weights.to(x.device)
-        # rows: the image, the baseline, then every coalition, coalition-major (each pass builds its masks once)
+        # the image, the baseline, then every coalition
         plan = torch.cat([torch.ones(1, features, dtype=torch.bool, device=x.device),
                           torch.zeros(1, features, dtype=torch.bool, device=x.device), coalitions])
-        base = make_baseline(x, baseline)
-        dtype = accumulation_dtype(x)
-        scores = []
         with torch.set_grad_enabled(create_graph):
-            for start, stop in RowPlanner(batch * plan.shape[0], batch_size, x.device):
-                index = torch.arange(start, stop, device=x.device)
-                image, row = index % batch, index // batch
-                keep = plan[row][:, labels].unsqueeze(1)  # (n, 1, H, W)
-                scores.append(target(self._forward(torch.where(keep, x[image], base[image])), image).to(dtype))
-            values = torch.cat(scores).view(plan.shape[0], batch).T  # (B, 2 + S)
+            values = coalition_scores(self, x, target, labels, plan, make_baseline(x, baseline), batch_size)
             origin = values[:, 1:2]
-            phi = constrained_fit(coalitions, weights.to(dtype), values[:, 2:] - origin, values[:, 0] - origin[:, 0])
+            phi = constrained_fit(coalitions, weights.to(values.dtype), values[:, 2:] - origin,
+                                  values[:, 0] - origin[:, 0])
         return phi[:, labels].unsqueeze(1)
