@@ -135,8 +135,8 @@ class Work:
 
 def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     """Work for every method of the gradient family and the perturbation methods (square inputs of ``size``;
-    occlusion with windows of size/4 moved by size/8: 7 x 7 positions, and RISE and Kernel SHAP with as many masks
-    and coalitions, so that the benchmark stays short)."""
+    occlusion with windows of size/4 moved by size/8: 7 x 7 positions, and RISE, Kernel SHAP and LIME with as many
+    masks and coalitions, so that the benchmark stays short)."""
     window, stride = max(1, size // 4), max(1, size // 8)
     positions = (-(-(size - window) // stride) + 1) ** 2
     try:
@@ -163,13 +163,18 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     def shap_floor(m, x, t, chunk, e):  # the image, the baseline and one forward per coalition
         forward_passes(m, x, x.shape[0] * (positions + 2), chunk)
 
-    def captum_shap(m, x, t, chunk):
-        from attribution.perturbation.segments import grid_segments
+    def segment_peer(cls_name: str):
+        def run(m, x, t, chunk):
+            from attribution.perturbation.segments import grid_segments
 
-        mask = grid_segments(size, size, 4, x.device)[None, None].expand(1, 3, size, size)
-        return torch.cat([ca.KernelShap(m).attribute(x[i:i + 1], target=t[i:i + 1], n_samples=positions,
-                                                     feature_mask=mask, perturbations_per_eval=chunk)
-                          for i in range(x.shape[0])])
+            mask = grid_segments(size, size, 4, x.device)[None, None].expand(1, 3, size, size)
+            return torch.cat([getattr(ca, cls_name)(m).attribute(x[i:i + 1], target=t[i:i + 1], n_samples=positions,
+                                                                 feature_mask=mask, perturbations_per_eval=chunk)
+                              for i in range(x.shape[0])])
+
+        return run
+
+    captum_shap, captum_lime = segment_peer("KernelShap"), segment_peer("Lime")
 
     def captum_occlusion(m, x, t, chunk):
         return ca.Occlusion(m).attribute(x, sliding_window_shapes=(3, window, window),
@@ -203,6 +208,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
             captum_occlusion)}),
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),
+        "lime": Work({"grid": 4, "samples": positions}, rise_floor, {"captum Lime": peer(captum_lime)}),
     }
 
 

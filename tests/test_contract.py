@@ -24,6 +24,7 @@ FAST = {
     "occlusion": {"window": 4, "stride": 4},
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},
     "kernel_shap": {"grid": 3, "samples": 30, "generator": torch.Generator().manual_seed(0)},
+    "lime": {"grid": 3, "samples": 30, "generator": torch.Generator().manual_seed(0)},
     "attention_rollout": {},
     "generic_attention": {},
     "attcat": {},

@@ -46,7 +46,7 @@ from .gradients import (
     SmoothGrad,
     VanillaGradient,
 )
-from .perturbation import RISE, KernelSHAP, Occlusion
+from .perturbation import LIME, RISE, KernelSHAP, Occlusion
 from .transformers import AttCAT, AttentionRollout, GenericAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -84,6 +84,7 @@ __all__ = [
     "IntegratedGradients",
     "KPCACAM",
     "KernelSHAP",
+    "LIME",
     "LayerCAM",
     "Occlusion",
     "OptiCAM",

@@ -24,6 +24,7 @@ GRADIENT_METHODS = {
     "occlusion": {"window": 40, "stride": 20},
     "rise": {"n_masks": 120, "grid": 6, "generator": torch.Generator().manual_seed(0)},
     "kernel_shap": {"grid": 4, "samples": 60, "generator": torch.Generator().manual_seed(0)},
+    "lime": {"grid": 4, "samples": 60, "generator": torch.Generator().manual_seed(0)},
     "guided_grad_cam": {},  # gradient-shaped; its 0.3 margin is checked in tests/real/test_real_cam.py
 }
 #: methods held to a margin, as the CAMs are: RISE's masks are coarse, so its map is as regional as a CAM's

@@ -30,7 +30,8 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "smoothgrad": {"samples": 2}, "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},
          "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4},
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4},
-         "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2}}
+         "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2},
+         "lime": {"grid": 2, "samples": 8}}
 METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation"))
 
 

@@ -1,6 +1,7 @@
 """Perturbation methods: maps from forwards of perturbed copies, (B, 1, H, W)."""
 from .kernel_shap import KernelSHAP
+from .lime import LIME
 from .occlusion import Occlusion
 from .rise import RISE
 
-__all__ = ["KernelSHAP", "Occlusion", "RISE"]
+__all__ = ["KernelSHAP", "LIME", "Occlusion", "RISE"]
