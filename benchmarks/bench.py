@@ -150,6 +150,10 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     def peer(build):
         return None if ca is None else (lambda m, x, t, c, e: build(m, x, t, c))
 
+    def idg_floor(m, x, t, chunk, e):  # the placing pass of forwards, then forward + input gradient per sample
+        forward_passes(m, x, x.shape[0] * steps, chunk)
+        input_gradient_passes(m, x, t, steps * x.shape[0], chunk)
+
     def guided_ig_floor(m, x, t, chunk, e):
         for _ in range(steps):
             input_gradient_passes(m, x, t, x.shape[0], chunk)
@@ -193,6 +197,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "blur_ig": Work({"steps": steps}, grads(steps)),
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
         "idgi": Work({"steps": steps}, grads(steps)),
+        "idg": Work({"steps": steps}, idg_floor),
         "expected_gradients": Work({"samples": steps}, grads(steps), {"captum GradientShap": peer(
             lambda m, x, t, c: ca.GradientShap(m).attribute(x, torch.zeros_like(x[:1]).repeat(4, 1, 1, 1),
                                                              n_samples=steps, stdevs=0.0, target=t))}),

@@ -17,6 +17,7 @@ FAST = {
     "blur_ig": {"steps": 6, "max_sigma": 4.0},
     "guided_ig": {"steps": 6},
     "idgi": {"steps": 6},
+    "idg": {"steps": 6},
     "expected_gradients": {"samples": 6, "generator": torch.Generator().manual_seed(0)},  # reference sets: its tests
     "guided_backprop": {},
     "deconvnet": {},

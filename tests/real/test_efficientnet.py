@@ -17,6 +17,7 @@ GRADIENT_METHODS = {
     "blur_ig": {"steps": 24},
     "guided_ig": {"steps": 24},
     "idgi": {"steps": 24},
+    "idg": {"steps": 24},
     "expected_gradients": {"samples": 24, "generator": torch.Generator().manual_seed(0)},
     "guided_backprop": {},
     "deconvnet": {},

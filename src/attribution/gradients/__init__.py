@@ -4,6 +4,7 @@ from .blur_ig import BlurIG
 from .expected import ExpectedGradients
 from .guided_backprop import Deconvnet, GuidedBackProp
 from .guided_ig import GuidedIG
+from .idg import IntegratedDecisionGradients
 from .idgi import IDGI
 from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
@@ -19,6 +20,7 @@ __all__ = [
     "GuidedIG",
     "IDGI",
     "InputXGradient",
+    "IntegratedDecisionGradients",
     "IntegratedGradients",
     "SmoothGrad",
     "VanillaGradient",
