@@ -100,3 +100,39 @@ def test_sanity_of_gradcam_on_efficientnet(efficientnet):
     from attribution.data import normalize, photos
 
     _check_falls(model_randomisation(attribution.GradCAM(efficientnet), normalize(photos(112)), layers=LAYERS))
+
+
+# ------------------------------------------------------------------------------------------- data randomisation
+def trained_linear(labels: torch.Tensor, x: torch.Tensor, seed: int = 0) -> torch.nn.Module:
+    """A linear classifier on 3x8x8 images, trained by full-batch gradient descent on ``labels``."""
+    from conftest import LinearModel
+
+    model = LinearModel(classes=2, seed=seed)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(300):
+        optimiser.zero_grad()
+        F.cross_entropy(model(x), labels).backward()
+        optimiser.step()
+    return model.eval()
+
+
+def test_data_randomisation_separates_a_learned_gradient_from_an_edge_detector():
+    """Class 1 = a bright top-left corner.  The true-label model's gradient sits on the corner, the model trained on
+    permuted labels has none to find: their maps disagree.  An edge detector gives the same map for both."""
+    from attribution.metrics import data_randomisation
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 3, 8, 8, generator=generator)
+    labels = (x[:, :, :3, :3].mean((1, 2, 3)) > 0).long()
+    model = trained_linear(labels, x)
+    shuffled = trained_linear(labels[torch.randperm(400, generator=generator)], x, seed=1)
+    assert (model(x).argmax(1) == labels).float().mean() > 0.9
+    probe = x[:4]
+    learned = data_randomisation(attribution.VanillaGradient(model), probe, 1, random_model=shuffled)
+    assert learned.spearman_abs.max() < 0.5 and not learned.flagged.any()
+    same = data_randomisation(attribution.VanillaGradient(model), probe, 1, random_model=model)
+    torch.testing.assert_close(same.spearman_abs, torch.ones(4, dtype=same.spearman_abs.dtype))
+    edges = data_randomisation(edge_detector, probe, 1, random_model=shuffled, model=model)
+    assert edges.flagged.all()
+    with pytest.raises(TypeError, match="random_model="):
+        data_randomisation(edge_detector, probe, 1, random_model=None, model=model)

@@ -18,7 +18,8 @@ from .regions import box_iou, boxes_to_mask, region_mask
 from .imputation import linear_impute, noisy_linear_impute
 from .infidelity import infidelity, max_sensitivity
 from .road import RoadResult, road
-from .sanity import RandomisationResult, model_randomisation, randomisation_layers, reinitialise
+from .sanity import (DataRandomisationResult, RandomisationResult, data_randomisation, model_randomisation,
+                     randomisation_layers, reinitialise)
 from .similarity import (class_specific_spearman_rank_corr, rank_data, spearman, spearman_rank_correlation_value,
                          ssim)
 from .wsol import (BoxAccuracy, PixelAP, binarize, box_accuracy, cam_to_boxes, cam_to_mask, max_box_acc,
@@ -29,6 +30,7 @@ __all__ = [
     "BoxAccuracy",
     "ComponentBoxes",
     "ConfidenceChange",
+    "DataRandomisationResult",
     "Curve",
     "EvaluationTable",
     "PixelAP",
@@ -46,6 +48,7 @@ __all__ = [
     "class_specific_spearman_rank_corr",
     "component_boxes",
     "confidence_change",
+    "data_randomisation",
     "connected_components",
     "delete_score",
     "deletion",

@@ -164,10 +164,47 @@ def model_randomisation(explainer, images: Tensor, target: TargetSpec = None, *,
             torch.manual_seed(seed + zlib.crc32(name.encode()))  # a layer's draw depends on (seed, name) only
             reinitialise(modules[name])
             maps = _rebind(explainer, copy_model)(images, fixed).detach()
-            absolute = visualise_abs(maps)
-            rows["spearman_abs"].append(spearman(reference_abs, absolute))
-            rows["spearman"].append(spearman(reference_signed, visualise_signed(maps)))
-            rows["ssim"].append(ssim(reference_abs.view(-1, *size), absolute.view(-1, *size)))
+            for key, value in _similarities(reference_abs, reference_signed, maps, size).items():
+                rows[key].append(value)
     table = {k: torch.stack(v) for k, v in rows.items()}
     return RandomisationResult(names, table["spearman_abs"], table["spearman"], table["ssim"],
                                table["spearman_abs"][-1] >= threshold)
+
+
+def _similarities(reference_abs: Tensor, reference_signed: Tensor, maps: Tensor, size) -> dict:
+    """Spearman (absolute and signed) and SSIM (absolute) of ``maps`` against the reference visualisations."""
+    absolute = visualise_abs(maps)
+    return {"spearman_abs": spearman(reference_abs, absolute),
+            "spearman": spearman(reference_signed, visualise_signed(maps)),
+            "ssim": ssim(reference_abs.view(-1, *size), absolute.view(-1, *size))}
+
+
+class DataRandomisationResult(NamedTuple):
+    """Per image (B,): the similarities of the two models' maps, and ``flagged``: ``spearman_abs >= threshold``."""
+
+    spearman_abs: Tensor
+    spearman: Tensor
+    ssim: Tensor
+    flagged: Tensor
+
+
+def data_randomisation(explainer, images: Tensor, target: TargetSpec = None, *, random_model: nn.Module,
+                       model: Optional[nn.Module] = None, threshold: float = FLAG_THRESHOLD) -> DataRandomisationResult:
+    """The data-randomisation test (Adebayo et al. 2018, Section 4): a map that explains what the model learned must
+    differ between the model and ``random_model``, the same architecture trained on randomly permuted labels (the
+    training is the caller's: nothing here trains).  Both models explain the same class, the original model's
+    choice (``None``: its arg-max); the maps are compared as in :func:`model_randomisation`, and an image is
+    flagged when the absolute rank correlation is still at least ``threshold``.
+    """
+    base = explainer.model if isinstance(explainer, Explainer) else model
+    if not isinstance(base, nn.Module) or not isinstance(random_model, nn.Module):
+        raise TypeError("give model= (when the explainer is not an attribution.Explainer) and random_model=, "
+                        "both nn.Modules")
+    resolved = resolve_scorer(base, images, target, "logit", None).target
+    fixed = resolved.classes if resolved.classes is not None else target
+    original = _rebind(explainer, base)(images, fixed).detach()
+    maps = _rebind(explainer, random_model)(images, fixed).detach()
+    values = _similarities(visualise_abs(original), visualise_signed(original), maps, original.shape[-2:])
+    return DataRandomisationResult(values["spearman_abs"], values["spearman"], values["ssim"],
+                                   values["spearman_abs"] >= threshold)
+
