@@ -103,5 +103,5 @@ def test_only_path_methods_and_their_options_are_taken(cnn, images):
         attribution.IDGI(cnn, method="vanilla_gradient")
     with pytest.raises(TypeError, match="unknown option 'max_sigma'"):
         attribution.IDGI(cnn, method="integrated_gradients", max_sigma=2.0)
-    out = attribution.IDGI(cnn, method="blur_ig", steps=3, max_sigma=2.0)(images, 0)
-    assert out.shape == images.shape
+    with pytest.raises(ValueError, match="IDGI on the straight line needs steps >= 2"):
+        attribution.IDGI(cnn, steps=1)(images, 0)

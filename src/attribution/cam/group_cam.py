@@ -1,7 +1,6 @@
 """Group-CAM."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -66,8 +65,7 @@ class GroupCAM(CAM):
         layers = self.target_layers(x, target_layer, reshape_transform)
         per_layer: List[List[Tensor]] = [[] for _ in layers]
         classes = []
-        logit = copy.copy(target)  # Grad-CAM's weights come from the target's logit, as in the authors' code
-        logit.score = "logit"
+        logit = target.with_score("logit")  # Grad-CAM's weights come from the target's logit, as the authors' code
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
             owners = torch.arange(start, stop, device=x.device)
             outputs, acts, grads = self._capture(x[start:stop], owners, logit, layers, reshape_transform,

@@ -52,4 +52,9 @@ class IDGI(GradientExplainer):
     def _explain(self, x: Tensor, target: Target, *, method: Any = None, **options: Any) -> Tensor:
         # ``method`` here is the wrapped class; Integrated Gradients' own (its quadrature rule) keeps its default,
         # which IDGI does not use
-        return self.inner._explain(x, target, idgi=True, **{**self.inner.defaults, **options})
+        inner = {**self.inner.defaults, **options}
+        if self.inner_class is IntegratedGradients and (isinstance(inner["steps"], bool) or
+                                                          not isinstance(inner["steps"], int) or inner["steps"] < 2):
+            raise ValueError(f"IDGI on the straight line needs steps >= 2 (the baseline and the image), "
+                             f"got {inner['steps']!r}")
+        return self.inner._explain(x, target, idgi=True, **inner)

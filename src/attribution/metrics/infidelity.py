@@ -79,19 +79,22 @@ def infidelity(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpe
     with torch.no_grad(), preserve_model(model):
         clean = torch.cat([scorer(model(images[a:b].to(run_dtype)), owners_all[a:b]).to(phi.dtype)
                            for a, b in RowPlanner(batch, batch_size, images.device)])
+        # rows are sample-major (row r: sample r // B of image r % B), so a pass draws each of its samples once
         for start, stop in RowPlanner(batch * samples, batch_size, images.device):
             index = torch.arange(start, stop, device=images.device)
-            owners, sample = index // samples, index % samples
+            owners, sample = index % batch, index // batch
             rows = images[owners]
             if perturbation is None:  # x - I = std * noise: I = x - std * noise
-                noise = torch.stack([_draw(seeds[s], images.shape[1:], images, False) for s in sample.tolist()])
-                change = rows - std * noise
+                first = int(sample[0])
+                noise = torch.stack([_draw(seeds[s], images.shape[1:], images, False)
+                                     for s in range(first, int(sample[-1]) + 1)])
+                change = rows - std * noise[sample - first]
             else:
                 change = perturbation(rows)
             dots[start:stop] = (change.to(phi.dtype) * phi[owners]).flatten(1).sum(1)
             scores[start:stop] = scorer(model((rows - change).to(run_dtype)), owners).to(phi.dtype)
-    dot = dots.view(batch, samples)
-    effect = clean[:, None] - scores.view(batch, samples)
+    dot = dots.view(samples, batch).T
+    effect = clean[:, None] - scores.view(samples, batch).T
     if normalize:
         denominator = dot.square().mean(1, keepdim=True)
         beta = torch.where(denominator > 0, (dot * effect).mean(1, keepdim=True) / denominator.clamp(min=1e-300),

@@ -80,8 +80,8 @@ class RISE(Explainer):
                 first, last = start // batch, (stop - 1) // batch + 1
                 masks = draws.masks(first, last, x.dtype)
                 index = torch.arange(start, stop, device=x.device)
-                image, mask = index % batch, index // batch - first
-                scores = target(self._forward(x[image] * masks[mask].unsqueeze(1)), image).to(dtype)
-                weighted = scores[:, None] * masks[mask].flatten(1).to(dtype)
+                image, chosen = index % batch, masks[index // batch - first]
+                scores = target(self._forward(x[image] * chosen.unsqueeze(1)), image).to(dtype)
+                weighted = scores[:, None] * chosen.flatten(1).to(dtype)
                 total = total.index_add(0, image, weighted) if create_graph else total.index_add_(0, image, weighted)
         return (total / (n_masks * p1)).view(batch, 1, height, width)
