@@ -328,20 +328,24 @@ def cam_work(size: int) -> Dict[str, Work]:
     def vit_cx_floor(m, x, t, chunk, e):  # the clean forward and two forwards per cluster mask (as last counted)
         forward_passes(m, x, x.shape[0] + 2 * int(sum(c.sum() for c in e.last_cluster_counts)), chunk)
 
-    def tail_floor(m, x, t, chunk, e):  # one head forward, then the tail on every ablated copy
-        from attribution.cam.tail import SplitModel, ablation_rows
+    def tail_floor(copies):  # one head forward, then the tail on copies(layer output) edited copies per image
+        def floor(m, x, t, chunk, e):
+            from attribution.cam.tail import SplitModel, ablation_rows
 
-        (layer,) = e.target_layers(x)
-        with torch.inference_mode():
-            split = SplitModel(m, layer)
-            values = split.head(x)
-            tail = split.tail(values, x.shape[0], split.plan(values))
-            acts = values[split.cut]
-            rows = x.shape[0] * acts.shape[1]
-            for start in range(0, rows, chunk):
-                index = torch.arange(start, min(start + chunk, rows), device=x.device)
-                owners, channels = index // acts.shape[1], index % acts.shape[1]
-                tail(ablation_rows(acts, owners, channels, 0.0), owners)
+            (layer,) = e.target_layers(x)
+            with torch.inference_mode():
+                split = SplitModel(m, layer)
+                values = split.head(x)
+                tail = split.tail(values, x.shape[0], split.plan(values))
+                acts = values[split.cut]
+                per_image = copies(acts)
+                rows = x.shape[0] * per_image
+                for start in range(0, rows, chunk):
+                    index = torch.arange(start, min(start + chunk, rows), device=x.device)
+                    owners, channels = index // per_image, index % acts.shape[1]
+                    tail(ablation_rows(acts, owners, channels, 0.0), owners)
+
+        return floor
 
     def window_rows(x, t, e):  # SESS's windows of every image (with its defaults), and their targets
         from attribution.cam.sess import Pyramid, Scale, _scales
@@ -411,7 +415,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "eigen_grad_cam": pgc_work(layer_gradient_passes, "EigenGradCAM", "all"),
         "kpca_cam": pgc_work(forward_floor, "KPCA_CAM", "all"),
         "score_cam": pgc_work(score_floor, "ScoreCAM", batch_size="chunk"),
-        "ablation_cam": pgc_work(tail_floor, "AblationCAM", batch_size="chunk"),
+        "ablation_cam": pgc_work(tail_floor(lambda acts: acts.shape[1]), "AblationCAM", batch_size="chunk"),
+        "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
         "group_cam": Work({}, group_floor, {}, "cnn"),

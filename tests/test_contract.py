@@ -44,6 +44,7 @@ FAST = {
     "ss_cam": {"samples": 1},
     "is_cam": {"steps": 2},
     "ablation_cam": {},
+    "recipro_cam": {},
     "opti_cam": {"iterations": 5},
     "group_cam": {"groups": 4},
     "fullgrad": {},

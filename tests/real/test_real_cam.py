@@ -42,8 +42,10 @@ DISCRIMINATIVE = {
 }
 #: maps with a constant offset by construction, held to the margin after per-image min-max scaling: ViT-CX's map is
 #: f_t(x) / K plus the coverage-weighted mean of the masks' score changes, so on this image it only varies by
-#: about 30% around that offset
-OFFSET = {"vit_cx": {"target_layer": "_blocks.14", "generator": torch.Generator().manual_seed(0)}}
+#: about 30% around that offset; Recipro-CAM's is the target's probability with one location kept, which is not 0
+#: where nothing of the class is kept (the authors min-max scale it)
+OFFSET = {"vit_cx": {"target_layer": "_blocks.14", "generator": torch.Generator().manual_seed(0)},
+          "recipro_cam": {}}
 CLASS_AGNOSTIC = ("eigen_cam", "kpca_cam", "fem")
 MARGIN = 0.3
 

@@ -18,6 +18,7 @@ GRADIENT_CAMS = ["grad_cam", "hires_cam", "grad_cam_elementwise", "grad_cam_plus
                  "bag_cam", "eigen_cam", "eigen_grad_cam", "kpca_cam"]
 #: CAMs with one forward per channel, run at the default layer only (SS-CAM and IS-CAM with fewer draws)
 PER_CHANNEL = {"score_cam": {}, "ss_cam": {"samples": 4}, "is_cam": {"steps": 4}, "ablation_cam": {},
+               "recipro_cam": {},
                "vit_cx": {"generator": torch.Generator().manual_seed(0)}}
 
 

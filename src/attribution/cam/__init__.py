@@ -16,6 +16,7 @@ from .layer_cam import LayerCAM
 from .meta import MetaCAM
 from .opti_cam import OptiCAM
 from .random_cam import RandomCAM
+from .recipro_cam import ReciproCAM
 from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
 from .sess import SESS
@@ -43,6 +44,7 @@ __all__ = [
     "MetaCAM",
     "OptiCAM",
     "RandomCAM",
+    "ReciproCAM",
     "RefineCAM",
     "SESS",
     "SSCAM",
