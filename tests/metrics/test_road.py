@@ -106,3 +106,4 @@ def test_road_defaults():
     torch.testing.assert_close(a.fractions, torch.arange(1, 10, dtype=torch.float32) / 10)
     torch.testing.assert_close(a.morf, b.morf)
     assert a.morf.shape == a.lerf.shape == (2, 9)
+

@@ -9,15 +9,15 @@ from .common import Curve, gaussian_blur, make_substrate, pixel_map, rise_blur
 from .complexity import gini
 from .components import ComponentBoxes, component_boxes, connected_components, hole_boxes
 from .confidence import ConfidenceChange, average_drop, confidence_change, increase_in_confidence
-from .evaluate import METRICS, EvaluationTable, evaluate
+from .evaluation import METRICS, EvaluationTable, evaluate
 from .insertion_deletion import delete_score, deletion, insert_score, insertion
 from .keep_remove import (kam, keep_absolute_mask, keep_negative_mask, keep_positive_mask, kpm, knm, ram,
                           remove_absolute_mask, shap_fractions)
 from .localisation import Pointing, attribution_localisation, energy_pointing_game, pointing_game
 from .regions import box_iou, boxes_to_mask, region_mask
 from .imputation import linear_impute, noisy_linear_impute
-from .infidelity import infidelity, max_sensitivity
-from .road import RoadResult, road
+from .infidelity_sensitivity import infidelity, max_sensitivity
+from .remove_and_debias import RoadResult, road
 from .sanity import (DataRandomisationResult, RandomisationResult, data_randomisation, model_randomisation,
                      randomisation_layers, reinitialise)
 from .similarity import (class_specific_spearman_rank_corr, rank_data, spearman, spearman_rank_correlation_value,

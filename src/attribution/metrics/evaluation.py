@@ -18,12 +18,12 @@ from ..core.targets import TargetSpec
 from .common import resolve_scorer
 from .complexity import gini
 from .confidence import average_drop, increase_in_confidence
-from .infidelity import infidelity, max_sensitivity
+from .infidelity_sensitivity import infidelity, max_sensitivity
 from .insertion_deletion import deletion, insertion
 from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_mask, remove_absolute_mask
 from .localisation import attribution_localisation, energy_pointing_game, pointing_game
 from .regions import Regions
-from .road import road
+from .remove_and_debias import road
 from .sanity import model_randomisation
 from .wsol import max_box_acc, max_box_acc_v2, pxap
 
