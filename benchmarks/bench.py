@@ -180,6 +180,22 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
 
     captum_shap, captum_lime = segment_peer("KernelShap"), segment_peer("Lime")
 
+    def torchray_extremal(m, x, t, chunk, e):  # one image at a time; it turns off requires_grad of the weights
+        from torchray.attribution.extremal_perturbation import extremal_perturbation
+
+        flags = [p.requires_grad for p in m.parameters()]
+        try:
+            return torch.cat([extremal_perturbation(m, x[i:i + 1], int(t[i]), max_iter=steps)[0]
+                              for i in range(x.shape[0])])
+        finally:
+            for p, flag in zip(m.parameters(), flags):
+                p.requires_grad_(flag)
+
+    try:
+        import torchray  # noqa: F401
+    except ImportError:  # pragma: no cover - TorchRay is a test/bench dependency
+        torchray_extremal = None
+
     def captum_occlusion(m, x, t, chunk):
         return ca.Occlusion(m).attribute(x, sliding_window_shapes=(3, window, window),
                                          strides=(3, stride, stride), target=t,
@@ -211,6 +227,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                 abs=False))}),
         "occlusion": Work({"window": window, "stride": stride}, occlusion_floor, {"captum Occlusion": peer(
             captum_occlusion)}),
+        "extremal_perturbation": Work({"iterations": steps}, guided_ig_floor,  # steps x (forward + input grad)
+                                      {"torchray extremal_perturbation": torchray_extremal}),
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),
         "lime": Work({"grid": 4, "samples": positions}, rise_floor, {"captum Lime": peer(captum_lime)}),

@@ -26,6 +26,7 @@ FAST = {
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},
     "kernel_shap": {"grid": 3, "samples": 30, "generator": torch.Generator().manual_seed(0)},
     "lime": {"grid": 3, "samples": 30, "generator": torch.Generator().manual_seed(0)},
+    "extremal_perturbation": {"iterations": 3},
     "attention_rollout": {},
     "generic_attention": {},
     "attcat": {},

@@ -48,7 +48,7 @@ from .gradients import (
     SmoothGrad,
     VanillaGradient,
 )
-from .perturbation import LIME, RISE, KernelSHAP, Occlusion
+from .perturbation import LIME, RISE, ExtremalPerturbation, KernelSHAP, Occlusion
 from .transformers import AttCAT, AttentionRollout, GenericAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -66,6 +66,7 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "ExpectedGradients",
+    "ExtremalPerturbation",
     "Explainer",
     "FEM",
     "FinerCAM",

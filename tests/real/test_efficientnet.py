@@ -45,8 +45,26 @@ def cat_half_share(saliency: torch.Tensor) -> torch.Tensor:
     return mass[..., :half].flatten(1).sum(1) / mass.flatten(1).sum(1)
 
 
+#: methods too costly for the table's composite, each with a test of its own below
+OWN_TEST = {"extremal_perturbation"}
+
+
 def test_every_gradient_and_perturbation_method_is_covered():
-    assert set(GRADIENT_METHODS) == set(attribution.list_methods("gradient") + attribution.list_methods("perturbation"))
+    assert set(GRADIENT_METHODS) | OWN_TEST == set(attribution.list_methods("gradient")
+                                                   + attribution.list_methods("perturbation"))
+
+
+def test_extremal_perturbation_keeps_more_of_the_explained_half(efficientnet):
+    """An optimisation of forward + backward passes: on a smaller composite (96x96 squares, still 'Egyptian cat'
+    at p = 0.37) and 50 of the default 800 iterations (the masks have not shrunk to their area yet), the cat's mask
+    keeps more of the cat half than the espresso's does (0.526 against 0.481 when written)."""
+    from attribution.data import cat_coffee_composite
+
+    x = cat_coffee_composite(side=96).repeat(2, 1, 1, 1)
+    maps = attribution.ExtremalPerturbation(efficientnet)(x, [EGYPTIAN_CAT, ESPRESSO], iterations=50, step=4,
+                                                           sigma=12.0)
+    share = cat_half_share(maps)
+    assert share[0] - share[1] > 0.02, f"cat share {share[0]:.3f} for the cat class, {share[1]:.3f} for coffee"
 
 
 @pytest.mark.parametrize("name", sorted(GRADIENT_METHODS))

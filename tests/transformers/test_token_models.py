@@ -31,7 +31,8 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4},
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4},
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2},
-         "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4}}
+         "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4},
+         "extremal_perturbation": {"iterations": 2}}
 METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation"))
 
 
