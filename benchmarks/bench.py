@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import io
 import json
+import importlib.util
 import os
 import platform
 import statistics
@@ -191,10 +192,6 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
             for p, flag in zip(m.parameters(), flags):
                 p.requires_grad_(flag)
 
-    try:
-        import torchray  # noqa: F401
-    except ImportError:  # pragma: no cover - TorchRay is a test/bench dependency
-        torchray_extremal = None
 
     def captum_occlusion(m, x, t, chunk):
         return ca.Occlusion(m).attribute(x, sliding_window_shapes=(3, window, window),
@@ -228,7 +225,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "occlusion": Work({"window": window, "stride": stride}, occlusion_floor, {"captum Occlusion": peer(
             captum_occlusion)}),
         "extremal_perturbation": Work({"iterations": steps}, guided_ig_floor,  # steps x (forward + input grad)
-                                      {"torchray extremal_perturbation": torchray_extremal}),
+                                      {"torchray extremal_perturbation": torchray_extremal
+                                       if importlib.util.find_spec("torchray") else None}),
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),
         "lime": Work({"grid": 4, "samples": positions}, rise_floor, {"captum Lime": peer(captum_lime)}),
