@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
-import importlib.util
 import os
 import platform
 import statistics
