@@ -303,6 +303,10 @@ def channels_at_layer(model: nn.Module, x: torch.Tensor, explainer) -> int:
     return layer_activation(model, layer, x[:1], grad=False)[1].shape[1]
 
 
+#: TIS masks per image in the benchmark (the default 2048 forwards would dominate a CPU run)
+TIS_MASKS = 64
+
+
 def cam_work(size: int) -> Dict[str, Work]:
     """Work for the CAM family (default layers) and the transformer-native methods."""
     try:
@@ -331,6 +335,22 @@ def cam_work(size: int) -> Dict[str, Work]:
 
     def forward_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0], chunk)
+
+    def tis_floor(m, x, t, chunk, e):  # the clean forward, then one forward per mask with a quarter of the patches
+        from attribution.transformers.attcat import attention_blocks
+
+        first = dict(m.named_modules())[attention_blocks(m, x[:1])[0]]
+        forward_passes(m, x, x.shape[0], chunk)
+
+        def quarter(module, args):
+            tokens = args[0]
+            return (tokens[:, :1 + (tokens.shape[1] - 1) // 4],) + tuple(args[1:])
+
+        handle = first.register_forward_pre_hook(quarter)
+        try:
+            forward_passes(m, x, x.shape[0] * TIS_MASKS, chunk)
+        finally:
+            handle.remove()
 
     def score_floor(m, x, t, chunk, e):  # the clean forward and one masked forward per channel
         forward_passes(m, x, x.shape[0] * (1 + channels_at_layer(m, x, e)), chunk)
@@ -448,6 +468,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "attention_rollout": Work({}, forward_floor, models="vit"),
         "generic_attention": Work({}, input_floor, models="vit"),
         "attcat": Work({}, input_floor, models="vit"),
+        "tis": Work({"n_masks": TIS_MASKS}, tis_floor, models="vit"),
     }
 
 

@@ -30,6 +30,7 @@ FAST = {
     "attention_rollout": {},
     "generic_attention": {},
     "attcat": {},
+    "tis": {"n_masks": 8, "generator": torch.Generator().manual_seed(0)},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)
     "grad_cam": {},
     "hires_cam": {},

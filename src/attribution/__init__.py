@@ -49,7 +49,7 @@ from .gradients import (
     VanillaGradient,
 )
 from .perturbation import LIME, RISE, ExtremalPerturbation, KernelSHAP, Occlusion
-from .transformers import AttCAT, AttentionRollout, GenericAttention
+from .transformers import TIS, AttCAT, AttentionRollout, GenericAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
@@ -101,6 +101,7 @@ __all__ = [
     "ScoreCAM",
     "ShapleyCAM",
     "SmoothGrad",
+    "TIS",
     "VanillaGradient",
     "ViTCX",
     "XGradCAM",

@@ -3,7 +3,8 @@ from .attcat import AttCAT
 from .attention import AttentionCapture
 from .generic_attention import GenericAttention
 from .rollout import AttentionRollout
+from .tis import TIS
 from .tokens import TokenLayout, token_layout, tokens_to_map
 
-__all__ = ["AttCAT", "AttentionCapture", "AttentionRollout", "GenericAttention", "TokenLayout", "token_layout",
+__all__ = ["AttCAT", "AttentionCapture", "AttentionRollout", "GenericAttention", "TIS", "TokenLayout", "token_layout",
            "tokens_to_map"]
