@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import attribution
@@ -305,6 +306,8 @@ def channels_at_layer(model: nn.Module, x: torch.Tensor, explainer) -> int:
 
 #: TIS masks per image in the benchmark (the default 2048 forwards would dominate a CPU run)
 TIS_MASKS = 64
+#: CAMERAS resolutions in the benchmark: three of the authors' eight (their 924 pixels cost 17 forwards at 224)
+CAMERAS_RESOLUTIONS = (224, 324, 424)
 
 
 def cam_work(size: int) -> Dict[str, Work]:
@@ -335,6 +338,13 @@ def cam_work(size: int) -> Dict[str, Work]:
 
     def forward_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0], chunk)
+
+    def cameras_floor(m, x, t, chunk, e):  # forward + layer gradient of the image resized to each resolution
+        for r in CAMERAS_RESOLUTIONS:
+            size = [round(s * r / CAMERAS_RESOLUTIONS[0]) for s in x.shape[-2:]]
+            rows = x if r == CAMERAS_RESOLUTIONS[0] else F.interpolate(x, size=size, mode="bicubic",
+                                                                         align_corners=False)
+            layer_gradient_passes(m, rows, t, chunk, e)
 
     def tis_floor(m, x, t, chunk, e):  # the clean forward, then one forward per mask with a quarter of the patches
         from attribution.transformers.attcat import attention_blocks
@@ -452,6 +462,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "kpca_cam": pgc_work(forward_floor, "KPCA_CAM", "all"),
         "score_cam": pgc_work(score_floor, "ScoreCAM", batch_size="chunk"),
         "ablation_cam": pgc_work(tail_floor(lambda acts: acts.shape[1]), "AblationCAM", batch_size="chunk"),
+        "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),

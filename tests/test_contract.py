@@ -47,6 +47,7 @@ FAST = {
     "is_cam": {"steps": 2},
     "ablation_cam": {},
     "recipro_cam": {},
+    "cameras": {},
     "opti_cam": {"iterations": 5},
     "group_cam": {"groups": 4},
     "fullgrad": {},

@@ -6,6 +6,7 @@ Every method follows one contract (see :mod:`attribution.core.explainer`)::
 """
 from .cam import (
     CAM,
+    CAMERAS,
     AblationCAM,
     BagCAM,
     EigenCAM,
@@ -61,6 +62,7 @@ __all__ = [
     "BagCAM",
     "BlurIG",
     "CAM",
+    "CAMERAS",
     "CombinedWrapper",
     "Deconvnet",
     "EigenCAM",

@@ -2,6 +2,7 @@
 from .ablation_cam import AblationCAM
 from .bag_cam import BagCAM
 from .base import CAM
+from .cameras import CAMERAS
 from .eigen_cam import EigenCAM, EigenGradCAM
 from .fem import FEM
 from .finer_cam import FinerCAM
@@ -28,6 +29,7 @@ __all__ = [
     "AblationCAM",
     "BagCAM",
     "CAM",
+    "CAMERAS",
     "EigenCAM",
     "EigenGradCAM",
     "FEM",

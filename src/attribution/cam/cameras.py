@@ -1,0 +1,112 @@
+"""CAMERAS."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.batching import RowPlanner
+from ..core.capture import ReshapeTransform
+from ..core.layers import LayerSpec
+from ..core.registry import register
+from ..core.targets import Target
+from .base import CAM, FUSIONS, upsample
+
+#: the authors' input resolutions for a 224-pixel image: 224, 324, ..., 924
+RESOLUTIONS = tuple(range(224, 1000, 100))
+#: channels combined at once at the input's resolution (bounds the memory of the upsampled maps)
+CHANNEL_CHUNK = 64
+
+
+@register("cameras")
+class CAMERAS(CAM):
+    """CAMERAS: activations and gradients of the image at several input resolutions, averaged at the input's
+    resolution, multiplied element-wise.
+
+    Jalwana, Akhtar, Bennamoun & Mian, "CAMERAS: Enhanced Resolution And Sanity preserving Class Activation Mapping
+    for image saliency", CVPR 2021, arXiv:2106.10649.
+
+    The image is resized (bicubic) to each of ``resolutions`` (the first is the image itself); at each, the layer's
+    activations ``A_r`` and the gradient ``G_r`` of the target's score are upsampled bilinearly to the input's size
+    and averaged over the resolutions at which the model's top class is the one it predicts for the image or the
+    target class (the authors' consistency rule): ``map = ReLU(sum_k mean_r(A_r)_k * mean_r(G_r)_k)``, at the
+    input's full resolution (no upsampling of the map itself).  Defaults from the authors' code: resolutions 224,
+    324, ..., 924 for a 224-pixel side, scaled with the input (an H x W image takes (H r / 224, W r / 224) for each
+    r), the logit's gradient.  Maps are raw (the authors min-max scale them).  The model must accept larger
+    inputs (CNNs; not fixed-size position embeddings).  Cost per image: one forward and a backward to the layer at
+    each resolution (about 61 times the pixels of the image at the defaults), plus one forward to fix ``target=None``.
+    """
+
+    argmax_on_rows = False  # resized copies are not the image: None is resolved to the image's arg-max first
+    defaults: Dict[str, Any] = {**CAM.defaults, "resolutions": RESOLUTIONS}
+
+    def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,
+                 layer_fusion: str, resolutions: Sequence[int], batch_size: Optional[int],
+                 create_graph: bool) -> Tensor:
+        if layer_fusion not in FUSIONS:
+            raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
+        sizes = _sizes(tuple(x.shape[-2:]), resolutions)
+        layers = self.target_layers(x, target_layer, reshape_transform)
+        chunks = []
+        for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
+            owners = torch.arange(start, stop, device=x.device)
+            images = x[start:stop]
+            acts: List[List[Tensor]] = [[] for _ in layers]
+            grads: List[List[Tensor]] = [[] for _ in layers]
+            kept, base = [], None
+            for size in sizes:
+                rows = images if size == sizes[0] else F.interpolate(images, size=size, mode="bicubic",
+                                                                      align_corners=False)
+                outputs, layer_acts, layer_grads = self._capture(rows, owners, target, layers, reshape_transform,
+                                                                 create_graph, gradients=True)
+                predicted = outputs.argmax(dim=1)
+                base = predicted if base is None else base
+                agree = predicted == base
+                if target.classes is not None:
+                    agree = agree | (predicted == target.classes[owners])
+                kept.append(agree)
+                for store, a in zip(acts, layer_acts):
+                    store.append(a)
+                for store, g in zip(grads, layer_grads):
+                    store.append(g)
+            weights = torch.stack(kept, dim=1).to(acts[0][0].dtype)  # (n, R): 1 where a resolution counts
+            maps = [_combine(a, g, weights, tuple(x.shape[-2:])) for a, g in zip(acts, grads)]
+            chunks.append(self._fuse(maps, x.shape[-2:], layer_fusion))
+        return torch.cat(chunks)
+
+
+def _combine(acts: List[Tensor], grads: List[Tensor], weights: Tensor, size: Tuple[int, int]) -> Tensor:
+    """ReLU(sum_k mean_r(up(A_r))_k mean_r(up(G_r))_k), the means over the resolutions ``weights`` (n, R) keeps,
+    computed ``CHANNEL_CHUNK`` channels at a time at the input's ``size``: (n, 1, H, W).  Upsampling is linear, so
+    a left-out resolution is zeroed before it is upsampled (one pass at full resolution less per resolution)."""
+    count = weights.sum(dim=1)[:, None, None, None]
+    keep = [w[:, None, None, None] for w in weights.unbind(1)]
+    total = None
+    for first in range(0, acts[0].shape[1], CHANNEL_CHUNK):
+        part = slice(first, first + CHANNEL_CHUNK)
+        mean_a = _upsampled_sum([a[:, part] * w for a, w in zip(acts, keep)], size)
+        mean_g = _upsampled_sum([g[:, part] * w for g, w in zip(grads, keep)], size)
+        term = (mean_a * mean_g).sum(dim=1, keepdim=True)
+        total = term if total is None else total + term
+    return F.relu(total / count ** 2)
+
+
+def _upsampled_sum(maps: List[Tensor], size: Tuple[int, int]) -> Tensor:
+    """sum_r up(maps[r]) at ``size``, accumulated in place."""
+    total = upsample(maps[0], size)
+    total = total.clone() if total is maps[0] else total  # never add into a caller's tensor
+    for m in maps[1:]:
+        total += upsample(m, size)
+    return total
+
+
+def _sizes(size: Tuple[int, int], resolutions: Sequence[int]) -> List[Tuple[int, int]]:
+    """The input sizes: the image's own, then each resolution scaled by the image's size over the first one."""
+    values = tuple(resolutions) if not isinstance(resolutions, (int, str)) else ()
+    if not values or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in values):
+        raise ValueError(f"resolutions must be a non-empty sequence of positive ints, got {resolutions!r}")
+    height, width = size
+    return [size] + [(max(1, round(height * r / values[0])), max(1, round(width * r / values[0])))
+                     for r in values[1:]]
