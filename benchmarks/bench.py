@@ -306,6 +306,8 @@ def channels_at_layer(model: nn.Module, x: torch.Tensor, explainer) -> int:
 
 #: TIS masks per image in the benchmark (the default 2048 forwards would dominate a CPU run)
 TIS_MASKS = 64
+#: Smooth Grad-CAM++ noisy copies per image in the benchmark
+SMOOTH_CAM_SAMPLES = 8
 #: CAMERAS resolutions in the benchmark: three of the authors' eight (their 924 pixels cost 17 forwards at 224)
 CAMERAS_RESOLUTIONS = (224, 324, 424)
 
@@ -338,6 +340,11 @@ def cam_work(size: int) -> Dict[str, Work]:
 
     def forward_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0], chunk)
+
+    def smooth_floor(m, x, t, chunk, e):  # the clean forward, then forward + layer gradient of every noisy copy
+        forward_passes(m, x, x.shape[0], chunk)
+        layer_gradient_passes(m, x.repeat_interleave(SMOOTH_CAM_SAMPLES, 0), t.repeat_interleave(SMOOTH_CAM_SAMPLES),
+                              chunk, e)
 
     def cameras_floor(m, x, t, chunk, e):  # forward + layer gradient of the image resized to each resolution
         for r in CAMERAS_RESOLUTIONS:
@@ -462,6 +469,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "kpca_cam": pgc_work(forward_floor, "KPCA_CAM", "all"),
         "score_cam": pgc_work(score_floor, "ScoreCAM", batch_size="chunk"),
         "ablation_cam": pgc_work(tail_floor(lambda acts: acts.shape[1]), "AblationCAM", batch_size="chunk"),
+        "smooth_grad_cam_plusplus": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),
         "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),

@@ -48,6 +48,7 @@ FAST = {
     "ablation_cam": {},
     "recipro_cam": {},
     "cameras": {},
+    "smooth_grad_cam_plusplus": {"samples": 2, "generator": torch.Generator().manual_seed(0)},
     "opti_cam": {"iterations": 5},
     "group_cam": {"groups": 4},
     "fullgrad": {},
@@ -62,7 +63,7 @@ FAST = {
     "combined": {},
 }
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
-RANDOM = {"smoothgrad": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
+RANDOM = {"smoothgrad": {"std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
 #: probability between masked copies, about 1e-3 apart on this random net, which bf16's 8-bit mantissa blurs
 #: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)

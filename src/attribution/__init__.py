@@ -30,6 +30,7 @@ from .cam import (
     SESS,
     SSCAM,
     ShapleyCAM,
+    SmoothGradCAMPlusPlus,
     ViTCX,
     XGradCAM,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "ScoreCAM",
     "ShapleyCAM",
     "SmoothGrad",
+    "SmoothGradCAMPlusPlus",
     "TIS",
     "VanillaGradient",
     "ViTCX",

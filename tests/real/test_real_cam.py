@@ -22,6 +22,7 @@ DISCRIMINATIVE = {
     "hires_cam": {},
     "grad_cam_elementwise": {},
     "grad_cam_plusplus": {},
+    "smooth_grad_cam_plusplus": {"samples": 4, "generator": torch.Generator().manual_seed(0)},
     "xgrad_cam": {},
     "layer_cam": {},
     "bag_cam": {},

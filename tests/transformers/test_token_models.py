@@ -33,7 +33,7 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4},
          "extremal_perturbation": {"iterations": 2},
-         "cameras": {"resolutions": [224]}}  # fixed-size position embeddings: the image's own resolution only
+         "cameras": {"resolutions": [224]}, "smooth_grad_cam_plusplus": {"samples": 2}}  # fixed-size position embeddings: the image's own resolution only
 METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation"))
 
 

@@ -22,6 +22,7 @@ from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
 from .sess import SESS
 from .shapley_cam import ShapleyCAM
+from .smooth_grad_cam_plusplus import SmoothGradCAMPlusPlus
 from .vit_cx import ViTCX
 from .xgrad_cam import XGradCAM
 
@@ -52,6 +53,7 @@ __all__ = [
     "SSCAM",
     "ScoreCAM",
     "ShapleyCAM",
+    "SmoothGradCAMPlusPlus",
     "ViTCX",
     "XGradCAM",
 ]
