@@ -215,6 +215,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "expected_gradients": Work({"samples": steps}, grads(steps), {"captum GradientShap": peer(
             lambda m, x, t, c: ca.GradientShap(m).attribute(x, torch.zeros_like(x[:1]).repeat(4, 1, 1, 1),
                                                              n_samples=steps, stdevs=0.0, target=t))}),
+        "deeplift": Work({}, grads(2), {"captum DeepLift": peer(  # the images and their baselines in one batch
+            lambda m, x, t, c: ca.DeepLift(m).attribute(x, target=t))}),
         "guided_backprop": Work({}, grads(1), {"captum GuidedBackprop": peer(
             lambda m, x, t, c: ca.GuidedBackprop(m).attribute(x, t))}),
         "deconvnet": Work({}, grads(1), {"captum Deconvolution": peer(

@@ -19,6 +19,7 @@ FAST = {
     "idgi": {"steps": 6},
     "idg": {"steps": 6},
     "expected_gradients": {"samples": 6, "generator": torch.Generator().manual_seed(0)},  # reference sets: its tests
+    "deeplift": {},
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 3},

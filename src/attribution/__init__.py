@@ -39,6 +39,7 @@ from .core import Explainer, create, get_method, list_methods, register
 from .gradients import (
     BlurIG,
     Deconvnet,
+    DeepLift,
     ExpectedGradients,
     GradientExplainer,
     GuidedBackProp,
@@ -66,6 +67,7 @@ __all__ = [
     "CAMERAS",
     "CombinedWrapper",
     "Deconvnet",
+    "DeepLift",
     "EigenCAM",
     "EigenGradCAM",
     "ExpectedGradients",

@@ -19,6 +19,7 @@ GRADIENT_METHODS = {
     "idgi": {"steps": 24},
     "idg": {"steps": 24},
     "expected_gradients": {"samples": 24, "generator": torch.Generator().manual_seed(0)},
+    "deeplift": {},
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 8},

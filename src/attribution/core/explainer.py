@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
-from typing import Any, ClassVar, ContextManager, Dict, Mapping, Optional
+from typing import Any, ClassVar, ContextManager, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -196,3 +196,12 @@ def check_input(x: Tensor, model: nn.Module) -> None:
     device = model_device(model)
     if device is not None and device != x.device:
         raise ValueError(f"x is on {x.device} but the model is on {device}; move one of them")
+
+
+def fraction_list(value: Any, name: str) -> Tuple[float, ...]:
+    """An option that is one fraction in (0, 1] or a non-empty sequence of them, as a tuple; else a clear error."""
+    single = isinstance(value, (int, float)) and not isinstance(value, bool)
+    values = (value,) if single else tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 for v in values):
+        raise ValueError(f"{name} must be a fraction in (0, 1] or a non-empty sequence of them, got {value!r}")
+    return tuple(float(v) for v in values)

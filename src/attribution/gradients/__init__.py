@@ -1,6 +1,7 @@
 """The gradient family: maps built from input gradients, (B, C, H, W) signed attributions."""
 from .base import GradientExplainer
 from .blur_ig import BlurIG
+from .deeplift import DeepLift
 from .expected import ExpectedGradients
 from .guided_backprop import Deconvnet, GuidedBackProp
 from .guided_ig import GuidedIG
@@ -14,6 +15,7 @@ from .vanilla import VanillaGradient
 __all__ = [
     "BlurIG",
     "Deconvnet",
+    "DeepLift",
     "ExpectedGradients",
     "GradientExplainer",
     "GuidedBackProp",

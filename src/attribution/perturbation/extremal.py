@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, fraction_list
 from ..core.filters import gaussian_blur
 from ..core.registry import register
 from ..core.targets import Target
@@ -129,7 +129,7 @@ class ExtremalPerturbation(Explainer):
     def _explain(self, x: Tensor, target: Target, *, areas: Union[float, Sequence[float]], perturbation: str,
                  variant: str, iterations: int, num_levels: int, max_blur: float, step: int, sigma: float,
                  jitter: bool, batch_size: Optional[int], create_graph: bool) -> Tensor:
-        areas = _areas(areas)
+        areas = fraction_list(areas, "areas")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
         if variant not in VARIANTS:
@@ -198,9 +198,3 @@ class ExtremalPerturbation(Explainer):
                 params = params.detach().requires_grad_(True)
             weight *= AREA_GROWTH
         return cropped if create_graph else cropped.detach()
-
-def _areas(areas: Union[float, Sequence[float]]) -> Tuple[float, ...]:
-    values = (areas,) if isinstance(areas, (int, float)) and not isinstance(areas, bool) else tuple(areas)
-    if not values or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1 for a in values):
-        raise ValueError(f"areas must be a fraction in (0, 1] or a non-empty sequence of them, got {areas!r}")
-    return tuple(float(a) for a in values)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, fraction_list
 from ..core.registry import register
 from ..core.targets import Target
 from .attcat import attention_blocks
@@ -43,15 +43,6 @@ def kmeans(points: Tensor, clusters: int, iterations: int, generator: Optional[t
         if bool(done.all()):
             break
     return centroids
-
-
-def _ratios(tokens_ratio: Union[float, Sequence[float]]) -> Tuple[float, ...]:
-    single = isinstance(tokens_ratio, (int, float)) and not isinstance(tokens_ratio, bool)
-    values = (tokens_ratio,) if single else tuple(tokens_ratio)
-    if not values or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1 for r in values):
-        raise ValueError(f"tokens_ratio must be a fraction in (0, 1] or a non-empty sequence of them, "
-                         f"got {tokens_ratio!r}")
-    return tuple(float(r) for r in values)
 
 
 @register("tis")
@@ -95,7 +86,7 @@ class TIS(Explainer):
         for name, value in (("n_masks", n_masks), ("kmeans_iterations", kmeans_iterations)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        ratios = _ratios(tokens_ratio)
+        ratios = fraction_list(tokens_ratio, "tokens_ratio")
         key = tuple(x.shape[1:])
         if key not in self._blocks:
             self._blocks[key] = attention_blocks(self.model, x[:1], self._forward)
