@@ -54,11 +54,17 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, y = ctx.saved_tensors
-        delta_in, delta_out = _both_halves(x), _both_halves(y)
+        (x_in, x_ref), (y_in, y_ref) = x.chunk(2), y.chunk(2)
+        delta_in = x_in - x_ref
+        small = delta_in.abs() < ctx.eps
+        multiplier = (y_in - y_ref) / delta_in.masked_fill(small, 1.0)  # shared by both halves
+        rescaled = (grad.view(2, *multiplier.shape) * multiplier).view_as(grad)
+        if not bool(small.any()):  # the usual case: no derivative needed (it costs a forward and a backward)
+            return rescaled, None, None
         with torch.enable_grad():
             local = x.detach().requires_grad_(True)
             (plain,) = torch.autograd.grad(ctx.fn(local), local, grad)
-        return torch.where(delta_in.abs() < ctx.eps, plain, grad * delta_out / delta_in), None, None
+        return torch.where(torch.cat([small, small]), plain, rescaled), None, None
 
 
 class _MaxPoolRescale(torch.autograd.Function):
