@@ -88,3 +88,18 @@ def test_bad_resolutions_name_what_is_wrong():
     for resolutions in ([], [32, 0], 32, [32.5]):
         with pytest.raises(ValueError, match="resolutions"):
             explainer(x, 1, resolutions=resolutions)
+
+
+@pytest.mark.parametrize("layer", ["1", "3"])
+def test_the_gram_route_equals_the_direct_route(monkeypatch, layer):
+    """Small layer maps skip upsampling each channel (their Gram matrices mixed per pixel); the map is the same."""
+    import attribution.cam.cameras as cameras
+
+    model = cam_cnn()
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(cameras, "GRAM_FACTOR", 0)
+    direct = A.CAMERAS(model, layer)(x, [3, 6], resolutions=[32, 40, 56])
+    monkeypatch.setattr(cameras, "GRAM_FACTOR", 10 ** 12)
+    gram = A.CAMERAS(model, layer)(x, [3, 6], resolutions=[32, 40, 56])
+    torch.testing.assert_close(gram, direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
