@@ -217,6 +217,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                                                              n_samples=steps, stdevs=0.0, target=t))}),
         "deeplift": Work({}, grads(2), {"captum DeepLift": peer(  # the images and their baselines in one batch
             lambda m, x, t, c: ca.DeepLift(m).attribute(x, target=t))}),
+        "deeplift_shap": Work({"references": torch.zeros(4, 3, size, size)}, grads(8)),  # 4 references: 4 pairs
         "guided_backprop": Work({}, grads(1), {"captum GuidedBackprop": peer(
             lambda m, x, t, c: ca.GuidedBackprop(m).attribute(x, t))}),
         "deconvnet": Work({}, grads(1), {"captum Deconvolution": peer(

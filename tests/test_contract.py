@@ -20,6 +20,7 @@ FAST = {
     "idg": {"steps": 6},
     "expected_gradients": {"samples": 6, "generator": torch.Generator().manual_seed(0)},  # reference sets: its tests
     "deeplift": {},
+    "deeplift_shap": {},
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 3},

@@ -96,3 +96,24 @@ def test_inplace_activations_are_left_as_they_were():
 def test_bad_eps_names_the_option():
     with pytest.raises(ValueError, match="eps"):
         A.DeepLift(cam_cnn())(torch.randn(1, 3, 16, 16), 1, eps=-1.0)
+
+
+def test_deeplift_shap_equals_captums_and_sums_to_the_mean_difference():
+    model = cam_cnn()
+    torch.manual_seed(4)
+    x, references = torch.randn(3, 3, 16, 16), 0.2 * torch.randn(4, 3, 16, 16)
+    classes = torch.tensor([1, 5, 8])
+    ours = A.DeepLiftShap(model)(x, classes, references=references, batch_size=5)
+    theirs = captum_attr.DeepLiftShap(model).attribute(x, baselines=references, target=classes).detach()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max()))
+    with torch.no_grad():
+        delta = model(x)[[0, 1, 2], classes] - model(references)[:, classes].mean(dim=0)
+    torch.testing.assert_close(ours.sum(dim=(1, 2, 3)), delta, rtol=1e-4, atol=1e-5)
+
+
+def test_deeplift_shap_with_one_reference_per_image_is_deeplift():
+    model = cam_cnn()
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(A.DeepLiftShap(model)(x, [0, 1], references="black"),
+                               A.DeepLift(model)(x, [0, 1], baseline="black"))

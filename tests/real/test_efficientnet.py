@@ -20,6 +20,7 @@ GRADIENT_METHODS = {
     "idg": {"steps": 24},
     "expected_gradients": {"samples": 24, "generator": torch.Generator().manual_seed(0)},
     "deeplift": {},
+    "deeplift_shap": {"references": "black"},
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 8},

@@ -1,7 +1,7 @@
 """The gradient family: maps built from input gradients, (B, C, H, W) signed attributions."""
 from .base import GradientExplainer
 from .blur_ig import BlurIG
-from .deeplift import DeepLift
+from .deeplift import DeepLift, DeepLiftShap
 from .expected import ExpectedGradients
 from .guided_backprop import Deconvnet, GuidedBackProp
 from .guided_ig import GuidedIG
@@ -16,6 +16,7 @@ __all__ = [
     "BlurIG",
     "Deconvnet",
     "DeepLift",
+    "DeepLiftShap",
     "ExpectedGradients",
     "GradientExplainer",
     "GuidedBackProp",

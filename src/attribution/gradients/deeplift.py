@@ -19,6 +19,7 @@ from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer
+from .expected import reference_set
 from .paths import BaselineSpec, make_baseline
 
 #: elementwise nonlinearities given the Rescale rule, each with the out-of-place function it computes
@@ -175,3 +176,32 @@ class DeepLift(GradientExplainer):
 
     def _backward_rules(self) -> RescaleRules:
         return RescaleRules(self._eps)
+
+
+@register("deeplift_shap")
+class DeepLiftShap(DeepLift):
+    """DeepLIFT averaged over a set of references (DeepSHAP's estimate of SHAP values).
+
+    Lundberg & Lee, "A Unified Approach to Interpreting Model Predictions", NeurIPS 2017, arXiv:1705.07874 (the
+    DeepLIFT rules of Shrikumar et al. 2017 against each reference of a background set).
+
+    ``A = mean_j DeepLIFT(x; r_j)`` over every reference ``r_j`` of ``references`` (a (N, C, H, W) tensor, e.g. a
+    batch of training images; a name or number gives each image its own single reference, as DeepLIFT's
+    ``baseline``).  Summation to delta: ``sum A = f_t(x) - mean_j f_t(r_j)``.  As Captum's ``DeepLiftShap`` (every
+    reference, no sampling).  Cost: one forward and one backward of ``N`` copies of each image with the ``N``
+    references.
+    """
+
+    defaults = {"references": "zero", "eps": 1e-10}
+
+    def _explain(self, x: Tensor, target: Target, *, references: BaselineSpec, eps: float,
+                 batch_size: Optional[int], create_graph: bool) -> Tensor:
+        refs = reference_set(x, references)
+        if refs is None:
+            return super()._explain(x, target, baseline=references, eps=eps, batch_size=batch_size,
+                                    create_graph=create_graph)
+        count = refs.shape[0]
+        copies = x.repeat_interleave(count, dim=0)  # image-major: row r is image r // N with reference r % N
+        maps = super()._explain(copies, target.repeat(count), baseline=refs.to(x.dtype).repeat(x.shape[0], 1, 1, 1),
+                                eps=eps, batch_size=batch_size, create_graph=create_graph)
+        return maps.view(x.shape[0], count, *x.shape[1:]).mean(dim=1)
