@@ -10,6 +10,7 @@ from .complexity import gini
 from .components import ComponentBoxes, component_boxes, connected_components, hole_boxes
 from .confidence import ConfidenceChange, average_drop, confidence_change, increase_in_confidence
 from .evaluation import METRICS, EvaluationTable, evaluate
+from .faithfulness import faithfulness_correlation
 from .insertion_deletion import delete_score, deletion, insert_score, insertion
 from .keep_remove import (kam, keep_absolute_mask, keep_negative_mask, keep_positive_mask, kpm, knm, ram,
                           remove_absolute_mask, shap_fractions)
@@ -54,6 +55,7 @@ __all__ = [
     "deletion",
     "energy_pointing_game",
     "evaluate",
+    "faithfulness_correlation",
     "gaussian_blur",
     "gini",
     "hole_boxes",

@@ -18,6 +18,7 @@ from ..core.targets import TargetSpec
 from .common import resolve_scorer
 from .complexity import gini
 from .confidence import average_drop, increase_in_confidence
+from .faithfulness import faithfulness_correlation
 from .infidelity_sensitivity import infidelity, max_sensitivity
 from .insertion_deletion import deletion, insertion
 from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_mask, remove_absolute_mask
@@ -32,8 +33,10 @@ _CURVES: Dict[str, Callable[..., Any]] = {
     "kam": keep_absolute_mask, "ram": remove_absolute_mask,
 }
 #: metrics with one value per image from perturbed forwards
-_SCORES: Dict[str, Callable[..., Any]] = {"average_drop": average_drop, "increase_in_confidence": increase_in_confidence,
-                                          "infidelity": infidelity}
+_SCORES: Dict[str, Callable[..., Any]] = {
+    "average_drop": average_drop, "increase_in_confidence": increase_in_confidence, "infidelity": infidelity,
+    "faithfulness_correlation": faithfulness_correlation,
+}
 _REGION: Dict[str, Callable[..., Any]] = {
     "pointing_game": lambda m, r, **o: pointing_game(m, r, **o).hit.to(torch.float32),
     "energy_pointing_game": energy_pointing_game,
