@@ -1,10 +1,12 @@
-"""Spearman, SSIM, the seed's class-specific rank correlation, and the Gini index."""
+"""Spearman, SSIM, the seed's class-specific rank correlation, the Gini index and the entropy."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from attribution.metrics import (class_specific_spearman_rank_corr, gini, rank_data, spearman,
+from attribution.metrics import (class_specific_spearman_rank_corr, entropy, gini, rank_data, spearman,
                                  spearman_rank_correlation_value, ssim)
 
 
@@ -51,3 +53,17 @@ def test_gini_closed_forms():
     # two levels, half the entries 0 and half 1: G = 1/2
     half = torch.cat([torch.zeros(32), torch.ones(32)]).view(1, 1, 8, 8)
     assert gini(half).item() == pytest.approx(0.5)
+
+
+def test_entropy_closed_forms():
+    """-sum p log p of |A| / sum |A|: 0 for one entry, log n uniform, log 32 for half the entries equal."""
+    one_hot = torch.zeros(2, 1, 8, 8)
+    one_hot[:, 0, 3, 4] = -5.0
+    assert entropy(one_hot).tolist() == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert entropy(-torch.ones(1, 3, 4, 4)).item() == pytest.approx(math.log(48))
+    assert entropy(torch.zeros(1, 1, 4, 4)).item() == 0.0
+    half = torch.cat([torch.zeros(32), 2 * torch.ones(32)]).view(1, 1, 8, 8)
+    assert entropy(half).item() == pytest.approx(math.log(32))
+    maps = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    p = maps.flatten(1).abs() / maps.flatten(1).abs().sum(1, keepdim=True)
+    torch.testing.assert_close(entropy(maps), -(p * p.log()).sum(1))

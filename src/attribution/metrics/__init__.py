@@ -6,7 +6,7 @@ module's docstring for the source and any deliberate difference.  Perturbation m
 explainer and a list of metrics in one call and returns a table.
 """
 from .common import Curve, gaussian_blur, make_substrate, pixel_map, rise_blur
-from .complexity import gini
+from .complexity import entropy, gini
 from .components import ComponentBoxes, component_boxes, connected_components, hole_boxes
 from .confidence import ConfidenceChange, average_drop, confidence_change, increase_in_confidence
 from .evaluation import METRICS, EvaluationTable, evaluate
@@ -54,6 +54,7 @@ __all__ = [
     "delete_score",
     "deletion",
     "energy_pointing_game",
+    "entropy",
     "evaluate",
     "faithfulness_correlation",
     "gaussian_blur",

@@ -1,4 +1,4 @@
-"""Complexity of a map: the Gini index of its magnitudes (sparseness)."""
+"""Complexity of a map: the Gini index of its magnitudes (sparseness) and their entropy (complexity)."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +21,18 @@ def gini(maps: Tensor) -> Tensor:
     total = a.sum(dim=1)
     value = ((2 * k - n - 1) * a).sum(dim=1) / (n * total.clamp(min=EPS))
     return torch.where(total > EPS, value, torch.zeros_like(total))
+
+
+def entropy(maps: Tensor) -> Tensor:
+    """Entropy of each map's fractional contributions ``p_i = |A_i| / sum_j |A_j|``, (B,), in nats: 0 for a single
+    non-zero entry, ``log n`` for a uniform map (lower is simpler).
+
+    Bhatt, Weller & Moura, "Evaluating and Aggregating Feature-based Model Explanations", IJCAI 2020,
+    arXiv:2005.00631 (their "complexity"; Quantus' ``Complexity``), over every entry of each map (all channels).
+    An all-zero map scores 0.
+    """
+    a = maps.flatten(1).abs().to(torch.float64)
+    total = a.sum(dim=1, keepdim=True)
+    p = a / total.clamp(min=EPS)
+    value = -(p * torch.log(p.clamp(min=EPS))).sum(dim=1)
+    return torch.where(total[:, 0] > EPS, value, torch.zeros_like(value))

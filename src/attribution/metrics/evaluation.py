@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..core.targets import TargetSpec
 from .common import resolve_scorer
-from .complexity import gini
+from .complexity import entropy, gini
 from .confidence import average_drop, increase_in_confidence
 from .faithfulness import faithfulness_correlation
 from .infidelity_sensitivity import infidelity, max_sensitivity
@@ -46,10 +46,11 @@ _REGION: Dict[str, Callable[..., Any]] = {
     "pxap": lambda m, r, **o: pxap(m, r, **o).value,
 }
 #: every metric name :func:`evaluate` accepts
-METRICS = tuple(sorted([*_CURVES, *_SCORES, *_REGION, "road", "gini", "model_randomisation", "max_sensitivity"]))
+METRICS = tuple(sorted([*_CURVES, *_SCORES, *_REGION, "road", "gini", "entropy", "model_randomisation",
+                        "max_sensitivity"]))
 #: metrics where a lower value is better (the others: higher is better)
 LOWER_IS_BETTER = frozenset({"deletion", "knm", "ram", "road_morf", "model_randomisation", "average_drop",
-                             "infidelity", "max_sensitivity"})
+                             "infidelity", "max_sensitivity", "entropy"})
 
 
 class EvaluationTable(dict):
@@ -140,6 +141,8 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
             table.curves["road_lerf"] = (result.fractions, result.lerf)
         elif name == "gini":
             table[name] = gini(maps)
+        elif name == "entropy":
+            table[name] = entropy(maps)
         elif name in _REGION:
             if regions is None:
                 raise ValueError(f"metric {name!r} needs regions= (ground-truth boxes or masks)")
