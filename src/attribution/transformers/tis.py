@@ -62,9 +62,9 @@ class TIS(Explainer):
     keeps a token), on the patch grid, upsampled bilinearly.
 
     Defaults from the authors' evaluation configuration: ``n_masks=2048``, ``tokens_ratio=0.25`` (their class
-    defaults to 1024 and 0.5), the softmax probability (``score``);
-    k-means as fast_pytorch_kmeans (random distinct points as initial centroids, at most ``kmeans_iterations=100``
-    Lloyd steps, tolerance 1e-4), its draws shared by the images of a call (``generator`` fixes them).  Maps are raw
+    defaults to 1024 and 0.5), the softmax probability (``score``); k-means as fast_pytorch_kmeans (random
+    distinct points as initial centroids, at most ``kmeans_iterations=100`` Lloyd steps, tolerance 1e-4), its
+    draws shared by the images of a call (``generator`` fixes them).  Maps are raw
     (the authors min-max scale them: ``attribution.utils.normalize_saliency``).  The model must accept a shorter
     token sequence in its blocks: vision transformers whose position embedding is added before the blocks (ViT,
     DeiT; not windowed or relative-position models such as Swin or BEiT, which raise an error).
