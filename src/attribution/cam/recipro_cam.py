@@ -35,17 +35,14 @@ def location_rows(activations: Tensor, owners: Tensor, locations: Tensor, kernel
     spread over the map by ``kernel[locations[r]]`` (every other map element 0).  ``positions`` (C, h*w), for a
     layer output that is not (B, C, h, w), says where the map's elements lie in one image's flattened output;
     elements outside the map (class and register tokens) are kept as they are."""
-    rows = activations[owners]
-    count = rows.shape[0]
+    spread = kernel[locations].unsqueeze(1)  # (N, 1, S)
     if positions is None:
-        flat = rows.flatten(2)  # (N, C, S)
-        centre = flat.gather(2, locations.view(count, 1, 1).expand(count, flat.shape[1], 1))
-        return (centre * kernel[locations].unsqueeze(1)).view_as(rows)
-    flat = rows.reshape(count, -1)  # rows is a copy: editing it in place leaves the activations alone
-    values = flat[:, positions]  # (N, C, S)
-    centre = values.gather(2, locations.view(count, 1, 1).expand(count, values.shape[1], 1))
-    edited = centre * kernel[locations].unsqueeze(1)
-    flat.scatter_(1, positions.flatten().expand(count, -1), edited.flatten(1))
+        centre = activations.flatten(2)[owners, :, locations]  # (N, C): only the kept vectors are read
+        return (centre.unsqueeze(2) * spread).view(owners.shape[0], *activations.shape[1:])
+    rows = activations[owners]  # a copy: the elements outside the map keep their values
+    flat = rows.reshape(rows.shape[0], -1)
+    centre = flat.gather(1, positions[:, locations].T)  # (N, C)
+    flat.scatter_(1, positions.flatten().expand(rows.shape[0], -1), (centre.unsqueeze(2) * spread).flatten(1))
     return flat.view(rows.shape)
 
 
