@@ -93,6 +93,19 @@ def test_inplace_activations_are_left_as_they_were():
     torch.testing.assert_close(inplace, A.DeepLift(model)(x, [1, 2]))
 
 
+def test_create_graph_through_max_pooling_gives_finite_parameter_gradients():
+    """The max-pool rule divides by the input difference only where it is not 0, so a double backward stays finite
+    where image and baseline agree (ReLU outputs that are 0 on both)."""
+    model = pooled_net(adjacent=True)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    maps = A.DeepLift(model)(x, [0, 3], create_graph=True)
+    grads = torch.autograd.grad(maps.square().sum(), list(model.parameters()), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(maps.detach(), A.DeepLift(model)(x, [0, 3]))
+
+
 def test_bad_eps_names_the_option():
     with pytest.raises(ValueError, match="eps"):
         A.DeepLift(cam_cnn())(torch.randn(1, 3, 16, 16), 1, eps=-1.0)

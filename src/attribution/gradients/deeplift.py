@@ -92,7 +92,8 @@ class _MaxPoolRescale(torch.autograd.Function):
         first, second = routed.chunk(2)
         routed = torch.cat([first + second, first + second])
         delta_in = _both_halves(x)
-        return (torch.where(delta_in.abs() < ctx.eps, _route(grad, indices, x), routed / delta_in),) + (None,) * 6
+        small = delta_in.abs() < ctx.eps  # divided by 1 there, so that a double backward meets no 0 / 0
+        return (torch.where(small, _route(grad, indices, x), routed / delta_in.masked_fill(small, 1.0)),) + (None,) * 6
 
 
 def _route(values: Tensor, indices: Tensor, x: Tensor) -> Tensor:
@@ -114,7 +115,8 @@ class RescaleRules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = dict(kwargs or {})
-        if not args or not isinstance(args[0], Tensor) or args[0].shape[0] % 2:
+        if (func not in _ELEMENTWISE and func is not F.max_pool2d) or not args or not isinstance(args[0], Tensor) \
+                or args[0].dim() == 0 or args[0].shape[0] % 2:
             return func(*args, **kwargs)
         if func in _ELEMENTWISE:
             kwargs.pop("inplace", None)
