@@ -403,6 +403,22 @@ def cam_work(size: int) -> Dict[str, Work]:
 
         return floor
 
+    def lift_floor(m, x, t, chunk, e):  # one head forward, then the tail's forward and backward on (A, 0) pairs
+        from attribution.cam.tail import SplitModel
+
+        (layer,) = e.target_layers(x)
+        split = SplitModel(m, layer)
+        with torch.no_grad():
+            values = split.head(x)
+        tail = split.tail(values, x.shape[0], split.plan(values))
+        acts = values[split.cut]
+        for start in range(0, x.shape[0], max(1, chunk // 2)):
+            part = acts[start:start + max(1, chunk // 2)]
+            owners = torch.arange(start, start + part.shape[0], device=x.device).repeat(2)
+            rows = torch.cat([part, torch.zeros_like(part)]).requires_grad_(True)
+            scores = tail(rows, owners).gather(1, t[owners][:, None])
+            torch.autograd.grad(scores.sum(), rows)
+
     def window_rows(x, t, e):  # SESS's windows of every image (with its defaults), and their targets
         from attribution.cam.sess import Pyramid, Scale, _scales
 
@@ -475,6 +491,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "smooth_grad_cam_plusplus": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),
         "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
+        "lift_cam": Work({}, lift_floor, {}, "cnn"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
         "group_cam": Work({}, group_floor, {}, "cnn"),

@@ -49,6 +49,7 @@ FAST = {
     "is_cam": {"steps": 2},
     "ablation_cam": {},
     "recipro_cam": {},
+    "lift_cam": {},
     "cameras": {},
     "smooth_grad_cam_plusplus": {"samples": 2, "generator": torch.Generator().manual_seed(0)},
     "opti_cam": {"iterations": 5},

@@ -28,6 +28,7 @@ DISCRIMINATIVE = {
     "bag_cam": {},
     "eigen_grad_cam": {},
     "ablation_cam": {},
+    "lift_cam": {},
     "cameras": {"resolutions": [160, 200, 240]},  # the composite is 160 x 320: up to 240 x 480
     "opti_cam": {"iterations": 20},
     "group_cam": {},

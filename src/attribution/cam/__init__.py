@@ -14,6 +14,7 @@ from .group_cam import GroupCAM
 from .hires_cam import HiResCAM
 from .kpca_cam import KPCACAM
 from .layer_cam import LayerCAM
+from .lift_cam import LIFTCAM
 from .meta import MetaCAM
 from .opti_cam import OptiCAM
 from .random_cam import RandomCAM
@@ -43,6 +44,7 @@ __all__ = [
     "HiResCAM",
     "ISCAM",
     "KPCACAM",
+    "LIFTCAM",
     "LayerCAM",
     "MetaCAM",
     "OptiCAM",
