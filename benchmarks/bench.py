@@ -506,6 +506,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "guided_grad_cam": Work({}, two_pass_floor, models="cnn"),
         "attention_rollout": Work({}, forward_floor, models="vit"),
         "generic_attention": Work({}, input_floor, models="vit"),
+        "grad_sam": Work({}, input_floor, models="vit"),
+        "raw_attention": Work({}, forward_floor, models="vit"),
         "attcat": Work({}, input_floor, models="vit"),
         "tis": Work({"n_masks": TIS_MASKS}, tis_floor, models="vit"),
     }

@@ -31,6 +31,8 @@ FAST = {
     "extremal_perturbation": {"iterations": 3},
     "attention_rollout": {},
     "generic_attention": {},
+    "grad_sam": {},
+    "raw_attention": {},
     "attcat": {},
     "tis": {"n_masks": 8, "generator": torch.Generator().manual_seed(0)},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)

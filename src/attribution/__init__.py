@@ -54,7 +54,7 @@ from .gradients import (
     VanillaGradient,
 )
 from .perturbation import LIME, RISE, ExtremalPerturbation, KernelSHAP, Occlusion
-from .transformers import TIS, AttCAT, AttentionRollout, GenericAttention
+from .transformers import TIS, AttCAT, AttentionRollout, GenericAttention, GradSAM, RawAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
@@ -80,6 +80,7 @@ __all__ = [
     "FinerCAM",
     "FullGrad",
     "GenericAttention",
+    "GradSAM",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
@@ -102,6 +103,7 @@ __all__ = [
     "Occlusion",
     "OptiCAM",
     "RandomCAM",
+    "RawAttention",
     "ReciproCAM",
     "RefineCAM",
     "RISE",

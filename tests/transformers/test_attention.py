@@ -117,6 +117,35 @@ def test_generic_attention_is_class_discriminative_rollout_is_not(x):
     torch.testing.assert_close(rollout(x, [0, 0]), rollout(x, [4, 4]))
 
 
+def test_grad_sam_equals_its_formula_on_the_unfused_model(x):
+    """mean over blocks and heads of A * ReLU(dA), the class token's row over the patches."""
+    model = tiny_vit(fused=False)
+    out, maps = hooked_attention(model, x.clone().requires_grad_(True))
+    grads = torch.autograd.grad(out[[0, 1], [3, 1]].sum(), maps)
+    relevance = sum((a * g.clamp(min=0)).mean(1) for a, g in zip(maps, grads)) / len(maps)
+    expected = relevance[:, 0, 1:].reshape(2, 1, 4, 4).detach()
+    expected = nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)
+    ours = attribution.GradSAM(tiny_vit(fused=True))(x, [3, 1])
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-8)
+    assert (ours >= 0).all() and not torch.allclose(ours, attribution.GradSAM(model)(x, [0, 0]))
+
+
+@pytest.mark.parametrize("block, fusion", [(-1, "mean"), (0, "max"), (1, "min")])
+def test_raw_attention_is_one_blocks_class_token_row(x, block, fusion):
+    _, maps = hooked_attention(tiny_vit(fused=False), x)
+    fused = {"mean": maps[block].mean(1), "max": maps[block].amax(1), "min": maps[block].amin(1)}[fusion]
+    expected = fused[:, 0, 1:].reshape(2, 1, 4, 4).detach()
+    expected = nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)
+    explainer = attribution.RawAttention(tiny_vit(fused=True), block=block, head_fusion=fusion)
+    torch.testing.assert_close(explainer(x, 0), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(explainer(x, 0), explainer(x, 4))  # class-agnostic
+
+
+def test_raw_attention_names_a_bad_block(x):
+    with pytest.raises(ValueError, match="block must be an int index into the model's 2 attention blocks"):
+        attribution.RawAttention(tiny_vit())(x, 0, block=2)
+
+
 def test_models_without_global_attention_get_a_clear_error(x):
     with pytest.raises(ValueError, match="found no attention"):
         attribution.AttentionRollout(tiny_cnn())(x, 0)

@@ -27,7 +27,7 @@ def task():
     return train_task()
 
 
-@pytest.mark.parametrize("name", ["generic_attention", "attention_rollout", "attcat", "tis"])
+@pytest.mark.parametrize("name", ["generic_attention", "grad_sam", "attention_rollout", "raw_attention", "attcat", "tis"])
 def test_attention_maps_point_at_the_pattern(task, name):
     options = {"generator": torch.Generator().manual_seed(0)} if name == "tis" else {}
     maps = attribution.create(name, task.model, **options)(task.images, 1)

@@ -2,9 +2,11 @@
 from .attcat import AttCAT
 from .attention import AttentionCapture
 from .generic_attention import GenericAttention
+from .grad_sam import GradSAM
+from .raw_attention import RawAttention
 from .rollout import AttentionRollout
 from .tis import TIS
 from .tokens import TokenLayout, token_layout, tokens_to_map
 
-__all__ = ["AttCAT", "AttentionCapture", "AttentionRollout", "GenericAttention", "TIS", "TokenLayout", "token_layout",
+__all__ = ["AttCAT", "AttentionCapture", "AttentionRollout", "GenericAttention", "GradSAM", "RawAttention", "TIS", "TokenLayout", "token_layout",
            "tokens_to_map"]
