@@ -459,6 +459,9 @@ def cam_work(size: int) -> Dict[str, Work]:
     def input_floor(m, x, t, chunk, e):
         input_gradient_passes(m, x, t, x.shape[0], chunk)
 
+    def beyond_floor(m, x, t, chunk, e):  # forward + input gradient of every path point
+        input_gradient_passes(m, x, t, x.shape[0] * BEYOND_STEPS, chunk)
+
     def opti_floor(m, x, t, chunk, e):  # the clean forward, then a forward and input gradient per iteration
         forward_passes(m, x, x.shape[0], chunk)
         input_gradient_passes(m, x, t, x.shape[0] * OPTI_ITERATIONS, chunk)
@@ -508,11 +511,14 @@ def cam_work(size: int) -> Dict[str, Work]:
         "generic_attention": Work({}, input_floor, models="vit"),
         "grad_sam": Work({}, input_floor, models="vit"),
         "raw_attention": Work({}, forward_floor, models="vit"),
+        "beyond_intuition": Work({"steps": BEYOND_STEPS}, beyond_floor, models="vit"),
         "attcat": Work({}, input_floor, models="vit"),
         "tis": Work({"n_masks": TIS_MASKS}, tis_floor, models="vit"),
     }
 
 
+#: Beyond Intuition's path points in the benchmark (its default is 20)
+BEYOND_STEPS = 8
 #: Opti-CAM's optimisation steps in the benchmark (its default is 50)
 OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods

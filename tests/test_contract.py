@@ -33,6 +33,7 @@ FAST = {
     "generic_attention": {},
     "grad_sam": {},
     "raw_attention": {},
+    "beyond_intuition": {"steps": 3, "start_block": 0},
     "attcat": {},
     "tis": {"n_masks": 8, "generator": torch.Generator().manual_seed(0)},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)

@@ -54,7 +54,7 @@ from .gradients import (
     VanillaGradient,
 )
 from .perturbation import LIME, RISE, ExtremalPerturbation, KernelSHAP, Occlusion
-from .transformers import TIS, AttCAT, AttentionRollout, GenericAttention, GradSAM, RawAttention
+from .transformers import TIS, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, RawAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
@@ -64,6 +64,7 @@ __all__ = [
     "AttCAT",
     "AttentionRollout",
     "BagCAM",
+    "BeyondIntuition",
     "BlurIG",
     "CAM",
     "CAMERAS",

@@ -146,6 +146,46 @@ def test_raw_attention_names_a_bad_block(x):
         attribution.RawAttention(tiny_vit())(x, 0, block=2)
 
 
+def beyond_intuition_written_out(model, image, cls, steps, start):
+    """The authors' head-wise algorithm for one image on timm's unfused attention: head importances from the
+    image's attention and gradients, R <- R + (sum_h I_h A_h) R from block ``start`` on, then the class token's row
+    of mean_heads ReLU(mean gradient of the last attention over input * alpha, alpha = linspace(0, 1, steps)) * R."""
+    out, maps = hooked_attention(model, image[None])
+    grads = torch.autograd.grad(out[0, cls], maps)
+    tokens = maps[0].shape[-1]
+    relevance = torch.eye(tokens)
+    for a, g in list(zip(maps, grads))[start:]:
+        a, g = a[0].detach(), g[0]
+        importance = torch.stack([(a[h].T @ g[h]).abs().mean() for h in range(a.shape[0])])
+        importance = importance / importance.sum()
+        relevance = relevance + sum(importance[h] * a[h] for h in range(a.shape[0])) @ relevance
+    total = torch.zeros_like(maps[-1][0])
+    for alpha in torch.linspace(0, 1, steps):
+        out, maps = hooked_attention(model, image[None] * alpha)
+        total = total + torch.autograd.grad(out[0, cls], maps[-1])[0][0]
+    weights = (total / steps).clamp(min=0).mean(0)
+    return (weights * relevance)[0, 1:].reshape(1, 4, 4)
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_beyond_intuition_equals_the_authors_algorithm(x, start):
+    model = tiny_vit(fused=False)
+    expected = torch.stack([beyond_intuition_written_out(model, image, cls, 5, start)
+                            for image, cls in zip(x, [3, 1])])
+    expected = nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)
+    explainer = attribution.BeyondIntuition(tiny_vit(fused=True), steps=5, start_block=start)
+    torch.testing.assert_close(explainer(x, [3, 1]), expected, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(explainer(x, [3, 1], batch_size=3), expected, rtol=1e-4, atol=1e-8)
+
+
+def test_beyond_intuition_names_bad_options(x):
+    explainer = attribution.BeyondIntuition(tiny_vit())
+    with pytest.raises(ValueError, match="start_block=3 but the model has 2 attention blocks"):
+        explainer(x, 0)
+    with pytest.raises(ValueError, match="steps must be an int >= 2"):
+        explainer(x, 0, steps=1, start_block=0)
+
+
 def test_models_without_global_attention_get_a_clear_error(x):
     with pytest.raises(ValueError, match="found no attention"):
         attribution.AttentionRollout(tiny_cnn())(x, 0)

@@ -27,9 +27,18 @@ def task():
     return train_task()
 
 
-@pytest.mark.parametrize("name", ["generic_attention", "grad_sam", "attention_rollout", "raw_attention", "attcat", "tis"])
+#: options per transformer-native method.  The task's ViT has 3 blocks (Beyond Intuition's default starts at the
+#: 4th); its images are noise around 0, so the authors' zero baseline makes the path pass near-constant images whose
+#: LayerNorm gradients (-3 to -6 at a = 0.32, against +0.005 at the image) swamp the integral and rectify the whole
+#: map to 0: the black image (each image's minimum) is the baseline here
+NATIVE = {"generic_attention": {}, "grad_sam": {}, "attention_rollout": {}, "raw_attention": {}, "attcat": {},
+          "beyond_intuition": {"start_block": 1, "baseline": "black"},
+          "tis": {"generator": torch.Generator().manual_seed(0)}}
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE))
 def test_attention_maps_point_at_the_pattern(task, name):
-    options = {"generator": torch.Generator().manual_seed(0)} if name == "tis" else {}
+    options = NATIVE[name]
     maps = attribution.create(name, task.model, **options)(task.images, 1)
     rate = pointing_rate(maps, task.patches)
     wrong = pointing_rate(transposed(maps), task.patches)

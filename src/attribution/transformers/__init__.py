@@ -1,6 +1,7 @@
 """Transformers: token layouts, attention capture, and transformer-native methods."""
 from .attcat import AttCAT
 from .attention import AttentionCapture
+from .beyond_intuition import BeyondIntuition
 from .generic_attention import GenericAttention
 from .grad_sam import GradSAM
 from .raw_attention import RawAttention
@@ -8,5 +9,5 @@ from .rollout import AttentionRollout
 from .tis import TIS
 from .tokens import TokenLayout, token_layout, tokens_to_map
 
-__all__ = ["AttCAT", "AttentionCapture", "AttentionRollout", "GenericAttention", "GradSAM", "RawAttention", "TIS", "TokenLayout", "token_layout",
-           "tokens_to_map"]
+__all__ = ["AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
+           "RawAttention", "TIS", "TokenLayout", "token_layout", "tokens_to_map"]

@@ -1,0 +1,98 @@
+"""Beyond Intuition: token attributions from attention perception and integrated reasoning feedback."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..core.batching import RowPlanner
+from ..core.registry import register
+from ..core.targets import Target
+from ..gradients.paths import BaselineSpec, make_baseline
+from .attention import AttentionCapture
+from .base import AttentionExplainer, _at_least_float32
+from .tokens import token_layout
+
+
+def attention_perception(attention: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
+    """(n, N, N) token interactions from (n, heads, N, N) attention maps and their gradients, block by block:
+    ``R <- R + (sum_h I_h A_h) R`` from ``R = I``, with head importances ``I_h = mean |A_h^T dA_h|`` normalised to
+    sum to 1 over the heads of each image (the head-wise approximation)."""
+    tokens = attention[0].shape[-1]
+    eye = torch.eye(tokens, dtype=attention[0].dtype, device=attention[0].device)
+    relevance = eye.expand(attention[0].shape[0], tokens, tokens)
+    for block, grad in zip(attention, gradients):
+        importance = (block.transpose(-1, -2) @ grad).abs().mean(dim=(-1, -2))  # (n, heads)
+        total = importance.sum(dim=1, keepdim=True)
+        importance = importance / torch.where(total > 0, total, torch.ones_like(total))
+        relevance = relevance + (importance[:, :, None, None] * block).sum(dim=1) @ relevance
+    return relevance
+
+
+@register("beyond_intuition")
+class BeyondIntuition(AttentionExplainer):
+    """Beyond Intuition (head-wise): attention perception times the integrated gradient of the last attention map.
+
+    Chen, Li, Yu, Dou & Xiong, "Beyond Intuition: Rethinking Token Attributions inside Transformers", TMLR 2023
+    (OpenReview rm0zIzlhcX).
+
+    Attention perception, from the blocks ``start_block`` on: ``R = I``, then per block ``R <- R + Abar R`` with
+    ``Abar = sum_h I_h A_h`` and ``I_h = mean_ij |A_h^T dA_h|`` normalised over the heads (``A_h`` a head's
+    attention probabilities, ``dA_h`` the target score's gradient w.r.t. them, both at the image).  Reasoning
+    feedback: ``W = mean_heads ReLU(1/steps sum_k dA_last(x' + a_k (x - x')))`` over ``steps`` points
+    ``a_k = linspace(0, 1, steps)`` of the straight path from the baseline (both ends included, as the authors'
+    code).  The map is the class token's row of ``W * R`` over the patches.  Defaults as the authors' ViT code:
+    ``steps=20``, the zero baseline, and its ``start_layer=4`` (blocks from the fourth on), here ``start_block=3``
+    counted from 0.  The token-wise variant (value-norm ratios instead of head importances) needs each block's value
+    projections and is not included.  Class-discriminative.
+    Cost: ``steps`` forwards and backwards (to the attention maps) per image; the last path point is the image
+    itself, so it also gives the perception's maps.
+    """
+
+    needs_gradients = True
+    defaults = {"steps": 20, "start_block": 3, "baseline": "zero"}
+
+    def _explain(self, x: Tensor, target: Target, *, steps: int, start_block: int, baseline: BaselineSpec,
+                 batch_size: Optional[int], create_graph: bool) -> Tensor:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"steps must be an int >= 2 (the path's two ends are both points), got {steps!r}")
+        if isinstance(start_block, bool) or not isinstance(start_block, int) or start_block < 0:
+            raise ValueError(f"start_block must be a non-negative int, got {start_block!r}")
+        reference = make_baseline(x, baseline)
+        alphas = torch.linspace(0, 1, steps, dtype=x.dtype, device=x.device)
+        batch = x.shape[0]
+        feedback: Optional[Tensor] = None
+        perception: List[Optional[Tensor]] = [None] * batch
+        for start, stop in RowPlanner(batch * steps, batch_size, x.device):
+            index = torch.arange(start, stop, device=x.device)
+            image, point = index // steps, index % steps  # image-major rows: an image's path is contiguous
+            rows = reference[image] + alphas[point].view(-1, 1, 1, 1) * (x[image] - reference[image])
+            attention, gradients = self._attention_and_gradients(rows, image, target, create_graph)
+            if start_block >= len(attention):
+                raise ValueError(f"start_block={start_block} but the model has {len(attention)} attention blocks")
+            last = gradients[-1]
+            if feedback is None:
+                feedback = torch.zeros((batch,) + tuple(last.shape[1:]), dtype=last.dtype, device=last.device)
+            feedback = feedback.index_add(0, image, last)
+            ends = (point == steps - 1).nonzero().flatten()
+            if ends.numel():
+                kept = attention_perception([a[ends] for a in attention[start_block:]],
+                                            [g[ends] for g in gradients[start_block:]])
+                for row, owner in zip(kept, image[ends].tolist()):
+                    perception[owner] = row
+        weights = (feedback / steps).clamp(min=0).mean(dim=1)
+        relevance = weights * torch.stack(perception)  # type: ignore[arg-type]
+        layout = token_layout(self.model, tuple(x.shape[-2:]), relevance.shape[-1], "the attention maps")
+        return self._to_image(relevance, layout, tuple(x.shape[-2:]))
+
+    def _attention_and_gradients(self, rows: Tensor, owners: Tensor, target: Target, create_graph: bool
+                                 ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Every block's attention for ``rows`` and the gradient of the owners' target scores w.r.t. it."""
+        with torch.enable_grad(), AttentionCapture(self.model) as capture:
+            outputs = self._forward(self._model_input(rows).requires_grad_(True))
+        attention = self._checked(capture.maps, rows.shape[0])
+        gradients = torch.autograd.grad(target(outputs, owners).sum(), attention, create_graph=create_graph)
+        if not create_graph:
+            attention = [a.detach() for a in attention]
+        return [_at_least_float32(a) for a in attention], [_at_least_float32(g) for g in gradients]
