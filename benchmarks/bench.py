@@ -166,6 +166,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     def rise_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * positions, chunk)
 
+    def sobol_floor(m, x, t, chunk, e):  # one forward per row of A and of each C_i (4 x 4 cells)
+        forward_passes(m, x, x.shape[0] * SOBOL_DESIGNS * 17, chunk)
+
     def shap_floor(m, x, t, chunk, e):  # the image, the baseline and one forward per coalition
         forward_passes(m, x, x.shape[0] * (positions + 2), chunk)
 
@@ -234,6 +237,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),
         "lime": Work({"grid": 4, "samples": positions}, rise_floor, {"captum Lime": peer(captum_lime)}),
+        "hsic": Work({"n_designs": positions}, rise_floor),
+        "sobol": Work({"grid": 4, "n_designs": SOBOL_DESIGNS}, sobol_floor),
     }
 
 
@@ -517,6 +522,8 @@ def cam_work(size: int) -> Dict[str, Work]:
     }
 
 
+#: Sobol attribution's designs in the benchmark, on a 4 x 4 grid (17 forwards per design; its default is 32 on 8 x 8)
+SOBOL_DESIGNS = 8
 #: Beyond Intuition's path points in the benchmark (its default is 20)
 BEYOND_STEPS = 8
 #: Opti-CAM's optimisation steps in the benchmark (its default is 50)

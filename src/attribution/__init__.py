@@ -53,7 +53,8 @@ from .gradients import (
     SmoothGrad,
     VanillaGradient,
 )
-from .perturbation import LIME, RISE, ExtremalPerturbation, KernelSHAP, Occlusion
+from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, Occlusion,
+                           SobolAttribution)
 from .transformers import TIS, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, RawAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -91,6 +92,7 @@ __all__ = [
     "GuidedGradCAM",
     "GuidedIG",
     "IDGI",
+    "HSICAttribution",
     "HiResCAM",
     "ISCAM",
     "InputXGradient",
@@ -114,6 +116,7 @@ __all__ = [
     "ShapleyCAM",
     "SmoothGrad",
     "SmoothGradCAMPlusPlus",
+    "SobolAttribution",
     "TIS",
     "VanillaGradient",
     "ViTCX",

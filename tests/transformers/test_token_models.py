@@ -32,7 +32,8 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4},
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4},
-         "extremal_perturbation": {"iterations": 2},
+         "extremal_perturbation": {"iterations": 2}, "hsic": {"grid": 4, "n_designs": 8},
+         "sobol": {"grid": 2, "n_designs": 4},
          "cameras": {"resolutions": [224]}, "smooth_grad_cam_plusplus": {"samples": 2}}  # fixed-size position embeddings: the image's own resolution only
 METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation"))
 

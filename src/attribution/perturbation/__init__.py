@@ -1,8 +1,10 @@
 """Perturbation methods: maps from forwards of perturbed copies, (B, 1, H, W)."""
 from .extremal import ExtremalPerturbation
+from .hsic import HSICAttribution
 from .kernel_shap import KernelSHAP
 from .lime import LIME
 from .occlusion import Occlusion
 from .rise import RISE
+from .sobol import SobolAttribution
 
-__all__ = ["ExtremalPerturbation", "KernelSHAP", "LIME", "Occlusion", "RISE"]
+__all__ = ["ExtremalPerturbation", "HSICAttribution", "KernelSHAP", "LIME", "Occlusion", "RISE", "SobolAttribution"]
