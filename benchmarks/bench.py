@@ -479,6 +479,12 @@ def cam_work(size: int) -> Dict[str, Work]:
             raise PeerSkipped("LayerGradCam needs (B, C, h, w) layer outputs")
         return ca.LayerGradCam(m, layer).attribute(x, target=t, relu_attributions=True)
 
+    def torchray_eb(m, x, t, chunk, e):  # TorchRay's rules need its update_resnet for residual blocks
+        from torchray.attribution.excitation_backprop import excitation_backprop
+
+        (layer,) = e.target_layers(x)
+        return excitation_backprop(m, x, t, saliency_layer=layer)
+
     def pgc_work(floor, cls_name: str, models: str = "cnn", **attributes) -> Work:
         return Work({}, floor, {f"pytorch-grad-cam {cls_name}": grad_cam_peer(cls_name, **attributes)}, models)
 
@@ -500,6 +506,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "lift_cam": Work({}, lift_floor, {}, "cnn"),
+        "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb
+                                    if importlib.util.find_spec("torchray") else None}, "cnn"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
         "group_cam": Work({}, group_floor, {}, "cnn"),

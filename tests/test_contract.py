@@ -57,6 +57,7 @@ FAST = {
     "ablation_cam": {},
     "recipro_cam": {},
     "lift_cam": {},
+    "excitation_backprop": {},
     "cameras": {},
     "smooth_grad_cam_plusplus": {"samples": 2, "generator": torch.Generator().manual_seed(0)},
     "opti_cam": {"iterations": 5},

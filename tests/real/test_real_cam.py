@@ -29,6 +29,7 @@ DISCRIMINATIVE = {
     "eigen_grad_cam": {},
     "ablation_cam": {},
     "lift_cam": {},
+    "excitation_backprop": {},
     "cameras": {"resolutions": [160, 200, 240]},  # the composite is 160 x 320: up to 240 x 480
     "opti_cam": {"iterations": 20},
     "group_cam": {},

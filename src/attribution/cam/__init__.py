@@ -4,6 +4,7 @@ from .bag_cam import BagCAM
 from .base import CAM
 from .cameras import CAMERAS
 from .eigen_cam import EigenCAM, EigenGradCAM
+from .excitation_backprop import ExcitationBackprop
 from .fem import FEM
 from .finer_cam import FinerCAM
 from .full_grad import FullGrad
@@ -34,6 +35,7 @@ __all__ = [
     "CAMERAS",
     "EigenCAM",
     "EigenGradCAM",
+    "ExcitationBackprop",
     "FEM",
     "FinerCAM",
     "FullGrad",
