@@ -506,6 +506,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "lift_cam": Work({}, lift_floor, {}, "cnn"),
+        "sidu": Work({}, score_floor, {}, "cnn"),
         "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb
                                     if importlib.util.find_spec("torchray") else None}, "cnn"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
@@ -537,7 +538,7 @@ BEYOND_STEPS = 8
 #: Opti-CAM's optimisation steps in the benchmark (its default is 50)
 OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods
-SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx"}
+SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

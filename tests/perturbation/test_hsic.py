@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attribution.perturbation.grid import keys_cubic_matrix
+from attribution.core.resize import keys_cubic_matrix
 from attribution.perturbation.hsic import HSICAttribution, binary_hsic, latin_hypercube
 from conftest import CountingModel, tiny_cnn
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.quasirandom import SobolEngine
 
 import attribution
-from attribution.perturbation.grid import bicubic_resize, keys_cubic_matrix
+from attribution.core.resize import bicubic_resize, keys_cubic_matrix
 from attribution.perturbation.sobol import ReplicatedDesign, SobolAttribution, box_blur, jansen_total_indices, sobol_design
 from conftest import CountingModel, LinearModel, tiny_cnn
 

@@ -24,6 +24,7 @@ from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
 from .sess import SESS
 from .shapley_cam import ShapleyCAM
+from .sidu import SIDU
 from .smooth_grad_cam_plusplus import SmoothGradCAMPlusPlus
 from .vit_cx import ViTCX
 from .xgrad_cam import XGradCAM
@@ -56,6 +57,7 @@ __all__ = [
     "SESS",
     "SSCAM",
     "ScoreCAM",
+    "SIDU",
     "ShapleyCAM",
     "SmoothGradCAMPlusPlus",
     "ViTCX",

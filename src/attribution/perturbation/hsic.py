@@ -11,7 +11,7 @@ from ..core.batching import RowPlanner
 from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
-from .grid import bicubic_resize
+from ..core.resize import bicubic_resize
 
 #: the estimator builds (images, n, n) output Gram matrices a block of images at a time, this many entries a block
 MAX_GRAM_ENTRIES = 1 << 22

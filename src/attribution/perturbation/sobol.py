@@ -12,7 +12,7 @@ from ..core.batching import RowPlanner
 from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
-from .grid import bicubic_resize
+from ..core.resize import bicubic_resize
 
 #: the perturbations of the reference: x * M, x * M + (1 - M) * blur(x), x * (M - 0.5) * sigma
 PERTURBATIONS = ("inpainting", "blurring", "amplitude")
@@ -121,7 +121,7 @@ class SobolAttribution(Explainer):
     quasi-Monte Carlo design: ``S_Ti = sum_j (f(A_j) - f(C_ij))^2 / (2 N Var(f(A)))`` where A and B are
     ``N = n_designs`` points of a Sobol sequence and C_i is A with its column ``i`` taken from B.  The (grid, grid)
     indices (>= 0, exactly 0 for a cell the score ignores) are resized to (H, W) as Xplique does, with
-    TensorFlow's bicubic resize (:func:`attribution.perturbation.grid.bicubic_resize`).
+    TensorFlow's bicubic resize (:func:`attribution.core.resize.bicubic_resize`).
 
     Defaults from the reference, Xplique's ``SobolAttributionMethod``: ``grid=8`` (its
     ``grid_size``), ``n_designs=32`` (its ``nb_design``: a power of two, as it requires, Sobol points being balanced

@@ -1,5 +1,6 @@
-"""Resizing coarse (grid x grid) maps to the image as TensorFlow does, for the methods whose references are in
-TensorFlow (Xplique's Sobol and HSIC attributions)."""
+"""Resizing coarse maps to the image exactly as a method's reference implementation does, as (out, in) matrices
+applied along each axis: TensorFlow's bicubic resize (Xplique's Sobol and HSIC attributions) and scikit-image's
+bilinear resize with reflected edges (SIDU's masks)."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -32,3 +33,21 @@ def bicubic_resize(maps: Tensor, size: Tuple[int, int]) -> Tensor:
     rows = keys_cubic_matrix(size[0], maps.shape[-2]).to(device=maps.device, dtype=maps.dtype)
     cols = keys_cubic_matrix(size[1], maps.shape[-1]).to(device=maps.device, dtype=maps.dtype)
     return rows @ maps @ cols.T
+
+
+def linear_reflect_matrix(size_out: int, size_in: int) -> Tensor:
+    """(size_out, size_in) float64 weights of scikit-image's ``resize(..., order=1, mode='reflect',
+    anti_aliasing=False)`` along one axis: output pixel ``o`` reads the source position
+    ``(o + 0.5) * size_in / size_out - 0.5`` from its two nearest taps, linearly; taps outside the input are
+    reflected about the edge pixels (NumPy's 'reflect', ``c b | a b c``), where torch's bilinear repeats the edge."""
+    position = (torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5
+    low = position.floor()
+    taps = torch.stack([low, low + 1], dim=1).long()  # (out, 2)
+    weights = torch.stack([1 - (position - low), position - low], dim=1)
+    if size_in == 1:
+        taps = torch.zeros_like(taps)
+    else:
+        period = 2 * (size_in - 1)
+        taps = taps.remainder(period)
+        taps = torch.where(taps >= size_in, period - taps, taps)
+    return torch.zeros(size_out, size_in, dtype=torch.float64).scatter_add_(1, taps, weights)
