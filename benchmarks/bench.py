@@ -215,6 +215,10 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
         "idgi": Work({"steps": steps}, grads(steps)),
         "idg": Work({"steps": steps}, idg_floor),
+        # every path taken to the end, so the floor is exact: steps x (forward + input gradient)
+        "mfaba": Work({"steps": steps, "early_stop": False}, grads(steps)),
+        # 4 classes x steps/4 points, each a forward and two input gradients (the floor counts one: ratio ~1.3+)
+        "agi": Work({"topk": 4, "max_iter": max(1, steps // 4)}, grads(4 * max(1, steps // 4))),
         "expected_gradients": Work({"samples": steps}, grads(steps), {"captum GradientShap": peer(
             lambda m, x, t, c: ca.GradientShap(m).attribute(x, torch.zeros_like(x[:1]).repeat(4, 1, 1, 1),
                                                              n_samples=steps, stdevs=0.0, target=t))}),

@@ -20,6 +20,8 @@ FAST = {
     "idg": {"steps": 6},
     "expected_gradients": {"samples": 6, "generator": torch.Generator().manual_seed(0)},  # reference sets: its tests
     "deeplift": {},
+    "mfaba": {"steps": 4},
+    "agi": {"topk": 2, "max_iter": 3},
     "deeplift_shap": {},
     "guided_backprop": {},
     "deconvnet": {},
@@ -74,6 +76,9 @@ FAST = {
     "guided_grad_cam": {},
     "combined": {},
 }
+#: methods that need class indices (their paths leave the target class, or step towards other classes): a callable
+#: target gets a clear error
+NEEDS_CLASSES = {"mfaba", "agi"}
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
 RANDOM = {"smoothgrad": {"std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
@@ -149,6 +154,13 @@ def test_target_forms_agree(name, cnn, images):
     by_none = explain(name, cnn, images, None, **options)
     by_list = explain(name, cnn, images, classes.tolist(), **options)
     by_tensor = explain(name, cnn, images, classes, **options)
+    if name in NEEDS_CLASSES:
+        for objective in (lambda s: s.max(dim=1).values, lambda s, owner: s[:, 0]):
+            with pytest.raises(ValueError, match="class indices"):
+                explain(name, cnn, images, objective, **options)
+        for other in (by_list, by_tensor):
+            torch.testing.assert_close(other, by_none)
+        return
     by_callable = explain(name, cnn, images, lambda s: s.max(dim=1).values, **options)
     by_owners = explain(name, cnn, images, lambda s, owner: s.gather(1, classes[owner, None])[:, 0], **options)
     for other in (by_list, by_tensor, by_owners):
@@ -215,7 +227,8 @@ def test_model_left_as_found_when_target_raises(name, images):
     def broken(scores):
         raise RuntimeError("objective failed")
 
-    with pytest.raises(RuntimeError, match="objective failed"):
+    with pytest.raises(ValueError if name in NEEDS_CLASSES else RuntimeError,
+                       match="class indices" if name in NEEDS_CLASSES else "objective failed"):
         explain(name, model, images, broken)
     assert_unchanged(model, before)
 

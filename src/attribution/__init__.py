@@ -40,6 +40,7 @@ from .cam import (
 from .combine import CombinedWrapper, GuidedGradCAM
 from .core import Explainer, create, get_method, list_methods, register
 from .gradients import (
+    AGI,
     BlurIG,
     Deconvnet,
     DeepLift,
@@ -52,6 +53,7 @@ from .gradients import (
     InputXGradient,
     IntegratedDecisionGradients,
     IntegratedGradients,
+    MFABA,
     SmoothGrad,
     VanillaGradient,
 )
@@ -63,6 +65,7 @@ from . import metrics, utils  # sub-packages, reachable as attribution.metrics a
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGI",
     "AblationCAM",
     "AttCAT",
     "AttentionRollout",
@@ -106,6 +109,7 @@ __all__ = [
     "LIME",
     "LayerCAM",
     "LIFTCAM",
+    "MFABA",
     "Occlusion",
     "OptiCAM",
     "RandomCAM",

@@ -20,6 +20,8 @@ GRADIENT_METHODS = {
     "idg": {"steps": 24},
     "expected_gradients": {"samples": 24, "generator": torch.Generator().manual_seed(0)},
     "deeplift": {},
+    "mfaba": {},
+    "agi": {"topk": 2, "max_iter": 3},
     "deeplift_shap": {"references": "black"},
     "guided_backprop": {},
     "deconvnet": {},

@@ -1,4 +1,5 @@
 """The gradient family: maps built from input gradients, (B, C, H, W) signed attributions."""
+from .agi import AGI
 from .base import GradientExplainer
 from .blur_ig import BlurIG
 from .deeplift import DeepLift, DeepLiftShap
@@ -9,10 +10,12 @@ from .idg import IntegratedDecisionGradients
 from .idgi import IDGI
 from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
+from .mfaba import MFABA
 from .smoothgrad import SmoothGrad
 from .vanilla import VanillaGradient
 
 __all__ = [
+    "AGI",
     "BlurIG",
     "Deconvnet",
     "DeepLift",
@@ -25,6 +28,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedDecisionGradients",
     "IntegratedGradients",
+    "MFABA",
     "SmoothGrad",
     "VanillaGradient",
 ]
