@@ -528,6 +528,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "attention_rollout": Work({}, forward_floor, models="vit"),
         "generic_attention": Work({}, input_floor, models="vit"),
         "grad_sam": Work({}, input_floor, models="vit"),
+        "ag_cam": Work({}, input_floor, models="vit"),
         "raw_attention": Work({}, forward_floor, models="vit"),
         "beyond_intuition": Work({"steps": BEYOND_STEPS}, beyond_floor, models="vit"),
         "attcat": Work({}, input_floor, models="vit"),

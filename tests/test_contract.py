@@ -38,6 +38,7 @@ FAST = {
     "attention_rollout": {},
     "generic_attention": {},
     "grad_sam": {},
+    "ag_cam": {},
     "raw_attention": {},
     "beyond_intuition": {"steps": 3, "start_block": 0},
     "attcat": {},

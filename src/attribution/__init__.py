@@ -59,12 +59,13 @@ from .gradients import (
 )
 from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, Occlusion,
                            SobolAttribution)
-from .transformers import TIS, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, RawAttention
+from .transformers import TIS, AGCAM, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, RawAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGCAM",
     "AGI",
     "AblationCAM",
     "AttCAT",

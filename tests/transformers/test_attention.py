@@ -130,6 +130,33 @@ def test_grad_sam_equals_its_formula_on_the_unfused_model(x):
     assert (ours >= 0).all() and not torch.allclose(ours, attribution.GradSAM(model)(x, [0, 0]))
 
 
+def test_ag_cam_equals_the_authors_formula_with_scores_read_from_qkv(x):
+    """sum over blocks and heads of sigmoid(q k^T * scale) * ReLU(dA) on the class token's row, the scores rebuilt
+    from each block's qkv projection (timm's unfused path), for the fused and the unfused model."""
+    model = tiny_vit(fused=False)
+    qkv = []
+    handles = [blk.attn.qkv.register_forward_hook(lambda m, i, o: qkv.append(o)) for blk in model.blocks]
+    try:
+        out, maps = hooked_attention(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = torch.autograd.grad(out[[0, 1], [3, 1]].sum(), maps)
+    total = 0
+    for block, output, grad in zip(model.blocks, qkv, grads):
+        heads = block.attn.num_heads
+        q, k, _ = output.reshape(2, 17, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        scores = (q * block.attn.scale) @ k.transpose(-2, -1)
+        total = total + (torch.sigmoid(scores) * grad.clamp(min=0)).sum(1)
+    expected = total[:, 0, 1:].reshape(2, 1, 4, 4).detach()
+    expected = nn.functional.interpolate(expected, size=(16, 16), mode="bilinear", align_corners=False)
+    for fused in (True, False):
+        torch.testing.assert_close(attribution.AGCAM(tiny_vit(fused=fused))(x, [3, 1]), expected, rtol=1e-4,
+                                   atol=1e-8)
+    with pytest.raises(ValueError, match="head_fusion must be one of"):
+        attribution.AGCAM(model)(x, 0, head_fusion="median")
+
+
 @pytest.mark.parametrize("block, fusion", [(-1, "mean"), (0, "max"), (1, "min")])
 def test_raw_attention_is_one_blocks_class_token_row(x, block, fusion):
     _, maps = hooked_attention(tiny_vit(fused=False), x)

@@ -1,4 +1,5 @@
 """Transformers: token layouts, attention capture, and transformer-native methods."""
+from .ag_cam import AGCAM
 from .attcat import AttCAT
 from .attention import AttentionCapture
 from .beyond_intuition import BeyondIntuition
@@ -9,5 +10,5 @@ from .rollout import AttentionRollout
 from .tis import TIS
 from .tokens import TokenLayout, token_layout, tokens_to_map
 
-__all__ = ["AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
+__all__ = ["AGCAM", "AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
            "RawAttention", "TIS", "TokenLayout", "token_layout", "tokens_to_map"]

@@ -6,7 +6,9 @@ materialise the attention matrix.  While :class:`AttentionCapture` is active, a 
 produces the same output from ``softmax(q k^T * scale + mask) @ v`` and records the probabilities: they are the
 tensors the output is computed from, so ``torch.autograd.grad(score, captured)`` gives the gradient w.r.t. each
 attention map.  timm attention modules already running without the fused kernel are captured by a forward hook on
-their ``attn_drop`` module.  Nothing outlives the ``with`` block.
+their ``attn_drop`` module.  The scores before the softmax are recorded alongside (``scores``: the explicit
+computation's, or on timm's unfused path the input of the softmax that ran just before ``attn_drop``).  Nothing
+outlives the ``with`` block.
 """
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+_SOFTMAX = (torch.softmax, Tensor.softmax, F.softmax)
+
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                        is_causal: bool = False, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    """``softmax(q k^T * scale + mask) @ v`` and the probabilities, for (..., L, d) queries and (..., S, d) keys."""
+                        is_causal: bool = False, scale: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``softmax(q k^T * scale + mask) @ v``, the probabilities and the scores before the softmax, for (..., L, d)
+    queries and (..., S, d) keys."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = (q @ k.transpose(-2, -1)) * scale
     if is_causal:
@@ -30,7 +35,7 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
     if attn_mask is not None:
         logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
     probs = logits.softmax(dim=-1)
-    return probs @ v, probs
+    return probs @ v, probs, logits
 
 
 class AttentionCapture(TorchFunctionMode):
@@ -40,10 +45,15 @@ class AttentionCapture(TorchFunctionMode):
         super().__init__()
         self.model = model
         self.maps: List[Tensor] = []
+        #: the scores before the softmax of each map, ``q k^T * scale + mask`` (None where they could not be read)
+        self.scores: List[Optional[Tensor]] = []
+        self._softmax_inputs: List[Tensor] = []
         self._handles: list = []
 
     def __enter__(self) -> "AttentionCapture":
         self.maps = []
+        self.scores = []
+        self._softmax_inputs = []
         for module in self.model.modules():
             if getattr(module, "fused_attn", True) is False and isinstance(getattr(module, "attn_drop", None), nn.Module):
                 self._handles.append(module.attn_drop.register_forward_hook(self._record_output))
@@ -57,9 +67,14 @@ class AttentionCapture(TorchFunctionMode):
 
     def _record_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         self.maps.append(output)
+        # timm's unfused path: the scores are the input of the softmax that ran just before
+        self.scores.append(self._softmax_inputs[-1] if self._softmax_inputs else None)
+        self._softmax_inputs = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if func in _SOFTMAX and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+            self._softmax_inputs.append(args[0])
         if func is F.scaled_dot_product_attention:
             return self._sdpa(*args, **kwargs)
         if func is F.multi_head_attention_forward:
@@ -71,8 +86,9 @@ class AttentionCapture(TorchFunctionMode):
         if enable_gqa and k.shape[-3] != q.shape[-3]:
             repeat = q.shape[-3] // k.shape[-3]
             k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
-        out, probs = _explicit_attention(q, k, v, attn_mask, is_causal, scale)
+        out, probs, logits = _explicit_attention(q, k, v, attn_mask, is_causal, scale)
         self.maps.append(probs)
+        self.scores.append(logits)
         return out
 
     def _multi_head(self, query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int, num_heads: int,
@@ -107,8 +123,9 @@ class AttentionCapture(TorchFunctionMode):
             attn_mask = attn_mask.view(batch, num_heads, *attn_mask.shape[-2:])
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = ~attn_mask  # MultiheadAttention's True means "masked out"; _explicit_attention's "keep"
-        out, probs = _explicit_attention(heads(q), heads(k), heads(v), attn_mask, is_causal)
+        out, probs, logits = _explicit_attention(heads(q), heads(k), heads(v), attn_mask, is_causal)
         self.maps.append(probs)
+        self.scores.append(logits)
         out = F.linear(out.permute(2, 0, 1, 3).reshape(length, batch, embed), out_proj_weight, out_proj_bias)
         if not need_weights:
             return out, None

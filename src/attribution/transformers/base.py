@@ -22,6 +22,8 @@ class AttentionExplainer(Explainer):
     kind = "attention"
     #: True when the method needs the gradient of the target score w.r.t. each attention map
     needs_gradients = False
+    #: True when :meth:`_relevance` takes ``scores``, the attention scores before the softmax of every block
+    needs_scores = False
 
     def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool,
                  **options) -> Tensor:
@@ -40,14 +42,21 @@ class AttentionExplainer(Explainer):
                 gradients = torch.autograd.grad(scores.sum(), attention, create_graph=create_graph)
                 gradients = tuple(_at_least_float32(g) for g in gradients)
             attention = [_at_least_float32(a) for a in attention]
+            extra = {"scores": self._scores(capture.scores, create_graph)} if self.needs_scores else {}
             with torch.set_grad_enabled(create_graph):
-                relevance = self._relevance(attention, gradients, **options)
+                relevance = self._relevance(attention, gradients, **options, **extra)
             maps.append(self._to_image(relevance, layout, tuple(x.shape[-2:])))
         return torch.cat(maps)
 
     def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], **options) -> Tensor:
         """(B, N, N) token-to-token relevance from per-block (B, heads, N, N) attention (and its gradients)."""
         raise NotImplementedError
+
+    def _scores(self, scores: List[Optional[Tensor]], create_graph: bool) -> List[Tensor]:
+        if any(s is None for s in scores):
+            raise ValueError(f"{type(self).__name__} could not read the attention scores before the softmax in "
+                             f"{type(self.model).__name__}'s forward pass")
+        return [_at_least_float32(s if create_graph else s.detach()) for s in scores]  # type: ignore[union-attr]
 
     def _checked(self, maps: List[Tensor], batch: int) -> List[Tensor]:
         if not maps:
