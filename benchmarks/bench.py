@@ -384,6 +384,10 @@ def cam_work(size: int) -> Dict[str, Work]:
     def score_floor(m, x, t, chunk, e):  # the clean forward and one masked forward per channel
         forward_passes(m, x, x.shape[0] * (1 + channels_at_layer(m, x, e)), chunk)
 
+    def poly_floor(m, x, t, chunk, e):  # the clean forward, one forward per channel and side of every stage end
+        channels = sum(layer_activation(m, layer, x[:1], grad=False)[1].shape[1] for layer in e.target_layers(x))
+        forward_passes(m, x, x.shape[0] * (1 + 2 * channels), chunk)
+
     def group_floor(m, x, t, chunk, e):  # the layer gradient, then the blurred image and one copy per group
         channels = channels_at_layer(m, x, e)
         groups = -(-channels // -(-channels // e.defaults["groups"]))
@@ -511,6 +515,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "lift_cam": Work({}, lift_floor, {}, "cnn"),
         "sidu": Work({}, score_floor, {}, "cnn"),
+        "poly_cam": Work({}, poly_floor, {}, "cnn"),
         "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb
                                     if importlib.util.find_spec("torchray") else None}, "cnn"),
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
@@ -543,7 +548,7 @@ BEYOND_STEPS = 8
 #: Opti-CAM's optimisation steps in the benchmark (its default is 50)
 OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods
-SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu"}
+SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

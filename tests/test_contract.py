@@ -61,6 +61,7 @@ FAST = {
     "recipro_cam": {},
     "lift_cam": {},
     "excitation_backprop": {},
+    "poly_cam": {},
     "sidu": {"threshold": 0.0},  # the toy net's activations stay below the authors' 0.5
     "cameras": {},
     "smooth_grad_cam_plusplus": {"samples": 2, "generator": torch.Generator().manual_seed(0)},

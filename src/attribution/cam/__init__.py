@@ -18,6 +18,7 @@ from .layer_cam import LayerCAM
 from .lift_cam import LIFTCAM
 from .meta import MetaCAM
 from .opti_cam import OptiCAM
+from .poly_cam import PolyCAM
 from .random_cam import RandomCAM
 from .recipro_cam import ReciproCAM
 from .refine_cam import RefineCAM
@@ -51,6 +52,7 @@ __all__ = [
     "LayerCAM",
     "MetaCAM",
     "OptiCAM",
+    "PolyCAM",
     "RandomCAM",
     "ReciproCAM",
     "RefineCAM",
