@@ -215,6 +215,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
         "idgi": Work({"steps": steps}, grads(steps)),
         "idg": Work({"steps": steps}, idg_floor),
+        "lrp": Work({}, grads(1)),
         # every path taken to the end, so the floor is exact: steps x (forward + input gradient)
         "mfaba": Work({"steps": steps, "early_stop": False}, grads(steps)),
         # 4 classes x steps/4 points, each a forward and two input gradients (the floor counts one: ratio ~1.3+)

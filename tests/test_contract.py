@@ -20,6 +20,7 @@ FAST = {
     "idg": {"steps": 6},
     "expected_gradients": {"samples": 6, "generator": torch.Generator().manual_seed(0)},  # reference sets: its tests
     "deeplift": {},
+    "lrp": {},
     "mfaba": {"steps": 4},
     "agi": {"topk": 2, "max_iter": 3},
     "deeplift_shap": {},

@@ -20,6 +20,7 @@ GRADIENT_METHODS = {
     "idg": {"steps": 24},
     "expected_gradients": {"samples": 24, "generator": torch.Generator().manual_seed(0)},
     "deeplift": {},
+    "lrp": {},
     "mfaba": {},
     "agi": {"topk": 2, "max_iter": 3},
     "deeplift_shap": {"references": "black"},
@@ -36,7 +37,7 @@ GRADIENT_METHODS = {
 }
 #: methods held to a margin, as the CAMs are: RISE's, HSIC's and Sobol's masks are coarse, so their maps are as
 #: regional as a CAM's (HSIC 0.68 against 0.12, Sobol 0.81 against 0.15 when written)
-MARGINS = {"rise": 0.3, "hsic": 0.3, "sobol": 0.3}
+MARGINS = {"rise": 0.3, "hsic": 0.3, "sobol": 0.3, "lrp": 0.3}  # LRP (epsilon_plus_flat): 0.82 against 0.04
 
 
 def test_the_embedded_model_classifies_the_photos(efficientnet):

@@ -10,149 +10,56 @@ a sum.  Everything else (ReLU, max pooling) passes its plain gradient, as in Tor
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from ..core.capture import LayerCapture, ReshapeTransform
 from ..core.layers import LayerSpec, resolve_layers
 from ..core.registry import register
+from ..core.rules import LinearCall, Norm, RuleMode
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
 from .base import CAM, FUSIONS
 
 #: added to the forward values that excitations are divided by, as TorchRay (so a zero output passes nothing)
 EPSILON = 1e-20
-_LINEAR = (F.conv1d, F.conv2d, F.conv3d, F.linear)
-_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-          F.adaptive_avg_pool3d)
-_SUMS = (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
-_IN_PLACE_SUMS = (Tensor.add_, Tensor.__iadd__)  # ``out += identity`` in torchvision's residual blocks
 
 
-class _Linear(torch.autograd.Function):
-    """A convolution or linear layer with excitation backprop's backward for its input (``flip``: with the
-    weights' negative part instead, the contrastive pass's classifier)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], fn: Callable[..., Tensor],
-                rest: Tuple[Any, ...], kwargs: dict, switch: List[bool]) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.fn, ctx.rest, ctx.kwargs, ctx.switch = fn, rest, kwargs, switch
-        return fn(x, weight, bias, *rest, **kwargs)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        x, weight = ctx.saved_tensors
-        positive = (-weight if ctx.switch[0] else weight).clamp(min=0).to(x.dtype)  # x's dtype: autocast's
-        with torch.enable_grad():
-            local = x.detach().requires_grad_(True)
-            out = ctx.fn(local, positive, None, *ctx.rest, **ctx.kwargs)
-            (spread,) = torch.autograd.grad(out, local, (grad / (out.detach() + EPSILON)).to(out.dtype),
-                                            create_graph=torch.is_grad_enabled())
-        return x * spread, None, None, None, None, None, None
-
-
-class _Pool(torch.autograd.Function):
-    """Average pooling with excitation backprop's backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, fn: Callable[..., Tensor], rest: Tuple[Any, ...], kwargs: dict) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.fn, ctx.rest, ctx.kwargs = fn, rest, kwargs
-        return fn(x, *rest, **kwargs)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            local = x.detach().requires_grad_(True)
-            out = ctx.fn(local, *ctx.rest, **ctx.kwargs)
-            (spread,) = torch.autograd.grad(out, local, (grad / (out.detach() + EPSILON)).to(out.dtype),
-                                            create_graph=torch.is_grad_enabled())
-        return x * spread, None, None, None
-
-
-class _PassThrough(torch.autograd.Function):
-    """Batch normalisation whose backward passes the excitation unchanged."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, fn: Callable[..., Tensor], rest: Tuple[Any, ...], kwargs: dict) -> Tensor:
-        return fn(x, *rest, **kwargs)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        return grad, None, None, None
-
-
-class _Sum(torch.autograd.Function):
-    """``a + b`` whose backward shares the excitation in proportion: ``a / (a + b) * p`` and ``b / (a + b) * p``."""
-
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:
-        out = a + b
-        ctx.save_for_backward(a, b, out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, Tensor]:
-        a, b, out = ctx.saved_tensors
-        share = grad / torch.where(out == 0, torch.ones_like(out), out)
-        return a * share, b * share
-
-
-class _SumInPlace(torch.autograd.Function):
-    """``a += b`` with :class:`_Sum`'s backward (``a``'s value before the sum is kept for it)."""
-
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:
-        ctx.save_for_backward(a.clone(), b)
-        ctx.mark_dirty(a)
-        return a.add_(b)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, Tensor]:
-        a, b = ctx.saved_tensors
-        out = a + b
-        share = grad / torch.where(out == 0, torch.ones_like(out), out)
-        return a * share, b * share
-
-
-class ExcitationRules(TorchFunctionMode):
-    """While active, the forward records excitation backprop's rules (see the module docstring).  Each convolution
-    or linear call gets a switch read at backward time; :meth:`classifier_switch` is the last call's (the
-    classifier's): ``[True]`` gives the contrastive pass's flipped classifier."""
+class _Excitation:
+    """Excitation backprop's rule for a convolution or linear call: ``p' = x * f*(W+, p / (f(x, W+) + 1e-20))``
+    (no bias; ``switch[0]``, read at backward time: with the weights' negative part instead, the contrastive
+    pass's classifier)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self._last: Optional[List[bool]] = None
+        self.switch = [False]
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = dict(kwargs or {})
-        if func in _LINEAR:
-            x, weight, bias, rest = args[0], *(list(args[1:3]) + [None] * (3 - len(args)))[:2], tuple(args[3:])
-            weight, bias = kwargs.pop("weight", weight), kwargs.pop("bias", bias)
-            switch = [False]  # read at backward time; the last call's is the classifier's
-            self._last = switch
-            return _Linear.apply(x, weight, bias, func, rest, kwargs, switch)
-        if func in _POOLS:
-            return _Pool.apply(args[0], func, tuple(args[1:]), kwargs)
-        if func is F.batch_norm:
-            return _PassThrough.apply(args[0], func, tuple(args[1:]), kwargs)
-        if (func in _SUMS or func in _IN_PLACE_SUMS) and len(args) == 2 and not kwargs \
-                and all(isinstance(a, Tensor) for a in args) and args[0].shape == args[1].shape \
-                and args[0].is_floating_point() and args[0].dim() > 0:
-            return (_Sum if func in _SUMS else _SumInPlace).apply(args[0], args[1])
-        return func(*args, **kwargs)
+    def __call__(self, call: LinearCall, x: Tensor, weight: Tensor, bias: Optional[Tensor], grad: Tensor,
+                 create_graph: bool) -> Tensor:
+        positive = (-weight if self.switch[0] else weight).clamp(min=0)
+        local = x.detach().requires_grad_(True)
+        out = call(local, positive, None)
+        (spread,) = torch.autograd.grad(out, local, (grad / (out.detach() + EPSILON)).to(out.dtype),
+                                        create_graph=create_graph)
+        return x * spread
+
+
+class ExcitationRules(RuleMode):
+    """While active, the forward records excitation backprop's rules (see the module docstring; the machinery is
+    :mod:`attribution.core.rules`'s).  Each convolution or linear call gets a switch read at backward time;
+    :meth:`classifier_switch` is the last call's (the classifier's): ``[True]`` gives the contrastive pass's
+    flipped classifier."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda func: _Excitation(), Norm(lambda out: out.detach() + EPSILON, attach=False),
+                         lambda out: torch.where(out == 0, torch.ones_like(out), out))
 
     def classifier_switch(self) -> List[bool]:
         """The switch of the forward's last convolution or linear call (the classifier)."""
-        if self._last is None:
+        if not self.calls:
             raise ValueError("excitation backprop found no convolution or linear layer in the model's forward")
-        return self._last
+        return self.calls[-1].rule.switch
 
 
 @register("excitation_backprop")

@@ -10,6 +10,7 @@ from .idg import IntegratedDecisionGradients
 from .idgi import IDGI
 from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
+from .lrp import LRP
 from .mfaba import MFABA
 from .smoothgrad import SmoothGrad
 from .vanilla import VanillaGradient
@@ -28,6 +29,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedDecisionGradients",
     "IntegratedGradients",
+    "LRP",
     "MFABA",
     "SmoothGrad",
     "VanillaGradient",
