@@ -197,6 +197,17 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                 p.requires_grad_(flag)
 
 
+    def zennit_lrp(m, x, t, chunk, e):  # EpsilonPlusFlat with the canonizer that folds a ResNet's batch norms
+        import torchvision
+        from zennit.attribution import Gradient
+        from zennit.composites import EpsilonPlusFlat
+        from zennit.torchvision import ResNetCanonizer
+
+        if not isinstance(m, torchvision.models.ResNet):
+            raise PeerSkipped("zennit needs a canonizer written for the model (ResNets here)")
+        with Gradient(m, EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as attributor:
+            return attributor(x, torch.eye(1000, device=x.device)[t])[1]
+
     def captum_occlusion(m, x, t, chunk):
         return ca.Occlusion(m).attribute(x, sliding_window_shapes=(3, window, window),
                                          strides=(3, stride, stride), target=t,
@@ -215,7 +226,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
         "idgi": Work({"steps": steps}, grads(steps)),
         "idg": Work({"steps": steps}, idg_floor),
-        "lrp": Work({}, grads(1)),
+        "lrp": Work({}, grads(1), {"zennit Gradient(EpsilonPlusFlat)": zennit_lrp
+                                   if importlib.util.find_spec("zennit") else None}),
         # every path taken to the end, so the floor is exact: steps x (forward + input gradient)
         "mfaba": Work({"steps": steps, "early_stop": False}, grads(steps)),
         # 4 classes x steps/4 points, each a forward and two input gradients (the floor counts one: ratio ~1.3+)

