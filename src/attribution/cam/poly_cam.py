@@ -15,7 +15,7 @@ from ..core.progress import progress_bar
 from ..core.registry import register
 from ..core.targets import Target
 from .base import CAM, channel_sum, upsample
-from .score_cam import duplicate_groups
+from .score_cam import duplicate_groups, group_rows
 
 #: the paper's three ways of weighting a channel from masked forwards: PCAM+ ("p"), PCAM- ("m"), PCAM+/- ("pm")
 VARIANTS = ("pm", "p", "m")
@@ -262,11 +262,7 @@ class PolyCAM(CAM):
         for start, stop in RowPlanner(groups.shape[0] * per_image, batch_size, x.device):
             index = torch.arange(start, stop, device=x.device)
             group, channel, side = index // per_image, (index // len(sides)) % channels, side_of[index % len(sides)]
-            image = groups[group, 0]
-            members = groups[group]  # (n, M): every image identical to the row's image
-            valid = members >= 0
-            rows = torch.arange(index.shape[0], device=x.device).unsqueeze(1).expand_as(members)[valid]
-            owners = members[valid]
+            image, rows, owners = group_rows(groups, group)
             with torch.enable_grad() if create_graph else torch.inference_mode():
                 mask = upsample(masks[image, channel].unsqueeze(1), x.shape[-2:])
                 mask = torch.where(side.view(-1, 1, 1, 1) == 1, 1 - mask, mask)

@@ -1,7 +1,7 @@
 """Score-CAM and its smoothed (SS-CAM) and integrated (IS-CAM) variants: channel weights from masked forwards."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -80,11 +80,7 @@ class _ScoreWeightedCAM(CAM):
             for start, stop in RowPlanner(total, batch_size, x.device):
                 index = torch.arange(start, stop, device=x.device)
                 group, channel, sample = index // per_image, (index // samples) % channels, index % samples
-                image = groups[group, 0]
-                members = groups[group]  # (n, M): every image identical to the row's image
-                valid = members >= 0
-                rows = torch.arange(index.shape[0], device=x.device).unsqueeze(1).expand_as(members)[valid]
-                owners = members[valid]
+                image, rows, owners = group_rows(groups, group)
                 with torch.enable_grad() if create_graph else torch.inference_mode():
                     masks = self._perturb(normalized_masks(acts[image, channel], x.shape[-2:]), sample, samples,
                                           options)
@@ -117,6 +113,15 @@ def duplicate_groups(x: Tensor) -> Tensor:
     table = torch.full((counts.shape[0], int(counts.max())), -1, dtype=torch.long, device=x.device)
     table[inverse[order], position] = order
     return table[torch.argsort(table[:, 0])]
+
+
+def group_rows(groups: Tensor, group: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """For pass rows of the groups ``group`` (indices into :func:`duplicate_groups`' table): the image each row
+    runs (its group's first), and the (row, owner) pairs that hand each row's score to every member of its group."""
+    members = groups[group]  # (n, M): every image identical to the row's image
+    valid = members >= 0
+    rows = torch.arange(group.shape[0], device=group.device).unsqueeze(1).expand_as(members)[valid]
+    return groups[group, 0], rows, members[valid]
 
 
 @register("score_cam")
