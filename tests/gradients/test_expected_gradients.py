@@ -76,6 +76,38 @@ def test_matches_captums_gradient_shap_in_expectation():
     torch.testing.assert_close(ours.sum(), theirs.sum(), rtol=0.05, atol=1e-3)
 
 
+def test_gradient_shap_noise_is_added_to_the_image_in_every_sample():
+    """stdevs > 0: the estimator over its draws written out, the noise drawn after the references and points."""
+    model = Quadratic()
+    torch.manual_seed(0)
+    x, refs = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    ours = attribution.ExpectedGradients(model, samples=7, stdevs=0.3)(
+        x, [0, 2], references=refs, generator=torch.Generator().manual_seed(3), batch_size=4)
+    generator = torch.Generator().manual_seed(3)
+    chosen = torch.randint(0, 5, (7,), generator=generator)
+    alphas = torch.rand(7, generator=generator, dtype=torch.float64)
+    noise = torch.randn(7, 3, 6, 6, generator=generator, dtype=torch.float64) * 0.3
+    w2 = model.w.detach()[[0, 2]].square()
+    expected = sum((x + e - refs[c]) * 2 * w2 * (refs[c] + a * (x + e - refs[c]))
+                   for c, a, e in zip(chosen, alphas, noise)) / 7
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="stdevs must be a non-negative number"):
+        attribution.ExpectedGradients(model)(x, 0, stdevs=-1.0)
+
+
+def test_with_noise_it_matches_captums_gradient_shap_in_expectation():
+    captum = pytest.importorskip("captum.attr")
+    model = tiny_cnn().double()
+    torch.manual_seed(3)
+    x, refs = torch.randn(1, 3, 16, 16, dtype=torch.float64), torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    ours = attribution.ExpectedGradients(model, samples=3000, references=refs, stdevs=0.2)(
+        x, 2, generator=torch.Generator().manual_seed(0), batch_size=500)
+    torch.manual_seed(0)
+    theirs = captum.GradientShap(model).attribute(x, refs, n_samples=3000, stdevs=0.2, target=2)
+    assert torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1] > 0.95
+    torch.testing.assert_close(ours.sum(), theirs.sum(), rtol=0.05, atol=1e-3)
+
+
 def test_draws_are_shared_by_the_batch_so_maps_do_not_depend_on_it(cnn, images):
     refs = torch.randn(5, 3, 16, 16)
     explain = attribution.ExpectedGradients(cnn, samples=5, references=refs)

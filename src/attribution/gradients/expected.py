@@ -1,4 +1,4 @@
-"""Expected Gradients (GradientSHAP without noise)."""
+"""Expected Gradients and GradientSHAP (the same with noise on the image)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -37,17 +37,22 @@ class ExpectedGradients(GradientExplainer):
     of ``a``; ``E[sum A] = f_t(x) - E_r f_t(r)``.  The draws are made once per call and shared by the images of the
     batch (``generator`` makes them reproducible), so an image's map does not depend on the other images.
     ``references`` may also be a name or number as Integrated Gradients' ``baseline`` (then each image has its one
-    reference and the method is Integrated Gradients with random points).  The same estimator as Captum's
-    ``GradientShap`` with ``stdevs=0`` and SHAP's ``GradientExplainer`` without local smoothing; ``samples=200``
-    as SHAP's default.  Cost: ``samples`` forwards and input-gradient backwards per image.
+    reference and the method is Integrated Gradients with random points).  ``stdevs > 0`` adds Gaussian noise of
+    that standard deviation to the image in every sample, ``A = E[(x + e - r) * grad f_t(r + a (x + e - r))]``:
+    GradientSHAP, the same estimator as Captum's ``GradientShap`` (whose ``stdevs`` it is; 0 by default here) and
+    SHAP's ``GradientExplainer`` with local smoothing; the noise is drawn once per call too, (samples, C, H, W),
+    and shared by the images.  ``samples=200`` as SHAP's default.  Cost: ``samples`` forwards and input-gradient
+    backwards per image.
     """
 
-    defaults = {"references": "black", "samples": 200, "generator": None}
+    defaults = {"references": "black", "samples": 200, "stdevs": 0.0, "generator": None}
 
-    def _explain(self, x: Tensor, target: Target, *, references: BaselineSpec, samples: int,
+    def _explain(self, x: Tensor, target: Target, *, references: BaselineSpec, samples: int, stdevs: float,
                  generator: Optional[torch.Generator], batch_size: Optional[int], create_graph: bool) -> Tensor:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}")
+        if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or stdevs < 0:
+            raise ValueError(f"stdevs must be a non-negative number, got {stdevs!r}")
         dtype = accumulation_dtype(x)
         refs = reference_set(x, references)
         own = make_baseline(x, references).to(dtype) if refs is None else None
@@ -56,11 +61,15 @@ class ExpectedGradients(GradientExplainer):
         chosen = torch.randint(0, count, (samples,), generator=generator, device=draw_device).to(x.device)
         alphas = torch.rand(samples, generator=generator, device=draw_device, dtype=torch.float64)
         alphas = alphas.to(device=x.device, dtype=dtype)
+        noise = None
+        if stdevs > 0:
+            noise = torch.randn((samples,) + tuple(x.shape[1:]), generator=generator, device=draw_device,
+                                dtype=torch.float64).to(device=x.device, dtype=dtype) * float(stdevs)
         images = x.to(dtype)
 
         def points(owners: Tensor, step: Tensor):
             start = own[owners] if refs is None else refs[chosen[step]]
-            delta = images[owners] - start
+            delta = (images[owners] if noise is None else images[owners] + noise[step]) - start
             return start + alphas[step].view(-1, 1, 1, 1) * delta, delta / samples
 
         return self._integrate(x, target, samples, points, batch_size, create_graph)
