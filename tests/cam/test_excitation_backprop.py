@@ -95,3 +95,67 @@ def test_the_contrastive_map_is_class_discriminative_on_the_pretrained_model(eff
     mass = maps.abs().sum(1)
     share = mass[..., :mass.shape[-1] // 2].flatten(1).sum(1) / mass.flatten(1).sum(1)
     assert share[0] - share[1] > 0.8
+
+
+def test_arg_max_targets_resolve_per_image_whatever_the_pass_size(x):
+    model = vgg_like()
+    classes = model(x).argmax(1)
+    explainer = A.ExcitationBackprop(model, "4")
+    torch.testing.assert_close(explainer(x, None, batch_size=1), explainer(x, classes))
+
+
+class LearnedOffset(nn.Module):
+    """conv + a learned (1, C, h, w) offset: the offset has an activation's shape only when one image runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.offset = nn.Parameter(0.1 * torch.randn(1, 8, 16, 16))
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(self.conv(x) + self.offset)
+
+
+@pytest.mark.parametrize("name", ["excitation_backprop", "lrp"])
+def test_a_learned_offset_is_not_a_residual_sum(name, x):
+    """Only sums of computed tensors get the proportional rule, so a map does not depend on the pass size."""
+    model = LearnedOffset().eval()
+    explainer = A.create(name, model)
+    torch.testing.assert_close(explainer(x, [1, 2, 3], batch_size=1), explainer(x, [1, 2, 3]), rtol=1e-5,
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize("contrastive", [False, True])
+def test_create_graph_gives_the_true_derivative(contrastive):
+    """d map / d classifier weight along a direction: autograd against a central finite difference (float64)."""
+    model = vgg_like().double()
+    torch.manual_seed(5)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    options = {"contrastive": contrastive, "contrast_layer": "7"} if contrastive else {}
+    explainer = A.ExcitationBackprop(model, "4", **options)
+    weight = model[10].weight
+    direction = torch.randn_like(weight)
+    maps = explainer(x, [1, 4], create_graph=True)
+    (grad,) = torch.autograd.grad(maps.sum(), weight)
+    step = 1e-6
+    with torch.no_grad():
+        weight += step * direction
+        up = explainer(x, [1, 4]).sum()
+        weight -= 2 * step * direction
+        down = explainer(x, [1, 4]).sum()
+        weight += step * direction
+    torch.testing.assert_close((grad * direction).sum(), (up - down) / (2 * step), rtol=1e-5, atol=1e-9)
+
+
+def test_half_precision_models_give_finite_maps():
+    """A zero convolution output (a black border) divides by 0 + 1e-20, which float16 rounds to 0: the rules
+    run in float32 for half inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1,
+                          bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    x[..., :8] = 0
+    maps = A.ExcitationBackprop(model.half(), "1")(x.half(), [0, 1])
+    assert torch.isfinite(maps).all() and maps.abs().sum() > 0

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..core.capture import LayerCapture, ReshapeTransform
 from ..core.layers import LayerSpec, resolve_layers
 from ..core.registry import register
-from ..core.rules import LinearCall, Norm, RuleMode
+from ..core.rules import LinearCall, Norm, RuleMode, differentiable, widened
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
 from .base import CAM, FUSIONS
@@ -38,11 +38,11 @@ class _Excitation:
     def __call__(self, call: LinearCall, x: Tensor, weight: Tensor, bias: Optional[Tensor], grad: Tensor,
                  create_graph: bool) -> Tensor:
         positive = (-weight if self.switch[0] else weight).clamp(min=0)
-        local = x.detach().requires_grad_(True)
+        local = widened(differentiable(x, create_graph))  # float32 for half inputs: 1 / (0 + 1e-20) overflows there
         out = call(local, positive, None)
-        (spread,) = torch.autograd.grad(out, local, (grad / (out.detach() + EPSILON)).to(out.dtype),
-                                        create_graph=create_graph)
-        return x * spread
+        denominator = (out if create_graph else out.detach()) + EPSILON
+        (spread,) = torch.autograd.grad(out, local, grad.to(out.dtype) / denominator, create_graph=create_graph)
+        return (local * spread).to(x.dtype)
 
 
 class ExcitationRules(RuleMode):
@@ -52,7 +52,7 @@ class ExcitationRules(RuleMode):
     flipped classifier."""
 
     def __init__(self) -> None:
-        super().__init__(lambda func: _Excitation(), Norm(lambda out: out.detach() + EPSILON, attach=False),
+        super().__init__(lambda func: _Excitation(), Norm(lambda out: out + EPSILON),
                          lambda out: torch.where(out == 0, torch.ones_like(out), out))
 
     def classifier_switch(self) -> List[bool]:
@@ -119,13 +119,14 @@ class ExcitationBackprop(CAM):
             capture._check_ran()
             score = target(outputs, owners).sum()
             raw = capture.outputs
-            if target.pending:
-                target.classes = outputs.argmax(dim=1)
-            if contrast is None:
-                grads = torch.autograd.grad(score, raw[:len(layers)], create_graph=create_graph)
-            else:
-                grads = self._contrastive(score, raw, len(layers), watched.index(contrast[0]), rules,
-                                          self._name(contrast[0]), create_graph)
+            try:
+                if contrast is None:
+                    grads = torch.autograd.grad(score, raw[:len(layers)], create_graph=create_graph)
+                else:
+                    grads = self._contrastive(score, raw, len(layers), watched.index(contrast[0]), rules,
+                                              self._name(contrast[0]), create_graph)
+            finally:  # from here on, derivatives of the map (create_graph) go through the forward's true ones
+                rules.state.plain = True
             transforms = [capture.transform(i) for i in range(len(layers))]
         dtype = accumulation_dtype(rows)
         maps = []
@@ -146,7 +147,7 @@ class ExcitationBackprop(CAM):
         switch = rules.classifier_switch()
         switch[0] = True
         try:
-            (negative,) = torch.autograd.grad(score, raw[where], retain_graph=True)
+            (negative,) = torch.autograd.grad(score, raw[where], retain_graph=True, create_graph=create_graph)
         finally:
             switch[0] = False
         (positive,) = torch.autograd.grad(score, raw[where], retain_graph=True, create_graph=create_graph)

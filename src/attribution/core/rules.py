@@ -67,6 +67,11 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     return z + eps * ((z == 0).to(z) + z.sign())
 
 
+def widened(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is half precision (a rule's divisions overflow there), else itself; in the graph."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def differentiable(t: Tensor, create_graph: bool) -> Tensor:
     """``t`` itself when the rule's result must stay differentiable (``create_graph``) and ``t`` is in the graph,
     otherwise a detached copy that autograd can differentiate against."""
@@ -138,18 +143,18 @@ class LinearCall(Operation):
 
 class Norm:
     """The rule of a sum-like operation ``f`` (pooling, a sum): ``x * f*(R / d(f(x)))``, the relevance shared in
-    proportion to the inputs' contributions.  ``attach``: keep ``d(f(x))`` differentiable w.r.t. ``x`` under
-    ``create_graph`` (LRP); excitation backprop detaches it, as it always has."""
+    proportion to the inputs' contributions, differentiable w.r.t. ``x`` under ``create_graph``; computed in
+    float32 for half-precision inputs."""
 
-    def __init__(self, denominator: Denominator, attach: bool = True) -> None:
-        self.denominator, self.attach = denominator, attach
+    def __init__(self, denominator: Denominator) -> None:
+        self.denominator = denominator
 
     def __call__(self, fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor, create_graph: bool) -> Tensor:
-        local = differentiable(x, create_graph and self.attach)
+        local = widened(differentiable(x, create_graph))
         out = fn(local)
-        (spread,) = torch.autograd.grad(out, local, (grad / self.denominator(out)).to(out.dtype),
+        (spread,) = torch.autograd.grad(out, local, grad.to(out.dtype) / self.denominator(out),
                                         create_graph=create_graph)
-        return x * spread
+        return (local * spread).to(x.dtype)
 
 
 class _Pool(Operation):
@@ -318,7 +323,7 @@ class RuleMode(TorchFunctionMode):
             operation = _Pass(plain, args, kwargs, copy=_in_place(func, args, kwargs))
             return self._route(operation, *operation.tensors())
         if (func in SUM_FUNCTIONS or func in IN_PLACE_SUM_FUNCTIONS) and len(args) == 2 and not kwargs \
-                and all(isinstance(a, Tensor) for a in args) and args[0].shape == args[1].shape \
+                and all(_activation(a) for a in args) and args[0].shape == args[1].shape \
                 and args[0].is_floating_point() and args[0].dim() > 0:
             operation = _Sum(self.sum_denominator)
             if func in SUM_FUNCTIONS:
@@ -341,6 +346,12 @@ class RuleMode(TorchFunctionMode):
             return
         call.norm = (mean, var, bound.get("weight"), bound.get("bias"), float(bound.get("eps", 1e-5)))
         self.folded += 1
+
+
+def _activation(t: Any) -> bool:
+    """Whether ``t`` is something the forward computed (or its input), not a parameter or a buffer: a sum of two
+    such is a residual connection; ``x + pos_embed`` is not (it has ``x``'s shape only for one image)."""
+    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, torch.nn.Parameter)
 
 
 #: in-place activations and the out-of-place functions they are computed by

@@ -64,7 +64,7 @@ class ExpectedGradients(GradientExplainer):
         noise = None
         if stdevs > 0:
             noise = torch.randn((samples,) + tuple(x.shape[1:]), generator=generator, device=draw_device,
-                                dtype=torch.float64).to(device=x.device, dtype=dtype) * float(stdevs)
+                                dtype=dtype).to(x.device) * float(stdevs)
         images = x.to(dtype)
 
         def points(owners: Tensor, step: Tensor):
