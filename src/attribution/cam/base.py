@@ -135,18 +135,28 @@ class CAM(Explainer):
                      reshape_transform: ReshapeTransform, batch_size: Optional[int],
                      create_graph: bool) -> List[Tensor]:
         """Activations of every image at every layer (forwards only), resolving ``target=None`` to classes."""
+        return self._capture_with_scores(x, target, layers, reshape_transform, batch_size, create_graph)[0]
+
+    def _capture_with_scores(self, x: Tensor, target: Target, layers: Sequence[nn.Module],
+                             reshape_transform: ReshapeTransform, batch_size: Optional[int],
+                             create_graph: bool) -> Tuple[List[Tensor], Tensor]:
+        """Every image's activations at every layer and its target score (B,), from the same forwards;
+        resolves ``target=None`` to classes."""
         per_layer: List[List[Tensor]] = [[] for _ in layers]
-        classes = []
+        scores, classes = [], []
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
             owners = torch.arange(start, stop, device=x.device)
             outputs, acts, _ = self._capture(x[start:stop], owners, target, layers, reshape_transform,
                                              create_graph, gradients=False)
+            with torch.set_grad_enabled(create_graph):
+                scores.append(target(outputs, owners))
             classes.append(outputs.argmax(dim=1))
             for store, act in zip(per_layer, acts):
                 store.append(act)
         if target.pending:
             target.classes = torch.cat(classes)
-        return [torch.cat(chunks) for chunks in per_layer]
+        activations = [torch.cat(chunks) for chunks in per_layer]
+        return activations, torch.cat(scores).to(activations[0].dtype)
 
     def _layer_gradients(self, capture: LayerCapture, score: Tensor, create_graph: bool) -> List[Tensor]:
         """What reaches :meth:`_weights` as ``gradients``: ``d score / d activation`` at each captured layer."""

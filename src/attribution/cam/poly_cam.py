@@ -230,26 +230,6 @@ class PolyCAM(CAM):
             fused = F.relu(cam * upsample(fused, cam.shape[-2:]))
         return upsample(percentile_scale(fused), x.shape[-2:])
 
-    def _capture_with_scores(self, x: Tensor, target: Target, layers: Sequence[nn.Module],
-                             reshape_transform: ReshapeTransform, batch_size: Optional[int],
-                             create_graph: bool) -> Tuple[List[Tensor], Tensor]:
-        """Every image's activations at every layer and its target score ``f(x)`` (B,); resolves ``None``."""
-        per_layer: List[List[Tensor]] = [[] for _ in layers]
-        scores, classes = [], []
-        for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
-            owners = torch.arange(start, stop, device=x.device)
-            outputs, acts, _ = self._capture(x[start:stop], owners, target, layers, reshape_transform,
-                                             create_graph, gradients=False)
-            with torch.set_grad_enabled(create_graph):
-                scores.append(target(outputs, owners))
-            classes.append(outputs.argmax(dim=1))
-            for store, act in zip(per_layer, acts):
-                store.append(act)
-        if target.pending:
-            target.classes = torch.cat(classes)
-        activations = [torch.cat(chunks) for chunks in per_layer]
-        return activations, torch.cat(scores).to(activations[0].dtype)
-
     def _masked_scores(self, x: Tensor, acts: Tensor, target: Target, groups: Tensor, sides: Tuple[int, ...],
                        batch_size: Optional[int], create_graph: bool, bar: Any) -> Tensor:
         """(2, B, C): the target scores of each image times each channel's mask (side 0) and times one minus it

@@ -56,20 +56,8 @@ class SIDU(CAM):
                 raise ValueError(f"{name} must be a {'positive ' if positive else ''}number, got {value!r}")
         layers = self.target_layers(x, target_layer, reshape_transform)
         with torch.set_grad_enabled(create_graph):
-            per_layer: List[List[Tensor]] = [[] for _ in layers]
-            clean_parts, classes = [], []
-            for a, b in RowPlanner(x.shape[0], batch_size, x.device):  # one forward: the layers and the clean score
-                owners = torch.arange(a, b, device=x.device)
-                outputs, acts, _ = self._capture(x[a:b], owners, target, layers, reshape_transform, create_graph,
-                                                 gradients=False)
-                clean_parts.append(target(outputs, owners))
-                classes.append(outputs.argmax(dim=1))
-                for store, act in zip(per_layer, acts):
-                    store.append(act)
-            if target.pending:
-                target.classes = torch.cat(classes)
-            activations = [torch.cat(chunks) for chunks in per_layer]
-            clean = torch.cat(clean_parts)
+            activations, clean = self._capture_with_scores(x, target, layers, reshape_transform, batch_size,
+                                                           create_graph)
             maps = [self._layer_map_of(x, target, acts, clean, float(threshold), float(kernel_width), float(p1),
                                        batch_size) for acts in activations]
         return self._fuse(maps, x.shape[-2:], layer_fusion)
