@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..core.batching import RowPlanner
 from ..core.capture import LayerCapture, ReshapeTransform
 from ..core.layers import LayerSpec, resolve_layers
 from ..core.registry import register
@@ -87,8 +88,6 @@ class ExcitationBackprop(CAM):
     def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,
                  layer_fusion: str, contrastive: bool, contrast_layer: LayerSpec, batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
-        from ..core.batching import RowPlanner
-
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
         if not isinstance(contrastive, bool):

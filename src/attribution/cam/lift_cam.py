@@ -36,10 +36,11 @@ class LIFTCAM(EditedLayerCAM):
     :class:`attribution.cam.edited_layer.EditedLayerCAM` for ``use_tail`` and ``batch_size``).
     """
 
-    defaults = {**EditedLayerCAM.defaults, "eps": 1e-10}
+    #: one tail pass per chunk of images: the copies' progress bar of the base has nothing to show
+    defaults = {**{k: v for k, v in EditedLayerCAM.defaults.items() if k != "progress"}, "eps": 1e-10}
 
     def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,
-                 layer_fusion: str, eps: float, use_tail: bool, progress: bool, batch_size: Optional[int],
+                 layer_fusion: str, eps: float, use_tail: bool, batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")

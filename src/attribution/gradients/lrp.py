@@ -291,7 +291,8 @@ class LRP(GradientExplainer):
 
     Deliberate differences from zennit: no canonizer or hook changes the model (zennit merges batch norms into the
     weights and swaps ResNet blocks' forward while it runs); batch norms are folded, and any sum of two same-shaped
-    tensors (``x + y``, ``x += y``) is shared, wherever the forward's calls show them (zennit needs the module order,
+    tensors the forward computed (``x + y``, ``x += y``; never a parameter or buffer such as a position embedding)
+    is shared, wherever the forward's calls show them (zennit needs the module order,
     or its ResNet canonizer, and gives the plain gradient at other sums); functional activations count as well as
     activation modules; the forward is the model's own (zennit leaves a merged batch norm computing ``x / sqrt(1 +
     eps)``, which shifts its maps by about ``eps / 2`` per merged layer).  With ``create_graph`` the map's

@@ -63,7 +63,7 @@ class BeyondIntuition(AttentionExplainer):
         alphas = torch.linspace(0, 1, steps, dtype=x.dtype, device=x.device)
         batch = x.shape[0]
         feedback: Optional[Tensor] = None
-        perception: List[Optional[Tensor]] = [None] * batch
+        perception: Optional[Tensor] = None
         for start, stop in RowPlanner(batch * steps, batch_size, x.device):
             index = torch.arange(start, stop, device=x.device)
             image, point = index // steps, index % steps  # image-major rows: an image's path is contiguous
@@ -75,14 +75,17 @@ class BeyondIntuition(AttentionExplainer):
             if feedback is None:
                 feedback = torch.zeros((batch,) + tuple(last.shape[1:]), dtype=last.dtype, device=last.device)
             feedback = feedback.index_add(0, image, last)
-            ends = (point == steps - 1).nonzero().flatten()
-            if ends.numel():
-                kept = attention_perception([a[ends] for a in attention[start_block:]],
-                                            [g[ends] for g in gradients[start_block:]])
-                for row, owner in zip(kept, image[ends].tolist()):
-                    perception[owner] = row
+            # the chunk's rows at the image itself (each path's last point), counted on the host
+            ends = [r - start for r in range(start, stop) if r % steps == steps - 1]
+            if ends:
+                at = torch.tensor(ends, device=x.device)
+                kept = attention_perception([a[at] for a in attention[start_block:]],
+                                            [g[at] for g in gradients[start_block:]])
+                if perception is None:
+                    perception = kept.new_zeros((batch,) + tuple(kept.shape[1:]))
+                perception = perception.index_copy(0, image[at], kept)
         weights = (feedback / steps).clamp(min=0).mean(dim=1)
-        relevance = weights * torch.stack(perception)  # type: ignore[arg-type]
+        relevance = weights * perception
         layout = token_layout(self.model, tuple(x.shape[-2:]), relevance.shape[-1], "the attention maps")
         return self._to_image(relevance, layout, tuple(x.shape[-2:]))
 
