@@ -79,9 +79,9 @@ FAST = {
     "guided_grad_cam": {},
     "combined": {},
 }
-#: methods that need class indices (their paths leave the target class, or step towards other classes): a callable
-#: target gets a clear error
-NEEDS_CLASSES = {"mfaba", "agi"}
+#: methods that need class indices (``needs_class_indices``: their paths leave the target class, or step towards
+#: other classes): a callable target gets a clear error
+NEEDS_CLASSES = {name for name in list_methods() if attribution.get_method(name).needs_class_indices}
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
 RANDOM = {"smoothgrad": {"std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax

@@ -55,6 +55,9 @@ class Explainer:
     #: True when the method evaluates the images themselves in its first pass, so that ``target=None`` can take
     #: each image's arg-max from that pass instead of from an extra forward
     argmax_on_rows: ClassVar[bool] = False
+    #: True when the method needs class indices as the target (it reads other classes' scores or the prediction's
+    #: class): a callable target gets a ValueError that says so
+    needs_class_indices: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         if not isinstance(model, nn.Module):

@@ -49,6 +49,7 @@ class AGI(AdversarialPathExplainer):
     which is not the chained path the paper describes; ``walk=True`` is that path.
     """
 
+    needs_class_indices = True
     defaults = {"score": "softmax", "epsilon": 0.05, "max_iter": 20, "topk": 20, "sampling": "spaced",
                 "walk": False, "bounds": None, "generator": None}
 

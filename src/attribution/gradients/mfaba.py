@@ -45,6 +45,7 @@ class MFABA(AdversarialPathExplainer):
     ``early_stop=False`` (the stop needs the target's class).
     """
 
+    needs_class_indices = True  # unless early_stop=False
     defaults = {"score": "softmax", "steps": 50, "variant": "sharp", "step_size": None, "epsilon": 0.3,
                 "early_stop": True, "bounds": None}
 
