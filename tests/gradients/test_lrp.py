@@ -31,6 +31,9 @@ ZENNIT = {
     # zennit has no named composite for epsilon everywhere: its rule on every convolution and dense layer
     "epsilon": lambda canonizers, low, high: LayerMapComposite(layer_map_base() + [(Linear, Epsilon())],
                                                                canonizers=canonizers),
+    # nor for z+ everywhere (Relevance-CAM's): alpha1-beta0 on every convolution and dense layer
+    "zplus": lambda canonizers, low, high: LayerMapComposite(layer_map_base() + [(Linear, AlphaBeta(1.0, 0.0))],
+                                                             canonizers=canonizers),
 }
 
 

@@ -172,6 +172,7 @@ COMPOSITES: Dict[str, Tuple[Optional[str], str, str, str]] = {
     "epsilon_alpha2_beta1": (None, "linear", "alpha_beta", "epsilon"),
     "epsilon_alpha2_beta1_flat": ("flat", "linear", "alpha_beta", "epsilon"),
     "epsilon": (None, "linear", "epsilon", "epsilon"),
+    "zplus": (None, "linear", "zplus", "zplus"),
 }
 _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
 
@@ -213,6 +214,26 @@ def _bound(value: Bound, name: str) -> Bound:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
         raise ValueError(f"{name} must be None, a finite number or a tensor, got {value!r}")
     return float(value)
+
+
+def composite_rules(composite: Any, *, eps: float, stabilizer: float, gamma: float, alpha: float, beta: float,
+                    bounds: Callable[[Tensor], Tuple[Tensor, Tensor]]) -> Tuple[Dict[str, LinearRule], str, float]:
+    """The checked rules of a composite (see :class:`LRP`): ({'conv': rule, 'linear': rule[, 'first': rule]}, which
+    calls count as the first layer, the stabiliser).  ``bounds(inputs)`` gives z^B's box for the first layer's
+    input."""
+    first, first_kinds, conv, linear = _composite(composite)
+    eps, stabilizer = _number(eps, "eps", positive=True), _number(stabilizer, "stabilizer", positive=True)
+    gamma, alpha, beta = _number(gamma, "gamma"), _number(alpha, "alpha"), _number(beta, "beta")
+    if abs(alpha - beta - 1.0) > 1e-9:
+        raise ValueError(f"alpha - beta must equal 1 (relevance is conserved), got alpha={alpha}, beta={beta}")
+    made = {"epsilon": lambda: Epsilon(eps), "zplus": lambda: AlphaBeta(1.0, 0.0, stabilizer),
+            "alpha_beta": lambda: AlphaBeta(alpha, beta, stabilizer), "gamma": lambda: Gamma(gamma, stabilizer),
+            "flat": lambda: Flat(stabilizer), "wsquare": lambda: WSquare(stabilizer),
+            "zbox": lambda: ZBox(bounds, stabilizer)}
+    rules = {"conv": made[conv](), "linear": made[linear]()}
+    if first is not None:
+        rules["first"] = made[first]()
+    return rules, first_kinds, stabilizer
 
 
 class LRPRules(RuleMode):
@@ -273,6 +294,7 @@ class LRP(GradientExplainer):
       et al. 2019's layer-wise recipe: gamma on lower layers, z^B at the pixels);
     * ``'epsilon_plus'``, ``'epsilon_alpha2_beta1'``, ``'epsilon_alpha2_beta1_flat'``: z+ or alpha-beta on
       convolutions, epsilon on dense layers (and flat on the first layer);
+    * ``'zplus'``: z+ (alpha1-beta0) on every convolution and dense layer (Relevance-CAM's rule);
     * ``'epsilon'``: epsilon everywhere (LRP-epsilon of Bach et al.; with a small ``eps`` on a bias-free ReLU network
       it is gradient x input divided by the target's score);
     * a mapping ``{'first': rule or None, 'conv': rule, 'linear': rule}`` of the rules ``'epsilon'``, ``'zplus'``,
@@ -308,11 +330,6 @@ class LRP(GradientExplainer):
     def _explain(self, x: Tensor, target: Target, *, composite: Any, eps: float, stabilizer: float, gamma: float,
                  alpha: float, beta: float, low: Bound, high: Bound, batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
-        first, first_kinds, conv, linear = _composite(composite)
-        eps, stabilizer = _number(eps, "eps", positive=True), _number(stabilizer, "stabilizer", positive=True)
-        gamma, alpha, beta = _number(gamma, "gamma"), _number(alpha, "alpha"), _number(beta, "beta")
-        if abs(alpha - beta - 1.0) > 1e-9:
-            raise ValueError(f"alpha - beta must equal 1 (relevance is conserved), got alpha={alpha}, beta={beta}")
         low, high = _bound(low, "low"), _bound(high, "high")
         if isinstance(low, float) and isinstance(high, float) and low > high:
             raise ValueError(f"low must not exceed high, got low={low}, high={high}")
@@ -322,13 +339,8 @@ class LRP(GradientExplainer):
         def bounds(inputs: Tensor) -> Tuple[Tensor, Tensor]:
             return self._box(inputs, low, x.shape[0], torch.amin), self._box(inputs, high, x.shape[0], torch.amax)
 
-        made = {"epsilon": lambda: Epsilon(eps), "zplus": lambda: AlphaBeta(1.0, 0.0, stabilizer),
-                "alpha_beta": lambda: AlphaBeta(alpha, beta, stabilizer), "gamma": lambda: Gamma(gamma, stabilizer),
-                "flat": lambda: Flat(stabilizer), "wsquare": lambda: WSquare(stabilizer),
-                "zbox": lambda: ZBox(bounds, stabilizer)}
-        rules = {"conv": made[conv](), "linear": made[linear]()}
-        if first is not None:
-            rules["first"] = made[first]()
+        rules, first_kinds, stabilizer = composite_rules(composite, eps=eps, stabilizer=stabilizer, gamma=gamma,
+                                                         alpha=alpha, beta=beta, bounds=bounds)
         self._mode_args = (rules, first_kinds, stabilizer)
 
         def points(owners: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
