@@ -1,4 +1,5 @@
-"""The gradient family: maps built from input gradients, (B, C, H, W) signed attributions."""
+"""The gradient family: maps built from input gradients, (B, C, H, W) signed attributions (XRAI: (B, 1, H, W)
+region maps grown from Integrated Gradients)."""
 from .agi import AGI
 from .base import GradientExplainer
 from .blur_ig import BlurIG
@@ -14,6 +15,7 @@ from .lrp import LRP
 from .mfaba import MFABA
 from .smoothgrad import SmoothGrad
 from .vanilla import VanillaGradient
+from .xrai import XRAI
 
 __all__ = [
     "AGI",
@@ -33,4 +35,5 @@ __all__ = [
     "MFABA",
     "SmoothGrad",
     "VanillaGradient",
+    "XRAI",
 ]
