@@ -226,6 +226,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
         "idgi": Work({"steps": steps}, grads(steps)),
         "idg": Work({"steps": steps}, idg_floor),
+        # IG from two baselines (steps/2 each), then the segmentation and region growth on the CPU
+        "xrai": Work({"steps": max(1, steps // 2)}, grads(2 * max(1, steps // 2))),
         "lrp": Work({}, grads(1), {"zennit Gradient(EpsilonPlusFlat)": zennit_lrp
                                    if importlib.util.find_spec("zennit") else None}),
         # every path taken to the end, so the floor is exact: steps x (forward + input gradient)
@@ -531,6 +533,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "poly_cam": Work({}, poly_floor, {}, "cnn"),
         "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb
                                     if importlib.util.find_spec("torchray") else None}, "cnn"),
+        "relevance_cam": Work({}, layer_gradient_passes, {}, "cnn"),  # one relevance backward to the layer
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
         "group_cam": Work({}, group_floor, {}, "cnn"),

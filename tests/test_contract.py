@@ -24,6 +24,7 @@ FAST = {
     "mfaba": {"steps": 4},
     "agi": {"topk": 2, "max_iter": 3},
     "deeplift_shap": {},
+    "xrai": {"steps": 4},
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 3},
@@ -62,6 +63,7 @@ FAST = {
     "recipro_cam": {},
     "lift_cam": {},
     "excitation_backprop": {},
+    "relevance_cam": {},
     "poly_cam": {},
     "sidu": {"threshold": 0.0},  # the toy net's activations stay below the authors' 0.5
     "cameras": {},

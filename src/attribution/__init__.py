@@ -28,6 +28,7 @@ from .cam import (
     PolyCAM,
     RandomCAM,
     ReciproCAM,
+    RelevanceCAM,
     RefineCAM,
     ScoreCAM,
     SESS,
@@ -58,6 +59,7 @@ from .gradients import (
     MFABA,
     SmoothGrad,
     VanillaGradient,
+    XRAI,
 )
 from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, Occlusion,
                            SobolAttribution)
@@ -120,6 +122,7 @@ __all__ = [
     "RandomCAM",
     "RawAttention",
     "ReciproCAM",
+    "RelevanceCAM",
     "RefineCAM",
     "RISE",
     "SESS",
@@ -134,6 +137,7 @@ __all__ = [
     "VanillaGradient",
     "ViTCX",
     "XGradCAM",
+    "XRAI",
     "create",
     "get_method",
     "list_methods",

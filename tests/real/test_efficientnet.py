@@ -33,6 +33,7 @@ GRADIENT_METHODS = {
     "lime": {"grid": 4, "samples": 60, "generator": torch.Generator().manual_seed(0)},
     "hsic": {"grid": 4, "n_designs": 64, "generator": torch.Generator().manual_seed(0)},
     "sobol": {"grid": 4, "n_designs": 8, "generator": torch.Generator().manual_seed(0)},
+    "xrai": {"steps": 4},
     "guided_grad_cam": {},  # gradient-shaped; its 0.3 margin is checked in tests/real/test_real_cam.py
 }
 #: methods held to a margin, as the CAMs are: RISE's, HSIC's and Sobol's masks are coarse, so their maps are as
@@ -59,7 +60,8 @@ OWN_TEST = {"extremal_perturbation"}
 
 def test_every_gradient_and_perturbation_method_is_covered():
     assert set(GRADIENT_METHODS) | OWN_TEST == set(attribution.list_methods("gradient")
-                                                   + attribution.list_methods("perturbation"))
+                                                   + attribution.list_methods("perturbation")
+                                                   + attribution.list_methods("region"))
 
 
 def test_extremal_perturbation_keeps_more_of_the_explained_half(efficientnet):

@@ -30,6 +30,7 @@ DISCRIMINATIVE = {
     "ablation_cam": {},
     "lift_cam": {},
     "excitation_backprop": {},
+    "relevance_cam": {},
     # four stage ends below the 1280-channel head (368 masked forwards for the pair), PCAM+ (one forward a channel)
     "poly_cam": {"target_layer": ["_blocks.2", "_blocks.4", "_blocks.10", "_blocks.14"], "variant": "p"},
     "cameras": {"resolutions": [160, 200, 240]},  # the composite is 160 x 320: up to 240 x 480

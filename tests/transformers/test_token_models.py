@@ -28,14 +28,14 @@ torchvision = pytest.importorskip("torchvision")
 PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx", "sidu", "poly_cam")
 CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigma": 4.0}, "guided_ig": {"steps": 4},
          "smoothgrad": {"samples": 2}, "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},
-         "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4},
+         "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4}, "xrai": {"steps": 2},
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4},
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4},
          "extremal_perturbation": {"iterations": 2}, "hsic": {"grid": 4, "n_designs": 8},
          "sobol": {"grid": 2, "n_designs": 4},
          "cameras": {"resolutions": [224]}, "smooth_grad_cam_plusplus": {"samples": 2}}  # fixed-size position embeddings: the image's own resolution only
-METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation"))
+METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation", "region"))
 
 
 def _timm(name: str, **options) -> nn.Module:

@@ -21,6 +21,7 @@ from .opti_cam import OptiCAM
 from .poly_cam import PolyCAM
 from .random_cam import RandomCAM
 from .recipro_cam import ReciproCAM
+from .relevance_cam import RelevanceCAM
 from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
 from .sess import SESS
@@ -55,6 +56,7 @@ __all__ = [
     "PolyCAM",
     "RandomCAM",
     "ReciproCAM",
+    "RelevanceCAM",
     "RefineCAM",
     "SESS",
     "SSCAM",
