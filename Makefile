@@ -17,6 +17,9 @@ $(VENV)/.torch:
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(TORCH)
+	# LXT (AttnLRP's reference) without its language-model dependencies (transformers, bitsandbytes, ...): the
+	# tests load only its rule functions
+	$(PY) -m pip install -q --no-deps lxt==2.1
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.torch pyproject.toml

@@ -21,6 +21,7 @@ FAST = {
     "expected_gradients": {"samples": 6, "generator": torch.Generator().manual_seed(0)},  # reference sets: its tests
     "deeplift": {},
     "lrp": {},
+    "attn_lrp": {},
     "mfaba": {"steps": 4},
     "agi": {"topk": 2, "max_iter": 3},
     "deeplift_shap": {},

@@ -43,6 +43,7 @@ from .combine import CombinedWrapper, GuidedGradCAM
 from .core import Explainer, create, get_method, list_methods, register
 from .gradients import (
     AGI,
+    AttnLRP,
     BlurIG,
     Deconvnet,
     DeepLift,
@@ -70,6 +71,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGCAM",
+    "AttnLRP",
     "AGI",
     "AblationCAM",
     "AttCAT",

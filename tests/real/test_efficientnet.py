@@ -21,6 +21,7 @@ GRADIENT_METHODS = {
     "expected_gradients": {"samples": 24, "generator": torch.Generator().manual_seed(0)},
     "deeplift": {},
     "lrp": {},
+    "attn_lrp": {},  # on a CNN: input x gradient with the identity rule on ReLU6 (f(x)/x past the clip)
     "mfaba": {},
     "agi": {"topk": 2, "max_iter": 3},
     "deeplift_shap": {"references": "black"},

@@ -90,3 +90,14 @@ def test_cams_at_the_default_layer_point_at_the_pattern(task):
     assert results[best][1] < 0.3, results
     assert sum(rate >= 0.8 for rate, _ in results.values()) >= 3, results  # not a single lucky method
     assert results["vit_cx"][0] >= 0.9 and results["vit_cx"][1] < 0.3, results  # the transformer-native mask method
+
+
+@pytest.mark.parametrize("variant", ["attnlrp", "cp"])
+def test_transformer_lrp_points_at_the_pattern(task, variant):
+    """AttnLRP and CP-LRP relevance (summed over the colour channels, signed) peaks in the pattern's patch."""
+    maps = attribution.AttnLRP(task.model, variant=variant)(task.images, 1)
+    rate = pointing_rate(maps, task.patches)
+    wrong = pointing_rate(transposed(maps), task.patches)
+    print(f"attn_lrp ({variant}): pointing {rate:.2f}, transposed {wrong:.2f}")
+    assert rate >= 0.9
+    assert wrong < 0.3

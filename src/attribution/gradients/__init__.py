@@ -1,6 +1,7 @@
 """The gradient family: maps built from input gradients, (B, C, H, W) signed attributions (XRAI: (B, 1, H, W)
 region maps grown from Integrated Gradients)."""
 from .agi import AGI
+from .attn_lrp import AttnLRP
 from .base import GradientExplainer
 from .blur_ig import BlurIG
 from .deeplift import DeepLift, DeepLiftShap
@@ -19,6 +20,7 @@ from .xrai import XRAI
 
 __all__ = [
     "AGI",
+    "AttnLRP",
     "BlurIG",
     "Deconvnet",
     "DeepLift",

@@ -13,7 +13,7 @@ outlives the ``with`` block.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,42 +91,59 @@ class AttentionCapture(TorchFunctionMode):
         self.scores.append(logits)
         return out
 
-    def _multi_head(self, query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int, num_heads: int,
-                    in_proj_weight: Optional[Tensor], in_proj_bias: Optional[Tensor], bias_k: Optional[Tensor],
-                    bias_v: Optional[Tensor], add_zero_attn: bool, dropout_p: float, out_proj_weight: Tensor,
-                    out_proj_bias: Optional[Tensor], training: bool = True, key_padding_mask: Optional[Tensor] = None,
-                    need_weights: bool = True, attn_mask: Optional[Tensor] = None,
-                    use_separate_proj_weight: bool = False, q_proj_weight: Optional[Tensor] = None,
-                    k_proj_weight: Optional[Tensor] = None, v_proj_weight: Optional[Tensor] = None,
-                    static_k: Optional[Tensor] = None, static_v: Optional[Tensor] = None,
-                    average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """``nn.MultiheadAttention``'s computation for (L, N, E) inputs without extra key/value biases."""
-        if query.dim() != 3 or bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None \
-                or static_v is not None or key_padding_mask is not None:
-            raise NotImplementedError(
-                "attention capture supports nn.MultiheadAttention on batched inputs without bias_k/bias_v, "
-                "add_zero_attn, static keys or key padding masks"
-            )
-        length, batch, embed = query.shape
-        head_dim = embed // num_heads
-        if use_separate_proj_weight:
-            weights = (q_proj_weight, k_proj_weight, v_proj_weight)
-        else:
-            weights = in_proj_weight.chunk(3)
-        biases = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
-        q, k, v = (F.linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases))
+    def _multi_head(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Optional[Tensor]]:
+        return multi_head_attention(self._attend, *args, **kwargs)
 
-        def heads(t: Tensor) -> Tensor:  # (S, N, E) -> (N, heads, S, head_dim)
-            return t.reshape(t.shape[0], batch, num_heads, head_dim).permute(1, 2, 0, 3)
-
-        if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.view(batch, num_heads, *attn_mask.shape[-2:])
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = ~attn_mask  # MultiheadAttention's True means "masked out"; _explicit_attention's "keep"
-        out, probs, logits = _explicit_attention(heads(q), heads(k), heads(v), attn_mask, is_causal)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                is_causal: bool) -> tuple[Tensor, Tensor]:
+        out, probs, logits = _explicit_attention(q, k, v, attn_mask, is_causal)
         self.maps.append(probs)
         self.scores.append(logits)
-        out = F.linear(out.permute(2, 0, 1, 3).reshape(length, batch, embed), out_proj_weight, out_proj_bias)
-        if not need_weights:
-            return out, None
-        return out, probs.mean(dim=1) if average_attn_weights else probs
+        return out, probs
+
+
+#: ``attend(q, k, v, attn_mask, is_causal) -> (output, probabilities)`` on (N, heads, S, head_dim) tensors, with a
+#: boolean mask meaning "keep"
+Attend = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], bool], "tuple[Tensor, Tensor]"]
+
+
+def multi_head_attention(attend: Attend, query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int,
+                         num_heads: int, in_proj_weight: Optional[Tensor], in_proj_bias: Optional[Tensor],
+                         bias_k: Optional[Tensor], bias_v: Optional[Tensor], add_zero_attn: bool, dropout_p: float,
+                         out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], training: bool = True,
+                         key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                         attn_mask: Optional[Tensor] = None, use_separate_proj_weight: bool = False,
+                         q_proj_weight: Optional[Tensor] = None, k_proj_weight: Optional[Tensor] = None,
+                         v_proj_weight: Optional[Tensor] = None, static_k: Optional[Tensor] = None,
+                         static_v: Optional[Tensor] = None, average_attn_weights: bool = True,
+                         is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``'s computation) for (L, N, E) inputs without
+    extra key/value biases, its attention computed by ``attend``: the projections and the heads as torch's, so that
+    a mode around the call sees them."""
+    if query.dim() != 3 or bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None \
+            or static_v is not None or key_padding_mask is not None:
+        raise NotImplementedError(
+            "nn.MultiheadAttention is supported on batched inputs without bias_k/bias_v, add_zero_attn, static keys "
+            "or key padding masks"
+        )
+    length, batch, embed = query.shape
+    head_dim = embed // num_heads
+    if use_separate_proj_weight:
+        weights = (q_proj_weight, k_proj_weight, v_proj_weight)
+    else:
+        weights = in_proj_weight.chunk(3)
+    biases = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+    q, k, v = (F.linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases))
+
+    def heads(t: Tensor) -> Tensor:  # (S, N, E) -> (N, heads, S, head_dim)
+        return t.reshape(t.shape[0], batch, num_heads, head_dim).permute(1, 2, 0, 3)
+
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.view(batch, num_heads, *attn_mask.shape[-2:])
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = ~attn_mask  # MultiheadAttention's True means "masked out"; attend's "keep"
+    out, probs = attend(heads(q), heads(k), heads(v), attn_mask, is_causal)
+    out = F.linear(out.permute(2, 0, 1, 3).reshape(length, batch, embed), out_proj_weight, out_proj_bias)
+    if not need_weights:
+        return out, None
+    return out, probs.mean(dim=1) if average_attn_weights else probs

@@ -1,0 +1,224 @@
+"""AttnLRP and CP-LRP: layer-wise relevance propagation through transformers, in the input x gradient form.
+
+While :class:`TransformerLRPRules` (a :class:`torch.overrides.TorchFunctionMode`) is active around a forward, the
+operations that are not linear get a backward that makes ``input x gradient`` a relevance propagation (Achtibat et
+al.'s "efficient" formulation, as their LXT library implements it); the model is not touched:
+
+* layer norm (``F.layer_norm``): the standard deviation is held constant (the identity rule on the normalisation);
+* elementwise activations (GELU, SiLU, ReLU, ...): the identity rule, ``d out / d in := f(x) / (x + eps)``, so the
+  relevance ``x * g`` passes unchanged;
+* attention, ``'attnlrp'``: the uniform rule on both products ``q k^T`` and ``A v``, i.e. the gradients reaching
+  ``q`` and ``k`` are divided by 4 and those reaching ``v`` by 2, in the fused kernel
+  (``F.scaled_dot_product_attention``), in ``nn.MultiheadAttention`` and in explicit ``q @ k^T`` / ``A @ v``
+  products of two computed tensors (the softmax keeps its gradient: in this form it is AttnLRP's softmax rule);
+* attention, ``'cp'`` (CP-LRP): the attention probabilities are constants (no gradient through ``q`` and ``k``).
+
+Linear layers, convolutions, sums and the rest keep their plain gradient (LRP-0 in this form).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+from torch.overrides import TorchFunctionMode
+
+from ..core.registry import register
+from ..core.rules import ACTIVATION_FUNCTIONS
+from ..core.targets import Target
+from ..transformers.attention import multi_head_attention
+from .base import GradientExplainer
+
+VARIANTS = ("attnlrp", "cp")
+_MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm)
+_SOFTMAX = (torch.softmax, Tensor.softmax, F.softmax)
+
+
+class RuleState:
+    """Shared by the rules of one forward: ``plain`` turns them into the forward's true derivative, once the
+    relevance has been computed, so that a map made with ``create_graph`` has its true parameter derivative."""
+
+    def __init__(self) -> None:
+        self.plain = False
+
+
+class _ScaleGradient(Function):
+    """The identity, whose backward multiplies the gradient by ``factor`` (0: a constant, CP-LRP's attention)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: float, state: RuleState) -> Tensor:
+        ctx.factor, ctx.state = factor, state
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None]:
+        if ctx.state.plain or ctx.factor == 1:
+            return grad, None, None
+        return (grad * ctx.factor if ctx.factor else None), None, None
+
+
+class _IdentityRule(Function):
+    """``out = f(x)`` (computed outside, with its graph) with the backward ``grad * out / (x + eps)`` to ``x``
+    (LXT's ``identity_rule_implicit``); once plain, the gradient goes to ``out`` and through ``f``'s own graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor, eps: float, state: RuleState) -> Tensor:
+        ctx.eps, ctx.state = eps, state
+        ctx.save_for_backward(x, out)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        if ctx.state.plain:
+            return None, grad, None, None
+        x, out = ctx.saved_tensors
+        return grad * out / (x + ctx.eps), None, None, None
+
+
+class _ConstantStdLayerNorm(Function):
+    """``out = F.layer_norm(x, ...)`` (computed outside, with its graph) whose backward holds each row's standard
+    deviation constant; once plain, the gradient goes to ``out`` and through the layer norm's own graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor, dims: Tuple[int, ...], weight: Optional[Tensor],
+                bias: Optional[Tensor], eps: float, state: RuleState) -> Tensor:
+        ctx.dims, ctx.eps, ctx.state = dims, eps, state
+        ctx.save_for_backward(x, weight)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        if ctx.state.plain:
+            return None, grad, None, None, None, None, None
+        x, weight = ctx.saved_tensors
+        dims = ctx.dims
+        mean = x.mean(dim=dims, keepdim=True)
+        std = ((x - mean).square().mean(dim=dims, keepdim=True) + ctx.eps).sqrt()
+        scaled = grad if weight is None else grad * weight
+        grad_x = (scaled - scaled.mean(dim=dims, keepdim=True)) / std
+        lead = tuple(range(x.dim() - len(dims)))
+        grad_weight = (grad * (x - mean) / std).sum(dim=lead) if ctx.needs_input_grad[3] else None
+        grad_bias = grad.sum(dim=lead) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_weight, grad_bias, None, None
+
+
+def _computed(t: Any) -> bool:
+    """A tensor the forward computed (recorded by autograd), not a parameter or a constant."""
+    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, torch.nn.Parameter)
+
+
+def _in_place(func: Any, args: Sequence[Any], kwargs: dict) -> bool:
+    return getattr(func, "__name__", "").endswith("_") or bool(kwargs.get("inplace", False)) or \
+        (len(args) > 1 and args[-1] is True)
+
+
+class TransformerLRPRules(TorchFunctionMode):
+    """While active, a forward records the rules of the module docstring (``variant``: ``'attnlrp'`` or ``'cp'``)."""
+
+    def __init__(self, variant: str, eps: float, explicit: bool = False) -> None:
+        super().__init__()
+        #: ``explicit``: fused attention computed as ``softmax(q k^T) v`` (twice differentiable, for create_graph)
+        self.variant, self.eps, self.explicit = variant, eps, explicit
+        self.state = RuleState()
+
+    def _attention_inputs(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        factors = (0.0, 0.0, 1.0) if self.variant == "cp" else (0.25, 0.25, 0.5)
+        return tuple(_ScaleGradient.apply(t, f, self.state) for t, f in zip((q, k, v), factors))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+        q, k, v = self._attention_inputs(q, k, v)
+        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if is_causal:
+            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else scores + attn_mask
+        probs = scores.softmax(dim=-1)
+        return probs @ v, probs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            return self._layer_norm(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            if self.explicit:
+                return self._sdpa_explicit(*args, **kwargs)
+            q, k, v = self._attention_inputs(*args[:3])
+            return func(q, k, v, *args[3:], **kwargs)
+        if func is F.multi_head_attention_forward:
+            return multi_head_attention(self._attend, *args, **kwargs)
+        if func in _MATMULS and self.variant == "attnlrp" and len(args) == 2 and all(map(_computed, args)):
+            return _ScaleGradient.apply(func(*args, **kwargs), 0.5, self.state)
+        if func in _SOFTMAX and self.variant == "cp":
+            return _ScaleGradient.apply(func(*args, **kwargs), 0.0, self.state)
+        if func in ACTIVATION_FUNCTIONS and args and _computed(args[0]) and not _in_place(func, args, kwargs):
+            return _IdentityRule.apply(args[0], func(*args, **kwargs), self.eps, self.state)
+        return func(*args, **kwargs)
+
+    def _sdpa_explicit(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                       dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                       enable_gqa: bool = False) -> Tensor:
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            repeat = q.shape[-3] // k.shape[-3]
+            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+        return self._attend(q, k, v, attn_mask, is_causal, scale)[0]
+
+    def _layer_norm(self, input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                    bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+        out = F.layer_norm(input, normalized_shape, weight, bias, eps)
+        dims = tuple(range(input.dim() - len(tuple(normalized_shape)), input.dim()))
+        return _ConstantStdLayerNorm.apply(input, out, dims, weight, bias, eps, self.state)
+
+
+@register("attn_lrp")
+class AttnLRP(GradientExplainer):
+    """AttnLRP (and CP-LRP): LRP through attention, layer norms and nonlinear activations, as input x gradient.
+
+    Achtibat, Hatefi, Dreyer, Jain, Wiegand, Lapuschkin & Samek, "AttnLRP: Attention-Aware Layer-Wise Relevance
+    Propagation for Transformers", ICML 2024, arXiv:2402.05602; ``variant='cp'``: Ali, Schnake, Eberle, Montavon,
+    Mueller & Wolf, "XAI for Transformers: Better Explanations through Conservative Propagation", ICML 2022,
+    arXiv:2202.07304.
+
+    ``R = x * g``, where ``g`` is the gradient of the target's score computed with the rules of
+    :class:`TransformerLRPRules`: the identity rule on layer norms (standard deviation constant) and elementwise
+    activations (``f(x) / (x + eps)`` in place of ``f'(x)``, ``eps=1e-10`` as LXT), and in attention either the
+    uniform rule on the products of two computed tensors (``'attnlrp'``, the default: the gradients reaching the
+    queries and keys divided by 4, the values' by 2) or constant attention probabilities (``'cp'``).  Linear layers
+    get LRP-0 (their plain gradient); the start relevance is the explained score itself, so ``sum R`` approximates
+    it (exactly where no bias or constant absorbs relevance).  Equal to LXT's patches on torchvision's ViT (both
+    variants); works on timm's fused and unfused attention alike and on any model (on a ReLU network without layer
+    norms it is input x gradient).  Deliberate difference: LXT tunes ViTs with zennit's gamma rule on the linear
+    layers; here they keep LRP-0.  Cost: one forward and one backward.
+    """
+
+    argmax_on_rows = True
+    defaults = {"variant": "attnlrp", "eps": 1e-10}
+
+    def _explain(self, x: Tensor, target: Target, *, variant: str, eps: float, batch_size: Optional[int],
+                 create_graph: bool) -> Tensor:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        self._rules = (variant, float(eps), create_graph)  # fused kernels have no second derivative
+        try:
+            return x * self._gradient_at_input(x, target, batch_size, create_graph)
+        finally:
+            for name in ("_rules", "_mode"):
+                self.__dict__.pop(name, None)
+
+    def _backward_rules(self) -> TransformerLRPRules:
+        self._mode = TransformerLRPRules(*self._rules)
+        return self._mode
+
+    def _scores_and_input_gradients(self, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
+        """The chunk's gradient under the rules; afterwards its recorded operations differentiate plainly."""
+        try:
+            return super()._scores_and_input_gradients(*args, **kwargs)
+        finally:
+            if "_mode" in self.__dict__:
+                self._mode.state.plain = True

@@ -1,0 +1,180 @@
+"""AttnLRP and CP-LRP against LXT (the authors' library: its rule functions patched into torchvision's ViT), the
+fused and unfused attention paths, closed forms, and create_graph."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import attribution
+from conftest import tiny_cnn, tiny_vit
+
+torchvision = pytest.importorskip("torchvision")
+
+
+@pytest.fixture(scope="module")
+def lxt():
+    """LXT's ``efficient`` rules and patches, loaded without ``lxt/__init__`` (which imports every language model
+    it supports from ``transformers``, not installed here)."""
+    spec = importlib.util.find_spec("lxt")
+    if spec is None:
+        pytest.skip("lxt is not installed")
+    root = Path(spec.submodule_search_locations[0])
+    saved = {name: sys.modules.get(name) for name in ("lxt", "lxt.efficient")}
+    for name, path in (("lxt", root), ("lxt.efficient", root / "efficient")):
+        stub = types.ModuleType(name)
+        stub.__path__ = [str(path)]
+        sys.modules[name] = stub
+    try:
+        rules = importlib.import_module("lxt.efficient.rules")
+        patches = importlib.import_module("lxt.efficient.patches")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return types.SimpleNamespace(rules=rules, patches=patches)
+
+
+def narrow_vit(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=6).double()
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at zero
+    return model.eval()
+
+
+def lxt_relevance(lxt, model: nn.Module, x: torch.Tensor, classes, variant: str) -> torch.Tensor:
+    """``x * grad`` with LXT's patches on torchvision's ViT classes (its ``vit_torch`` CP-LRP map; for AttnLRP its
+    ``divide_gradient`` on the queries and keys by 4 and the values by 2, as its attention wrapper does), undone
+    afterwards: they replace the forwards of torch.nn's GELU, LayerNorm and MultiheadAttention classes."""
+    classes_patched = (nn.GELU, nn.LayerNorm, nn.MultiheadAttention)
+    originals = {cls: cls.forward for cls in classes_patched}
+    patches, divide = lxt.patches, lxt.rules.divide_gradient
+
+    def uniform_attention(self, query, key, value, *args, **kwargs):
+        return self.original_forward(divide(query, 4), divide(key, 4), divide(value, 2), *args, **kwargs)
+
+    attention = patches.cp_multi_head_attention_forward if variant == "cp" else uniform_attention
+    try:
+        patches.patch_method(patches.non_linear_forward, nn.GELU, keep_original=True)
+        patches.patch_method(patches.layer_norm_forward, nn.LayerNorm)
+        patches.patch_method(attention, nn.MultiheadAttention, keep_original=True)
+        rows = x.clone().requires_grad_(True)
+        out = copy.deepcopy(model)(rows)
+        out[torch.arange(len(classes)), classes].sum().backward()
+        return (rows * rows.grad).detach()
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
+            if "original_forward" in cls.__dict__:
+                delattr(cls, "original_forward")
+
+
+@pytest.mark.parametrize("variant", ["attnlrp", "cp"])
+def test_equals_lxt_on_torchvisions_vit(lxt, variant):
+    model, classes = narrow_vit(), [1, 4, 0]
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    theirs = lxt_relevance(lxt, model, x, classes, variant)
+    ours = attribution.AttnLRP(model, variant=variant)(x, classes)
+    assert float(theirs.abs().max()) > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9 * float(theirs.abs().max()))
+    assert nn.GELU.forward is not None and "original_forward" not in nn.GELU.__dict__
+
+
+def test_the_variants_and_the_gradient_differ():
+    model, classes = narrow_vit(), [1, 4]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    attn = attribution.AttnLRP(model)(x, classes)
+    cp = attribution.AttnLRP(model, variant="cp")(x, classes)
+    plain = attribution.InputXGradient(model)(x, classes)
+    for a, b in ((attn, cp), (attn, plain), (cp, plain)):
+        assert (a - b).abs().max() > 1e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("variant", ["attnlrp", "cp"])
+def test_fused_and_unfused_attention_agree(variant):
+    """timm's fused kernel (rules on q, k, v) and its explicit q @ k^T, softmax, A @ v (rules on the products and
+    the softmax) are the same propagation."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    fused = attribution.AttnLRP(tiny_vit(fused=True), variant=variant)(x, [1, 3])
+    unfused = attribution.AttnLRP(tiny_vit(fused=False), variant=variant)(x, [1, 3])
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-6 * float(fused.abs().max()))
+
+
+def test_on_a_relu_network_without_norms_it_is_input_times_gradient():
+    model = tiny_cnn().double()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(attribution.AttnLRP(model)(x, [0, 1, 2]),
+                               attribution.InputXGradient(model)(x, [0, 1, 2]))
+
+
+@pytest.mark.parametrize("variant", ["attnlrp", "cp"])
+def test_conservation_on_a_bias_free_transformer_block(variant):
+    """Without biases, CP-LRP conserves: the relevance sums to the explained logit (the layer norm's centring is
+    linear, the identity rule passes the GELU's relevance, constant attention makes A v linear in v).  AttnLRP's
+    softmax rule is not conservative (the paper's bias term absorbs the rest): its sum differs."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Linear(3, 16, bias=False)
+            self.norm = nn.LayerNorm(16, elementwise_affine=False)
+            self.qkv = nn.Linear(16, 48, bias=False)
+            self.mlp = nn.Sequential(nn.Linear(16, 32, bias=False), nn.GELU(), nn.Linear(32, 16, bias=False))
+            self.head = nn.Linear(16, 4, bias=False)
+
+        def forward(self, x):
+            tokens = self.embed(x.flatten(2).transpose(1, 2))  # pixels as tokens
+            q, k, v = self.qkv(self.norm(tokens)).chunk(3, dim=-1)
+            tokens = tokens + torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            tokens = tokens + self.mlp(tokens)
+            return self.head(tokens.mean(dim=1))
+
+    model = Block().double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    relevance = attribution.AttnLRP(model, variant=variant)(x, [0, 3]).sum(dim=(1, 2, 3))
+    logits = model(x)[[0, 1], [0, 3]].detach()
+    if variant == "cp":  # the GELU's eps is the only leak, far below 1e-6 of the logit here
+        torch.testing.assert_close(relevance, logits, rtol=1e-6, atol=1e-9)
+    else:
+        assert (relevance - logits).abs().max() > 1e-3 * logits.abs().max()
+
+
+def test_create_graph_differentiates_the_rules():
+    """The map made with create_graph equals the plain one, and its derivative w.r.t. a parameter matches finite
+    differences of the map (the rules' backward is differentiated, not frozen)."""
+    model = narrow_vit()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    explainer = attribution.AttnLRP(model)
+    out = explainer(x, 2, create_graph=True)
+    torch.testing.assert_close(out.detach(), explainer(x, 2))
+    weight = model.encoder.layers[0].mlp[0].weight
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    direction = torch.randn_like(weight)
+    step = 1e-5
+    with torch.no_grad():
+        weight.add_(step * direction)
+    up = explainer(x, 2).sum()
+    with torch.no_grad():
+        weight.sub_(2 * step * direction)
+    down = explainer(x, 2).sum()
+    with torch.no_grad():
+        weight.add_(step * direction)
+    torch.testing.assert_close((grad * direction).sum(), (up - down) / (2 * step), rtol=1e-4, atol=1e-8)
+
+
+def test_bad_options():
+    model, x = tiny_cnn(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        attribution.AttnLRP(model)(x, 0, variant="chefer")
+    with pytest.raises(ValueError, match="eps must be"):
+        attribution.AttnLRP(model)(x, 0, eps=-1.0)
