@@ -15,10 +15,10 @@ $(VENV)/.torch:
 	$(PY) -m pip install -q $(TORCH)
 	touch $@
 
+# LXT (AttnLRP's reference) goes in without its language-model dependencies (transformers, bitsandbytes, ...):
+# the tests load only its rule functions
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(TORCH)
-	# LXT (AttnLRP's reference) without its language-model dependencies (transformers, bitsandbytes, ...): the
-	# tests load only its rule functions
 	$(PY) -m pip install -q --no-deps lxt==2.1
 	touch $@
 

@@ -71,8 +71,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGCAM",
-    "AttnLRP",
     "AGI",
+    "AttnLRP",
     "AblationCAM",
     "AttCAT",
     "AttentionRollout",
