@@ -534,7 +534,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "poly_cam": Work({}, poly_floor, {}, "cnn"),
         "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb
                                     if importlib.util.find_spec("torchray") else None}, "cnn"),
-        "relevance_cam": Work({}, layer_gradient_passes, {}, "cnn"),  # one relevance backward to the layer
+        "relevance_cam": Work({}, layer_gradient_passes, {}, "cnn"),
+        "norm_grad": Work({}, layer_gradient_passes, {}, "all"),  # one relevance backward to the layer
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
         "group_cam": Work({}, group_floor, {}, "cnn"),

@@ -65,6 +65,7 @@ FAST = {
     "lift_cam": {},
     "excitation_backprop": {},
     "relevance_cam": {},
+    "norm_grad": {},
     "poly_cam": {},
     "sidu": {"threshold": 0.0},  # the toy net's activations stay below the authors' 0.5
     "cameras": {},

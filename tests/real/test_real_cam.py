@@ -31,6 +31,9 @@ DISCRIMINATIVE = {
     "lift_cam": {},
     "excitation_backprop": {},
     "relevance_cam": {},
+    # the paper's combined NormGrad: at the last layer before the pooled head the gradient is the same everywhere
+    # (the identity map is then ||a|| scaled: 0.44 on the cat half for both classes); two middle stages multiplied
+    "norm_grad": {"target_layer": ["_blocks.10", "_blocks.14"], "layer_fusion": "product"},
     # four stage ends below the 1280-channel head (368 masked forwards for the pair), PCAM+ (one forward a channel)
     "poly_cam": {"target_layer": ["_blocks.2", "_blocks.4", "_blocks.10", "_blocks.14"], "variant": "p"},
     "cameras": {"resolutions": [160, 200, 240]},  # the composite is 160 x 320: up to 240 x 480

@@ -17,6 +17,7 @@ from .kpca_cam import KPCACAM
 from .layer_cam import LayerCAM
 from .lift_cam import LIFTCAM
 from .meta import MetaCAM
+from .norm_grad import NormGrad
 from .opti_cam import OptiCAM
 from .poly_cam import PolyCAM
 from .random_cam import RandomCAM
@@ -52,6 +53,7 @@ __all__ = [
     "LIFTCAM",
     "LayerCAM",
     "MetaCAM",
+    "NormGrad",
     "OptiCAM",
     "PolyCAM",
     "RandomCAM",
