@@ -25,6 +25,7 @@ from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_m
 from .localisation import attribution_localisation, energy_pointing_game, pointing_game
 from .regions import Regions
 from .remove_and_debias import road
+from .saco import saco
 from .sanity import model_randomisation
 from .wsol import max_box_acc, max_box_acc_v2, pxap
 
@@ -35,7 +36,7 @@ _CURVES: Dict[str, Callable[..., Any]] = {
 #: metrics with one value per image from perturbed forwards
 _SCORES: Dict[str, Callable[..., Any]] = {
     "average_drop": average_drop, "increase_in_confidence": increase_in_confidence, "infidelity": infidelity,
-    "faithfulness_correlation": faithfulness_correlation,
+    "faithfulness_correlation": faithfulness_correlation, "saco": saco,
 }
 _REGION: Dict[str, Callable[..., Any]] = {
     "pointing_game": lambda m, r, **o: pointing_game(m, r, **o).hit.to(torch.float32),
