@@ -185,6 +185,16 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
 
     captum_shap, captum_lime = segment_peer("KernelShap"), segment_peer("Lime")
 
+    def shapley_floor(m, x, t, chunk, e):  # the empty and the full coalition, then 15 prefixes per ordering
+        forward_passes(m, x, x.shape[0] * (max(1, positions // 15) * 15 + 2), chunk)
+
+    def captum_shapley(m, x, t, chunk):
+        from attribution.perturbation.segments import grid_segments
+
+        mask = grid_segments(size, size, 4, x.device)[None, None]
+        return ca.ShapleyValueSampling(m).attribute(x, target=t, feature_mask=mask, n_samples=max(1, positions // 15),
+                                                    perturbations_per_eval=max(1, chunk // x.shape[0]))
+
     def torchray_extremal(m, x, t, chunk, e):  # one image at a time; it turns off requires_grad of the weights
         from torchray.attribution.extremal_perturbation import extremal_perturbation
 
@@ -257,6 +267,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),
         "lime": Work({"grid": 4, "samples": positions}, rise_floor, {"captum Lime": peer(captum_lime)}),
+        # 4 x 4 segments: samples x 15 + 2 forwards, about as many as occlusion's windows
+        "shapley_sampling": Work({"grid": 4, "samples": max(1, positions // 15)}, shapley_floor,
+                                 {"captum ShapleyValueSampling": peer(captum_shapley)}),
         "hsic": Work({"n_designs": positions}, rise_floor),
         "sobol": Work({"grid": 4, "n_designs": SOBOL_DESIGNS}, sobol_floor),
     }

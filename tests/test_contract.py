@@ -33,6 +33,7 @@ FAST = {
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},
     "kernel_shap": {"grid": 3, "samples": 30, "generator": torch.Generator().manual_seed(0)},
     "lime": {"grid": 3, "samples": 30, "generator": torch.Generator().manual_seed(0)},
+    "shapley_sampling": {"grid": 3, "samples": 3, "generator": torch.Generator().manual_seed(0)},
     "hsic": {"grid": 4, "n_designs": 32, "generator": torch.Generator().manual_seed(0)},
     # the indices are squared differences of nearly equal scores: coarser designs magnify float32/bf16 noise past
     # the shared tolerances (grid 3 with 8 designs: batch_size check 2.9x over, bf16 correlation 0.84)

@@ -64,7 +64,7 @@ from .gradients import (
     XRAI,
 )
 from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, Occlusion,
-                           SobolAttribution)
+                           ShapleyValueSampling, SobolAttribution)
 from .transformers import TIS, AGCAM, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, RawAttention
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -134,6 +134,7 @@ __all__ = [
     "ScoreCAM",
     "SIDU",
     "ShapleyCAM",
+    "ShapleyValueSampling",
     "SmoothGrad",
     "SmoothGradCAMPlusPlus",
     "SobolAttribution",

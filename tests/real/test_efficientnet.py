@@ -32,6 +32,7 @@ GRADIENT_METHODS = {
     "rise": {"n_masks": 120, "grid": 6, "generator": torch.Generator().manual_seed(0)},
     "kernel_shap": {"grid": 4, "samples": 60, "generator": torch.Generator().manual_seed(0)},
     "lime": {"grid": 4, "samples": 60, "generator": torch.Generator().manual_seed(0)},
+    "shapley_sampling": {"grid": 4, "samples": 4, "generator": torch.Generator().manual_seed(0)},
     "hsic": {"grid": 4, "n_designs": 64, "generator": torch.Generator().manual_seed(0)},
     "sobol": {"grid": 4, "n_designs": 8, "generator": torch.Generator().manual_seed(0)},
     "xrai": {"steps": 4},

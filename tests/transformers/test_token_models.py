@@ -31,6 +31,7 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4}, "xrai": {"steps": 2},
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4},
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2},
+         "shapley_sampling": {"grid": 2, "samples": 2},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4}, "idgi": {"steps": 4},
          "sess": {"num_scales": 2}, "agi": {"topk": 2, "max_iter": 2}, "mfaba": {"steps": 4},
          "extremal_perturbation": {"iterations": 2}, "hsic": {"grid": 4, "n_designs": 8},

@@ -5,6 +5,8 @@ from .kernel_shap import KernelSHAP
 from .lime import LIME
 from .occlusion import Occlusion
 from .rise import RISE
+from .shapley_sampling import ShapleyValueSampling
 from .sobol import SobolAttribution
 
-__all__ = ["ExtremalPerturbation", "HSICAttribution", "KernelSHAP", "LIME", "Occlusion", "RISE", "SobolAttribution"]
+__all__ = ["ExtremalPerturbation", "HSICAttribution", "KernelSHAP", "LIME", "Occlusion", "RISE", "ShapleyValueSampling",
+           "SobolAttribution"]
