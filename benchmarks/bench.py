@@ -568,6 +568,9 @@ def cam_work(size: int) -> Dict[str, Work]:
         "raw_attention": Work({}, forward_floor, models="vit"),
         "beyond_intuition": Work({"steps": BEYOND_STEPS}, beyond_floor, models="vit"),
         "attcat": Work({}, input_floor, models="vit"),
+        # one forward (the tail on twice the rows) and two backwards to the last two blocks' attention: the floor
+        # counts one backward, so ~1.3x is its cost, not overhead
+        "legrad": Work({}, input_floor, models="vit"),
         "tis": Work({"n_masks": TIS_MASKS}, tis_floor, models="vit"),
     }
 

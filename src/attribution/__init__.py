@@ -65,7 +65,8 @@ from .gradients import (
 )
 from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, Occlusion,
                            ShapleyValueSampling, SobolAttribution)
-from .transformers import TIS, AGCAM, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, RawAttention
+from .transformers import (TIS, AGCAM, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
+                           RawAttention)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
@@ -115,6 +116,7 @@ __all__ = [
     "KPCACAM",
     "KernelSHAP",
     "LIME",
+    "LeGrad",
     "LayerCAM",
     "LIFTCAM",
     "NormGrad",

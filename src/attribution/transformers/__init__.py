@@ -5,10 +5,11 @@ from .attention import AttentionCapture
 from .beyond_intuition import BeyondIntuition
 from .generic_attention import GenericAttention
 from .grad_sam import GradSAM
+from .legrad import LeGrad
 from .raw_attention import RawAttention
 from .rollout import AttentionRollout
 from .tis import TIS
 from .tokens import TokenLayout, token_layout, tokens_to_map
 
 __all__ = ["AGCAM", "AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
-           "RawAttention", "TIS", "TokenLayout", "token_layout", "tokens_to_map"]
+           "LeGrad", "RawAttention", "TIS", "TokenLayout", "token_layout", "tokens_to_map"]
