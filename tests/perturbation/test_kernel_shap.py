@@ -126,3 +126,49 @@ def test_default_samples_and_forward_count():
 def test_bad_options_are_named(cnn, images, bad, message):
     with pytest.raises(ValueError, match=message):
         attribution.KernelSHAP(cnn)(images, 0, **bad)
+
+
+def test_one_label_map_per_image_explains_each_image_with_its_own(model_and_images):
+    """A (B, H, W) stack: each image gets its own segments (here 4 and 6 of them, enumerated exactly), as if
+    explained alone."""
+    model, images = model_and_images
+    x = images[:2]
+    first = grid_segments(x.shape[-2], x.shape[-1], 2, x.device)
+    second = (torch.arange(x.shape[-1]) * 6 // x.shape[-1]).expand(x.shape[-2], -1)
+    stacked = attribution.KernelSHAP(model, segments=torch.stack([first, second]))(x, [1, 2])
+    alone = [attribution.KernelSHAP(model, segments=labels)(x[i:i + 1], [1, 2][i])
+             for i, labels in enumerate((first, second))]
+    torch.testing.assert_close(stacked, torch.cat(alone))
+    assert len(torch.unique(stacked[1])) == 6
+
+
+@pytest.mark.parametrize("name", ["quickshift", "slic"])
+def test_superpixels_by_name(model_and_images, name):
+    """scikit-image's superpixels on each image scaled to [0, 1]: the map is constant over each of them."""
+    from attribution.perturbation.segments import superpixels
+
+    model, _ = model_and_images
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1
+    x[0, :, :16] += 0.9  # blocks of colour, so that the images have superpixels to find
+    x[1, :, 16:] += 0.9
+    labels = superpixels(x, name)
+    assert labels.shape == (2, 32, 32) and all(len(torch.unique(m)) > 1 for m in labels)
+    maps = attribution.ShapleyValueSampling(model, segments=name, samples=2,
+                                            generator=torch.Generator().manual_seed(0))(x, 0)
+    for m, segment in zip(maps[:, 0], labels):
+        for value in torch.unique(segment):
+            assert len(torch.unique(m[segment == value])) == 1
+
+
+def test_quickshift_is_lime_images_segmentation():
+    """lime_image's default segmenter (quickshift, kernel_size=4, max_dist=200, ratio=0.2) on an image in [0, 1]."""
+    from skimage.segmentation import quickshift
+
+    from attribution.perturbation.segments import superpixels
+
+    image = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(0))
+    image[:, :12] *= 0.2
+    image[0, 0, 0], image[0, 1, 1] = 0.0, 1.0  # spans [0, 1]: the scaling is the identity
+    theirs = quickshift(image.permute(1, 2, 0).double().numpy(), kernel_size=4, max_dist=200, ratio=0.2)
+    ours = superpixels(image[None], "quickshift")[0]
+    assert torch.equal(ours, torch.from_numpy(theirs.astype("int64")))

@@ -11,7 +11,7 @@ from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
-from .segments import coalition_scores, segment_labels
+from .segments import coalition_scores, each_image, segment_labels
 
 #: with at most this many proper coalitions (2^M - 2) the design enumerates them all instead of sampling
 MAX_ENUMERATED = 1 << 14
@@ -69,7 +69,8 @@ class KernelSHAP(Explainer):
     With few segments every coalition is evaluated under the Shapley kernel ``pi`` and the result is the exact
     Shapley values; otherwise ``samples`` coalitions drawn from the kernel (default SHAP's ``2 M + 2048``), shared
     by the images of a call (``generator`` makes them reproducible).  Segments: a ``grid`` x ``grid`` partition
-    (default 8: 64 segments) or ``segments``, an (H, W) integer label map (e.g. superpixels) for every image.
+    (default 8: 64 segments) or ``segments``: an (H, W) integer label map for every image, a (B, H, W) stack, one
+    per image, or ``'quickshift'``/``'slic'`` superpixels (see :mod:`attribution.perturbation.segments`).
     ``baseline`` as Integrated Gradients' (default ``'zero'``, Captum's).  Every pixel of a segment gets the
     segment's value (as Captum's feature masks): (B, 1, H, W).  Cost: ``samples + 2`` forwards per image.
     """
@@ -80,6 +81,10 @@ class KernelSHAP(Explainer):
     def _explain(self, x: Tensor, target: Target, *, grid: int, segments: Optional[Tensor], samples: Optional[int],
                  baseline: BaselineSpec, generator: Optional[torch.Generator], batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
+        split = each_image(self._explain, x, target, segments, grid=grid, samples=samples, baseline=baseline,
+                           generator=generator, batch_size=batch_size, create_graph=create_graph)
+        if split is not None:
+            return split
         labels = segment_labels(x, grid, segments)
         features = int(labels.max()) + 1
         if samples is None:

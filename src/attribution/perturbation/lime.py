@@ -10,7 +10,7 @@ from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
-from .segments import coalition_scores, segment_labels, segment_means
+from .segments import coalition_scores, each_image, segment_labels, segment_means
 
 
 def lime_weights(coalitions: Tensor, kernel_width: float) -> Tensor:
@@ -47,8 +47,9 @@ class LIME(Explainer):
     ``phi = argmin sum_z pi(z) (f_t(z) - b - z . phi)^2 + alpha |phi|^2`` with ``pi(z) = sqrt(exp(-d(z)^2 /
     width^2))``, ``d`` the cosine distance to the full coalition.  Defaults from the ``lime`` package's image
     explainer: 1000 samples, kernel width 0.25, ``Ridge(alpha=1)``, every segment, softmax probabilities.
-    Segments: a ``grid`` x ``grid`` partition (default 8) or ``segments``, an (H, W) label map such as superpixels
-    (``lime_image`` runs quickshift, which is not in torch).  Every pixel of a segment gets its coefficient:
+    Segments: a ``grid`` x ``grid`` partition (default 8) or ``segments``: an (H, W) label map, a (B, H, W) stack
+    (one per image), or ``'quickshift'`` (``lime_image``'s own segmentation and parameters, by scikit-image on the
+    CPU) or ``'slic'`` (see :mod:`attribution.perturbation.segments`).  Every pixel of a segment gets its coefficient:
     (B, 1, H, W).  Cost: ``samples`` forwards per image.
     """
 
@@ -64,6 +65,11 @@ class LIME(Explainer):
         for name, value in (("kernel_width", kernel_width), ("alpha", alpha)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        split = each_image(self._explain, x, target, segments, grid=grid, samples=samples, hide=hide,
+                           kernel_width=kernel_width, alpha=alpha, generator=generator, batch_size=batch_size,
+                           create_graph=create_graph)
+        if split is not None:
+            return split
         labels = segment_labels(x, grid, segments)
         features = int(labels.max()) + 1
         coalitions = torch.rand((samples, features), generator=generator) < 0.5

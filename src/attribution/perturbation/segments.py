@@ -1,8 +1,16 @@
-"""What the segment-based methods (Kernel SHAP, LIME) share: segment label maps, and the target's score on copies
-of the images in which only some segments are kept."""
+"""What the segment-based methods (Kernel SHAP, LIME, Shapley value sampling) share: segment label maps, and the
+target's score on copies of the images in which only some segments are kept.
+
+``segments`` may be ``None`` (a ``grid`` x ``grid`` partition), one (H, W) label map for every image, a (B, H, W)
+stack of label maps (one per image), or the name of a scikit-image superpixel algorithm run on each image:
+``'quickshift'`` with ``lime_image``'s parameters (``kernel_size=4, max_dist=200, ratio=0.2``) or ``'slic'`` with
+scikit-image's defaults (``n_segments=100, compactness=10``), on the image min-max scaled to [0, 1].  With one
+label map per image the images are explained one at a time (their segment counts differ), the random draws
+continuing from one image to the next.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -28,6 +36,53 @@ def checked_segments(segments: Tensor, size: Tuple[int, int], device: torch.devi
         raise ValueError(f"segments must be an integer tensor of shape {tuple(size)} (one label per pixel, shared "
                          f"by the batch), got {shape}")
     return torch.unique(segments.reshape(size).to(device), return_inverse=True)[1]
+
+
+#: the superpixel algorithms ``segments`` may name
+SEGMENTERS = ("quickshift", "slic")
+SegmentSpec = Union[None, str, Tensor]
+
+
+def superpixels(x: Tensor, name: str) -> Tensor:
+    """(B, H, W) label maps of scikit-image's ``name`` algorithm on each image (min-max scaled to [0, 1], channels
+    last; quickshift's Lab conversion only for three channels), on the CPU, returned on ``x``'s device."""
+    try:
+        from skimage import segmentation
+    except ImportError:  # pragma: no cover - scikit-image is in the test extra
+        raise ImportError(f"segments={name!r} needs scikit-image (pip install scikit-image); or pass label maps") from None
+    maps = []
+    for image in x:
+        im = image.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
+        low, high = im.min(), im.max()
+        im = (im - low) / (high - low) if high > low else im * 0
+        if name == "quickshift":
+            labels = segmentation.quickshift(im, kernel_size=4, max_dist=200, ratio=0.2, convert2lab=im.shape[2] == 3)
+        else:
+            labels = segmentation.slic(im, n_segments=100, compactness=10, start_label=0, channel_axis=-1)
+        maps.append(torch.from_numpy(labels.astype("int64")))
+    return torch.stack(maps).to(x.device)
+
+
+def image_segments(x: Tensor, segments: SegmentSpec) -> Optional[Tensor]:
+    """The (B, H, W) label maps when ``segments`` gives one per image (a stack or an algorithm's name), else None."""
+    if isinstance(segments, str):
+        if segments not in SEGMENTERS:
+            raise ValueError(f"segments must be None, a label map, a stack of them or one of {SEGMENTERS}, "
+                             f"got {segments!r}")
+        return superpixels(x, segments)
+    if isinstance(segments, Tensor) and segments.dim() == 3 and segments.shape[0] == x.shape[0] > 1:
+        return segments
+    return None
+
+
+def each_image(explain: Callable[..., Tensor], x: Tensor, target: Target, segments: SegmentSpec,
+               **options: Any) -> Optional[Tensor]:
+    """With one label map per image, ``explain`` (an ``_explain``) run image by image with its own map; else None."""
+    labels = image_segments(x, segments)
+    if labels is None:
+        return None
+    return torch.cat([explain(x[i:i + 1], target.select(torch.tensor([i], device=x.device)), segments=labels[i],
+                              **options) for i in range(x.shape[0])])
 
 
 def segment_labels(x: Tensor, grid: int, segments: Optional[Tensor]) -> Tensor:

@@ -12,7 +12,7 @@ from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
-from .segments import coalition_scores, segment_labels
+from .segments import coalition_scores, each_image, segment_labels
 
 
 def orderings(features: int, samples: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -38,7 +38,7 @@ class ShapleyValueSampling(Explainer):
     f_t(x) - f_t(b)``.  ``samples=25`` orderings (Captum's ``ShapleyValueSampling`` default), drawn with
     ``torch.randperm`` from ``generator`` and shared by the images of a call; with the same draws it equals Captum's.
     Segments and baseline as :class:`~attribution.perturbation.kernel_shap.KernelSHAP` (a ``grid`` x ``grid``
-    partition, default 8, or a ``segments`` label map; ``'zero'`` baseline); every pixel of a segment gets the
+    partition, default 8, or ``segments``: a label map, one per image or superpixels; ``'zero'`` baseline); every pixel of a segment gets the
     segment's value: (B, 1, H, W).  Cost: ``samples x (M - 1) + 2`` forwards per image (the empty and the full
     coalition are shared by the orderings).
     """
@@ -51,6 +51,10 @@ class ShapleyValueSampling(Explainer):
                  create_graph: bool) -> Tensor:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}")
+        split = each_image(self._explain, x, target, segments, grid=grid, samples=samples, baseline=baseline,
+                           generator=generator, batch_size=batch_size, create_graph=create_graph)
+        if split is not None:
+            return split
         labels = segment_labels(x, grid, segments)
         features = int(labels.max()) + 1
         order = orderings(features, samples, generator).to(x.device)  # (P, M)
