@@ -33,12 +33,14 @@ METHODS = {
     "Integrated Gradients": ("integrated_gradients", {"steps": 32}),
     "Blur IG": ("blur_ig", {"steps": 32}),
     "Guided IG": ("guided_ig", {"steps": 32}),
+    "XRAI": ("xrai", {"steps": 16}),
     "Guided Backprop": ("guided_backprop", {}),
     "Occlusion": ("occlusion", {}),
     "Grad-CAM": ("grad_cam", {}),
     "Grad-CAM++": ("grad_cam_plusplus", {}),
     "Ablation-CAM": ("ablation_cam", {}),
     "Finer-CAM": ("finer_cam", {}),
+    "Relevance-CAM": ("relevance_cam", {}),
     "Guided Grad-CAM": ("guided_grad_cam", {}),
 }
 
