@@ -178,3 +178,26 @@ def test_bad_options():
         attribution.AttnLRP(model)(x, 0, variant="chefer")
     with pytest.raises(ValueError, match="eps must be"):
         attribution.AttnLRP(model)(x, 0, eps=-1.0)
+
+
+def test_sigmoid_gates_keep_their_gradient():
+    """A squeeze-and-excitation gate x * sigmoid(s): the identity rule's f(s) / s is no derivative for a function
+    with f(0) != 0 (and unbounded near s = 0), so the gate keeps its plain gradient: on this ReLU network with a
+    gate the map is input x gradient."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.squeeze = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            gate = torch.sigmoid(self.squeeze(h.mean(dim=(2, 3))))
+            return self.head((h * gate[:, :, None, None]).mean(dim=(2, 3)))
+
+    model = Gated().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(attribution.AttnLRP(model)(x, [0, 2]), attribution.InputXGradient(model)(x, [0, 2]))

@@ -5,8 +5,9 @@ operations that are not linear get a backward that makes ``input x gradient`` a 
 al.'s "efficient" formulation, as their LXT library implements it); the model is not touched:
 
 * layer norm (``F.layer_norm``): the standard deviation is held constant (the identity rule on the normalisation);
-* elementwise activations (GELU, SiLU, ReLU, ...): the identity rule, ``d out / d in := f(x) / (x + eps)``, so the
-  relevance ``x * g`` passes unchanged;
+* elementwise activations through the origin (GELU, SiLU, ReLU, tanh, ...): the identity rule, ``d out / d in :=
+  f(x) / (x + eps)``, so the relevance ``x * g`` passes unchanged (sigmoid-like gates and softplus keep their
+  gradient: ``f(0) != 0``);
 * attention, ``'attnlrp'``: the uniform rule on both products ``q k^T`` and ``A v``, i.e. the gradients reaching
   ``q`` and ``k`` are divided by 4 and those reaching ``v`` by 2, in the fused kernel
   (``F.scaled_dot_product_attention``), in ``nn.MultiheadAttention`` and in explicit ``q @ k^T`` / ``A @ v``
@@ -34,6 +35,10 @@ from .base import GradientExplainer
 VARIANTS = ("attnlrp", "cp")
 _MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm)
 _SOFTMAX = (torch.softmax, Tensor.softmax, F.softmax)
+#: the identity rule's f(x) / x assumes f(0) = 0: gates (sigmoid, as in squeeze-and-excitation blocks) and offsets
+#: (softplus) keep their gradient
+_NOT_THROUGH_ZERO = (F.sigmoid, torch.sigmoid, Tensor.sigmoid, F.hardsigmoid, F.logsigmoid, F.softplus)
+_IDENTITY_RULE = tuple(f for f in ACTIVATION_FUNCTIONS if f not in _NOT_THROUGH_ZERO)
 
 
 class RuleState:
@@ -155,7 +160,7 @@ class TransformerLRPRules(TorchFunctionMode):
             return _ScaleGradient.apply(func(*args, **kwargs), 0.5, self.state)
         if func in _SOFTMAX and self.variant == "cp":
             return _ScaleGradient.apply(func(*args, **kwargs), 0.0, self.state)
-        if func in ACTIVATION_FUNCTIONS and args and _computed(args[0]) and not _in_place(func, args, kwargs):
+        if func in _IDENTITY_RULE and args and _computed(args[0]) and not _in_place(func, args, kwargs):
             return _IdentityRule.apply(args[0], func(*args, **kwargs), self.eps, self.state)
         return func(*args, **kwargs)
 
