@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import attribution
@@ -201,3 +202,62 @@ def test_sigmoid_gates_keep_their_gradient():
     model = Gated().double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(attribution.AttnLRP(model)(x, [0, 2]), attribution.InputXGradient(model)(x, [0, 2]))
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU6, nn.SiLU, nn.Hardswish, nn.ELU, nn.ReLU])
+def test_in_place_activations_get_the_identity_rule_too(activation):
+    """torchvision's EfficientNets and MobileNets build their activations with inplace=True: the same map as the
+    out-of-place network's, and the forward's values unchanged."""
+
+    def net(inplace: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), activation(inplace=inplace), nn.Conv2d(6, 6, 3),
+                             activation(inplace=inplace), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(6, 4)).double().eval()
+
+    x = 20 * torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))  # ReLU6 clips
+    out_of_place = attribution.AttnLRP(net(False))(x, [0, 3])
+    torch.testing.assert_close(attribution.AttnLRP(net(True))(x, [0, 3]), out_of_place)
+    if activation is not nn.ReLU:  # the identity rule is not the gradient there
+        assert (out_of_place - attribution.InputXGradient(net(False))(x, [0, 3])).abs().max() > 1e-6
+
+
+def test_half_models_and_exact_zeros_stay_finite():
+    """A zero activation input: f(0) / (0 + eps) with eps = 1e-10, which float16 cannot hold, so the rule is
+    computed in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.GELU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    x[..., :4, :] = 0.0
+    half = attribution.AttnLRP(model.half())(x, 1)
+    assert torch.isfinite(half).all() and half.abs().sum() > 0
+
+
+def test_products_with_weights_and_output_softmaxes_are_not_attention():
+    """x @ W.T (a view of a parameter) keeps its gradient; a softmax over the classes is no attention map, even for
+    CP-LRP: on this ReLU network the map is input x gradient.  And a model may change a rule's output in place."""
+
+    class MatMul(nn.Module):
+        def __init__(self, gelu: bool = False) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.gelu = gelu
+            self.first, self.second = nn.Parameter(torch.randn(5, 12)), nn.Parameter(torch.randn(3, 5))
+
+        def forward(self, x):
+            h = x.flatten(1) @ self.first.T
+            if self.gelu:
+                h = F.gelu(h)
+                h.mul_(2.0)  # in place on the identity rule's output
+            else:
+                h = torch.relu(h)
+            return (h @ self.second.T).softmax(dim=1)
+
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    model = MatMul().double()
+    plain = attribution.InputXGradient(model)(x, [0, 2])
+    for variant in ("attnlrp", "cp"):
+        torch.testing.assert_close(attribution.AttnLRP(model, variant=variant)(x, [0, 2]), plain)
+        changed = attribution.AttnLRP(MatMul(gelu=True).double(), variant=variant)(x, [0, 2])
+        assert torch.isfinite(changed).all() and changed.abs().sum() > 0

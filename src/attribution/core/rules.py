@@ -50,7 +50,7 @@ ACTIVATION_FUNCTIONS = (
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
-def _inplace_position(func: Callable[..., Any]) -> Optional[int]:
+def inplace_position(func: Callable[..., Any]) -> Optional[int]:
     """The position of ``func``'s ``inplace`` parameter, if it has one."""
     try:
         names = list(inspect.signature(func).parameters)
@@ -59,7 +59,7 @@ def _inplace_position(func: Callable[..., Any]) -> Optional[int]:
     return names.index("inplace") if "inplace" in names else None
 
 
-_INPLACE_POSITION: Dict[Any, Optional[int]] = {func: _inplace_position(func) for func in ACTIVATION_FUNCTIONS}
+_INPLACE_POSITION: Dict[Any, Optional[int]] = {func: inplace_position(func) for func in ACTIVATION_FUNCTIONS}
 
 
 def stabilize(z: Tensor, eps: float) -> Tensor:

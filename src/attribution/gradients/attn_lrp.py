@@ -27,7 +27,7 @@ from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 
 from ..core.registry import register
-from ..core.rules import ACTIVATION_FUNCTIONS
+from ..core.rules import ACTIVATION_FUNCTIONS, inplace_position
 from ..core.targets import Target
 from ..transformers.attention import multi_head_attention
 from .base import GradientExplainer
@@ -50,12 +50,13 @@ class RuleState:
 
 
 class _ScaleGradient(Function):
-    """The identity, whose backward multiplies the gradient by ``factor`` (0: a constant, CP-LRP's attention)."""
+    """The identity, whose backward multiplies the gradient by ``factor`` (0: a constant, CP-LRP's attention).  The
+    output is a copy, so that the model may change it in place."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, factor: float, state: RuleState) -> Tensor:
         ctx.factor, ctx.state = factor, state
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None]:
@@ -65,21 +66,22 @@ class _ScaleGradient(Function):
 
 
 class _IdentityRule(Function):
-    """``out = f(x)`` (computed outside, with its graph) with the backward ``grad * out / (x + eps)`` to ``x``
-    (LXT's ``identity_rule_implicit``); once plain, the gradient goes to ``out`` and through ``f``'s own graph."""
+    """``out = f(x)`` (computed outside, with its graph) with the backward ``grad * ratio`` to ``x``, ``ratio = out /
+    (x + eps)`` (LXT's ``identity_rule_implicit``; computed outside too, in at least float32, so that the rule is
+    differentiable again under create_graph); once plain, the gradient goes to ``out`` and through ``f``'s graph."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, out: Tensor, eps: float, state: RuleState) -> Tensor:
-        ctx.eps, ctx.state = eps, state
-        ctx.save_for_backward(x, out)
-        return out.view_as(out)
+    def forward(ctx: Any, x: Tensor, out: Tensor, ratio: Tensor, state: RuleState) -> Tensor:
+        ctx.state = state
+        ctx.save_for_backward(ratio)
+        return out.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         if ctx.state.plain:
             return None, grad, None, None
-        x, out = ctx.saved_tensors
-        return grad * out / (x + ctx.eps), None, None, None
+        (ratio,) = ctx.saved_tensors
+        return (grad * ratio).to(grad.dtype), None, None, None
 
 
 class _ConstantStdLayerNorm(Function):
@@ -91,7 +93,7 @@ class _ConstantStdLayerNorm(Function):
                 bias: Optional[Tensor], eps: float, state: RuleState) -> Tensor:
         ctx.dims, ctx.eps, ctx.state = dims, eps, state
         ctx.save_for_backward(x, weight)
-        return out.view_as(out)
+        return out.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -110,13 +112,28 @@ class _ConstantStdLayerNorm(Function):
 
 
 def _computed(t: Any) -> bool:
-    """A tensor the forward computed (recorded by autograd), not a parameter or a constant."""
-    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, torch.nn.Parameter)
+    """A tensor the forward computed (recorded by autograd), not a parameter or a view of one (``W.T``)."""
+    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, torch.nn.Parameter) \
+        and not isinstance(t._base, torch.nn.Parameter)
 
 
-def _in_place(func: Any, args: Sequence[Any], kwargs: dict) -> bool:
-    return getattr(func, "__name__", "").endswith("_") or bool(kwargs.get("inplace", False)) or \
-        (len(args) > 1 and args[-1] is True)
+#: in-place activations and their out-of-place forms
+_OUT_OF_PLACE = {F.relu_: F.relu, torch.relu_: torch.relu, Tensor.relu_: torch.relu, F.hardtanh_: F.hardtanh,
+                 F.leaky_relu_: F.leaky_relu, F.elu_: F.elu, F.threshold_: F.threshold, F.rrelu_: F.rrelu}
+
+
+def _out_of_place(func: Any, args: Tuple[Any, ...], kwargs: dict) -> Tuple[Any, Tuple[Any, ...], dict, bool]:
+    """``(function, args, kwargs, was_in_place)``: the call made out of place (function None when it cannot be)."""
+    if func in _OUT_OF_PLACE:
+        return _OUT_OF_PLACE[func], args, kwargs, True
+    if kwargs.get("inplace") is True:
+        return func, args, {**kwargs, "inplace": False}, True
+    position = inplace_position(func)
+    if position is not None and len(args) > position and args[position] is True:
+        return func, args[:position] + (False,) + args[position + 1:], kwargs, True
+    if getattr(func, "__name__", "").endswith("_"):
+        return None, args, kwargs, True
+    return func, args, kwargs, False
 
 
 class TransformerLRPRules(TorchFunctionMode):
@@ -156,13 +173,26 @@ class TransformerLRPRules(TorchFunctionMode):
             return func(q, k, v, *args[3:], **kwargs)
         if func is F.multi_head_attention_forward:
             return multi_head_attention(self._attend, *args, **kwargs)
-        if func in _MATMULS and self.variant == "attnlrp" and len(args) == 2 and all(map(_computed, args)):
+        if func in _MATMULS and self.variant == "attnlrp" and len(args) == 2 \
+                and all(_computed(t) and t.dim() >= 3 for t in args):  # batched products of two computed tensors
             return _ScaleGradient.apply(func(*args, **kwargs), 0.5, self.state)
-        if func in _SOFTMAX and self.variant == "cp":
-            return _ScaleGradient.apply(func(*args, **kwargs), 0.0, self.state)
-        if func in _IDENTITY_RULE and args and _computed(args[0]) and not _in_place(func, args, kwargs):
-            return _IdentityRule.apply(args[0], func(*args, **kwargs), self.eps, self.state)
+        if func in _SOFTMAX and self.variant == "cp" and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+            return _ScaleGradient.apply(func(*args, **kwargs), 0.0, self.state)  # attention probabilities
+        if func in _IDENTITY_RULE and args and _computed(args[0]):
+            return self._identity_rule(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _identity_rule(self, func: Any, args: Tuple[Any, ...], kwargs: dict) -> Tensor:
+        """``f(x)`` with the identity rule; an in-place call gets it on a copy, written back into its input."""
+        plain, args_out, kwargs_out, in_place = _out_of_place(func, args, kwargs)
+        if plain is None:  # an in-place form without an out-of-place twin: its plain gradient
+            return func(*args, **kwargs)
+        x = args[0].clone() if in_place else args[0]
+        out = plain(x, *args_out[1:], **kwargs_out)
+        wide = torch.promote_types(x.dtype, torch.float32)  # 1e-10 vanishes in float16
+        ratio = out.to(wide) / (x.to(wide) + self.eps)
+        result = _IdentityRule.apply(x, out, ratio, self.state)
+        return args[0].copy_(result) if in_place else result
 
     def _sdpa_explicit(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                        dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
@@ -207,8 +237,8 @@ class AttnLRP(GradientExplainer):
                  create_graph: bool) -> Tensor:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a positive number, got {eps!r}")
         self._rules = (variant, float(eps), create_graph)  # fused kernels have no second derivative
         try:
             return x * self._gradient_at_input(x, target, batch_size, create_graph)
