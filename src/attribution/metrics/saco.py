@@ -7,7 +7,9 @@ The pixels are ranked by the map and cut into ``groups`` (K) equal groups ``G_1`
 group is perturbed on its own (its pixels replaced by the substrate, each image's per-channel mean by default), not
 cumulatively, and ``d_i = f(x) - f(x with G_i perturbed)`` is the score it takes away (softmax probability of the
 target by default).  For every pair ``i < j`` the salience difference ``s(G_i) - s(G_j) >= 0`` (``s``: the map's
-sum over the group) counts positively when ``d_i >= d_j`` and negatively otherwise:
+sum over the group, taken as its mean so that groups one pixel apart in size, when ``H W`` is not a multiple of
+``K``, keep the salience order; the same coefficient otherwise) counts positively when ``d_i >= d_j`` and
+negatively otherwise:
 
     SaCo = sum_{i<j} sign_ij (s(G_i) - s(G_j)) / sum_{i<j} |s(G_i) - s(G_j)|,  sign_ij = +1 if d_i >= d_j else -1
 
@@ -46,7 +48,10 @@ def saco(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = No
 
     measured = score_rows(model, rows, images.shape[0], groups + 1, scorer, batch_size, images.device, images.dtype)
     effect = measured[:, :1] - measured[:, 1:]  # (B, K): d_i
-    salience = torch.zeros_like(effect).scatter_add_(1, group_of, values.to(effect.dtype))  # (B, K): s(G_i)
+    # s(G_i) as the group's mean: with H W a multiple of K the sums up to one factor (which SaCo does not see),
+    # otherwise the groups differ by a pixel and only the means keep the salience order
+    salience = torch.zeros_like(effect).scatter_add_(1, group_of, values.to(effect.dtype))
+    salience = salience / torch.bincount(group_of[0], minlength=groups).to(salience)
     first, second = torch.triu_indices(groups, groups, offset=1, device=images.device)
     gap = salience[:, first] - salience[:, second]  # >= 0: the groups are in descending order of salience
     agree = torch.where(effect[:, first] >= effect[:, second], gap, -gap)
