@@ -172,3 +172,23 @@ def test_quickshift_is_lime_images_segmentation():
     theirs = quickshift(image.permute(1, 2, 0).double().numpy(), kernel_size=4, max_dist=200, ratio=0.2)
     ours = superpixels(image[None], "quickshift")[0]
     assert torch.equal(ours, torch.from_numpy(theirs.astype("int64")))
+
+
+def test_one_label_map_per_image_with_a_baseline_per_image(model_and_images):
+    model, images = model_and_images
+    x = images[:2]
+    first = grid_segments(x.shape[-2], x.shape[-1], 2, x.device)
+    second = grid_segments(x.shape[-2], x.shape[-1], 3, x.device)
+    baselines = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    stacked = attribution.KernelSHAP(model, segments=torch.stack([first, second]), baseline=baselines)(x, [1, 2])
+    alone = [attribution.KernelSHAP(model, segments=labels, baseline=baselines[i:i + 1])(x[i:i + 1], [1, 2][i])
+             for i, labels in enumerate((first, second))]
+    torch.testing.assert_close(stacked, torch.cat(alone))
+
+
+def test_bad_segments_name_every_accepted_form(model_and_images):
+    model, images = model_and_images
+    with pytest.raises(ValueError, match=r"a \(B, \d+, \d+\) stack of them .*'quickshift'"):
+        attribution.KernelSHAP(model, segments=torch.zeros(5, *images.shape[-2:], dtype=torch.long))(images[:2], 0)
+    with pytest.raises(ValueError, match="one of"):
+        attribution.LIME(model, segments="watershed")(images[:2], 0)

@@ -21,6 +21,11 @@ from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
 
 
+#: the superpixel algorithms ``segments`` may name
+SEGMENTERS = ("quickshift", "slic")
+SegmentSpec = Union[None, str, Tensor]
+
+
 def grid_segments(height: int, width: int, grid: int, device: torch.device) -> Tensor:
     """(H, W) segment labels of a ``grid`` x ``grid`` partition into near-equal rectangles, row-major."""
     rows = torch.arange(height, device=device) * grid // height
@@ -33,14 +38,9 @@ def checked_segments(segments: Tensor, size: Tuple[int, int], device: torch.devi
     if not isinstance(segments, Tensor) or segments.is_floating_point() or segments.is_complex() \
             or tuple(segments.shape[-2:]) != tuple(size) or segments[..., 0, 0].numel() != 1:
         shape = tuple(segments.shape) if isinstance(segments, Tensor) else type(segments).__name__
-        raise ValueError(f"segments must be an integer tensor of shape {tuple(size)} (one label per pixel, shared "
-                         f"by the batch), got {shape}")
+        raise ValueError(f"segments must be an integer label map of shape {tuple(size)} (shared by the batch), a "
+                         f"(B, {size[0]}, {size[1]}) stack of them (one per image) or one of {SEGMENTERS}, got {shape}")
     return torch.unique(segments.reshape(size).to(device), return_inverse=True)[1]
-
-
-#: the superpixel algorithms ``segments`` may name
-SEGMENTERS = ("quickshift", "slic")
-SegmentSpec = Union[None, str, Tensor]
 
 
 def superpixels(x: Tensor, name: str) -> Tensor:
@@ -77,12 +77,19 @@ def image_segments(x: Tensor, segments: SegmentSpec) -> Optional[Tensor]:
 
 def each_image(explain: Callable[..., Tensor], x: Tensor, target: Target, segments: SegmentSpec,
                **options: Any) -> Optional[Tensor]:
-    """With one label map per image, ``explain`` (an ``_explain``) run image by image with its own map; else None."""
+    """With one label map per image, ``explain`` (an ``_explain``) run image by image with its own map (and its own
+    row of any (B, C, H, W) option, such as a baseline per image); else None."""
     labels = image_segments(x, segments)
     if labels is None:
         return None
+    batch = x.shape[0]
+
+    def own(value: Any, i: int) -> Any:
+        per_image = isinstance(value, Tensor) and value.dim() == 4 and value.shape[0] == batch
+        return value[i:i + 1] if per_image else value
+
     return torch.cat([explain(x[i:i + 1], target.select(torch.tensor([i], device=x.device)), segments=labels[i],
-                              **options) for i in range(x.shape[0])])
+                              **{k: own(v, i) for k, v in options.items()}) for i in range(batch)])
 
 
 def segment_labels(x: Tensor, grid: int, segments: Optional[Tensor]) -> Tensor:
