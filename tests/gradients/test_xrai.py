@@ -155,3 +155,17 @@ def test_bad_options_name_what_is_wrong():
         xrai(x, 0, area_threshold=1.5)
     with pytest.raises(ValueError, match="baselines must be"):
         xrai(x, 0, baselines="black")
+
+
+def test_bad_options_fail_before_the_segmentation(monkeypatch):
+    """Bad steps or baselines are named at once, not after the worker thread has segmented every image."""
+    import attribution.gradients.xrai as xrai_module
+
+    calls = []
+    monkeypatch.setattr(xrai_module, "felzenszwalb_segments", lambda image: calls.append(1))
+    xrai = attribution.XRAI(tiny_cnn())
+    x = torch.randn(2, 3, 16, 16)
+    for options, message in (({"steps": 0}, "steps must be"), ({"baselines": ["grey"]}, "baseline must be")):
+        with pytest.raises(ValueError, match=message):
+            xrai(x, 0, **options)
+    assert calls == []

@@ -22,6 +22,8 @@ FELZENSZWALB_MIN_SIZE = 150
 SEGMENTATION_SIZE = (224, 224)
 DILATION_RADIUS = 5
 ALGORITHMS = ("full", "fast")
+#: pixels per chunk of the growth's first sums
+CHUNK = 4096
 
 
 def disk_offsets(radius: int) -> Tensor:
@@ -99,6 +101,25 @@ def _checked_segments(segments: Tensor, x: Tensor) -> Tensor:
     return segments.expand(x.shape[0], *segments.shape[-3:]) if segments.dim() == 3 else segments
 
 
+def _check_base(x: Tensor, given: Optional[Tensor], steps: int, baselines: Sequence[BaselineSpec]) -> None:
+    """The base attribution's options: a given attribution's shape, or Integrated Gradients' steps and baselines."""
+    if given is not None:
+        ok = isinstance(given, Tensor) and given.dim() in (3, 4) and given.shape[0] == x.shape[0] \
+            and tuple(given.shape[-2:]) == tuple(x.shape[-2:])
+        if not ok:
+            shape = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
+            raise ValueError(f"base_attribution must be ({x.shape[0]}, C, H, W) or ({x.shape[0]}, H, W) with "
+                             f"x's height and width {tuple(x.shape[-2:])}, got {shape}")
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(baselines, (str, Tensor)) or not isinstance(baselines, Sequence) or len(baselines) == 0:
+        raise ValueError(f"baselines must be a non-empty sequence of baselines (names, numbers or tensors), "
+                         f"got {baselines!r}")
+    for baseline in baselines:
+        make_baseline(x, baseline)  # names, numbers and shapes
+
+
 def _best(gains: Tensor, alive: Tensor) -> int:
     """The first alive mask whose gain is the largest, up to float64 rounding of the running sums (so that masks
     covering the same new pixels tie as they do in exact arithmetic, and the first one wins)."""
@@ -122,7 +143,10 @@ def grow_regions(masks: Tensor, attr: Tensor, *, algorithm: str = "full", area_t
     """
     by_pixel = masks.t().contiguous()  # (N, M): a region's new pixels are rows, read contiguously
     weights = torch.stack([torch.ones_like(attr), attr])  # (2, N): count and attribution sum in one product
-    counts, sums = (weights @ by_pixel.to(attr.dtype)).unbind(0)  # float64 counts: exact below 2^53
+    totals = torch.zeros(2, masks.shape[0], dtype=attr.dtype)
+    for start in range(0, masks.shape[1], CHUNK):  # float64 copies of a chunk of pixels at a time
+        totals += weights[:, start:start + CHUNK] @ by_pixel[start:start + CHUNK].to(attr.dtype)
+    counts, sums = totals.unbind(0)  # float64 counts: exact below 2^53
     covered = torch.zeros(masks.shape[1], dtype=torch.bool)
     regions = torch.zeros(masks.shape[1], dtype=torch.long)
     if algorithm == "fast":
@@ -180,7 +204,8 @@ class XRAI(GradientExplainer):
     3. Greedy growth (``algorithm='full'``): starting from nothing, add the mask with the highest gain, the mean of
        ``a`` over the pixels it adds, ``gain(S) = sum_{p in S \\ R} a_p / |S \\ R|``; a region is what the chosen
        mask adds; masks adding fewer than ``min_pixel_diff`` pixels are dropped; stop when the covered fraction
-       exceeds ``area_threshold`` or no mask is left.  ``'fast'`` ranks the masks once by their own mean instead.
+       exceeds ``area_threshold`` or no mask is left.  ``'fast'`` ranks the masks once by their own mean instead
+       (and, as the authors' code, covers the whole image: ``area_threshold`` does not apply).
 
     The map gives each pixel its region's gain, i.e. the mean of ``a`` over the region (uncovered pixels: their
     own mean), so thresholding it at a quantile keeps the most attributed regions first.  Equal to the authors'
@@ -207,14 +232,20 @@ class XRAI(GradientExplainer):
             raise ValueError(f"area_threshold must be a fraction in [0, 1], got {area_threshold!r}")
         if isinstance(min_pixel_diff, bool) or not isinstance(min_pixel_diff, int) or min_pixel_diff < 1:
             raise ValueError(f"min_pixel_diff must be a positive int, got {min_pixel_diff!r}")
-        given = None if segments is None else _checked_segments(segments, x)  # before the gradients
-        with ThreadPoolExecutor(max_workers=1) as pool:  # the CPU segmentation runs while the gradients do
-            pending = pool.submit(lambda: [felzenszwalb_segments(image) for image in x]) if given is None else None
+        _check_base(x, base_attribution, steps, baselines)  # every option before the segmentation starts
+        given = None if segments is None else _checked_segments(segments, x).cpu()
+        images = x.detach().cpu()
+        pool = ThreadPoolExecutor(max_workers=1)  # the CPU segmentation runs while the gradients do
+        try:
+            pending = pool.submit(lambda: [felzenszwalb_segments(image) for image in images]) if given is None \
+                else None
             attr = self._base_attribution(x, target, base_attribution, steps, baselines, batch_size, create_graph)
             masks = list(given) if pending is None else pending.result()
+        finally:
+            pool.shutdown(wait=False)  # an error in the gradients does not wait for the segmentation
         flat = attr.flatten(1)
         host = flat.detach().to("cpu", torch.float64)
-        regions = torch.stack([grow_regions(m.flatten(1).cpu(), a, algorithm=algorithm,
+        regions = torch.stack([grow_regions(m.flatten(1), a, algorithm=algorithm,
                                             area_threshold=float(area_threshold), min_pixel_diff=min_pixel_diff)
                                for m, a in zip(masks, host)]).to(x.device)
         return region_means(flat, regions).view(x.shape[0], 1, *x.shape[-2:])
@@ -224,19 +255,8 @@ class XRAI(GradientExplainer):
         """(B, H, W): the given attribution or the mean of Integrated Gradients from each baseline, maximum over the
         channels."""
         if given is not None:
-            ok = isinstance(given, Tensor) and given.dim() in (3, 4) and given.shape[0] == x.shape[0] \
-                and tuple(given.shape[-2:]) == tuple(x.shape[-2:])
-            if not ok:
-                shape = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
-                raise ValueError(f"base_attribution must be ({x.shape[0]}, C, H, W) or ({x.shape[0]}, H, W) with "
-                                 f"x's height and width {tuple(x.shape[-2:])}, got {shape}")
             attr = given.to(device=x.device, dtype=accumulation_dtype(x))
             return attr.amax(dim=1) if attr.dim() == 4 else attr
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if isinstance(baselines, (str, Tensor)) or not isinstance(baselines, Sequence) or len(baselines) == 0:
-            raise ValueError(f"baselines must be a non-empty sequence of baselines (names, numbers or tensors), "
-                             f"got {baselines!r}")
         dtype = accumulation_dtype(x)
         starts = torch.stack([make_baseline(x, b).to(dtype) for b in baselines])  # (K, B, C, H, W)
         deltas = x.to(dtype) - starts
