@@ -51,3 +51,25 @@ def test_guard_restores_everything_it_promises():
     assert first.grad is None and not model[2].bias.requires_grad
     assert isinstance(model[1], nn.ReLU) and not hasattr(model, "extra")
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks and not model[4]._backward_hooks
+
+
+def test_threads_sharing_a_model_take_turns():
+    """Two threads explaining with one model (one explainer shared, and two explainers that install hooks) give
+    the sequential maps, and no hook is left on the model: the guard holds a per-model lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import attribution
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    shared = attribution.AttnLRP(model)
+    legrad, raw = attribution.LeGrad(model), attribution.RawAttention(model)
+    expected = {"shared": shared(x, [1, 2]), "legrad": legrad(x, [1, 2]), "raw": raw(x, [1, 2])}
+    jobs = [("shared", shared), ("shared", shared), ("legrad", legrad), ("raw", raw)] * 6
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda job: (job[0], job[1](x, [1, 2])), jobs))
+    for name, maps in results:
+        torch.testing.assert_close(maps, expected[name])
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert model(x).shape == (2, 5)

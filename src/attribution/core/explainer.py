@@ -18,7 +18,7 @@ rounding, and a model that calls ``.view`` on its feature maps may refuse such i
 plus its own options, listed in its class attribute ``defaults``.
 
 A subclass implements :meth:`Explainer._explain`; the base class validates the input, the target and the options,
-runs the method inside the state guard with gradients enabled (also under an outer ``torch.no_grad()`` or
+runs the method inside the state guard (which also serialises calls on one model across threads) with gradients enabled (also under an outer ``torch.no_grad()`` or
 ``torch.inference_mode()``), and casts the result to float32 (float64 for float64 input) on the input's device.
 """
 from __future__ import annotations

@@ -3,9 +3,15 @@
 Inside the guard the model runs in eval mode (dropout off, batch-norm on running statistics, so that each image's
 attribution is independent of the batch it came in).  On exit, normal or not, every module's training flag, every
 parameter's ``requires_grad`` and ``.grad``, every module's children and hook dictionaries are put back.
+
+Calls on one model are serialised by a per-model reentrant lock held for the whole guarded body: explainers
+install hooks, modes and per-call state while they run, so two threads explaining with the same model (through
+one explainer or several) take turns instead of seeing each other's hooks; different models run concurrently.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Tuple
 
@@ -25,13 +31,32 @@ _HOOK_DICTS = (
 )
 
 
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The reentrant lock that serialises explainer calls on ``model``."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 def _hook_snapshot(module: nn.Module) -> Dict[str, dict]:
     return {name: dict(getattr(module, name)) for name in _HOOK_DICTS if hasattr(module, name)}
 
 
 @contextmanager
 def preserve_model(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the body with ``model`` in eval mode and restore all of its observable state afterwards."""
+    """Run the body with ``model`` in eval mode and restore all of its observable state afterwards (holding the
+    model's lock throughout)."""
+    with model_lock(model):
+        yield from _preserved(model)
+
+
+def _preserved(model: nn.Module) -> Iterator[nn.Module]:
     modules: List[nn.Module] = list(model.modules())
     training = [m.training for m in modules]
     children = [dict(m._modules) for m in modules]
