@@ -19,7 +19,7 @@ from .regions import box_iou, boxes_to_mask, region_mask
 from .imputation import linear_impute, noisy_linear_impute
 from .infidelity_sensitivity import infidelity, max_sensitivity
 from .remove_and_debias import RoadResult, road
-from .saco import saco
+from .salience_guided import saco
 from .sanity import (DataRandomisationResult, RandomisationResult, data_randomisation, model_randomisation,
                      randomisation_layers, reinitialise)
 from .similarity import (class_specific_spearman_rank_corr, rank_data, spearman, spearman_rank_correlation_value,

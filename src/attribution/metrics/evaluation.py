@@ -25,7 +25,7 @@ from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_m
 from .localisation import attribution_localisation, energy_pointing_game, pointing_game
 from .regions import Regions
 from .remove_and_debias import road
-from .saco import saco
+from .salience_guided import saco
 from .sanity import model_randomisation
 from .wsol import max_box_acc, max_box_acc_v2, pxap
 
