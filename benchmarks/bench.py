@@ -536,6 +536,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "bag_cam": Work({}, layer_gradient_passes, models="all"),
         "eigen_cam": pgc_work(forward_floor, "EigenCAM", "all"),
         "eigen_grad_cam": pgc_work(layer_gradient_passes, "EigenGradCAM", "all"),
+        "seg_eigen_cam": pgc_work(layer_gradient_passes, "SegEigenCAM", "all"),
         "kpca_cam": pgc_work(forward_floor, "KPCA_CAM", "all"),
         "score_cam": pgc_work(score_floor, "ScoreCAM", batch_size="chunk"),
         "ablation_cam": pgc_work(tail_floor(lambda acts: acts.shape[1]), "AblationCAM", batch_size="chunk"),

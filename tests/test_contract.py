@@ -58,6 +58,7 @@ FAST = {
     "bag_cam": {},
     "eigen_cam": {},
     "eigen_grad_cam": {},
+    "seg_eigen_cam": {},
     "kpca_cam": {},
     "score_cam": {},
     "ss_cam": {"samples": 1},

@@ -353,3 +353,17 @@ def test_score_cam_shares_masked_forwards_between_copies_of_an_image(x):
     torch.testing.assert_close(both[0:1], A.ScoreCAM(model, "5")(x[:1], 0))
     torch.testing.assert_close(both[1:2], A.ScoreCAM(model, "5")(x[:1], 3))
     torch.testing.assert_close(both[2:3], A.ScoreCAM(model, "5")(x[1:2], 3))
+
+
+def test_seg_eigen_cam_makes_the_dominant_side_positive():
+    """Seg-Eigen-CAM's sign rule: a projection whose most negative value outweighs its most positive one is
+    flipped, whatever sign the eigendecomposition returned; and the features are |gradient| x activation."""
+    from attribution.cam.eigen_cam import first_component, larger_side_positive
+
+    projection = torch.tensor([[1.0, -3.0, 0.5], [2.0, -1.0, 0.0]])
+    torch.testing.assert_close(larger_side_positive(projection), torch.tensor([[-1.0, 3.0, -0.5], [2.0, -1.0, 0.0]]))
+    features = torch.randn(2, 6, 4, 5, generator=torch.Generator().manual_seed(0))
+    for flipped in (features, -features):  # the component of -F is minus that of F: the rule undoes it
+        component = first_component(flipped, sign="extreme").flatten(1)
+        assert (component.amax(1) >= component.amin(1).abs()).all()
+    torch.testing.assert_close(first_component(features, sign="extreme"), first_component(-features, sign="extreme"))

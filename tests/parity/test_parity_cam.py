@@ -63,6 +63,8 @@ SHARED = [
     ("AblationCAM", "AblationCAM", {}),
     ("FEM", "FEM", {}),
     ("ShapleyCAM", "ShapleyCAM", {}),
+    # the same sign correction (the dominant side positive), so no sign rule of ours to apply first
+    ("SegEigenCAM", "SegEigenCAM", {}),
 ]
 
 

@@ -3,7 +3,7 @@ from .ablation_cam import AblationCAM
 from .bag_cam import BagCAM
 from .base import CAM
 from .cameras import CAMERAS
-from .eigen_cam import EigenCAM, EigenGradCAM
+from .eigen_cam import EigenCAM, EigenGradCAM, SegEigenCAM
 from .excitation_backprop import ExcitationBackprop
 from .fem import FEM
 from .finer_cam import FinerCAM
@@ -61,6 +61,7 @@ __all__ = [
     "RelevanceCAM",
     "RefineCAM",
     "SESS",
+    "SegEigenCAM",
     "SSCAM",
     "ScoreCAM",
     "SIDU",

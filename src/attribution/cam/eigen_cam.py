@@ -49,9 +49,17 @@ def orient(projection: Tensor, reference: Tensor) -> Tensor:
     return projection * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def first_component(features: Tensor) -> Tensor:
+def larger_side_positive(projection: Tensor) -> Tensor:
+    """Flip each row of (n, P) ``projection`` whose minimum is larger in magnitude than its maximum (Seg-Eigen-CAM's
+    sign correction: the component's dominant side made positive)."""
+    flip = projection.amin(dim=1, keepdim=True).abs() > projection.amax(dim=1, keepdim=True).abs()
+    return torch.where(flip.detach(), -projection, projection)
+
+
+def first_component(features: Tensor, sign: str = "channel_sum") -> Tensor:
     """(n, C, h, w) -> (n, 1, h, w): each position's C-vector, centred over positions, projected on the first
-    principal axis (the first right singular vector of the centred (h*w, C) matrix), oriented by :func:`orient`.
+    principal axis (the first right singular vector of the centred (h*w, C) matrix), oriented by :func:`orient`
+    (``sign='channel_sum'``) or by :func:`larger_side_positive` (``'extreme'``).
 
     Computed from the smaller Gram matrix, (h*w)^2 or C^2, with one batched ``eigh``.
     """
@@ -66,6 +74,8 @@ def first_component(features: Tensor) -> Tensor:
     else:
         _, v = top_eigenpair(centred.transpose(1, 2) @ centred)
         projection = (centred @ v.unsqueeze(-1)).squeeze(-1)
+    if sign == "extreme":
+        return larger_side_positive(projection).view(n, 1, h, w)
     return orient(projection, rows.sum(dim=2)).view(n, 1, h, w)
 
 
@@ -105,3 +115,22 @@ class EigenGradCAM(CAM):
 
     def _layer_map(self, activations: Tensor, gradients: Optional[Tensor], **options: Any) -> Tensor:
         return F.relu(first_component(gradients * activations))
+
+
+@register("seg_eigen_cam")
+class SegEigenCAM(CAM):
+    """Seg-Eigen-CAM: the first principal component of ``|dy/dA| * A``, its dominant side made positive.
+
+    Chung & Ying, "Seg-Eigen-CAM: Eigen-Value-Based Visual Explanations for Semantic Segmentation Models", Applied
+    Sciences 15(13):7562, 2025, doi:10.3390/app15137562.
+
+    ``map = ReLU(s * A' v_1)`` with ``A'`` the positions' ``|dy/dA| * A`` vectors centred over positions (Eq. 10:
+    absolute gradients, so that negative ones weigh too), ``v_1`` its first principal axis, and ``s = -1`` when the
+    projection's minimum is larger in magnitude than its maximum (Eq. 13, the paper's answer to the component's sign
+    ambiguity).  Written for segmentation models; with a classifier's score it is a class-discriminative CAM.
+    Cost: one forward, one gradient to the layer and a batched eigendecomposition.  Same map as pytorch-grad-cam's
+    ``SegEigenCAM``.
+    """
+
+    def _layer_map(self, activations: Tensor, gradients: Optional[Tensor], **options: Any) -> Tensor:
+        return F.relu(first_component(gradients.abs() * activations, sign="extreme"))
