@@ -64,6 +64,7 @@ FAST = {
     "ss_cam": {"samples": 1},
     "is_cam": {"steps": 2},
     "ablation_cam": {},
+    "fd_cam": {},
     "recipro_cam": {},
     "lift_cam": {},
     "excitation_backprop": {},

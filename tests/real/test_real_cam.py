@@ -32,6 +32,7 @@ DISCRIMINATIVE = {
     # for both classes (0.03 vs 0.02 on the cat half); one block earlier 1.00 vs 0.01
     "seg_eigen_cam": {"target_layer": "_blocks.14"},
     "ablation_cam": {},
+    "fd_cam": {},
     "lift_cam": {},
     "excitation_backprop": {},
     "relevance_cam": {},

@@ -5,6 +5,7 @@ from .base import CAM
 from .cameras import CAMERAS
 from .eigen_cam import EigenCAM, EigenGradCAM, SegEigenCAM
 from .excitation_backprop import ExcitationBackprop
+from .fd_cam import FDCAM
 from .fem import FEM
 from .finer_cam import FinerCAM
 from .full_grad import FullGrad
@@ -40,6 +41,7 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "ExcitationBackprop",
+    "FDCAM",
     "FEM",
     "FinerCAM",
     "FullGrad",
