@@ -1,7 +1,7 @@
 """AttCAT: attentive class activation tokens."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -96,27 +96,15 @@ class AttCAT(AttentionExplainer):
 
     needs_gradients = True
 
-    def __init__(self, model: nn.Module, **options) -> None:
-        super().__init__(model, **options)
-        self._blocks: Dict[Tuple[int, ...], List[str]] = {}
-
     def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool) -> Tensor:
-        key = tuple(x.shape[1:])
-        if key not in self._blocks:
-            self._blocks[key] = attention_blocks(self.model, x[:1], self._forward)
         modules = dict(self.model.named_modules())
-        blocks = [modules[name] for name in self._blocks[key]]
+        blocks = [modules[name] for name in self._block_names(x)]
         owners = torch.arange(x.shape[0], device=x.device)
         maps = []
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
             tokens: List[Tensor] = []
             handles = [block.register_forward_pre_hook(lambda m, args: tokens.append(args[0])) for block in blocks]
-            try:
-                with torch.enable_grad(), AttentionCapture(self.model) as capture:
-                    outputs = self._forward(self._model_input(x[start:stop]).requires_grad_(True))
-            finally:
-                for handle in handles:
-                    handle.remove()
+            outputs, capture = self._forward_capturing(x[start:stop], handles)
             attention = self._checked(capture.maps, stop - start)
             if len(tokens) != len(attention):
                 raise ValueError(f"AttCAT found {len(attention)} attention maps but {len(tokens)} block inputs")

@@ -1,7 +1,7 @@
 """Base of transformer-native methods: maps computed from the attention probabilities of every block."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,28 @@ class AttentionExplainer(Explainer):
                 relevance = self._relevance(attention, gradients, **options, **extra)
             maps.append(self._to_image(relevance, layout, tuple(x.shape[-2:])))
         return torch.cat(maps)
+
+    def _block_names(self, x: Tensor) -> List[str]:
+        """The model's blocks for inputs shaped like ``x`` (found once per input shape, see
+        :func:`attribution.transformers.attcat.attention_blocks`)."""
+        from .attcat import attention_blocks  # attcat's explainer builds on this module
+
+        cache: Dict[Tuple[int, ...], List[str]] = self.__dict__.setdefault("_block_cache", {})
+        key = tuple(x.shape[1:])
+        if key not in cache:
+            cache[key] = attention_blocks(self.model, x[:1], self._forward)
+        return cache[key]
+
+    def _forward_capturing(self, rows: Tensor, handles: List[Any]) -> Tuple[Tensor, AttentionCapture]:
+        """The model's outputs for ``rows`` (differentiable w.r.t. them) and the attention it computed; the hook
+        ``handles`` the caller registered for this forward are removed afterwards, whatever happens."""
+        try:
+            with torch.enable_grad(), AttentionCapture(self.model) as capture:
+                outputs = self._forward(self._model_input(rows).requires_grad_(True))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs, capture
 
     def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], **options) -> Tensor:
         """(B, N, N) token-to-token relevance from per-block (B, heads, N, N) attention (and its gradients)."""

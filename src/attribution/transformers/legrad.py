@@ -1,7 +1,7 @@
 """LeGrad: the gradient of each block's own prediction w.r.t. its attention map."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -9,8 +9,6 @@ from torch import Tensor, nn
 from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
-from .attcat import attention_blocks
-from .attention import AttentionCapture
 from .base import AttentionExplainer, _at_least_float32, scores_to_image
 from .tokens import token_layout
 
@@ -37,16 +35,9 @@ class LeGrad(AttentionExplainer):
     needs_gradients = True
     defaults = {"start_block": -2}
 
-    def __init__(self, model: nn.Module, **options) -> None:
-        super().__init__(model, **options)
-        self._blocks: Dict[Tuple[int, ...], List[str]] = {}
-
     def _explain(self, x: Tensor, target: Target, *, start_block: int, batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
-        key = tuple(x.shape[1:])
-        if key not in self._blocks:
-            self._blocks[key] = attention_blocks(self.model, x[:1], self._forward)
-        names = self._blocks[key]
+        names = self._block_names(x)
         if isinstance(start_block, bool) or not isinstance(start_block, int) \
                 or not -len(names) <= start_block < len(names):
             raise ValueError(f"start_block must be an int from {-len(names)} to {len(names) - 1} (the model has "
@@ -68,12 +59,7 @@ class LeGrad(AttentionExplainer):
 
             handles = [block.register_forward_hook(keep) for block in chosen[:-1]]
             handles.append(chosen[-1].register_forward_hook(stack))
-            try:
-                with torch.enable_grad(), AttentionCapture(self.model) as capture:
-                    outputs = self._forward(self._model_input(x[start:stop]).requires_grad_(True))
-            finally:
-                for handle in handles:
-                    handle.remove()
+            outputs, capture = self._forward_capturing(x[start:stop], handles)
             attention = self._checked(capture.maps[:len(names)], rows)[first:]
             if outputs.shape[0] != rows * len(chosen):
                 raise ValueError(f"LeGrad needs a model whose layers after its last block treat the rows of a batch "
