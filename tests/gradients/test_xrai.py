@@ -169,3 +169,17 @@ def test_bad_options_fail_before_the_segmentation(monkeypatch):
         with pytest.raises(ValueError, match=message):
             xrai(x, 0, **options)
     assert calls == []
+
+
+def test_label_maps_are_remembered_by_content_and_bounded():
+    import attribution.gradients.xrai as xrai_module
+
+    image = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(0))
+    first = xrai_module.felzenszwalb_labels(image)
+    assert xrai_module.felzenszwalb_labels(image.clone()) is first  # the same content: not segmented again
+    assert xrai_module.felzenszwalb_labels(image + 0.5) is not first  # min-max scaling aside, another key
+    for seed in range(xrai_module.LABEL_CACHE_SIZE + 4):
+        xrai_module.felzenszwalb_labels(torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(seed)))
+    assert len(xrai_module._label_cache) == xrai_module.LABEL_CACHE_SIZE
+    assert xrai_module.felzenszwalb_labels(image) is not first  # evicted, segmented again, equal
+    assert torch.equal(xrai_module.felzenszwalb_labels(image), first)

@@ -1,6 +1,9 @@
 """XRAI: region attributions, grown greedily from Integrated Gradients over an over-segmentation of the image."""
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence, Tuple
 
@@ -57,6 +60,46 @@ def label_masks(labels: Tensor, radius: int) -> Tensor:
     return masks.view(count, height, width)
 
 
+#: label maps of recently segmented images, by content: explaining the same images again (another class, another
+#: base attribution) skips the segmentation; at most this many images, six int32 label maps each
+LABEL_CACHE_SIZE = 32
+_label_cache: "OrderedDict[Tuple[str, Tuple[int, ...]], Tensor]" = OrderedDict()
+_label_cache_lock = threading.Lock()
+
+
+def felzenszwalb_labels(image: Tensor) -> Tensor:
+    """(6, H, W) label maps (0..) of the authors' six Felzenszwalb segmentations of one (C, H, W) image (see
+    :func:`felzenszwalb_segments`), on the CPU; remembered for the last :data:`LABEL_CACHE_SIZE` images."""
+    im = image.detach().cpu()
+    im = (im if im.dtype in (torch.float32, torch.float64) else im.float()).permute(1, 2, 0).numpy()
+    key = (hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16).hexdigest(), tuple(im.shape))
+    with _label_cache_lock:
+        if key in _label_cache:
+            _label_cache.move_to_end(key)
+            return _label_cache[key]
+    try:
+        from skimage import segmentation
+        from skimage.transform import resize
+    except ImportError:  # pragma: no cover - scikit-image is in the test extra
+        raise ImportError("XRAI's default segmentation needs scikit-image (pip install scikit-image); or pass "
+                          "segments=... (boolean masks) to XRAI") from None
+    low, high = im.min(), im.max()  # in the image's dtype, as the authors' code
+    scaled = (im - low) / (high - low) * 2 - 1 if high > low else np.zeros_like(im)
+    scaled = resize(scaled, SEGMENTATION_SIZE, order=3, mode="constant", preserve_range=True, anti_aliasing=True)
+    maps = []
+    for scale in FELZENSZWALB_SCALES:
+        seg = segmentation.felzenszwalb(scaled, scale=scale, sigma=FELZENSZWALB_SIGMA,
+                                        min_size=FELZENSZWALB_MIN_SIZE)
+        seg = resize(seg, im.shape[:2], order=0, preserve_range=True, mode="constant", anti_aliasing=False)
+        maps.append(torch.from_numpy((seg - seg.min()).astype(np.int32)))
+    labels = torch.stack(maps)
+    with _label_cache_lock:
+        _label_cache[key] = labels
+        while len(_label_cache) > LABEL_CACHE_SIZE:
+            _label_cache.popitem(last=False)
+    return labels
+
+
 def felzenszwalb_segments(image: Tensor, dilation_radius: int = DILATION_RADIUS) -> Tensor:
     """The authors' segments of one (C, H, W) image: (M, H, W) boolean masks, one per segment of each of the six
     Felzenszwalb segmentations, dilated by a disk of ``dilation_radius`` pixels.
@@ -66,24 +109,7 @@ def felzenszwalb_segments(image: Tensor, dilation_radius: int = DILATION_RADIUS)
     ``FELZENSZWALB_SCALES`` (``sigma=0.8``, ``min_size=150``), and each label map is resized back to the image's size
     by the nearest label.  The segmentation runs on the CPU (scikit-image); the masks are on ``image``'s device.
     """
-    try:
-        from skimage import segmentation
-        from skimage.transform import resize
-    except ImportError:  # pragma: no cover - scikit-image is in the test extra
-        raise ImportError("XRAI's default segmentation needs scikit-image (pip install scikit-image); or pass "
-                          "segments=... (boolean masks) to XRAI") from None
-    im = image.detach().cpu()
-    im = (im if im.dtype in (torch.float32, torch.float64) else im.float()).permute(1, 2, 0).numpy()
-    low, high = im.min(), im.max()  # in the image's dtype, as the authors' code
-    im = (im - low) / (high - low) * 2 - 1 if high > low else np.zeros_like(im)
-    im = resize(im, SEGMENTATION_SIZE, order=3, mode="constant", preserve_range=True, anti_aliasing=True)
-    size = tuple(image.shape[-2:])
-    masks = []
-    for scale in FELZENSZWALB_SCALES:
-        seg = segmentation.felzenszwalb(im, scale=scale, sigma=FELZENSZWALB_SIGMA, min_size=FELZENSZWALB_MIN_SIZE)
-        seg = resize(seg, size, order=0, preserve_range=True, mode="constant", anti_aliasing=False).astype(np.int64)
-        seg = torch.from_numpy(seg - seg.min())
-        masks.append(label_masks(seg, dilation_radius))
+    masks = [label_masks(labels.long(), dilation_radius) for labels in felzenszwalb_labels(image)]
     return torch.cat(masks).to(image.device)
 
 
@@ -214,7 +240,8 @@ class XRAI(GradientExplainer):
     ``x``'s device from ``a``, so with ``create_graph`` the map is differentiable (the regions held fixed).  Cost:
     ``len(baselines) x steps`` forwards and input-gradient backwards per image, and the segmentation (scikit-image,
     on the CPU, about 0.5 s per image; it runs in a worker thread while the gradients are computed, so on a GPU it
-    is hidden behind them) and the growth (about 0.2 s per image).
+    is hidden behind them; the label maps of the last 32 images are remembered, so explaining the same images for
+    another class only dilates them again) and the growth (about 0.2 s per image).
     """
 
     kind = "region"
