@@ -171,9 +171,10 @@ def test_bad_options_fail_before_the_segmentation(monkeypatch):
     assert calls == []
 
 
-def test_label_maps_are_remembered_by_content_and_bounded():
+def test_label_maps_are_remembered_by_content_and_bounded(monkeypatch):
     import attribution.gradients.xrai as xrai_module
 
+    monkeypatch.setattr(xrai_module, "LABEL_CACHE_SIZE", 3)  # a small bound, so that few images fill it
     image = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(0))
     first = xrai_module.felzenszwalb_labels(image)
     assert xrai_module.felzenszwalb_labels(image.clone()) is first  # the same content: not segmented again
