@@ -65,3 +65,33 @@ def test_bad_options_name_what_is_wrong(setup):
                            ({"subset_size": 65}, "subset_size")):
         with pytest.raises(ValueError, match=match):
             faithfulness_correlation(model, x, x, 0, **options)
+
+
+def test_sensitivity_n_is_one_at_every_size_for_exact_contributions(setup):
+    """f = sum(w x), zero baseline: every subset's score loss is the map's sum over it, whatever n."""
+    from attribution.metrics import sensitivity_n
+
+    model, x = setup
+    exact = model.contributions(x)
+    curve = sensitivity_n(model, x, exact, 0, fractions=(0.05, 0.25, 0.5), runs=12,
+                          generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(curve.y, torch.ones(3, 3, dtype=torch.float64))
+    torch.testing.assert_close(curve.auc, torch.full((3,), 0.45, dtype=torch.float64))
+    reversed_ = sensitivity_n(model, x, -exact, 0, fractions=(0.1, 0.3), runs=12)
+    torch.testing.assert_close(reversed_.y, -torch.ones(3, 2, dtype=torch.float64))
+
+
+def test_sensitivity_n_is_faithfulness_correlation_per_size(setup):
+    from attribution.metrics import sensitivity_n
+
+    model, x = setup
+    maps = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    curve = sensitivity_n(model, x, maps, 1, fractions=(0.0, 0.1, 0.4), runs=9, baseline=0.5,
+                          generator=torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(6)  # the sizes draw their subsets one after another
+    expected = [faithfulness_correlation(model, x, maps, 1, subset_size=n, runs=9, baseline=0.5, generator=generator)
+                for n in (1, 6, 26)]  # at least one pixel; round(0.1 * 64) and round(0.4 * 64)
+    torch.testing.assert_close(curve.y, torch.stack(expected, dim=1))
+    table = evaluate(lambda images, target: maps, model, x, 1, metrics=["sensitivity_n"],
+                     options={"sensitivity_n": {"runs": 9, "fractions": (0.1, 0.4)}})
+    assert table["sensitivity_n"].shape == (3,) and "sensitivity_n" in table.curves

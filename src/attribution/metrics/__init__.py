@@ -10,7 +10,7 @@ from .complexity import entropy, gini
 from .components import ComponentBoxes, component_boxes, connected_components, hole_boxes
 from .confidence import ConfidenceChange, average_drop, confidence_change, increase_in_confidence
 from .evaluation import METRICS, EvaluationTable, evaluate
-from .faithfulness import faithfulness_correlation
+from .faithfulness import faithfulness_correlation, sensitivity_n
 from .insertion_deletion import delete_score, deletion, insert_score, insertion
 from .keep_remove import (kam, keep_absolute_mask, keep_negative_mask, keep_positive_mask, kpm, knm, ram,
                           remove_absolute_mask, shap_fractions)
@@ -91,6 +91,7 @@ __all__ = [
     "rise_blur",
     "road",
     "saco",
+    "sensitivity_n",
     "shap_fractions",
     "spearman",
     "spearman_rank_correlation_value",

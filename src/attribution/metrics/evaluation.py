@@ -18,7 +18,7 @@ from ..core.targets import TargetSpec
 from .common import resolve_scorer
 from .complexity import entropy, gini
 from .confidence import average_drop, increase_in_confidence
-from .faithfulness import faithfulness_correlation
+from .faithfulness import faithfulness_correlation, sensitivity_n
 from .infidelity_sensitivity import infidelity, max_sensitivity
 from .insertion_deletion import deletion, insertion
 from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_mask, remove_absolute_mask
@@ -31,7 +31,7 @@ from .wsol import max_box_acc, max_box_acc_v2, pxap
 
 _CURVES: Dict[str, Callable[..., Any]] = {
     "deletion": deletion, "insertion": insertion, "kpm": keep_positive_mask, "knm": keep_negative_mask,
-    "kam": keep_absolute_mask, "ram": remove_absolute_mask,
+    "kam": keep_absolute_mask, "ram": remove_absolute_mask, "sensitivity_n": sensitivity_n,
 }
 #: metrics with one value per image from perturbed forwards
 _SCORES: Dict[str, Callable[..., Any]] = {

@@ -1,7 +1,10 @@
-"""Faithfulness correlation: does the map's mass on a random pixel subset predict the score lost by removing it?
+"""Faithfulness correlation and sensitivity-n: does the map's mass on a random pixel subset predict the score lost by
+removing it?
 
 Bhatt, Weller & Moura, "Evaluating and Aggregating Feature-based Model Explanations", IJCAI 2020,
-arXiv:2005.00631 (the metric as Quantus' ``FaithfulnessCorrelation`` computes it).
+arXiv:2005.00631 (the metric as Quantus' ``FaithfulnessCorrelation`` computes it); Ancona, Ceolini, Oztireli &
+Gross, "Towards better understanding of gradient-based attribution methods for Deep Neural Networks", ICLR 2018,
+arXiv:1711.06104 (sensitivity-n: the same correlation as a curve over the subset size ``n``).
 
 For ``runs`` random subsets ``S`` of ``subset_size`` pixels (every channel of a chosen pixel): the score drop
 ``f(x) - f(x with S set to baseline)`` and the map's sum over ``S``; the metric is their Pearson correlation over
@@ -18,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.targets import TargetSpec
-from .common import check_maps, resolve_scorer, score_rows
+from .common import Curve, as_fractions, check_maps, counts_for, resolve_scorer, score_rows, trapezoid
 from .similarity import pearson
 
 
@@ -53,3 +56,25 @@ def faithfulness_correlation(model: nn.Module, images: Tensor, maps: Tensor, tar
     sums = values.to(drops.dtype) @ subsets.to(drops.dtype).T  # (B, runs)
     return pearson(drops, sums).to(drops.dtype)
 
+
+
+def sensitivity_n(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = None, *,
+                  fractions=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.8), runs: int = 100, baseline: float = 0.0,
+                  score: str = "logit", generator: Optional[torch.Generator] = None,
+                  batch_size: Optional[int] = None) -> Curve:
+    """Sensitivity-n (Ancona et al., ICLR 2018): for each subset size ``n`` (a fraction of the pixels, at least one
+    pixel), the Pearson correlation over ``runs`` random subsets of ``n`` pixels between the map's sum over the
+    subset and the score lost when the subset is set to ``baseline`` (:func:`faithfulness_correlation` at that
+    size, the subsets drawn from ``generator`` one size after another).  A map satisfies sensitivity-n when the
+    correlation is 1: gradient x input and Integrated Gradients do on linear models at every ``n``.  Returns a
+    :class:`Curve` over the fractions (``auc``: the trapezoid area, higher is better).  Cost: ``len(fractions) x
+    (runs + 1)`` forwards per image."""
+    values = check_maps(images, maps)
+    xs = as_fractions(fractions, images.device)
+    sizes = counts_for(xs, values.shape[1]).clamp(min=1).tolist()
+    resolved = resolve_scorer(model, images, target, score, batch_size).target  # the arg-max found once
+    fixed = resolved.classes if resolved.classes is not None else target
+    curve = torch.stack([faithfulness_correlation(model, images, maps, fixed, subset_size=int(n), runs=runs,
+                                                  baseline=baseline, score=score, generator=generator,
+                                                  batch_size=batch_size) for n in sizes], dim=1)
+    return Curve(trapezoid(curve, xs), xs.to(curve.dtype), curve)
