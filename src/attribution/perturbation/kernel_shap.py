@@ -7,11 +7,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
-from .segments import coalition_scores, each_image, segment_labels
+from .segments import SegmentExplainer, coalition_scores
 
 #: with at most this many proper coalitions (2^M - 2) the design enumerates them all instead of sampling
 MAX_ENUMERATED = 1 << 14
@@ -58,7 +57,7 @@ def constrained_fit(coalitions: Tensor, weights: Tensor, values: Tensor, full: T
 
 
 @register("kernel_shap")
-class KernelSHAP(Explainer):
+class KernelSHAP(SegmentExplainer):
     """Kernel SHAP: Shapley values of image segments, as the weighted linear regression that recovers them.
 
     Lundberg & Lee, "A Unified Approach to Interpreting Model Predictions", NeurIPS 2017, arXiv:1705.07874.
@@ -75,17 +74,11 @@ class KernelSHAP(Explainer):
     segment's value (as Captum's feature masks): (B, 1, H, W).  Cost: ``samples + 2`` forwards per image.
     """
 
-    kind = "perturbation"
     defaults = {"grid": 8, "segments": None, "samples": None, "baseline": "zero", "generator": None}
 
-    def _explain(self, x: Tensor, target: Target, *, grid: int, segments: Optional[Tensor], samples: Optional[int],
-                 baseline: BaselineSpec, generator: Optional[torch.Generator], batch_size: Optional[int],
-                 create_graph: bool) -> Tensor:
-        split = each_image(self._explain, x, target, segments, grid=grid, samples=samples, baseline=baseline,
-                           generator=generator, batch_size=batch_size, create_graph=create_graph)
-        if split is not None:
-            return split
-        labels = segment_labels(x, grid, segments)
+    def _explain_segments(self, x: Tensor, target: Target, labels: Tensor, *, samples: Optional[int],
+                          baseline: BaselineSpec, generator: Optional[torch.Generator], batch_size: Optional[int],
+                          create_graph: bool) -> Tensor:
         features = int(labels.max()) + 1
         if samples is None:
             samples = 2 * features + 2048

@@ -6,11 +6,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
-from .segments import coalition_scores, each_image, segment_labels, segment_means
+from .segments import SegmentExplainer, coalition_scores, segment_means
 
 
 def lime_weights(coalitions: Tensor, kernel_width: float) -> Tensor:
@@ -35,7 +34,7 @@ def weighted_ridge(design: Tensor, weights: Tensor, values: Tensor, alpha: float
 
 
 @register("lime")
-class LIME(Explainer):
+class LIME(SegmentExplainer):
     """LIME: the coefficients of a weighted linear model of the target's score on which image segments are kept.
 
     Ribeiro, Singh & Guestrin, "'Why Should I Trust You?': Explaining the Predictions of Any Classifier", KDD 2016,
@@ -53,24 +52,18 @@ class LIME(Explainer):
     (B, 1, H, W).  Cost: ``samples`` forwards per image.
     """
 
-    kind = "perturbation"
     defaults = {"score": "softmax", "grid": 8, "segments": None, "samples": 1000, "hide": "mean",
                 "kernel_width": 0.25, "alpha": 1.0, "generator": None}
 
-    def _explain(self, x: Tensor, target: Target, *, grid: int, segments: Optional[Tensor], samples: int,
-                 hide: Union[str, BaselineSpec], kernel_width: float, alpha: float,
-                 generator: Optional[torch.Generator], batch_size: Optional[int], create_graph: bool) -> Tensor:
+    def _explain_segments(self, x: Tensor, target: Target, labels: Tensor, *, samples: int,
+                          hide: Union[str, BaselineSpec], kernel_width: float, alpha: float,
+                          generator: Optional[torch.Generator], batch_size: Optional[int],
+                          create_graph: bool) -> Tensor:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
             raise ValueError(f"samples must be an int >= 2, got {samples!r}")
         for name, value in (("kernel_width", kernel_width), ("alpha", alpha)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        split = each_image(self._explain, x, target, segments, grid=grid, samples=samples, hide=hide,
-                           kernel_width=kernel_width, alpha=alpha, generator=generator, batch_size=batch_size,
-                           create_graph=create_graph)
-        if split is not None:
-            return split
-        labels = segment_labels(x, grid, segments)
         features = int(labels.max()) + 1
         coalitions = torch.rand((samples, features), generator=generator) < 0.5
         coalitions[0] = True

@@ -10,7 +10,7 @@ continuing from one image to the next.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -75,21 +75,31 @@ def image_segments(x: Tensor, segments: SegmentSpec) -> Optional[Tensor]:
     return None
 
 
-def each_image(explain: Callable[..., Tensor], x: Tensor, target: Target, segments: SegmentSpec,
-               **options: Any) -> Optional[Tensor]:
-    """With one label map per image, ``explain`` (an ``_explain``) run image by image with its own map (and its own
-    row of any (B, C, H, W) option, such as a baseline per image); else None."""
-    labels = image_segments(x, segments)
-    if labels is None:
-        return None
-    batch = x.shape[0]
+class SegmentExplainer(Explainer):
+    """Base of the methods over image segments: resolves ``grid``/``segments`` to one (H, W) label map and hands it
+    to :meth:`_explain_segments`; with one label map per image (a stack or a superpixel algorithm's name) it runs
+    image by image, each with its own map and its own row of any (B, C, H, W) option (a baseline per image)."""
 
-    def own(value: Any, i: int) -> Any:
-        per_image = isinstance(value, Tensor) and value.dim() == 4 and value.shape[0] == batch
-        return value[i:i + 1] if per_image else value
+    kind = "perturbation"
 
-    return torch.cat([explain(x[i:i + 1], target.select(torch.tensor([i], device=x.device)), segments=labels[i],
-                              **{k: own(v, i) for k, v in options.items()}) for i in range(batch)])
+    def _explain(self, x: Tensor, target: Target, *, grid: int, segments: SegmentSpec, **options: Any) -> Tensor:
+        per_image = image_segments(x, segments)
+        if per_image is None:
+            return self._explain_segments(x, target, segment_labels(x, grid, segments), **options)
+        batch = x.shape[0]
+
+        def own(value: Any, i: int) -> Any:
+            return value[i:i + 1] if isinstance(value, Tensor) and value.dim() == 4 and value.shape[0] == batch \
+                else value
+
+        return torch.cat([self._explain_segments(x[i:i + 1], target.select(torch.tensor([i], device=x.device)),
+                                                 segment_labels(x[i:i + 1], grid, per_image[i]),
+                                                 **{k: own(v, i) for k, v in options.items()})
+                          for i in range(batch)])
+
+    def _explain_segments(self, x: Tensor, target: Target, labels: Tensor, **options: Any) -> Tensor:
+        """The (B, 1, H, W) map of ``x`` over the segments ``labels`` (H, W), 0..M-1."""
+        raise NotImplementedError
 
 
 def segment_labels(x: Tensor, grid: int, segments: Optional[Tensor]) -> Tensor:

@@ -8,11 +8,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
-from .segments import coalition_scores, each_image, segment_labels
+from .segments import SegmentExplainer, coalition_scores
 
 
 def orderings(features: int, samples: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -24,7 +23,7 @@ def orderings(features: int, samples: int, generator: Optional[torch.Generator])
 
 
 @register("shapley_sampling")
-class ShapleyValueSampling(Explainer):
+class ShapleyValueSampling(SegmentExplainer):
     """Shapley value sampling: each segment's mean marginal contribution over random orderings of the segments.
 
     Castro, Gomez & Tejada, "Polynomial calculation of the Shapley value based on sampling", Computers & Operations
@@ -43,19 +42,13 @@ class ShapleyValueSampling(Explainer):
     coalition are shared by the orderings).
     """
 
-    kind = "perturbation"
     defaults = {"grid": 8, "segments": None, "samples": 25, "baseline": "zero", "generator": None}
 
-    def _explain(self, x: Tensor, target: Target, *, grid: int, segments: Optional[Tensor], samples: int,
-                 baseline: BaselineSpec, generator: Optional[torch.Generator], batch_size: Optional[int],
-                 create_graph: bool) -> Tensor:
+    def _explain_segments(self, x: Tensor, target: Target, labels: Tensor, *, samples: int,
+                          baseline: BaselineSpec, generator: Optional[torch.Generator], batch_size: Optional[int],
+                          create_graph: bool) -> Tensor:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}")
-        split = each_image(self._explain, x, target, segments, grid=grid, samples=samples, baseline=baseline,
-                           generator=generator, batch_size=batch_size, create_graph=create_graph)
-        if split is not None:
-            return split
-        labels = segment_labels(x, grid, segments)
         features = int(labels.max()) + 1
         order = orderings(features, samples, generator).to(x.device)  # (P, M)
         count = order.shape[0]
