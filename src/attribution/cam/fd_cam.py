@@ -12,7 +12,7 @@ from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
-from .base import FUSIONS, channel_sum, safe_divide
+from .base import FUSIONS, channel_sum, min_max_scale, safe_divide
 from .edited_layer import EditedLayerCAM
 
 
@@ -23,12 +23,6 @@ def similar_channels(maps: Tensor, threshold: float) -> Tensor:
     norms = flat.norm(dim=2)
     cosine = safe_divide(flat @ flat.transpose(1, 2), norms[:, :, None] * norms[:, None, :])
     return cosine > torch.quantile(cosine, threshold, dim=2, keepdim=True)
-
-
-def min_max_rows(values: Tensor) -> Tensor:
-    """Each row of (B, C) scaled to [0, 1] (0 where it is constant)."""
-    low = values.amin(dim=1, keepdim=True)
-    return safe_divide(values - low, values.amax(dim=1, keepdim=True) - low)
 
 
 @register("fd_cam")
@@ -94,5 +88,5 @@ class FDCAM(EditedLayerCAM):
         edited, clean = edited.to(dtype), clean.to(dtype).unsqueeze(1)
         scores = edited[:, :channels] + (clean - edited[:, channels:])
         grad_weights = gradients.to(dtype).mean(dim=(2, 3))
-        weights = torch.exp(min_max_rows(scores)) * min_max_rows(grad_weights) - 0.5
+        weights = torch.exp(min_max_scale(scores)) * min_max_scale(grad_weights) - 0.5  # over each image's channels
         return channel_sum(weights[:, :, None, None], maps.to(dtype))

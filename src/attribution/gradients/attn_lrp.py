@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.registry import register
 from ..core.rules import ACTIVATION_FUNCTIONS, inplace_position
 from ..core.targets import Target
-from ..transformers.attention import multi_head_attention
+from ..transformers.attention import explicit_attention, multi_head_attention
 from .base import GradientExplainer
 
 VARIANTS = ("attnlrp", "cp")
@@ -150,17 +150,11 @@ class TransformerLRPRules(TorchFunctionMode):
         return tuple(_ScaleGradient.apply(t, f, self.state) for t, f in zip((q, k, v), factors))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-        q, k, v = self._attention_inputs(q, k, v)
-        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-        if is_causal:
-            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~keep, float("-inf"))
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-                else scores + attn_mask
-        probs = scores.softmax(dim=-1)
-        return probs @ v, probs
+                is_causal: bool = False) -> Tuple[Tensor, Tensor]:
+        """Attention computed explicitly from the rule-carrying queries, keys and values (``nn.MultiheadAttention``
+        and, under create_graph, the fused kernel: twice differentiable)."""
+        out, probs, _ = explicit_attention(*self._attention_inputs(q, k, v), attn_mask, is_causal)
+        return out, probs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -197,10 +191,7 @@ class TransformerLRPRules(TorchFunctionMode):
     def _sdpa_explicit(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                        dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                        enable_gqa: bool = False) -> Tensor:
-        if enable_gqa and k.shape[-3] != q.shape[-3]:
-            repeat = q.shape[-3] // k.shape[-3]
-            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
-        return self._attend(q, k, v, attn_mask, is_causal, scale)[0]
+        return explicit_attention(*self._attention_inputs(q, k, v), attn_mask, is_causal, scale, enable_gqa)[0]
 
     def _layer_norm(self, input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                     bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer, accumulation_dtype
-from .paths import BaselineSpec, make_baseline
+from .paths import BaselineSpec, make_baseline, quadrature
 
 #: the authors' segmentation: Felzenszwalb & Huttenlocher at these scales, on the image rescaled to [-1, 1] and
 #: resized to 224 x 224, segments dilated by a disk
@@ -287,13 +287,13 @@ class XRAI(GradientExplainer):
         dtype = accumulation_dtype(x)
         starts = torch.stack([make_baseline(x, b).to(dtype) for b in baselines])  # (K, B, C, H, W)
         deltas = x.to(dtype) - starts
-        alphas = torch.linspace(0.0, 1.0, steps, dtype=torch.float64).to(device=x.device, dtype=dtype)
+        alphas, weights = (t.to(device=x.device, dtype=dtype) for t in quadrature("linspace", steps))
         count = len(baselines)
 
-        def points(owners: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
+        def points(owners: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:  # step: baseline-major
             which, k = step // steps, step % steps
-            a = alphas[k].view(-1, 1, 1, 1)
             delta = deltas[which, owners]
-            return starts[which, owners] + a * delta, delta / (steps * count)
+            return starts[which, owners] + alphas[k].view(-1, 1, 1, 1) * delta, \
+                delta * (weights[k] / count).view(-1, 1, 1, 1)
 
         return self._integrate(x, target, count * steps, points, batch_size, create_graph).amax(dim=1)

@@ -23,10 +23,15 @@ from torch.overrides import TorchFunctionMode
 _SOFTMAX = (torch.softmax, Tensor.softmax, F.softmax)
 
 
-def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                        is_causal: bool = False, scale: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                       is_causal: bool = False, scale: Optional[float] = None,
+                       enable_gqa: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``softmax(q k^T * scale + mask) @ v``, the probabilities and the scores before the softmax, for (..., L, d)
-    queries and (..., S, d) keys."""
+    queries and (..., S, d) keys (a boolean mask means "keep"; ``enable_gqa``: fewer key/value heads, repeated as
+    ``F.scaled_dot_product_attention`` does)."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        repeat = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = (q @ k.transpose(-2, -1)) * scale
     if is_causal:
@@ -83,10 +88,7 @@ class AttentionCapture(TorchFunctionMode):
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
-        if enable_gqa and k.shape[-3] != q.shape[-3]:
-            repeat = q.shape[-3] // k.shape[-3]
-            k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
-        out, probs, logits = _explicit_attention(q, k, v, attn_mask, is_causal, scale)
+        out, probs, logits = explicit_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
         self.maps.append(probs)
         self.scores.append(logits)
         return out
@@ -96,7 +98,7 @@ class AttentionCapture(TorchFunctionMode):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                 is_causal: bool) -> tuple[Tensor, Tensor]:
-        out, probs, logits = _explicit_attention(q, k, v, attn_mask, is_causal)
+        out, probs, logits = explicit_attention(q, k, v, attn_mask, is_causal)
         self.maps.append(probs)
         self.scores.append(logits)
         return out, probs
