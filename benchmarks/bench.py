@@ -574,6 +574,9 @@ def cam_work(size: int) -> Dict[str, Work]:
         # one forward (the tail on twice the rows) and two backwards to the last two blocks' attention: the floor
         # counts one backward, so ~1.3x is its cost, not overhead
         "legrad": Work({}, input_floor, models="vit"),
+        # a relevance backward (each linear layer's alpha1-beta0 rule: two more products) and a plain one, against
+        # the floor's one backward
+        "transformer_attribution": Work({}, input_floor, models="vit"),
         "tis": Work({"n_masks": TIS_MASKS}, tis_floor, models="vit"),
     }
 

@@ -47,6 +47,7 @@ FAST = {
     "beyond_intuition": {"steps": 3, "start_block": 0},
     "attcat": {},
     "legrad": {},
+    "transformer_attribution": {},
     "tis": {"n_masks": 8, "generator": torch.Generator().manual_seed(0)},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)
     "grad_cam": {},

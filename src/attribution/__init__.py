@@ -68,7 +68,7 @@ from .gradients import (
 from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, Occlusion,
                            ShapleyValueSampling, SobolAttribution)
 from .transformers import (TIS, AGCAM, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
-                           RawAttention)
+                           RawAttention, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
@@ -145,6 +145,7 @@ __all__ = [
     "SmoothGradCAMPlusPlus",
     "SobolAttribution",
     "TIS",
+    "TransformerAttribution",
     "VanillaGradient",
     "ViTCX",
     "XGradCAM",

@@ -327,3 +327,45 @@ def test_bad_options_are_named(x):
         explainer(x, 0, composite="epsilon_gamma_box", low=1.0, high=-1.0)
     with pytest.raises(ValueError, match="does not broadcast to the first layer's input"):
         explainer(x, 0, composite="epsilon_gamma_box", low=torch.zeros(4, 1, 1, dtype=torch.float64))
+
+
+class SkipNet(nn.Module):
+    """A residual sum whose second summand is computed from the first (``h + conv(h)``), then ``+=``, as ResNets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem, self.branch, self.other = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), \
+            nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = h + self.branch(h)
+        out = self.other(h)
+        out += h
+        return self.head(torch.relu(out).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon"])
+def test_create_graph_derivative_through_residual_sums(composite):
+    """A residual sum's plain derivative (used once the relevance pass is done) is its own, not the total one
+    through the summand computed from the other."""
+    model = SkipNet().double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    explainer = LRP(model, composite=composite, eps=0.25, stabilizer=0.25)  # no near-zero denominators
+    maps = explainer(x, [0, 2], create_graph=True)
+    torch.testing.assert_close(maps.detach(), explainer(x, [0, 2]))
+    weight = model.stem.weight
+    (grad,) = torch.autograd.grad(maps.sum(), weight)
+    direction = torch.randn_like(weight)
+
+    def shifted(step: float) -> torch.Tensor:
+        with torch.no_grad():
+            weight.add_(step * direction)
+            value = explainer(x, [0, 2]).sum()
+            weight.sub_(step * direction)
+        return value
+
+    difference = (shifted(1e-6) - shifted(-1e-6)) / 2e-6
+    torch.testing.assert_close((grad * direction).sum(), difference, rtol=1e-5, atol=1e-8)

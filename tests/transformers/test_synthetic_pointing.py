@@ -32,7 +32,7 @@ def task():
 #: LayerNorm gradients (-3 to -6 at a = 0.32, against +0.005 at the image) swamp the integral and rectify the whole
 #: map to 0: the black image (each image's minimum) is the baseline here
 NATIVE = {"generic_attention": {}, "grad_sam": {}, "ag_cam": {}, "attention_rollout": {}, "raw_attention": {},
-          "attcat": {}, "legrad": {}, "beyond_intuition": {"start_block": 1, "baseline": "black"},
+          "attcat": {}, "legrad": {}, "transformer_attribution": {}, "beyond_intuition": {"start_block": 1, "baseline": "black"},
           "tis": {"generator": torch.Generator().manual_seed(0)}}
 #: measured pointing rates below 0.9: AG-CAM with the authors' sums over heads and blocks points 0.47 here (0.97 with
 #: layer_fusion='max', 0.69 with head_fusion='max'), still far above its transposed maps' 0.12

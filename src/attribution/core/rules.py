@@ -73,9 +73,11 @@ def widened(t: Tensor) -> Tensor:
 
 
 def differentiable(t: Tensor, create_graph: bool) -> Tensor:
-    """``t`` itself when the rule's result must stay differentiable (``create_graph``) and ``t`` is in the graph,
-    otherwise a detached copy that autograd can differentiate against."""
-    return t if create_graph and t.requires_grad else t.detach().requires_grad_(True)
+    """An alias of ``t`` in the graph when the rule's result must stay differentiable (``create_graph``) and ``t``
+    is in the graph, otherwise a detached copy that autograd can differentiate against.  The alias is a new node,
+    so that a gradient w.r.t. it counts only the paths through the rule's own computation (not, at ``a + b`` where
+    ``b`` was computed from ``a``, the path through ``b``)."""
+    return t.view_as(t) if create_graph and t.requires_grad else t.detach().requires_grad_(True)
 
 
 class RuleState:
@@ -114,7 +116,7 @@ class LinearCall(Operation):
         self.norm: Optional[Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], float]] = None
 
     def compute(self, *tensors: Optional[Tensor]) -> Tensor:
-        return self.fn(*tensors, *self.rest, **self.kwargs)
+        return self(*tensors)
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The call's function on ``x`` with other parameters (its stride, padding, groups as recorded), computed
@@ -237,7 +239,8 @@ class _Routed(torch.autograd.Function):
     def forward(ctx: Any, operation: Operation, *tensors: Optional[Tensor]) -> Tensor:
         ctx.save_for_backward(*tensors)
         ctx.operation = operation
-        return operation.compute(*tensors)
+        out = operation.compute(*tensors)
+        return out.clone() if out._is_view() else out  # a view could not be changed in place (``h += x``)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -252,25 +255,15 @@ class _Routed(torch.autograd.Function):
         return (None,) + tuple(relevance)
 
 
-class _SumInPlace(torch.autograd.Function):
-    """``a += b`` with :class:`_Sum`'s backward (``a``'s value before the sum is kept for it)."""
-
-    @staticmethod
-    def forward(ctx: Any, operation: _Sum, a: Tensor, b: Tensor) -> Tensor:
-        ctx.save_for_backward(a.clone(), b)
-        ctx.mark_dirty(a)
-        ctx.operation = operation
-        return a.add_(b)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        if ctx.operation.state.plain:
-            return None, grad, grad
-        return (None,) + tuple(ctx.operation.relevance(ctx.saved_tensors, grad, torch.is_grad_enabled()))
+def route(operation: Operation, state: RuleState, *tensors: Optional[Tensor]) -> Tensor:
+    """``operation.compute(*tensors)``, recorded with the operation's rule as its backward (plain once ``state``
+    is)."""
+    operation.state = state
+    return _Routed.apply(operation, *tensors)
 
 
-def _linear_arguments(args: Sequence[Any], kwargs: Dict[str, Any]) -> Tuple[Tensor, Tensor, Optional[Tensor],
-                                                                            Tuple[Any, ...]]:
+def linear_arguments(args: Sequence[Any], kwargs: Dict[str, Any]) -> Tuple[Tensor, Tensor, Optional[Tensor],
+                                                                           Tuple[Any, ...]]:
     """``x, weight, bias, rest`` of a convolution or linear call (``weight`` and ``bias`` popped from ``kwargs``)."""
     padded = list(args[1:3]) + [None] * (3 - len(args))
     weight, bias = kwargs.pop("weight", padded[0]), kwargs.pop("bias", padded[1])
@@ -298,13 +291,12 @@ class RuleMode(TorchFunctionMode):
         self._last_output: Optional[Tensor] = None  # the previous linear call's output, for batch-norm folding
 
     def _route(self, operation: Operation, *tensors: Optional[Tensor]) -> Tensor:
-        operation.state = self.state
-        return _Routed.apply(operation, *tensors)
+        return route(operation, self.state, *tensors)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = dict(kwargs or {})
         if func in LINEAR_FUNCTIONS:
-            x, weight, bias, rest = _linear_arguments(args, kwargs)
+            x, weight, bias, rest = linear_arguments(args, kwargs)
             call = LinearCall(func, rest, kwargs, self.linear_rule(func))
             self.calls.append(call)
             out = self._route(call, x, weight, bias)
@@ -328,8 +320,8 @@ class RuleMode(TorchFunctionMode):
             operation = _Sum(self.sum_denominator)
             if func in SUM_FUNCTIONS:
                 return self._route(operation, args[0], args[1])
-            operation.state = self.state
-            return _SumInPlace.apply(operation, args[0], args[1])
+            # in place: the sum of a copy (so that the rule sees the summand's value), written back
+            return args[0].copy_(self._route(operation, args[0].clone(), args[1]))
         return func(*args, **kwargs)
 
     def _fold(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> None:

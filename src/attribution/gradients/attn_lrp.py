@@ -27,26 +27,23 @@ from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 
 from ..core.registry import register
-from ..core.rules import ACTIVATION_FUNCTIONS, inplace_position
+from ..core.rules import (ACTIVATION_FUNCTIONS, IN_PLACE_SUM_FUNCTIONS, LINEAR_FUNCTIONS, SUM_FUNCTIONS, LinearCall,
+                          Operation, RuleState, inplace_position, linear_arguments, route)
 from ..core.targets import Target
 from ..transformers.attention import explicit_attention, multi_head_attention
 from .base import GradientExplainer
+from .lrp import AlphaBeta
 
 VARIANTS = ("attnlrp", "cp")
+#: the rule sets of :class:`TransformerLRPRules`: AttnLRP's variants and Chefer et al.'s (used by
+#: :class:`attribution.transformers.TransformerAttribution`)
+RULE_SETS = VARIANTS + ("chefer",)
 _MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm)
 _SOFTMAX = (torch.softmax, Tensor.softmax, F.softmax)
 #: the identity rule's f(x) / x assumes f(0) = 0: gates (sigmoid, as in squeeze-and-excitation blocks) and offsets
 #: (softplus) keep their gradient
 _NOT_THROUGH_ZERO = (F.sigmoid, torch.sigmoid, Tensor.sigmoid, F.hardsigmoid, F.logsigmoid, F.softplus)
 _IDENTITY_RULE = tuple(f for f in ACTIVATION_FUNCTIONS if f not in _NOT_THROUGH_ZERO)
-
-
-class RuleState:
-    """Shared by the rules of one forward: ``plain`` turns them into the forward's true derivative, once the
-    relevance has been computed, so that a map made with ``create_graph`` has its true parameter derivative."""
-
-    def __init__(self) -> None:
-        self.plain = False
 
 
 class _ScaleGradient(Function):
@@ -111,6 +108,51 @@ class _ConstantStdLayerNorm(Function):
         return grad_x, None, None, grad_weight, grad_bias, None, None
 
 
+class _LinearInGradientForm(Operation):
+    """A convolution or linear call whose backward applies an LRP rule written for relevance (``call.rule``) in the
+    input x gradient form: the relevance at the output is the gradient reaching it times the output, and the
+    gradient passed on is the rule's relevance at the input divided by the input (0 where the input is 0, as
+    Chefer et al.'s guarded division)."""
+
+    def __init__(self, call: LinearCall) -> None:
+        self.call = call
+
+    def compute(self, *tensors: Optional[Tensor]) -> Tensor:
+        return self.call.compute(*tensors)
+
+    def relevance(self, tensors: Sequence[Optional[Tensor]], grad: Tensor,
+                  create_graph: bool) -> Tuple[Optional[Tensor], ...]:
+        x, weight, bias = tensors
+        with torch.set_grad_enabled(create_graph):
+            out = self.call(x, weight, bias)
+        relevance = self.call.rule(self.call, x, weight, bias, grad * out, create_graph)
+        return _guarded(relevance, x), None, None
+
+
+class _ConservingSum(Operation):
+    """A residual sum ``a + b`` with Chefer et al.'s rule, in the input x gradient form: each summand's relevance
+    ``a * g`` is rescaled so that the summands share the output's total relevance in proportion to the absolute
+    totals of their own, ``|sum a g| / (|sum a g| + |sum b g|)`` (totals per image)."""
+
+    def compute(self, *tensors: Optional[Tensor]) -> Tensor:
+        return tensors[0] + tensors[1]
+
+    def relevance(self, tensors: Sequence[Optional[Tensor]], grad: Tensor,
+                  create_graph: bool) -> Tuple[Optional[Tensor], ...]:
+        a, b = tensors
+        dims = tuple(range(1, grad.dim()))
+        totals = [(t * grad).sum(dim=dims, keepdim=True) for t in (a, b)]
+        both = totals[0] + totals[1]
+        magnitude = totals[0].abs() + totals[1].abs()
+        return tuple(grad * _guarded(total.abs() * both, magnitude * total) for total in totals)
+
+
+def _guarded(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator``, 0 where the denominator is 0."""
+    nonzero = denominator != 0
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0)
+
+
 def _computed(t: Any) -> bool:
     """A tensor the forward computed (recorded by autograd), not a parameter or a view of one (``W.T``)."""
     return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, torch.nn.Parameter) \
@@ -137,13 +179,22 @@ def _out_of_place(func: Any, args: Tuple[Any, ...], kwargs: dict) -> Tuple[Any, 
 
 
 class TransformerLRPRules(TorchFunctionMode):
-    """While active, a forward records the rules of the module docstring (``variant``: ``'attnlrp'`` or ``'cp'``)."""
+    """While active, a forward records the rules of the module docstring (``variant``: ``'attnlrp'`` or ``'cp'``).
+
+    ``variant='chefer'``: Chefer et al.'s rules (their ViT's ``relprop``, see
+    :class:`attribution.transformers.TransformerAttribution`): convolutions and linear layers LRP-alpha1-beta0 with
+    the bias left out, residual sums :class:`_ConservingSum`, layer norms, softmaxes and elementwise activations the
+    identity rule, AttnLRP's uniform rule on the attention products; the rest its plain gradient (LRP-0).
+    """
 
     def __init__(self, variant: str, eps: float, explicit: bool = False) -> None:
         super().__init__()
+        if variant not in RULE_SETS:
+            raise ValueError(f"variant must be one of {RULE_SETS}, got {variant!r}")
         #: ``explicit``: fused attention computed as ``softmax(q k^T) v`` (twice differentiable, for create_graph)
         self.variant, self.eps, self.explicit = variant, eps, explicit
         self.state = RuleState()
+        self._alpha_beta = AlphaBeta(1.0, 0.0, stabilizer=1e-9, bias=False)
 
     def _attention_inputs(self, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         factors = (0.0, 0.0, 1.0) if self.variant == "cp" else (0.25, 0.25, 0.5)
@@ -153,21 +204,26 @@ class TransformerLRPRules(TorchFunctionMode):
                 is_causal: bool = False) -> Tuple[Tensor, Tensor]:
         """Attention computed explicitly from the rule-carrying queries, keys and values (``nn.MultiheadAttention``
         and, under create_graph, the fused kernel: twice differentiable)."""
-        out, probs, _ = explicit_attention(*self._attention_inputs(q, k, v), attn_mask, is_causal)
+        out, probs, _ = explicit_attention(*self._attention_inputs(q, k, v), attn_mask, is_causal,
+                                           softmax=self._softmax)
         return out, probs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if self.variant == "chefer":
+            routed = self._chefer(func, args, kwargs)
+            if routed is not None:
+                return routed
         if func is F.layer_norm:
             return self._layer_norm(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
-            if self.explicit:
+            if self.explicit or self.variant == "chefer":  # the fused kernel's softmax has its plain gradient
                 return self._sdpa_explicit(*args, **kwargs)
             q, k, v = self._attention_inputs(*args[:3])
             return func(q, k, v, *args[3:], **kwargs)
         if func is F.multi_head_attention_forward:
             return multi_head_attention(self._attend, *args, **kwargs)
-        if func in _MATMULS and self.variant == "attnlrp" and len(args) == 2 \
+        if func in _MATMULS and self.variant != "cp" and len(args) == 2 \
                 and all(_computed(t) and t.dim() >= 3 for t in args):  # batched products of two computed tensors
             return _ScaleGradient.apply(func(*args, **kwargs), 0.5, self.state)
         if func in _SOFTMAX and self.variant == "cp" and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
@@ -175,6 +231,22 @@ class TransformerLRPRules(TorchFunctionMode):
         if func in _IDENTITY_RULE and args and _computed(args[0]):
             return self._identity_rule(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _chefer(self, func: Any, args: Tuple[Any, ...], kwargs: dict) -> Optional[Tensor]:
+        """The call under Chefer et al.'s rules where they differ from AttnLRP's (None elsewhere)."""
+        if func in LINEAR_FUNCTIONS:
+            kwargs = dict(kwargs)
+            x, weight, bias, rest = linear_arguments(args, kwargs)
+            call = LinearCall(func, rest, kwargs, self._alpha_beta)
+            return route(_LinearInGradientForm(call), self.state, x, weight, bias)
+        if (func in SUM_FUNCTIONS or func in IN_PLACE_SUM_FUNCTIONS) and len(args) == 2 and not kwargs \
+                and all(_computed(t) for t in args) and args[0].shape == args[1].shape and args[0].dim() > 1:
+            if func in SUM_FUNCTIONS:
+                return route(_ConservingSum(), self.state, args[0], args[1])
+            return args[0].copy_(route(_ConservingSum(), self.state, args[0].clone(), args[1]))  # ``a += b``
+        if (func is F.layer_norm or func in _SOFTMAX) and args and _computed(args[0]):
+            return self._identity_rule(func, args, kwargs)
+        return None
 
     def _identity_rule(self, func: Any, args: Tuple[Any, ...], kwargs: dict) -> Tensor:
         """``f(x)`` with the identity rule; an in-place call gets it on a copy, written back into its input."""
@@ -191,7 +263,14 @@ class TransformerLRPRules(TorchFunctionMode):
     def _sdpa_explicit(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                        dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                        enable_gqa: bool = False) -> Tensor:
-        return explicit_attention(*self._attention_inputs(q, k, v), attn_mask, is_causal, scale, enable_gqa)[0]
+        return explicit_attention(*self._attention_inputs(q, k, v), attn_mask, is_causal, scale, enable_gqa,
+                                  self._softmax)[0]
+
+    def _softmax(self, logits: Tensor) -> Tensor:
+        """The attention's softmax: the identity rule under Chefer et al.'s rules, else its plain gradient."""
+        if self.variant == "chefer":
+            return self._identity_rule(Tensor.softmax, (logits,), {"dim": -1})
+        return logits.softmax(dim=-1)
 
     def _layer_norm(self, input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                     bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:

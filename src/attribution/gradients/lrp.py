@@ -62,13 +62,14 @@ class Epsilon:
 class AlphaBeta:
     """LRP-alpha-beta (``alpha=1, beta=0``: z+): positive and negative contributions normalised separately,
     ``R_j = sum_k (alpha (x_j w_jk)+ / z+_k - beta (x_j w_jk)- / z-_k) R_k``, the positive bias in ``z+``, the
-    negative one in ``z-``."""
+    negative one in ``z-`` (``bias=False``: the bias is left out of both, as in Chefer et al.'s implementation)."""
 
-    def __init__(self, alpha: float, beta: float, stabilizer: float) -> None:
-        self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
+    def __init__(self, alpha: float, beta: float, stabilizer: float, bias: bool = True) -> None:
+        self.alpha, self.beta, self.stabilizer, self.bias = alpha, beta, stabilizer, bias
 
     def __call__(self, call: LinearCall, x: Tensor, weight: Tensor, bias: Optional[Tensor], grad: Tensor,
                  create_graph: bool) -> Tensor:
+        bias = bias if self.bias else None
         up, down = weight.clamp(min=0), weight.clamp(max=0)
         xp, xn = _signed_parts(x, create_graph)
         outputs, inputs, grads = [], [xp], []

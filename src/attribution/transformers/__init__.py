@@ -10,6 +10,8 @@ from .raw_attention import RawAttention
 from .rollout import AttentionRollout
 from .tis import TIS
 from .tokens import TokenLayout, token_layout, tokens_to_map
+from .transformer_attribution import TransformerAttribution
 
 __all__ = ["AGCAM", "AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
-           "LeGrad", "RawAttention", "TIS", "TokenLayout", "token_layout", "tokens_to_map"]
+           "LeGrad", "RawAttention", "TIS", "TokenLayout", "TransformerAttribution",
+           "token_layout", "tokens_to_map"]

@@ -24,11 +24,12 @@ _SOFTMAX = (torch.softmax, Tensor.softmax, F.softmax)
 
 
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                       is_causal: bool = False, scale: Optional[float] = None,
-                       enable_gqa: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                       is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
+                       softmax: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``softmax(q k^T * scale + mask) @ v``, the probabilities and the scores before the softmax, for (..., L, d)
     queries and (..., S, d) keys (a boolean mask means "keep"; ``enable_gqa``: fewer key/value heads, repeated as
-    ``F.scaled_dot_product_attention`` does)."""
+    ``F.scaled_dot_product_attention`` does; ``softmax``: the softmax over the last dimension, computed by a
+    relevance rule's function in its place)."""
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         repeat = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
@@ -39,7 +40,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
         logits = logits.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
         logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
-    probs = logits.softmax(dim=-1)
+    probs = logits.softmax(dim=-1) if softmax is None else softmax(logits)
     return probs @ v, probs, logits
 
 

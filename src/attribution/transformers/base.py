@@ -1,7 +1,7 @@
 """Base of transformer-native methods: maps computed from the attention probabilities of every block."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +32,14 @@ class AttentionExplainer(Explainer):
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
             rows = self._model_input(x[start:stop])
             track = self.needs_gradients or create_graph
-            with torch.set_grad_enabled(track), AttentionCapture(self.model) as capture:
+            with torch.set_grad_enabled(track), self._capturing() as capture:
                 outputs = self._forward(rows.requires_grad_(True) if track else rows)
             attention = self._checked(capture.maps, stop - start)
             layout = token_layout(self.model, tuple(x.shape[-2:]), attention[0].shape[-1], "the attention maps")
             gradients = None
             scores = target(outputs, owners[start:stop])  # validated even where unused (class-agnostic maps)
             if self.needs_gradients:
-                gradients = torch.autograd.grad(scores.sum(), attention, create_graph=create_graph)
+                gradients = self._attention_gradients(scores, attention, create_graph)
                 gradients = tuple(_at_least_float32(g) for g in gradients)
             attention = [_at_least_float32(a) for a in attention]
             extra = {"scores": self._scores(capture.scores, create_graph)} if self.needs_scores else {}
@@ -47,6 +47,15 @@ class AttentionExplainer(Explainer):
                 relevance = self._relevance(attention, gradients, **options, **extra)
             maps.append(self._to_image(relevance, layout, tuple(x.shape[-2:])))
         return torch.cat(maps)
+
+    def _capturing(self) -> ContextManager[AttentionCapture]:
+        """The context the model's forward runs in: it records the attention maps."""
+        return AttentionCapture(self.model)
+
+    def _attention_gradients(self, scores: Tensor, attention: List[Tensor],
+                             create_graph: bool) -> Tuple[Tensor, ...]:
+        """The gradient of the target's scores w.r.t. each attention map (``needs_gradients``)."""
+        return torch.autograd.grad(scores.sum(), attention, create_graph=create_graph)
 
     def _block_names(self, x: Tensor) -> List[str]:
         """The model's blocks for inputs shaped like ``x`` (found once per input shape, see

@@ -1,0 +1,190 @@
+"""Transformer attribution (Chefer et al., CVPR 2021): the authors' relevance propagation written out by hand, one
+image at a time, with explicit matrix algebra (no autograd in the propagation), on timm's and torchvision's ViTs."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import attribution
+from conftest import tiny_vit
+
+torchvision = pytest.importorskip("torchvision")
+pytest.importorskip("timm")
+
+
+def divide(a: Tensor, b: Tensor) -> Tensor:
+    """The authors' guarded division: ``a / (b + 1e-9)``, 0 where ``b`` is 0."""
+    return a / (b + 1e-9) * (b != 0)
+
+
+def alpha1_beta0(x: Tensor, weight: Tensor, relevance: Tensor) -> Tensor:
+    """LRP-alpha1-beta0 of ``x @ W.T`` (bias left out): the positive contributions ``x+ W+`` and ``x- W-``."""
+    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), weight.clamp(min=0), weight.clamp(max=0)
+    share = divide(relevance, xp @ wp.T + xn @ wn.T)
+    return xp * (share @ wp) + xn * (share @ wn)
+
+
+def residual(a: Tensor, b: Tensor, relevance: Tensor) -> tuple:
+    """LRP-0 at ``a + b``, then each summand rescaled to its share of the total by the absolute totals."""
+    share = divide(relevance, a + b)
+    ra, rb = a * share, b * share
+    sa, sb, total = ra.sum(), rb.sum(), relevance.sum()
+    fa = divide(sa.abs(), sa.abs() + sb.abs()) * total
+    fb = divide(sb.abs(), sa.abs() + sb.abs()) * total
+    return ra * divide(fa, sa), rb * divide(fb, sb)
+
+
+def product(a: Tensor, b: Tensor, relevance: Tensor) -> tuple:
+    """LRP-0 at ``a @ b``, halved for each factor."""
+    share = divide(relevance, a @ b)
+    return a * (share @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ share) / 2
+
+
+def written_out(tokens: Tensor, blocks: List[SimpleNamespace], norm: nn.Module, head: nn.Linear, target: int,
+                grid: tuple, size: tuple) -> Tensor:
+    """One image's map from the first block's input tokens (1, N, D)."""
+    x, saved, maps = tokens.detach(), [], []
+    for blk in blocks:  # the forward, keeping what the propagation needs
+        n, dim = x.shape[1:]
+        s = SimpleNamespace(x_in=x, h=blk.norm1(x))
+        qkv = F.linear(s.h, *blk.qkv).reshape(1, n, 3, blk.heads, dim // blk.heads).permute(2, 0, 3, 1, 4)
+        s.q, s.k, s.v = qkv.unbind(0)
+        s.a = ((s.q @ s.k.transpose(-2, -1)) * blk.scale).softmax(dim=-1)
+        maps.append(s.a)
+        s.o = (s.a @ s.v).transpose(1, 2).reshape(1, n, dim)
+        s.attn_out = F.linear(s.o, *blk.proj)
+        s.x_mid = s.x_in + s.attn_out
+        s.h2 = blk.norm2(s.x_mid)
+        s.g = blk.act(F.linear(s.h2, *blk.fc1))
+        s.mlp_out = F.linear(s.g, *blk.fc2)
+        x = s.x_mid + s.mlp_out
+        saved.append(s)
+    final = norm(x)[:, 0]
+    logits = head(final)
+    gradients = torch.autograd.grad(logits[0, target], maps)
+    with torch.no_grad():
+        r = torch.zeros_like(x)
+        r[:, 0] = alpha1_beta0(final, head.weight, F.one_hot(torch.tensor([target]), logits.shape[1]).to(x))
+        cams = []
+        for blk, s in zip(reversed(blocks), reversed(saved)):  # the final norm, layer norms, GELU: identity
+            r_skip, r_mlp = residual(s.x_mid, s.mlp_out, r)
+            r_mlp = alpha1_beta0(s.h2, blk.fc1[0], alpha1_beta0(s.g, blk.fc2[0], r_mlp))
+            r_skip, r_attn = residual(s.x_in, s.attn_out, r_skip + r_mlp)
+            r_o = alpha1_beta0(s.o, blk.proj[0], r_attn)
+            r_o = r_o.reshape(s.v.shape[0], s.v.shape[2], s.v.shape[1], s.v.shape[3]).transpose(1, 2)
+            r_a, r_v = product(s.a, s.v, r_o)
+            cams.insert(0, r_a)
+            r_q, r_k = product(s.q, s.k.transpose(-2, -1), r_a)  # the softmax: identity
+            r_qkv = torch.stack([r_q, r_k.transpose(-2, -1), r_v]).permute(1, 3, 0, 2, 4).reshape(s.h.shape[0],
+                                                                                                   s.h.shape[1], -1)
+            r = r_skip + alpha1_beta0(s.h, blk.qkv[0], r_qkv)
+        eye = torch.eye(x.shape[1])
+        joint = eye
+        for grad, cam in zip(gradients, cams):
+            joint = ((grad * cam).clamp(min=0).mean(dim=1)[0] + eye) @ joint
+    patches = joint[0, 1:].reshape(1, 1, *grid)
+    return F.interpolate(patches, size=size, mode="bilinear", align_corners=False)
+
+
+def first_block_inputs(model: nn.Module, first: nn.Module, x: Tensor) -> Tensor:
+    inputs = []
+    handle = first.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return inputs[0]
+
+
+def timm_blocks(model: nn.Module) -> List[SimpleNamespace]:
+    return [SimpleNamespace(norm1=b.norm1, norm2=b.norm2, qkv=(b.attn.qkv.weight, b.attn.qkv.bias),
+                            proj=(b.attn.proj.weight, b.attn.proj.bias), fc1=(b.mlp.fc1.weight, b.mlp.fc1.bias),
+                            fc2=(b.mlp.fc2.weight, b.mlp.fc2.bias), act=b.mlp.act, heads=b.attn.num_heads,
+                            scale=b.attn.scale) for b in model.blocks]
+
+
+def torchvision_blocks(model: nn.Module) -> List[SimpleNamespace]:
+    blocks = []
+    for b in model.encoder.layers:
+        attn = b.self_attention
+        blocks.append(SimpleNamespace(norm1=b.ln_1, norm2=b.ln_2, qkv=(attn.in_proj_weight, attn.in_proj_bias),
+                                      proj=(attn.out_proj.weight, attn.out_proj.bias),
+                                      fc1=(b.mlp[0].weight, b.mlp[0].bias), fc2=(b.mlp[3].weight, b.mlp[3].bias),
+                                      act=b.mlp[1], heads=attn.num_heads, scale=(attn.head_dim) ** -0.5))
+    return blocks
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_equals_the_authors_propagation_on_timms_vit(fused):
+    model = tiny_vit(fused=fused)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    targets = [1, 3, 0]
+    tokens = first_block_inputs(model, model.blocks[0], x)
+    expected = torch.cat([written_out(tokens[i:i + 1], timm_blocks(model), model.norm, model.head, t, (4, 4),
+                                      (16, 16)) for i, t in enumerate(targets)])
+    ours = attribution.TransformerAttribution(model)(x, targets)
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
+    generic = attribution.GenericAttention(model)(x, targets)  # the relevance, not the attention, is weighted
+    assert not torch.allclose(generic / generic.amax(), ours / ours.amax(), atol=0.05)
+
+
+def test_equals_the_authors_propagation_on_torchvisions_vit():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=6).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    targets = [2, 5]
+    tokens = first_block_inputs(model, model.encoder.layers[0], x)
+    expected = torch.cat([written_out(tokens[i:i + 1], torchvision_blocks(model), model.encoder.ln,
+                                      model.heads.head, t, (4, 4), (32, 32)) for i, t in enumerate(targets)])
+    ours = attribution.TransformerAttribution(model)(x, targets)
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_relevance_pass_conserves_the_unit_start(fused):
+    """With the authors' rules (alpha1-beta0 without bias, conserving sums, identity at norms and the softmax,
+    halved products), the relevance reaching the first block's input sums to the start's 1."""
+    from attribution.gradients.attn_lrp import TransformerLRPRules
+
+    model = tiny_vit(fused=fused)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    inputs = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    with TransformerLRPRules("chefer", eps=1e-10):
+        logits = model(x.requires_grad_(True))
+    handle.remove()
+    score = logits[:, 2]
+    (grad,) = torch.autograd.grad((score / score.detach()).sum(), inputs)
+    torch.testing.assert_close((inputs[0] * grad).sum(dim=(1, 2)), torch.ones(2), rtol=1e-4, atol=1e-4)
+
+
+def test_in_place_residual_sums_get_the_rule_too():
+    """A block whose residual sums are in place (``h += x``, the branch's output not saved by autograd, as in
+    ResNets' ``out += identity``) gives the map of the same block written ``x = x + h``."""
+    from timm.models.vision_transformer import Block
+
+    def in_place_forward(self, x):
+        h = self.attn(self.norm1(x))
+        h += x
+        out = self.mlp(self.norm2(h))
+        out += h
+        return out
+
+    model = tiny_vit()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    expected = attribution.TransformerAttribution(model)(x, [0, 4])
+    original = Block.forward
+    Block.forward = in_place_forward
+    try:
+        ours = attribution.TransformerAttribution(model)(x, [0, 4])
+    finally:
+        Block.forward = original
+    torch.testing.assert_close(ours, expected)
