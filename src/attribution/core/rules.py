@@ -85,10 +85,13 @@ class RuleState:
     the relevance pass is done, setting it makes them differentiate plainly, so that a map computed with
     ``create_graph`` has the true derivative w.r.t. the parameters (zennit's ``Composite.inactive``)."""
 
-    __slots__ = ("plain",)
+    __slots__ = ("plain", "parameters")
 
     def __init__(self) -> None:
         self.plain = False
+        #: False while a plain pass asks only for activations' gradients (a method's own second pass): the
+        #: parameters' gradients are then skipped (one product per linear layer)
+        self.parameters = True
 
 
 class Operation:
@@ -220,8 +223,11 @@ class _Sum(Operation):
 
 def _plain(operation: Operation, tensors: Sequence[Optional[Tensor]], needs: Sequence[bool],
            grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-    """The operation's true vector-Jacobian product (differentiable in turn under ``create_graph``)."""
+    """The operation's true vector-Jacobian product (differentiable in turn under ``create_graph``); parameters get
+    none while the state says the pass does not need them (``state.parameters``)."""
     create_graph = torch.is_grad_enabled()
+    if not operation.state.parameters:
+        needs = [need and not _parameter(t) for t, need in zip(tensors, needs)]
     with torch.enable_grad():
         inputs = [differentiable(t, create_graph) if t is not None and need else t for t, need in zip(tensors, needs)]
         out = operation.compute(*inputs)
@@ -229,6 +235,11 @@ def _plain(operation: Operation, tensors: Sequence[Optional[Tensor]], needs: Seq
         found = iter(torch.autograd.grad(out, wanted, grad.to(out.dtype), create_graph=create_graph,
                                          allow_unused=True))
     return tuple(next(found) if t is not None and need else None for t, need in zip(inputs, needs))
+
+
+def _parameter(t: Optional[Tensor]) -> bool:
+    """Whether ``t`` is a parameter or a view of one (``in_proj_weight.chunk(3)``)."""
+    return isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter)
 
 
 class _Routed(torch.autograd.Function):

@@ -56,6 +56,7 @@ class TransformerAttribution(GenericAttention):
         rules = self.__dict__.pop("_rules")
         start = scores / stabilize(scores.detach(), 1e-9)
         relevance = torch.autograd.grad(start.sum(), attention, retain_graph=True, create_graph=create_graph)
-        rules.state.plain = True
+        rules.state.plain, rules.state.parameters = True, False  # this pass asks for the maps' gradients only
         plain = torch.autograd.grad(scores.sum(), attention, create_graph=create_graph)
+        rules.state.parameters = True
         return tuple(g * r for g, r in zip(plain, relevance))
