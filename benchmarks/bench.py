@@ -259,6 +259,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
             lambda m, x, t, c: ca.NoiseTunnel(ca.Saliency(m)).attribute(
                 x, nt_samples=samples, nt_samples_batch_size=max(1, c // x.shape[0]), stdevs=0.15, target=t,
                 abs=False))}),
+        # one forward and input gradient of the batch per noisy model (models with different weights: no batching)
+        "noise_grad": Work({"noisy_models": samples}, lambda m, x, t, chunk, e: [
+            input_gradient_passes(m, x, t, x.shape[0], chunk) for _ in range(samples)]),
         "occlusion": Work({"window": window, "stride": stride}, occlusion_floor, {"captum Occlusion": peer(
             captum_occlusion)}),
         "extremal_perturbation": Work({"iterations": steps}, guided_ig_floor,  # steps x (forward + input grad)

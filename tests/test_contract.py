@@ -29,6 +29,7 @@ FAST = {
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 3},
+    "noise_grad": {"noisy_models": 2},
     "occlusion": {"window": 4, "stride": 4},
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},
     "kernel_shap": {"grid": 3, "samples": 30, "generator": torch.Generator().manual_seed(0)},
@@ -92,7 +93,7 @@ FAST = {
 #: other classes): a callable target gets a clear error
 NEEDS_CLASSES = {name for name in list_methods() if attribution.get_method(name).needs_class_indices}
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
-RANDOM = {"smoothgrad": {"std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
+RANDOM = {"smoothgrad": {"std": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
 #: probability between masked copies, about 1e-3 apart on this random net, which bf16's 8-bit mantissa blurs
 #: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)

@@ -14,6 +14,7 @@ from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
 from .lrp import LRP
 from .mfaba import MFABA
+from .noise_grad import NoiseGrad
 from .smoothgrad import SmoothGrad
 from .vanilla import VanillaGradient
 from .xrai import XRAI
@@ -35,6 +36,7 @@ __all__ = [
     "IntegratedGradients",
     "LRP",
     "MFABA",
+    "NoiseGrad",
     "SmoothGrad",
     "VanillaGradient",
     "XRAI",

@@ -15,10 +15,11 @@ import contextlib
 from typing import Any, Callable, ContextManager, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer
+from ..core.explainer import COMMON_OPTIONS, Explainer
+from ..core.registry import MethodSpec, resolve_method
 from ..core.targets import Target
 
 PointFn = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
@@ -131,3 +132,22 @@ class GradientExplainer(Explainer):
         inner = {**self.options, **options}
         smooth = SmoothGrad(self.model, method=type(self), samples=samples, std=std, process=process, **inner)
         return smooth.get_mask(x, target)
+
+
+class WrappingExplainer(GradientExplainer):
+    """A gradient method that runs another one (``method``: a gradient explainer class or registry name; the class's
+    ``defaults['method']`` when None) on changed inputs or a changed model (:meth:`_inner_model`); the wrapped
+    method's options pass through."""
+
+    def __init__(self, model: nn.Module, method: MethodSpec = None, **options: Any) -> None:
+        spec = self.defaults["method"] if method is None else method
+        self.inner_class = resolve_method(spec, GradientExplainer, f"{type(self).__name__}'s method")
+        self.inner = self.inner_class(self._inner_model(model))
+        super().__init__(model, **options)
+
+    def _inner_model(self, model: nn.Module) -> nn.Module:
+        """The model the wrapped method is built on (the model itself by default)."""
+        return model
+
+    def option_names(self) -> set:
+        return (set(COMMON_OPTIONS) | set(self.defaults) | self.inner.option_names()) - {"method"}

@@ -1,15 +1,14 @@
 """SmoothGrad and its variants, around any gradient method."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Type, Union
+from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..core.explainer import COMMON_OPTIONS
-from ..core.registry import get_method, register
+from ..core.registry import register
 from ..core.targets import Target
-from .base import GradientExplainer, accumulation_dtype
+from .base import WrappingExplainer, accumulation_dtype
 from .vanilla import VanillaGradient
 
 VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -18,7 +17,7 @@ NOISY_COPY_BYTES = 1 << 28
 
 
 @register("smoothgrad")
-class SmoothGrad(GradientExplainer):
+class SmoothGrad(WrappingExplainer):
     """SmoothGrad: average a gradient method's maps over noisy copies of the image.
 
     Smilkov, Thorat, Kim, Viegas & Wattenberg, "SmoothGrad: removing noise by adding noise", arXiv:1706.03825,
@@ -37,17 +36,6 @@ class SmoothGrad(GradientExplainer):
 
     defaults = {"method": VanillaGradient, "samples": 25, "std": 0.15, "variant": "smoothgrad", "process": None,
                 "generator": None}
-
-    def __init__(self, model: nn.Module, method: Union[str, Type[GradientExplainer]] = VanillaGradient,
-                 **options: Any) -> None:
-        self.inner_class = get_method(method) if isinstance(method, str) else method
-        if not (isinstance(self.inner_class, type) and issubclass(self.inner_class, GradientExplainer)):
-            raise TypeError(f"SmoothGrad wraps a gradient method; got {method!r}")
-        self.inner = self.inner_class(model)
-        super().__init__(model, **options)
-
-    def option_names(self) -> set:
-        return (set(COMMON_OPTIONS) | set(self.defaults) | self.inner.option_names()) - {"method"}
 
     def _explain(self, x: Tensor, target: Target, *, samples: int, std: float, variant: str,
                  process: Optional[Callable[[Tensor], Tensor]], generator: Optional[torch.Generator],
