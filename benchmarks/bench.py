@@ -255,6 +255,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
             lambda m, x, t, c: ca.GuidedBackprop(m).attribute(x, t))}),
         "deconvnet": Work({}, grads(1), {"captum Deconvolution": peer(
             lambda m, x, t, c: ca.Deconvolution(m).attribute(x, t))}),
+        "rect_grad": Work({}, grads(1)),  # a k-th value of activation x gradient per rectifier and image
         "smoothgrad": Work({"samples": samples}, grads(samples), {"captum NoiseTunnel(Saliency)": peer(
             lambda m, x, t, c: ca.NoiseTunnel(ca.Saliency(m)).attribute(
                 x, nt_samples=samples, nt_samples_batch_size=max(1, c // x.shape[0]), stdevs=0.15, target=t,

@@ -28,6 +28,7 @@ FAST = {
     "xrai": {"steps": 4},
     "guided_backprop": {},
     "deconvnet": {},
+    "rect_grad": {},
     "smoothgrad": {"samples": 3},
     "noise_grad": {"noisy_models": 2},
     "occlusion": {"window": 4, "stride": 4},

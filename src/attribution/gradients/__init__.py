@@ -6,7 +6,7 @@ from .base import GradientExplainer
 from .blur_ig import BlurIG
 from .deeplift import DeepLift, DeepLiftShap
 from .expected import ExpectedGradients
-from .guided_backprop import Deconvnet, GuidedBackProp
+from .guided_backprop import Deconvnet, GuidedBackProp, RectGrad
 from .guided_ig import GuidedIG
 from .idg import IntegratedDecisionGradients
 from .idgi import IDGI
@@ -37,6 +37,7 @@ __all__ = [
     "LRP",
     "MFABA",
     "NoiseGrad",
+    "RectGrad",
     "SmoothGrad",
     "VanillaGradient",
     "XRAI",

@@ -1,4 +1,4 @@
-"""Guided backpropagation and the deconvnet: gradients with a modified backward through rectifiers.
+"""Guided backpropagation, the deconvnet and RectGrad: gradients with a modified backward through rectifiers.
 
 The "where" is separate from the "what": a :class:`torch.overrides.TorchFunctionMode`, active only around the
 model's forward inside the call, reroutes every rectifier the model evaluates (``nn.ReLU``, ``nn.ReLU6``,
@@ -46,22 +46,39 @@ _HARDTANH = {F.hardtanh, F.hardtanh_}
 _LEAKY = {F.leaky_relu, F.leaky_relu_}
 
 
+RULES = ("guided", "deconvnet", "rectgrad")
+
+
+def percentile_per_row(values: Tensor, q: float) -> Tensor:
+    """The ``q``-th percentile (0-100) of each row's entries (over all dimensions but the first), the nearest rank
+    ``round((n - 1) q / 100)`` of the sorted row (TensorFlow's and NumPy's ``'nearest'``), shaped to broadcast."""
+    flat = values.detach().flatten(1)
+    rank = round((flat.shape[1] - 1) * q / 100)
+    threshold = flat.kthvalue(rank + 1, dim=1).values
+    return threshold.view((-1,) + (1,) * (values.dim() - 1))
+
+
 class _Rectifier(torch.autograd.Function):
-    """Forward: ``clamp(x, low, high)`` (with leak ``slope`` below 0).  Backward: the guided or deconvnet rule."""
+    """Forward: ``clamp(x, low, high)`` (with leak ``slope`` below 0).  Backward: the guided, deconvnet or RectGrad
+    rule (``percentile``: RectGrad's threshold)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, low: float, high: float, slope: float, deconvnet: bool) -> Tensor:
-        ctx.low, ctx.high, ctx.slope, ctx.deconvnet = low, high, slope, deconvnet
-        ctx.save_for_backward(x)
-        if slope:
-            return torch.where(x > 0, x, x * slope)
-        return x.clamp(min=low, max=high)
+    def forward(ctx: Any, x: Tensor, low: float, high: float, slope: float, rule: str, percentile: float) -> Tensor:
+        ctx.low, ctx.high, ctx.slope, ctx.rule, ctx.percentile = low, high, slope, rule, percentile
+        out = torch.where(x > 0, x, x * slope) if slope else x.clamp(min=low, max=high)
+        ctx.save_for_backward(out if rule == "rectgrad" else x)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        none = (None,) * 5
+        if ctx.rule == "rectgrad":  # Kim et al.: only where the unit's share, output x gradient, is in the top tail
+            (out,) = ctx.saved_tensors
+            share = out * grad
+            return torch.where(share > percentile_per_row(share, ctx.percentile), grad, 0), *none
         positive = grad.clamp(min=0)
-        if ctx.deconvnet:  # Zeiler & Fergus: rectify the signal coming back, ignore the forward's mask
-            return positive, None, None, None, None
+        if ctx.rule == "deconvnet":  # Zeiler & Fergus: rectify the signal coming back, ignore the forward's mask
+            return positive, *none
         (x,) = ctx.saved_tensors
         if ctx.slope:
             guided = torch.where(x > 0, positive, positive * ctx.slope)
@@ -69,15 +86,15 @@ class _Rectifier(torch.autograd.Function):
             guided = torch.ops.aten.threshold_backward(positive, x, ctx.low)
         else:  # ReLU6 / Hardtanh: the fused kernel of Hardtanh's backward (``grad`` where ``low < x < high``)
             guided = torch.ops.aten.hardtanh_backward(positive, x, ctx.low, ctx.high)
-        return guided, None, None, None, None
+        return guided, *none
 
 
 class RectifierRules(TorchFunctionMode):
-    """While active, rectifier calls get the guided-backprop (or, with ``deconvnet=True``, deconvnet) backward."""
+    """While active, rectifier calls get the backward of ``rule`` (see :data:`RULES`; ``percentile``: RectGrad's)."""
 
-    def __init__(self, deconvnet: bool = False) -> None:
+    def __init__(self, rule: str = "guided", percentile: float = 98.0) -> None:
         super().__init__()
-        self.deconvnet = deconvnet
+        self.rule, self.percentile = rule, percentile
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -86,20 +103,21 @@ class RectifierRules(TorchFunctionMode):
         if bounds is None or not isinstance(args[0], Tensor):
             return func(*args, **kwargs)
         self.calls += 1
-        return _Rectifier.apply(args[0], *bounds, self.deconvnet)
+        return _Rectifier.apply(args[0], *bounds, self.rule, self.percentile)
 
 
 class _RectifiedGradient(GradientExplainer):
-    """Input gradient with a rectifier backward rule (shared by guided backprop and the deconvnet)."""
+    """Input gradient with a rectifier backward rule (shared by guided backprop, the deconvnet and RectGrad)."""
 
     argmax_on_rows = True
-    deconvnet = False
+    rule = "guided"
 
     def _backward_rules(self) -> RectifierRules:
         return self._rules
 
-    def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool) -> Tensor:
-        self._rules = RectifierRules(self.deconvnet)
+    def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool,
+                 **options: Any) -> Tensor:
+        self._rules = RectifierRules(self.rule, **options)
         saliency = self._gradient_at_input(x, target, batch_size, create_graph)
         if self._rules.calls == 0:
             warnings.warn(
@@ -123,7 +141,7 @@ class GuidedBackProp(_RectifiedGradient):
     LeakyReLU.  Cost: one forward and one backward per image.
     """
 
-    deconvnet = False
+    rule = "guided"
 
 
 @register("deconvnet")
@@ -136,4 +154,33 @@ class Deconvnet(_RectifiedGradient):
     Cost: one forward and one backward per image.
     """
 
-    deconvnet = True
+    rule = "deconvnet"
+
+
+@register("rect_grad")
+class RectGrad(_RectifiedGradient):
+    """Rectified gradient (RectGrad): input x gradient with each rectifier passing the gradient only where the
+    unit's importance is in the top tail.
+
+    Kim, Seo, Jeong, Lee & Yoon, "Why are Saliency Maps Noisy? Cause of and Solution to Noisy Saliency Maps", ICCV
+    workshops 2019, arXiv:1902.04893.
+
+    At every rectifier ``a = clamp(x, ...)`` the backward passes ``g * [a * g > tau]``, ``tau`` the ``percentile``-th
+    percentile of ``a * g`` over the layer's units, per image (nearest rank, as the authors' TensorFlow code), in
+    place of the local derivative; the map is ``x * grad``.  Default percentile 98 as the authors' code.  Covers the
+    rectifiers of guided backprop (ReLU, ReLU6 / Hardtanh, LeakyReLU); as in the authors' code, the indicator
+    replaces the local derivative entirely (a saturated ReLU6 unit passes the gradient when its share is in the
+    tail).  Deliberate difference: the authors' code also zeroes the one-pixel border of the output gradient of
+    every 'SAME'-padded convolution (a trick against border artefacts, written for 3x3 kernels); not here.
+    Cost: one forward and one backward per image (plus a k-th value per rectifier).
+    """
+
+    rule = "rectgrad"
+    defaults = {"percentile": 98.0}
+
+    def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool,
+                 percentile: float) -> Tensor:
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
+            raise ValueError(f"percentile must be a number from 0 to 100, got {percentile!r}")
+        return x * super()._explain(x, target, batch_size=batch_size, create_graph=create_graph,
+                                    percentile=float(percentile))

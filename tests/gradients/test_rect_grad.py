@@ -1,0 +1,79 @@
+"""RectGrad: the authors' rule written out with NumPy's nearest-rank percentile in a copy of the model whose ReLU
+modules carry it, its limits, and its options."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import attribution
+from conftest import tiny_cnn
+
+
+class _AuthorsRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q):
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        ctx.q = q
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        share = (out * grad).numpy()
+        tau = np.percentile(share.reshape(share.shape[0], -1), ctx.q, axis=1, method="nearest")
+        keep = share > tau.reshape((-1,) + (1,) * (share.ndim - 1))
+        return grad * torch.from_numpy(keep), None
+
+
+class AuthorsReLU(nn.Module):
+    def __init__(self, q):
+        super().__init__()
+        self.q = q
+
+    def forward(self, x):
+        return _AuthorsRule.apply(x, self.q)
+
+
+def written_out(model, x, targets, q):
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_children()):
+        if isinstance(module, nn.ReLU):
+            setattr(twin, name, AuthorsReLU(q))
+    x = x.clone().requires_grad_(True)
+    scores = twin(x)[torch.arange(len(targets)), torch.tensor(targets)]
+    (grad,) = torch.autograd.grad(scores.sum(), x)
+    return x.detach() * grad
+
+
+@pytest.mark.parametrize("q", [98.0, 80.0, 50.0])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_equals_the_authors_rule_written_out(q, inplace):
+    model = tiny_cnn(inplace=inplace)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = written_out(model, x, [0, 3, 1], q)
+    ours = attribution.RectGrad(model)(x, [0, 3, 1], percentile=q)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(ours, expected)
+    plain = attribution.InputXGradient(model)(x, [0, 3, 1])
+    assert not torch.allclose(ours, plain)
+
+
+def test_the_threshold_is_per_image():
+    """An image's map does not depend on the other images of the batch (each layer's percentile is per image)."""
+    model = tiny_cnn()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    together = attribution.RectGrad(model)(x, [0, 1, 2, 3])
+    alone = torch.cat([attribution.RectGrad(model)(x[i:i + 1], [i]) for i in range(4)])
+    torch.testing.assert_close(together, alone)
+
+
+def test_bad_percentile():
+    model, x = tiny_cnn(), torch.randn(1, 3, 16, 16)
+    for bad in (-1, 100.5, "98", True):
+        with pytest.raises(ValueError, match="percentile must be a number from 0 to 100"):
+            attribution.RectGrad(model)(x, 0, percentile=bad)
