@@ -76,3 +76,37 @@ def test_metrics_do_not_depend_on_the_cam_family():
             elif isinstance(node, ast.Import):
                 assert not any(alias.name.startswith("attribution.cam") for alias in node.names), path.name
     assert all(hasattr(module, name) for name in module.__all__)
+
+
+#: options that keep each metric cheap on 16 x 16 images; every name of METRICS must appear (so a new metric is run
+#: through evaluate() here)
+CHEAP = {
+    "deletion": {"step": 32}, "insertion": {"step": 32}, "kpm": {}, "knm": {}, "kam": {}, "ram": {}, "road": {},
+    "sensitivity_n": {"runs": 3}, "selectivity": {"patch_size": 4},
+    "region_perturbation": {"patch_size": 4, "regions": 5}, "monotonicity": {"features_in_step": 32},
+    "average_drop": {}, "increase_in_confidence": {}, "infidelity": {"samples": 4},
+    "faithfulness_correlation": {"subset_size": 16, "runs": 5}, "saco": {}, "faithfulness_estimate":
+    {"features_in_step": 32}, "monotonicity_correlation": {"samples": 2, "features_in_step": 32},
+    "irof": {"segments": torch.arange(16).repeat_interleave(16).view(16, 16) // 64},
+    "non_sensitivity": {"features_in_step": 32}, "completeness": {},
+    "max_sensitivity": {"samples": 2}, "avg_sensitivity": {"samples": 2}, "local_lipschitz_estimate": {"samples": 2},
+    "relative_input_stability": {"samples": 2}, "relative_output_stability": {"samples": 2},
+    "relative_representation_stability": {"samples": 2}, "continuity": {"steps": 4}, "random_logit": {},
+    "gini": {}, "entropy": {}, "effective_complexity": {}, "consistency": {},
+    "pointing_game": {}, "energy_pointing_game": {}, "attribution_localisation": {}, "max_box_acc": {},
+    "max_box_acc_v2": {}, "pxap": {}, "relevance_rank_accuracy": {}, "top_k_intersection": {"k": 20},
+    "localisation_auc": {}, "model_randomisation": {},
+}
+
+
+def test_every_metric_runs_through_evaluate():
+    assert set(CHEAP) == set(METRICS)
+    model, explainer, x = setup()
+    boxes = torch.tensor([[0, 0, 7, 7], [4, 4, 11, 11], [8, 8, 15, 15]])
+    table = evaluate(explainer, model, x, [0, 1, 2], METRICS, regions=boxes, options=CHEAP)
+    for name in METRICS:
+        assert table[name].shape in ((3,), ()), name
+        assert not torch.isinf(table[name].to(torch.float64)).any(), name
+    lines = dict(line.split(None, 1) for line in table.summary().splitlines())
+    assert "lower is better" in lines["selectivity"] and "higher is better" in lines["irof"]
+    assert "lower is better" in lines["local_lipschitz_estimate"] and "higher is better" in lines["consistency"]

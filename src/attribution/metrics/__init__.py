@@ -6,19 +6,26 @@ module's docstring for the source and any deliberate difference.  Perturbation m
 explainer and a list of metrics in one call and returns a table.
 """
 from .common import Curve, gaussian_blur, make_substrate, pixel_map, rise_blur
-from .complexity import entropy, gini
+from .axioms import CompletenessResult, completeness, non_sensitivity
+from .complexity import effective_complexity, entropy, gini
 from .components import ComponentBoxes, component_boxes, connected_components, hole_boxes
 from .confidence import ConfidenceChange, average_drop, confidence_change, increase_in_confidence
 from .evaluation import METRICS, EvaluationTable, evaluate
 from .faithfulness import faithfulness_correlation, sensitivity_n
+from .ground_truth import focus, localisation_auc, relevance_rank_accuracy, top_k_intersection
 from .insertion_deletion import delete_score, deletion, insert_score, insertion
 from .keep_remove import (kam, keep_absolute_mask, keep_negative_mask, keep_positive_mask, kpm, knm, ram,
                           remove_absolute_mask, shap_fractions)
 from .localisation import Pointing, attribution_localisation, energy_pointing_game, pointing_game
 from .regions import box_iou, boxes_to_mask, region_mask
 from .imputation import linear_impute, noisy_linear_impute
-from .infidelity_sensitivity import infidelity, max_sensitivity
+from .infidelity_sensitivity import avg_sensitivity, infidelity, max_sensitivity
+from .perturbation_faithfulness import (AopcCurve, IrofCurve, MonotonicityCurve, faithfulness_estimate, irof,
+                                        monotonicity, monotonicity_correlation, region_perturbation, selectivity)
+from .randomisation import pair_ssim, random_logit
 from .remove_and_debias import RoadResult, road
+from .robustness import (consistency, continuity, local_lipschitz_estimate, relative_input_stability,
+                         relative_output_stability, relative_representation_stability)
 from .salience_guided import saco
 from .sanity import (DataRandomisationResult, RandomisationResult, data_randomisation, model_randomisation,
                      randomisation_layers, reinitialise)
@@ -29,18 +36,23 @@ from .wsol import (BoxAccuracy, PixelAP, binarize, box_accuracy, cam_to_boxes, c
 
 __all__ = [
     "METRICS",
+    "AopcCurve",
     "BoxAccuracy",
+    "CompletenessResult",
     "ComponentBoxes",
     "ConfidenceChange",
-    "DataRandomisationResult",
     "Curve",
+    "DataRandomisationResult",
     "EvaluationTable",
+    "IrofCurve",
+    "MonotonicityCurve",
     "PixelAP",
     "Pointing",
     "RandomisationResult",
     "RoadResult",
     "attribution_localisation",
     "average_drop",
+    "avg_sensitivity",
     "binarize",
     "box_accuracy",
     "box_iou",
@@ -48,16 +60,22 @@ __all__ = [
     "cam_to_boxes",
     "cam_to_mask",
     "class_specific_spearman_rank_corr",
+    "completeness",
     "component_boxes",
     "confidence_change",
-    "data_randomisation",
     "connected_components",
+    "consistency",
+    "continuity",
+    "data_randomisation",
     "delete_score",
     "deletion",
+    "effective_complexity",
     "energy_pointing_game",
     "entropy",
     "evaluate",
     "faithfulness_correlation",
+    "faithfulness_estimate",
+    "focus",
     "gaussian_blur",
     "gini",
     "hole_boxes",
@@ -65,6 +83,7 @@ __all__ = [
     "infidelity",
     "insert_score",
     "insertion",
+    "irof",
     "kam",
     "keep_absolute_mask",
     "keep_negative_mask",
@@ -72,29 +91,43 @@ __all__ = [
     "knm",
     "kpm",
     "linear_impute",
+    "local_lipschitz_estimate",
+    "localisation_auc",
     "make_substrate",
     "max_box_acc",
-    "max_sensitivity",
     "max_box_acc_v2",
+    "max_sensitivity",
     "model_randomisation",
+    "monotonicity",
+    "monotonicity_correlation",
     "noisy_linear_impute",
+    "non_sensitivity",
     "normalize_scoremap",
+    "pair_ssim",
     "pixel_map",
     "pointing_game",
     "pxap",
     "ram",
+    "random_logit",
     "randomisation_layers",
     "rank_data",
     "region_mask",
+    "region_perturbation",
     "reinitialise",
+    "relative_input_stability",
+    "relative_output_stability",
+    "relative_representation_stability",
+    "relevance_rank_accuracy",
     "remove_absolute_mask",
     "rise_blur",
     "road",
     "saco",
+    "selectivity",
     "sensitivity_n",
     "shap_fractions",
     "spearman",
     "spearman_rank_correlation_value",
     "ssim",
+    "top_k_intersection",
     "wsol_thresholds",
 ]

@@ -97,8 +97,9 @@ def make_substrate(images: Tensor, substrate: SubstrateSpec) -> Tensor:
     """The image that replaces removed pixels, (B, C, H, W) on the images' device.
 
     ``'zeros'``: 0 in the model's input space (the dataset mean for inputs normalised by it, SHAP's mean
-    imputation); ``'blur'``: RISE's blurred image; ``'mean'``: each image's per-channel mean; a float: that
-    constant; a tensor broadcastable to the images; or a callable ``f(images) -> tensor``.
+    imputation); ``'blur'``: RISE's blurred image; ``'mean'``: each image's per-channel mean; ``'black'`` /
+    ``'white'``: each image's smallest / largest entry over all channels (Quantus' ``perturb_baseline``); a float:
+    that constant; a tensor broadcastable to the images; or a callable ``f(images) -> tensor``.
     """
     if isinstance(substrate, str):
         if substrate == "zeros":
@@ -107,7 +108,11 @@ def make_substrate(images: Tensor, substrate: SubstrateSpec) -> Tensor:
             return rise_blur(images)
         if substrate == "mean":
             return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
-        raise ValueError(f"substrate must be 'zeros', 'blur', 'mean', a number, a tensor or a callable, got {substrate!r}")
+        if substrate in ("black", "white"):
+            extreme = images.amin if substrate == "black" else images.amax
+            return extreme(dim=tuple(range(1, images.dim())), keepdim=True).expand_as(images)
+        raise ValueError(f"substrate must be 'zeros', 'blur', 'mean', 'black', 'white', a number, a tensor or a "
+                         f"callable, got {substrate!r}")
     if isinstance(substrate, (int, float)) and not isinstance(substrate, bool):
         return torch.full_like(images, float(substrate))
     if isinstance(substrate, Tensor):

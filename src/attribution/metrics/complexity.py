@@ -1,4 +1,5 @@
-"""Complexity of a map: the Gini index of its magnitudes (sparseness) and their entropy (complexity)."""
+"""Complexity of a map: the Gini index of its magnitudes (sparseness), their entropy (complexity) and the count of
+non-negligible entries (effective complexity)."""
 from __future__ import annotations
 
 import torch
@@ -36,3 +37,27 @@ def entropy(maps: Tensor) -> Tensor:
     p = a / total.clamp(min=EPS)
     value = -(p * torch.log(p.clamp(min=EPS))).sum(dim=1)
     return torch.where(total[:, 0] > EPS, value, torch.zeros_like(value))
+
+
+def effective_complexity(maps: Tensor, eps: float = 1e-5, normalise: bool = True) -> Tensor:
+    """Effective complexity, (B,) int64: the number of entries of each map whose magnitude exceeds ``eps`` (lower is
+    simpler).
+
+    Nguyen & Rodríguez Martínez, "On Quantitative Aspects of Model Interpretability", arXiv:2007.07584, 2020
+    (Quantus ``EffectiveComplexity``): ``EC = #{i : |A_i| / max_j |A_j| > eps}``, over every entry of each map (all
+    channels).  Defaults as Quantus: ``eps = 1e-5``, magnitudes divided by the maximum first (``normalise=False``
+    thresholds the raw magnitudes).  One deliberate difference: each map is divided by its own maximum, where
+    Quantus' ``normalise_by_max`` divides the whole batch by the batch's largest magnitude, so that an image's count
+    there depends on the other images in the call; the two agree for a batch of one or maps of equal maxima.
+    An all-zero map scores 0.
+    """
+    if not isinstance(maps, Tensor) or maps.dim() < 2:
+        raise ValueError("maps must be a tensor of shape (B, ...) (e.g. (B, C, H, W)), one map per image")
+    if not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    dtype = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    a = maps.detach().flatten(1).abs().to(dtype)
+    if normalise:
+        top = a.amax(dim=1, keepdim=True)
+        a = torch.where(top > 0, a / torch.where(top > 0, top, torch.ones_like(top)), a)
+    return (a > eps).sum(dim=1)

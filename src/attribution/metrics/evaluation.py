@@ -16,15 +16,22 @@ from torch import Tensor, nn
 
 from ..core.targets import TargetSpec
 from .common import resolve_scorer
-from .complexity import entropy, gini
+from .axioms import completeness, non_sensitivity
+from .complexity import effective_complexity, entropy, gini
 from .confidence import average_drop, increase_in_confidence
 from .faithfulness import faithfulness_correlation, sensitivity_n
-from .infidelity_sensitivity import infidelity, max_sensitivity
+from .ground_truth import localisation_auc, relevance_rank_accuracy, top_k_intersection
+from .infidelity_sensitivity import avg_sensitivity, infidelity, max_sensitivity
 from .insertion_deletion import deletion, insertion
 from .keep_remove import keep_absolute_mask, keep_negative_mask, keep_positive_mask, remove_absolute_mask
 from .localisation import attribution_localisation, energy_pointing_game, pointing_game
+from .perturbation_faithfulness import (faithfulness_estimate, irof, monotonicity, monotonicity_correlation,
+                                        region_perturbation, selectivity)
+from .randomisation import random_logit
 from .regions import Regions
 from .remove_and_debias import road
+from .robustness import (consistency, continuity, local_lipschitz_estimate, relative_input_stability,
+                         relative_output_stability, relative_representation_stability)
 from .salience_guided import saco
 from .sanity import model_randomisation
 from .wsol import max_box_acc, max_box_acc_v2, pxap
@@ -32,11 +39,32 @@ from .wsol import max_box_acc, max_box_acc_v2, pxap
 _CURVES: Dict[str, Callable[..., Any]] = {
     "deletion": deletion, "insertion": insertion, "kpm": keep_positive_mask, "knm": keep_negative_mask,
     "kam": keep_absolute_mask, "ram": remove_absolute_mask, "sensitivity_n": sensitivity_n,
+    "selectivity": selectivity, "region_perturbation": region_perturbation, "monotonicity": monotonicity,
+}
+#: how a curve metric's result gives the table's per-image value (default: its ``auc``)
+_CURVE_VALUE: Dict[str, Callable[[Any], Tensor]] = {
+    "region_perturbation": lambda r: r.aopc, "monotonicity": lambda r: r.monotonic.to(torch.float32),
 }
 #: metrics with one value per image from perturbed forwards
 _SCORES: Dict[str, Callable[..., Any]] = {
     "average_drop": average_drop, "increase_in_confidence": increase_in_confidence, "infidelity": infidelity,
     "faithfulness_correlation": faithfulness_correlation, "saco": saco,
+    "faithfulness_estimate": faithfulness_estimate, "monotonicity_correlation": monotonicity_correlation,
+    "irof": lambda *a, **o: irof(*a, **o).aoc, "non_sensitivity": non_sensitivity,
+    "completeness": lambda *a, **o: completeness(*a, **o).gap.abs(),
+}
+#: metrics that re-run the explainer on changed inputs (or for other classes)
+_EXPLAINED: Dict[str, Callable[..., Any]] = {
+    "max_sensitivity": max_sensitivity, "avg_sensitivity": avg_sensitivity,
+    "local_lipschitz_estimate": local_lipschitz_estimate, "relative_input_stability": relative_input_stability,
+    "relative_output_stability": relative_output_stability,
+    "relative_representation_stability": relative_representation_stability, "continuity": continuity,
+    "random_logit": random_logit,
+}
+#: metrics of the maps alone
+_MAPS: Dict[str, Callable[..., Tensor]] = {
+    "gini": gini, "entropy": entropy,
+    "effective_complexity": lambda m, **o: effective_complexity(m, **o).to(torch.float32),
 }
 _REGION: Dict[str, Callable[..., Any]] = {
     "pointing_game": lambda m, r, **o: pointing_game(m, r, **o).hit.to(torch.float32),
@@ -45,13 +73,16 @@ _REGION: Dict[str, Callable[..., Any]] = {
     "max_box_acc": lambda m, r, **o: max_box_acc(m, r, **o).value,
     "max_box_acc_v2": lambda m, r, **o: max_box_acc_v2(m, r, **o).value,
     "pxap": lambda m, r, **o: pxap(m, r, **o).value,
+    "relevance_rank_accuracy": relevance_rank_accuracy, "top_k_intersection": top_k_intersection,
+    "localisation_auc": localisation_auc,
 }
 #: every metric name :func:`evaluate` accepts
-METRICS = tuple(sorted([*_CURVES, *_SCORES, *_REGION, "road", "gini", "entropy", "model_randomisation",
-                        "max_sensitivity"]))
+METRICS = tuple(sorted([*_CURVES, *_SCORES, *_REGION, *_EXPLAINED, *_MAPS, "road", "model_randomisation",
+                        "consistency"]))
 #: metrics where a lower value is better (the others: higher is better)
 LOWER_IS_BETTER = frozenset({"deletion", "knm", "ram", "road_morf", "model_randomisation", "average_drop",
-                             "infidelity", "max_sensitivity", "entropy"})
+                             "infidelity", "entropy", "selectivity", "non_sensitivity", "completeness",
+                             "effective_complexity", *(n for n in _EXPLAINED)})
 
 
 class EvaluationTable(dict):
@@ -131,7 +162,8 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
         extra = options.get(name, {})
         if name in _CURVES:
             curve = _CURVES[name](model, images, maps, fixed, batch_size=batch_size, **extra)
-            table[name], table.curves[name] = curve.auc, (curve.x, curve.y)
+            table[name] = _CURVE_VALUE[name](curve) if name in _CURVE_VALUE else curve.auc
+            table.curves[name] = (curve.x, curve.y)
         elif name in _SCORES:
             table[name] = _SCORES[name](model, images, maps, fixed, batch_size=batch_size, **extra)
         elif name == "road":
@@ -140,18 +172,19 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
             table["road_morf"], table["road_lerf"] = result.morf.mean(dim=1), result.lerf.mean(dim=1)
             table.curves["road_morf"] = (result.fractions, result.morf)
             table.curves["road_lerf"] = (result.fractions, result.lerf)
-        elif name == "gini":
-            table[name] = gini(maps)
-        elif name == "entropy":
-            table[name] = entropy(maps)
+        elif name in _MAPS:
+            table[name] = _MAPS[name](maps, **extra)
+        elif name == "consistency":
+            table[name] = consistency(model, images, maps, batch_size=batch_size, **extra)
         elif name in _REGION:
             if regions is None:
                 raise ValueError(f"metric {name!r} needs regions= (ground-truth boxes or masks)")
             table[name] = _REGION[name](maps, regions, **extra)
-        elif name == "max_sensitivity":
+        elif name in _EXPLAINED:
             if explainer is None:
-                raise ValueError("'max_sensitivity' needs the explainer, not only its maps")
-            table[name] = max_sensitivity(explainer, images, fixed, model=model, **extra)
+                raise ValueError(f"{name!r} needs the explainer, not only its maps")
+            sized = {} if name in ("max_sensitivity", "avg_sensitivity") else {"batch_size": batch_size}
+            table[name] = _EXPLAINED[name](explainer, images, fixed, model=model, **sized, **extra)
         else:  # model_randomisation
             if explainer is None:
                 raise ValueError("'model_randomisation' needs the explainer, not only its maps")

@@ -13,7 +13,8 @@ which normalised inputs do not have); any ``perturbation(rows) -> I`` may replac
 Max-sensitivity: how much the map moves when the input moves a little,
 ``max_{|delta|_inf <= r} |Phi(x + delta) - Phi(x)|_2 / |Phi(x)|_2`` over ``samples`` uniform draws (the
 authors' radius 0.2 and 50 samples; Captum's ``sensitivity_max`` divides by the norm too, with radius 0.02 and
-10 samples; ``normalize=False`` drops the division).
+10 samples; ``normalize=False`` drops the division).  Average sensitivity takes the mean over the draws instead
+of the maximum (Quantus' ``AvgSensitivity``: radius 0.2, 200 samples).
 Lower is better.
 
 Random draws are made per sample and shared by the images (``generator`` fixes them), so an image's value does
@@ -103,16 +104,13 @@ def infidelity(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpe
     return (dot - effect).square().mean(1)
 
 
-def max_sensitivity(explainer: Callable[..., Tensor], images: Tensor, target: TargetSpec = None, *,
-                    radius: float = 0.2, samples: int = 50, normalize: bool = True,
-                    perturbation: Optional[Perturbation] = None, model: Optional[nn.Module] = None,
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-    """Max-sensitivity of ``explainer`` at each image (B,); see the module docstring.
+def _sensitivity_samples(explainer: Callable[..., Tensor], images: Tensor, target: TargetSpec, radius: float,
+                         samples: int, normalize: bool, perturbation: Optional[Perturbation],
+                         model: Optional[nn.Module], generator: Optional[torch.Generator]) -> Tensor:
+    """``|Phi(x + d_s) - Phi(x)|_2`` (over ``|Phi(x)|_2`` with ``normalize``) per image and sample, (B, samples),
+    in float64.
 
-    ``explainer(images, target) -> maps`` (any attribution method); ``target`` is fixed to class indices once
-    (``None``: the model's arg-max on the clean images, the model being ``model`` or the explainer's), so that every
-    perturbed copy explains the same class.  ``perturbation``, if given, maps (B, C, H, W) images to perturbed
-    copies (one call per sample) instead of the uniform draw in the ``radius`` ball.
+    The code path of :func:`max_sensitivity` and :func:`avg_sensitivity` (they differ in the reduction only).
     """
     model = model if model is not None else getattr(explainer, "model", None)
     if target is None:
@@ -122,16 +120,52 @@ def max_sensitivity(explainer: Callable[..., Tensor], images: Tensor, target: Ta
     seeds = _sample_seeds(samples, generator)
     reference = explainer(images, target).detach()
     flat = reference.flatten(1).to(torch.float64)
-    worst = torch.full((images.shape[0],), float("-inf"), dtype=torch.float64, device=images.device)
-    for seed in seeds:
+    moves = torch.empty(images.shape[0], samples, dtype=torch.float64, device=images.device)
+    for index, seed in enumerate(seeds):
         if perturbation is None:
             shifted = images + radius * _draw(seed, images.shape[1:], images, True)
         else:
             shifted = perturbation(images)
         moved = explainer(shifted, target).detach().flatten(1).to(torch.float64)
-        worst = torch.maximum(worst, (moved - flat).norm(dim=1))
+        moves[:, index] = (moved - flat).norm(dim=1)
     if normalize:
-        norm = flat.norm(dim=1)
-        unbounded = torch.where(worst > 0, torch.full_like(worst, float("inf")), torch.zeros_like(worst))
-        worst = torch.where(norm > 0, worst / norm.clamp(min=1e-300), unbounded)  # a zero map: 0 if it stays zero
-    return worst.to(torch.float64 if images.dtype == torch.float64 else torch.float32)
+        norm = flat.norm(dim=1, keepdim=True)
+        unbounded = torch.where(moves > 0, torch.full_like(moves, float("inf")), torch.zeros_like(moves))
+        moves = torch.where(norm > 0, moves / norm.clamp(min=1e-300), unbounded)  # a zero map: 0 if it stays zero
+    return moves
+
+
+def max_sensitivity(explainer: Callable[..., Tensor], images: Tensor, target: TargetSpec = None, *,
+                    radius: float = 0.2, samples: int = 50, normalize: bool = True,
+                    perturbation: Optional[Perturbation] = None, model: Optional[nn.Module] = None,
+                    generator: Optional[torch.Generator] = None) -> Tensor:
+    """Max-sensitivity of ``explainer`` at each image (B,); see the module docstring.
+
+    ``explainer(images, target) -> maps`` (any attribution method); ``target`` is fixed to class indices once
+    (``None``: the model's arg-max on the clean images, the model being ``model`` or the explainer's), so that every
+    perturbed copy explains the same class.  ``perturbation``, if given, maps (B, C, H, W) images to perturbed
+    copies (one call per sample) instead of the uniform draw in the ``radius`` ball.  Quantus' ``MaxSensitivity``
+    is the same protocol with 200 samples.
+    """
+    moves = _sensitivity_samples(explainer, images, target, radius, samples, normalize, perturbation, model,
+                                 generator)
+    return moves.amax(dim=1).to(torch.float64 if images.dtype == torch.float64 else torch.float32)
+
+
+def avg_sensitivity(explainer: Callable[..., Tensor], images: Tensor, target: TargetSpec = None, *,
+                    radius: float = 0.2, samples: int = 200, normalize: bool = True,
+                    perturbation: Optional[Perturbation] = None, model: Optional[nn.Module] = None,
+                    generator: Optional[torch.Generator] = None) -> Tensor:
+    """Average sensitivity of ``explainer`` at each image (B,): the mean instead of the maximum of
+    ``|Phi(x + d) - Phi(x)|_2 / |Phi(x)|_2`` over the same uniform draws in the L-inf ball: Quantus'
+    ``AvgSensitivity``, the expected counterpart of the max-sensitivity of Yeh, Hsieh, Suggala, Inouye & Ravikumar
+    (NeurIPS 2019, arXiv:1901.09392).  Lower is better.
+
+    Defaults as Quantus' ``AvgSensitivity``: radius 0.2, 200 samples, the division by the unperturbed map's norm
+    (``normalize``), no normalisation or absolute value of the maps.  Cost: ``samples + 1`` explanations of the
+    batch.  Arguments as :func:`max_sensitivity`, which shares the code path and the draws (with the same
+    ``generator`` state and ``samples``, the two see the same perturbed copies).
+    """
+    moves = _sensitivity_samples(explainer, images, target, radius, samples, normalize, perturbation, model,
+                                 generator)
+    return moves.mean(dim=1).to(torch.float64 if images.dtype == torch.float64 else torch.float32)
