@@ -74,3 +74,18 @@ def test_bad_options():
         explainer(x, 0, noise="gaussian")
     with pytest.raises(TypeError, match="NoiseGrad's method must be a GradientExplainer"):
         attribution.NoiseGrad(model, method="grad_cam")
+
+
+@pytest.mark.parametrize("method", ["lrp", "attn_lrp"])
+def test_rule_based_methods_see_the_noisy_weights_as_parameters(method):
+    """The noisy weights reach the model as plain tensors: the relevance rules must still treat them as parameters
+    (``x + pos_embed`` is no residual sum, even for one image), as on a noisy deep copy."""
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(9)
+    expected = sum(attribution.create(method, noisy_copy(model, generator, 0.05))(x, 2) for _ in range(2)) / 2
+    ours = attribution.NoiseGrad(model, method=method)(x, 2, noisy_models=2, weight_std=0.05,
+                                                       generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))

@@ -165,16 +165,17 @@ def test_monotonicity_curve_closed_form(linear):
 # -------------------------------------------------------------------------------------- monotonicity correlation
 def test_monotonicity_correlation_equals_quantus_with_the_same_draws(model, data, monkeypatch):
     """Quantus' 'uniform' baseline draws one value per image from np.random.uniform for each (group, sample),
-    group-major; ours come from the generator in (image, group, sample) order: the same numbers fed to both."""
+    group-major; ours come from the generator in (group, sample) order, shared by the images: the same numbers fed
+    to both."""
     x, y, maps = data
     groups, samples = 144 // 4, 4
-    draws = torch.rand(3, groups, samples, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    draws = torch.rand(groups, samples, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     calls = []
 
     def uniform(low=0.0, high=1.0, size=None):
         group, sample = divmod(len(calls), samples)
         calls.append(size)
-        return low + (high - low) * draws[:, group, sample].numpy()
+        return low + (high - low) * draws[group, sample].expand(size).numpy()
 
     monkeypatch.setattr(np.random, "uniform", uniform)
     theirs = run_quantus(quantus.MonotonicityCorrelation(features_in_step=3 * 4, nr_samples=samples, **QUIET),
@@ -208,13 +209,14 @@ def test_monotonicity_correlation_closed_form_and_draws(linear, model, data):
     torch.testing.assert_close(monotonicity_correlation(positive, x, exact, 0, **options), ones)
     torch.testing.assert_close(monotonicity_correlation(positive, x, 1 / exact.sum(1, keepdim=True), 0, **options),
                                -ones)
-    # reproducible draws, and an image's draws do not depend on the rest of the batch
+    # reproducible draws, and an image's value does not depend on the rest of the batch (nor on its place in it)
     xs, ys, maps = data
     first = monotonicity_correlation(model, xs, maps, ys, features_in_step=8, samples=2,
                                      generator=torch.Generator().manual_seed(3))
-    alone = monotonicity_correlation(model, xs[:1], maps[:1], ys[:1], features_in_step=8, samples=2,
-                                     generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(alone, first[:1])
+    for i in range(3):
+        alone = monotonicity_correlation(model, xs[i:i + 1], maps[i:i + 1], ys[i:i + 1], features_in_step=8,
+                                         samples=2, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(alone, first[i:i + 1])
 
 
 # ------------------------------------------------------------------------------ region perturbation, selectivity
@@ -406,3 +408,21 @@ def test_bad_arguments_name_what_is_wrong(linear):
             metric(model, x, x, 0, **options)
     with pytest.raises(ValueError, match="maps"):
         selectivity(model, x, x[:, :, :4], 0)
+
+
+def test_an_images_value_does_not_depend_on_the_batch(model, data):
+    """IROF's ties (a flat map on 4 segments next to an image with 16) are broken in an order of each image's own
+    segments; region perturbation's random order is shared by the images."""
+    x, y, maps = data
+    coarse = (torch.arange(12)[:, None] // 6) * 2 + torch.arange(12)[None, :] // 6  # 4 segments
+    fine = (torch.arange(12)[:, None] // 3) * 4 + torch.arange(12)[None, :] // 3  # 16 segments
+    flat = torch.ones_like(maps[:2])
+    together = irof(model, x[:2], flat, y[:2], segments=torch.stack([coarse, fine]))
+    alone = irof(model, x[:1], flat[:1], y[:1], segments=coarse[None])
+    torch.testing.assert_close(together.aoc[:1], alone.aoc)
+    options = {"patch_size": 4, "order": "random"}
+    batch = region_perturbation(model, x, maps, y, generator=torch.Generator().manual_seed(4), **options)
+    for i in range(3):
+        one = region_perturbation(model, x[i:i + 1], maps[i:i + 1], y[i:i + 1],
+                                  generator=torch.Generator().manual_seed(4), **options)
+        torch.testing.assert_close(one.y, batch.y[i:i + 1])

@@ -255,6 +255,12 @@ def test_random_logit_draws_another_class_and_scores_a_class_blind_map_one(case)
     # the same map for every class: as similar as can be
     torch.testing.assert_close(blind, torch.ones(B, dtype=torch.float64))
     assert (seen[0] != seen[1]).all() and int(seen[1].max()) < 5
+    # an image's other class, and so its value, does not depend on the rest of the batch
+    explainer = attribution.VanillaGradient(model)
+    batch = random_logit(explainer, x, torch.tensor([0, 3, 1]), generator=torch.Generator().manual_seed(2))
+    for i, t in enumerate([0, 3, 1]):
+        one = random_logit(explainer, x[i:i + 1], torch.tensor([t]), generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(one, batch[i:i + 1])
 
 
 @pytest.mark.parametrize("discretise", ["top_n_sign", "sign"])

@@ -28,6 +28,9 @@ GRADIENT_METHODS = {
     "guided_backprop": {},
     "deconvnet": {},
     "smoothgrad": {"samples": 8},
+    # 0.2, the authors' default weight noise, destroys this model's predictions (see NoiseGrad's docstring)
+    "noise_grad": {"noisy_models": 3, "weight_std": 0.02, "generator": torch.Generator().manual_seed(0)},
+    "rect_grad": {},
     "occlusion": {"window": 40, "stride": 20},
     "rise": {"n_masks": 120, "grid": 6, "generator": torch.Generator().manual_seed(0)},
     "kernel_shap": {"grid": 4, "samples": 60, "generator": torch.Generator().manual_seed(0)},

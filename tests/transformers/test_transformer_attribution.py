@@ -188,3 +188,27 @@ def test_in_place_residual_sums_get_the_rule_too():
     finally:
         Block.forward = original
     torch.testing.assert_close(ours, expected)
+
+
+def test_create_graph_gives_the_maps_true_parameter_derivative():
+    """The relevance starts at a constant 1 (the authors' one-hot), so the map's derivative w.r.t. the weights is
+    the finite difference of the map (float64)."""
+    model = tiny_vit().double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    explainer = attribution.TransformerAttribution(model)
+    maps = explainer(x, [1, 3], create_graph=True)
+    torch.testing.assert_close(maps.detach(), explainer(x, [1, 3]))
+    weights = (model.blocks[1].mlp.fc1.weight, model.head.weight, model.pos_embed)
+    grads = torch.autograd.grad(maps.sum(), weights)
+    for weight, grad in zip(weights, grads):
+        direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+        def shifted(step):
+            with torch.no_grad():
+                weight.add_(step * direction)
+                value = explainer(x, [1, 3]).sum()
+                weight.sub_(step * direction)
+            return value
+
+        difference = (shifted(1e-6) - shifted(-1e-6)) / 2e-6
+        torch.testing.assert_close((grad * direction).sum(), difference, rtol=1e-3, atol=1e-10)  # an ill-conditioned map

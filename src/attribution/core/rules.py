@@ -227,7 +227,7 @@ def _plain(operation: Operation, tensors: Sequence[Optional[Tensor]], needs: Seq
     none while the state says the pass does not need them (``state.parameters``)."""
     create_graph = torch.is_grad_enabled()
     if not operation.state.parameters:
-        needs = [need and not _parameter(t) for t, need in zip(tensors, needs)]
+        needs = [need and not is_parameter(t) for t, need in zip(tensors, needs)]
     with torch.enable_grad():
         inputs = [differentiable(t, create_graph) if t is not None and need else t for t, need in zip(tensors, needs)]
         out = operation.compute(*inputs)
@@ -237,9 +237,19 @@ def _plain(operation: Operation, tensors: Sequence[Optional[Tensor]], needs: Seq
     return tuple(next(found) if t is not None and need else None for t, need in zip(inputs, needs))
 
 
-def _parameter(t: Optional[Tensor]) -> bool:
-    """Whether ``t`` is a parameter or a view of one (``in_proj_weight.chunk(3)``)."""
-    return isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter)
+#: the attribute that marks a tensor standing in for a parameter (NoiseGrad's noisy weights, passed through
+#: ``torch.func.functional_call``): the rules treat it as the parameter
+PARAMETER_VALUE = "_attribution_parameter_value"
+
+
+def is_parameter(t: Any) -> bool:
+    """Whether ``t`` is a parameter, a tensor standing in for one (marked :data:`PARAMETER_VALUE`), or a view of
+    either (``in_proj_weight.chunk(3)``, ``W.T``)."""
+    while isinstance(t, Tensor):
+        if isinstance(t, torch.nn.Parameter) or getattr(t, PARAMETER_VALUE, False):
+            return True
+        t = t._base
+    return False
 
 
 class _Routed(torch.autograd.Function):
@@ -354,7 +364,7 @@ class RuleMode(TorchFunctionMode):
 def _activation(t: Any) -> bool:
     """Whether ``t`` is something the forward computed (or its input), not a parameter or a buffer: a sum of two
     such is a residual connection; ``x + pos_embed`` is not (it has ``x``'s shape only for one image)."""
-    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, torch.nn.Parameter)
+    return isinstance(t, Tensor) and t.requires_grad and not is_parameter(t)
 
 
 #: in-place activations and the out-of-place functions they are computed by

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.registry import register
 from ..core.rules import (ACTIVATION_FUNCTIONS, IN_PLACE_SUM_FUNCTIONS, LINEAR_FUNCTIONS, SUM_FUNCTIONS, LinearCall,
-                          Operation, RuleState, inplace_position, linear_arguments, route)
+                          Operation, RuleState, inplace_position, is_parameter, linear_arguments, route)
 from ..core.targets import Target
 from ..transformers.attention import explicit_attention, multi_head_attention
 from .base import GradientExplainer
@@ -155,8 +155,7 @@ def _guarded(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 def _computed(t: Any) -> bool:
     """A tensor the forward computed (recorded by autograd), not a parameter or a view of one (``W.T``)."""
-    return isinstance(t, Tensor) and t.requires_grad and not isinstance(t, torch.nn.Parameter) \
-        and not isinstance(t._base, torch.nn.Parameter)
+    return isinstance(t, Tensor) and t.requires_grad and not is_parameter(t)
 
 
 #: in-place activations and their out-of-place forms

@@ -166,7 +166,8 @@ class RectGrad(_RectifiedGradient):
     workshops 2019, arXiv:1902.04893.
 
     At every rectifier ``a = clamp(x, ...)`` the backward passes ``g * [a * g > tau]``, ``tau`` the ``percentile``-th
-    percentile of ``a * g`` over the layer's units, per image (nearest rank, as the authors' TensorFlow code), in
+    percentile of ``a * g`` over the layer's units, per image (all dimensions but the first: batch-first
+    activations; nearest rank, as the authors' TensorFlow code), in
     place of the local derivative; the map is ``x * grad``.  Default percentile 98 as the authors' code.  Covers the
     rectifiers of guided backprop (ReLU, ReLU6 / Hardtanh, LeakyReLU); as in the authors' code, the indicator
     replaces the local derivative entirely (a saturated ReLU6 unit passes the gradient when its share is in the

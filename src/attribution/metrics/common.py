@@ -48,6 +48,8 @@ class Curve(NamedTuple):
 # ------------------------------------------------------------------------------------------------------- maps
 def check_maps(images: Tensor, maps: Tensor) -> Tensor:
     """Validate ``maps`` against ``images`` and return the per-pixel map (B, H*W) (channel sum) in float."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError("images must be a tensor of shape (B, C, H, W)")
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
         raise ValueError("maps must be a tensor of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)")
     if maps.dim() == 3:
@@ -68,14 +70,20 @@ def pixel_map(maps: Tensor) -> Tensor:
     return maps.to(dtype).sum(dim=1)
 
 
-def salience_ranks(values: Tensor, seed: int = 0) -> Tensor:
+def salience_ranks(values: Tensor, seed: int = 0, prefix_stable: bool = False) -> Tensor:
     """Rank of every pixel in descending order of ``values`` (B, N): 0 for the most salient.
 
     Equal values are ordered by one fixed random permutation of the pixel indices (drawn from ``seed``).
+    ``prefix_stable``: the tie order of the first ``n`` indices does not depend on ``N`` (a multiplicative hash of
+    each index instead of a drawn permutation), for rows padded to a common length (segments of several images).
     """
     batch, n = values.shape
-    generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=generator).to(values.device)
+    if prefix_stable:
+        keys = ((torch.arange(n, dtype=torch.int64) + seed * 7919) * 2654435761) % (1 << 32)
+        perm = keys.argsort().to(values.device)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=generator).to(values.device)
     order = perm[values[:, perm].argsort(dim=1, descending=True, stable=True)]
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(n, device=values.device).expand(batch, n))

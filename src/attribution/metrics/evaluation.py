@@ -50,7 +50,8 @@ _SCORES: Dict[str, Callable[..., Any]] = {
     "average_drop": average_drop, "increase_in_confidence": increase_in_confidence, "infidelity": infidelity,
     "faithfulness_correlation": faithfulness_correlation, "saco": saco,
     "faithfulness_estimate": faithfulness_estimate, "monotonicity_correlation": monotonicity_correlation,
-    "irof": lambda *a, **o: irof(*a, **o).aoc, "non_sensitivity": non_sensitivity,
+    # the area on [0, 1] (Quantus' ``aoc`` grows with each image's segment count)
+    "irof": lambda *a, **o: irof(*a, **o).aoc_unit, "non_sensitivity": non_sensitivity,
     "completeness": lambda *a, **o: completeness(*a, **o).gap.abs(),
 }
 #: metrics that re-run the explainer on changed inputs (or for other classes)
@@ -160,6 +161,9 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
     table = EvaluationTable()
     for name in names:
         extra = options.get(name, {})
+        if name == "region_perturbation" and extra.get("order", "morf") != "morf":
+            raise ValueError("evaluate() reports region perturbation's MoRF AOPC (higher is better); call "
+                             "region_perturbation(order=...) itself for the LeRF or random orders")
         if name in _CURVES:
             curve = _CURVES[name](model, images, maps, fixed, batch_size=batch_size, **extra)
             table[name] = _CURVE_VALUE[name](curve) if name in _CURVE_VALUE else curve.auc

@@ -196,7 +196,8 @@ def monotonicity_correlation(model: nn.Module, images: Tensor, maps: Tensor, tar
     U(``uniform_range``) per image, group and sample, written into every channel of the group's pixels, as Quantus'
     batched ``'uniform'`` baseline does), ``|map|`` (``absolute``), the softmax probability.  Quantus divides the
     mean squared change by ``f(x)^2``; one factor per image changes no rank and is left out.  Draws come from
-    ``generator`` in the order (image, group, sample), so an image's draws do not depend on the batch.  With a
+    ``generator`` in the order (group, sample) and are shared by the images (group ``g`` is each image's ``g``-th
+    least salient), so an image's value does not depend on the rest of the batch (Quantus draws per image).  With a
     deterministic substrate (anything but ``'uniform'``) the samples are equal and one forward per group is made.
     Cost: ``groups * samples + 1`` forwards per image (``groups + 1`` when deterministic), ``groups =
     ceil(H W / features_in_step)``.
@@ -213,7 +214,7 @@ def monotonicity_correlation(model: nn.Module, images: Tensor, maps: Tensor, tar
     if random:
         low, high = _range(uniform_range)
         device = generator.device if generator is not None else torch.device("cpu")
-        uniform = torch.rand(batch, groups, draws, generator=generator, dtype=torch.float64, device=device)
+        uniform = torch.rand(groups, draws, generator=generator, dtype=torch.float64, device=device)
         uniform = (low + (high - low) * uniform).to(device=images.device, dtype=images.dtype)
     else:
         fill = make_substrate(images, substrate)
@@ -223,7 +224,7 @@ def monotonicity_correlation(model: nn.Module, images: Tensor, maps: Tensor, tar
         index = (k - 1).clamp(min=0)
         group, draw = index // draws, index % draws
         removed = (grid[owners] == group.view(-1, 1, 1, 1)) & (k > 0).view(-1, 1, 1, 1)
-        value = uniform[owners, group, draw].view(-1, 1, 1, 1) if random else fill[owners]
+        value = uniform[group, draw].view(-1, 1, 1, 1) if random else fill[owners]
         return torch.where(removed, value, images[owners])
 
     measured = score_rows(model, rows, batch, groups * draws + 1, scorer, batch_size, images.device, images.dtype)
@@ -267,10 +268,10 @@ def _patch_scores(model: nn.Module, images: Tensor, maps: Tensor, target: Target
         rank = salience_ranks(sums, seed)
     elif order == "lerf":
         rank = salience_ranks(-sums, seed)
-    elif order == "random":
+    elif order == "random":  # one random order of the patches, shared by the images (batch-independent)
         device = generator.device if generator is not None else torch.device("cpu")
-        rank = torch.rand(batch, patches, generator=generator, device=device).argsort(dim=1).argsort(dim=1)
-        rank = rank.to(images.device)
+        rank = torch.rand(patches, generator=generator, device=device).argsort().argsort()
+        rank = rank.to(images.device).expand(batch, patches)
     else:
         raise ValueError(f"order must be 'morf', 'lerf' or 'random', got {order!r}")
     removal = rank[:, ids].view(batch, 1, height, width)  # the step at which each pixel goes, from 0
@@ -398,7 +399,8 @@ def irof(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = No
         1, labels, torch.ones_like(values))
     means = _group_sums(values, labels, most) / sizes.clamp(min=1)
     means = means.masked_fill(sizes == 0, float("-inf"))  # the padding of images with fewer segments goes last
-    removal = salience_ranks(means, seed).gather(1, labels).view(batch, 1, height, width)
+    # ties in an order of each image's own segments (not of the batch's padded count)
+    removal = salience_ranks(means, seed, prefix_stable=True).gather(1, labels).view(batch, 1, height, width)
     fill = make_substrate(images, substrate)
     scorer = resolve_scorer(model, images, target, score, batch_size)
     # one row per (image, l) with l = 0..n_b: the rows of all images are laid end to end, none wasted on padding

@@ -72,9 +72,10 @@ def random_logit(explainer: Callable[..., Tensor], images: Tensor, target: Targe
     """Random-logit similarity of ``explainer`` at each image (B,); lower is better.  See the module docstring.
 
     ``target``: class indices (``None``: the model's arg-max).  The other class is ``other`` (B,) if given, else
-    drawn uniformly from the ``num_classes - 1`` classes other than the target with ``generator`` (``num_classes``
-    defaults to the width of the model's output; Quantus' default is 1000, and it reseeds NumPy's global generator
-    with 42 on every call).  Maps are normalised by their largest magnitude (``normalise``, per image here: Quantus
+    the target shifted by one draw from ``1 .. num_classes - 1`` (``generator``) shared by the images, so uniform over
+    the other classes for each image and independent of the rest of the batch (Quantus draws per image;
+    ``num_classes`` defaults to the width of the model's output; Quantus' default is 1000, and it reseeds NumPy's
+    global generator with 42 on every call).  Maps are normalised by their largest magnitude (``normalise``, per image here: Quantus
     divides the whole batch by one maximum) and optionally made absolute, then compared by ``similarity(a, b) ->
     (B,)`` on (B, C, H, W) maps, by default :func:`pair_ssim`.
 
@@ -99,7 +100,7 @@ def random_logit(explainer: Callable[..., Tensor], images: Tensor, target: Targe
         if not isinstance(model, nn.Module):
             raise TypeError("give model= (an nn.Module), or an explainer with a .model, to pick the target class "
                             "or count the classes")
-        outputs = _forward(model, images, batch_size)[0]
+        outputs = _forward(model, images, batch_size)
         classes = outputs.argmax(dim=1) if classes is None else classes
         num_classes = outputs.shape[1] if num_classes is None else num_classes
     if other is None:
@@ -107,8 +108,9 @@ def random_logit(explainer: Callable[..., Tensor], images: Tensor, target: Targe
             raise ValueError("the model has a single output: there is no other class to explain")
         if int(classes.max()) >= num_classes or int(classes.min()) < 0:
             raise ValueError(f"target classes must lie in [0, {num_classes}), got {classes.tolist()}")
-        index = torch.randint(0, num_classes - 1, (batch,), generator=generator).to(device)
-        other = index + (index >= classes).long()  # skip the target: uniform over the other classes
+        # one draw shared by the images (an image's class does not depend on the batch): a shift of 1 .. K - 1
+        shift = torch.randint(1, num_classes, (1,), generator=generator).to(device)
+        other = (classes + shift) % num_classes  # uniform over the other classes
     else:
         other = torch.as_tensor(other, device=device).reshape(-1)
         if other.shape != (batch,) or other.is_floating_point() or bool((other == classes).any()):

@@ -30,7 +30,9 @@ class TransformerAttribution(GenericAttention):
     I)`` over the patches (the authors' ``start_layer=0``; the rollout of :class:`GenericAttention`, whose formula
     this is with ``R_A`` in place of the attention).  Equal to the authors' relevance propagation written out for
     timm's and torchvision's ViTs; works on fused and unfused attention alike.  Deliberate difference: the sums'
-    totals are per image (the authors' code explains one image at a time and sums over the batch).
+    totals are per image (the authors' code explains one image at a time and sums over the batch);
+    per image means over all dimensions but the first, so sequence-first blocks (``nn.TransformerEncoder`` with
+    ``batch_first=False``) would mix the images: timm's and torchvision's ViTs are batch-first.
     Cost: one forward and two backwards (the relevance pass runs each linear layer's rule, about three times a
     plain backward through it).
     """
@@ -54,8 +56,9 @@ class TransformerAttribution(GenericAttention):
         """``grad_A f_t * R_A / A``: the relevance pass (gradient 1 / f_t at the logit, so that the relevance there
         is 1), then, with the rules turned plain, the plain gradient."""
         rules = self.__dict__.pop("_rules")
-        start = scores / stabilize(scores.detach(), 1e-9)
-        relevance = torch.autograd.grad(start.sum(), attention, retain_graph=True, create_graph=create_graph)
+        # the seed 1 / f_t (relevance 1 at the logit, a constant as the authors' one-hot: not differentiated)
+        relevance = torch.autograd.grad(scores, attention, 1 / stabilize(scores, 1e-9), retain_graph=True,
+                                        create_graph=create_graph)
         rules.state.plain, rules.state.parameters = True, False  # this pass asks for the maps' gradients only
         plain = torch.autograd.grad(scores.sum(), attention, create_graph=create_graph)
         rules.state.parameters = True
