@@ -261,3 +261,26 @@ def test_products_with_weights_and_output_softmaxes_are_not_attention():
         torch.testing.assert_close(attribution.AttnLRP(model, variant=variant)(x, [0, 2]), plain)
         changed = attribution.AttnLRP(MatMul(gelu=True).double(), variant=variant)(x, [0, 2])
         assert torch.isfinite(changed).all() and changed.abs().sum() > 0
+
+
+def test_gated_products_share_the_relevance():
+    """A bias-free gated MLP, ``silu(W_g t) * (W_u t)`` (SwiGLU): the uniform rule halves the gradient to both
+    factors, so the relevance sums to the logit (each factor taking all of it would double it)."""
+
+    class GatedNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(1)
+            self.embed = nn.Linear(3, 8, bias=False)
+            self.gate, self.up = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+            self.down, self.head = nn.Linear(16, 8, bias=False), nn.Linear(8, 3, bias=False)
+
+        def forward(self, x):
+            tokens = self.embed(x.flatten(2).transpose(1, 2))
+            tokens = tokens + self.down(torch.nn.functional.silu(self.gate(tokens)) * self.up(tokens))
+            return self.head(tokens.mean(dim=1))
+
+    model = GatedNet().double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    relevance = attribution.AttnLRP(model)(x, [0, 2]).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(relevance, model(x)[[0, 1], [0, 2]].detach(), rtol=1e-6, atol=1e-9)

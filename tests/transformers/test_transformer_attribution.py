@@ -148,13 +148,21 @@ def test_equals_the_authors_propagation_on_torchvisions_vit():
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False, "swiglu"])
 def test_the_relevance_pass_conserves_the_unit_start(fused):
     """With the authors' rules (alpha1-beta0 without bias, conserving sums, identity at norms and the softmax,
     halved products), the relevance reaching the first block's input sums to the start's 1."""
     from attribution.gradients.attn_lrp import TransformerLRPRules
 
-    model = tiny_vit(fused=fused)
+    if fused == "swiglu":  # a gated MLP: the product of its two branches shares the relevance (halved)
+        from timm.layers import SwiGLU
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        model = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, mlp_ratio=2.0,
+                                  num_classes=5, mlp_layer=SwiGLU).eval()
+    else:
+        model = tiny_vit(fused=fused)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     inputs = []
     handle = model.blocks[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))

@@ -12,7 +12,10 @@ al.'s "efficient" formulation, as their LXT library implements it); the model is
   ``q`` and ``k`` are divided by 4 and those reaching ``v`` by 2, in the fused kernel
   (``F.scaled_dot_product_attention``), in ``nn.MultiheadAttention`` and in explicit ``q @ k^T`` / ``A @ v``
   products of two computed tensors (the softmax keeps its gradient: in this form it is AttnLRP's softmax rule);
-* attention, ``'cp'`` (CP-LRP): the attention probabilities are constants (no gradient through ``q`` and ``k``).
+* attention, ``'cp'`` (CP-LRP): the attention probabilities are constants (no gradient through ``q`` and ``k``);
+* gated products (``'attnlrp'``): an elementwise product of two computed tensors of the same shape (a gated MLP's
+  ``act(gate) * up``, SwiGLU) gets the uniform rule too, the gradient to both factors halved (LXT's ``mul2``);
+  broadcast products (squeeze-and-excitation gates ``x * s[:, :, None, None]``) keep their gradient.
 
 Linear layers, convolutions, sums and the rest keep their plain gradient (LRP-0 in this form).
 """
@@ -39,6 +42,7 @@ VARIANTS = ("attnlrp", "cp")
 #: :class:`attribution.transformers.TransformerAttribution`)
 RULE_SETS = VARIANTS + ("chefer",)
 _MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm)
+_MULS = (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)
 _SOFTMAX = (torch.softmax, Tensor.softmax, F.softmax)
 #: the identity rule's f(x) / x assumes f(0) = 0: gates (sigmoid, as in squeeze-and-excitation blocks) and offsets
 #: (softplus) keep their gradient
@@ -225,6 +229,9 @@ class TransformerLRPRules(TorchFunctionMode):
         if func in _MATMULS and self.variant != "cp" and len(args) == 2 \
                 and all(_computed(t) and t.dim() >= 3 for t in args):  # batched products of two computed tensors
             return _ScaleGradient.apply(func(*args, **kwargs), 0.5, self.state)
+        if func in _MULS and self.variant != "cp" and len(args) == 2 and all(_computed(t) for t in args) \
+                and args[0].shape == args[1].shape:  # gated products of two computed tensors
+            return _ScaleGradient.apply(func(*args, **kwargs), 0.5, self.state)
         if func in _SOFTMAX and self.variant == "cp" and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
             return _ScaleGradient.apply(func(*args, **kwargs), 0.0, self.state)  # attention probabilities
         if func in _IDENTITY_RULE and args and _computed(args[0]):
@@ -291,8 +298,9 @@ class AttnLRP(GradientExplainer):
     :class:`TransformerLRPRules`: the identity rule on layer norms (standard deviation constant) and elementwise
     activations (``f(x) / (x + eps)`` in place of ``f'(x)``, ``eps=1e-10`` as LXT), and in attention either the
     uniform rule on the products of two computed tensors (``'attnlrp'``, the default: the gradients reaching the
-    queries and keys divided by 4, the values' by 2) or constant attention probabilities (``'cp'``).  Linear layers
-    get LRP-0 (their plain gradient); the start relevance is the explained score itself, so ``sum R`` approximates
+    queries and keys divided by 4, the values' by 2) or constant attention probabilities (``'cp'``); with
+    ``'attnlrp'``, gated products of two computed tensors of the same shape (SwiGLU MLPs) share the relevance
+    equally too.  Linear layers get LRP-0 (their plain gradient); the start relevance is the explained score itself, so ``sum R`` approximates
     it (exactly where no bias or constant absorbs relevance).  Equal to LXT's patches on torchvision's ViT (both
     variants); works on timm's fused and unfused attention alike and on any model (on a ReLU network without layer
     norms it is input x gradient).  Deliberate difference: LXT tunes ViTs with zennit's gamma rule on the linear
