@@ -220,3 +220,22 @@ def test_create_graph_gives_the_maps_true_parameter_derivative():
 
         difference = (shifted(1e-6) - shifted(-1e-6)) / 2e-6
         torch.testing.assert_close((grad * direction).sum(), difference, rtol=1e-3, atol=1e-10)  # an ill-conditioned map
+
+
+def test_a_computed_attention_bias_is_no_residual_sum():
+    """BEiT adds a relative position bias computed from a table to the attention scores: for one image its shape
+    equals the scores', but it is no residual connection; an image's map is the same alone and in a batch."""
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    model = Beit(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5,
+                 use_rel_pos_bias=True).eval()
+    with torch.no_grad():  # timm scales the head down at init, and the bias tables start at 0
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name or name.startswith("head."):
+                p.normal_(0, 0.5)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    together = attribution.TransformerAttribution(model)(x, [1, 4])
+    alone = attribution.TransformerAttribution(model)(x[:1], [1])
+    assert together.abs().max() > 0
+    torch.testing.assert_close(alone, together[:1], rtol=1e-5, atol=1e-6 * float(together.abs().max()))

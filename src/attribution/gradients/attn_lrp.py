@@ -186,7 +186,8 @@ class TransformerLRPRules(TorchFunctionMode):
 
     ``variant='chefer'``: Chefer et al.'s rules (their ViT's ``relprop``, see
     :class:`attribution.transformers.TransformerAttribution`): convolutions and linear layers LRP-alpha1-beta0 with
-    the bias left out, residual sums :class:`_ConservingSum`, layer norms, softmaxes and elementwise activations the
+    the bias left out, residual sums of token sequences (B, N, D) :class:`_ConservingSum` (not sums of attention
+    scores and a computed bias, BEiT's ``attn + rel_pos_bias``, which for one image have equal shapes), layer norms, softmaxes and elementwise activations the
     identity rule, AttnLRP's uniform rule on the attention products; the rest its plain gradient (LRP-0).
     """
 
@@ -246,7 +247,7 @@ class TransformerLRPRules(TorchFunctionMode):
             call = LinearCall(func, rest, kwargs, self._alpha_beta)
             return route(_LinearInGradientForm(call), self.state, x, weight, bias)
         if (func in SUM_FUNCTIONS or func in IN_PLACE_SUM_FUNCTIONS) and len(args) == 2 and not kwargs \
-                and all(_computed(t) for t in args) and args[0].shape == args[1].shape and args[0].dim() > 1:
+                and all(_computed(t) for t in args) and args[0].shape == args[1].shape and args[0].dim() == 3:
             if func in SUM_FUNCTIONS:
                 return route(_ConservingSum(), self.state, args[0], args[1])
             return args[0].copy_(route(_ConservingSum(), self.state, args[0].clone(), args[1]))  # ``a += b``
