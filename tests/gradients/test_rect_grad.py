@@ -77,3 +77,28 @@ def test_bad_percentile():
     for bad in (-1, 100.5, "98", True):
         with pytest.raises(ValueError, match="percentile must be a number from 0 to 100"):
             attribution.RectGrad(model)(x, 0, percentile=bad)
+
+
+def test_sequence_first_layers_keep_images_apart():
+    """nn.TransformerEncoder (batch_first=False) runs its ReLUs on (L, B, E) tokens: the percentile is taken per
+    image along the second dimension, so an image's map is the same alone and in a batch."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Linear(12, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, activation="relu")
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            tokens = self.embed(x.unfold(2, 2, 2).unfold(3, 2, 2).permute(2, 3, 0, 1, 4, 5).flatten(3).flatten(0, 1))
+            return self.head(self.encoder(tokens).mean(dim=0))
+
+    model = Tokens().eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    together = attribution.RectGrad(model)(x, [0, 1, 2], percentile=80.0)
+    alone = torch.cat([attribution.RectGrad(model)(x[i:i + 1], [i], percentile=80.0) for i in range(3)])
+    assert together.abs().sum() > 0
+    torch.testing.assert_close(together, alone)
