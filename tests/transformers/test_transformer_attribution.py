@@ -239,3 +239,32 @@ def test_a_computed_attention_bias_is_no_residual_sum():
     alone = attribution.TransformerAttribution(model)(x[:1], [1])
     assert together.abs().max() > 0
     torch.testing.assert_close(alone, together[:1], rtol=1e-5, atol=1e-6 * float(together.abs().max()))
+
+
+def test_sequence_first_blocks_keep_images_apart():
+    """nn.TransformerEncoder (batch_first=False) sums its residuals on (L, B, E) tokens: the totals are per image
+    along the second dimension, so an image's map is the same alone and in a batch."""
+
+    class Tokens(nn.Module):
+        patch_size = 2  # read by the token layout
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Linear(12, 16)
+            self.cls = nn.Parameter(torch.randn(1, 1, 16))
+            layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, activation="gelu")
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            patches = x.unfold(2, 2, 2).unfold(3, 2, 2).permute(2, 3, 0, 1, 4, 5).flatten(3).flatten(0, 1)
+            tokens = torch.cat([self.cls.expand(1, x.shape[0], 16), self.embed(patches)])  # (1 + 16, B, 16)
+            return self.head(self.encoder(tokens)[0])
+
+    model = Tokens().eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    together = attribution.TransformerAttribution(model)(x, [0, 1, 2])
+    alone = torch.cat([attribution.TransformerAttribution(model)(x[i:i + 1], [i]) for i in range(3)])
+    assert together.abs().sum() > 0
+    torch.testing.assert_close(together, alone)

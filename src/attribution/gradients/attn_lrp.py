@@ -136,7 +136,11 @@ class _LinearInGradientForm(Operation):
 class _ConservingSum(Operation):
     """A residual sum ``a + b`` with Chefer et al.'s rule, in the input x gradient form: each summand's relevance
     ``a * g`` is rescaled so that the summands share the output's total relevance in proportion to the absolute
-    totals of their own, ``|sum a g| / (|sum a g| + |sum b g|)`` (totals per image)."""
+    totals of their own, ``|sum a g| / (|sum a g| + |sum b g|)`` (totals per image: over all dimensions but
+    ``batch_dim``)."""
+
+    def __init__(self, batch_dim: int = 0) -> None:
+        self.batch_dim = batch_dim
 
     def compute(self, *tensors: Optional[Tensor]) -> Tensor:
         return tensors[0] + tensors[1]
@@ -144,7 +148,7 @@ class _ConservingSum(Operation):
     def relevance(self, tensors: Sequence[Optional[Tensor]], grad: Tensor,
                   create_graph: bool) -> Tuple[Optional[Tensor], ...]:
         a, b = tensors
-        dims = tuple(range(1, grad.dim()))
+        dims = tuple(d for d in range(grad.dim()) if d != self.batch_dim)
         totals = [(t * grad).sum(dim=dims, keepdim=True) for t in (a, b)]
         both = totals[0] + totals[1]
         magnitude = totals[0].abs() + totals[1].abs()
@@ -191,12 +195,14 @@ class TransformerLRPRules(TorchFunctionMode):
     identity rule, AttnLRP's uniform rule on the attention products; the rest its plain gradient (LRP-0).
     """
 
-    def __init__(self, variant: str, eps: float, explicit: bool = False) -> None:
+    def __init__(self, variant: str, eps: float, explicit: bool = False, rows: Optional[int] = None) -> None:
         super().__init__()
         if variant not in RULE_SETS:
             raise ValueError(f"variant must be one of {RULE_SETS}, got {variant!r}")
         #: ``explicit``: fused attention computed as ``softmax(q k^T) v`` (twice differentiable, for create_graph)
-        self.variant, self.eps, self.explicit = variant, eps, explicit
+        #: ``rows``: the images of the forward (the dimension of that size is the batch in the per-image totals of
+        #: the Chefer rules: the first, or the second in sequence-first layers)
+        self.variant, self.eps, self.explicit, self.rows = variant, eps, explicit, rows
         self.state = RuleState()
         self._alpha_beta = AlphaBeta(1.0, 0.0, stabilizer=1e-9, bias=False)
 
@@ -248,9 +254,11 @@ class TransformerLRPRules(TorchFunctionMode):
             return route(_LinearInGradientForm(call), self.state, x, weight, bias)
         if (func in SUM_FUNCTIONS or func in IN_PLACE_SUM_FUNCTIONS) and len(args) == 2 and not kwargs \
                 and all(_computed(t) for t in args) and args[0].shape == args[1].shape and args[0].dim() == 3:
+            a = args[0]
+            rule = _ConservingSum(1 if a.shape[0] != self.rows and a.shape[1] == self.rows else 0)
             if func in SUM_FUNCTIONS:
-                return route(_ConservingSum(), self.state, args[0], args[1])
-            return args[0].copy_(route(_ConservingSum(), self.state, args[0].clone(), args[1]))  # ``a += b``
+                return route(rule, self.state, a, args[1])
+            return a.copy_(route(rule, self.state, a.clone(), args[1]))  # ``a += b``
         if (func is F.layer_norm or func in _SOFTMAX) and args and _computed(args[0]):
             return self._identity_rule(func, args, kwargs)
         return None

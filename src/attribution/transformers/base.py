@@ -32,7 +32,7 @@ class AttentionExplainer(Explainer):
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
             rows = self._model_input(x[start:stop])
             track = self.needs_gradients or create_graph
-            with torch.set_grad_enabled(track), self._capturing() as capture:
+            with torch.set_grad_enabled(track), self._capturing(stop - start) as capture:
                 outputs = self._forward(rows.requires_grad_(True) if track else rows)
             attention = self._checked(capture.maps, stop - start)
             layout = token_layout(self.model, tuple(x.shape[-2:]), attention[0].shape[-1], "the attention maps")
@@ -48,8 +48,8 @@ class AttentionExplainer(Explainer):
             maps.append(self._to_image(relevance, layout, tuple(x.shape[-2:])))
         return torch.cat(maps)
 
-    def _capturing(self) -> ContextManager[AttentionCapture]:
-        """The context the model's forward runs in: it records the attention maps."""
+    def _capturing(self, rows: int) -> ContextManager[AttentionCapture]:
+        """The context the model's forward of ``rows`` images runs in: it records the attention maps."""
         return AttentionCapture(self.model)
 
     def _attention_gradients(self, scores: Tensor, attention: List[Tensor],

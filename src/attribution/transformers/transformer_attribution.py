@@ -30,20 +30,19 @@ class TransformerAttribution(GenericAttention):
     I)`` over the patches (the authors' ``start_layer=0``; the rollout of :class:`GenericAttention`, whose formula
     this is with ``R_A`` in place of the attention).  Equal to the authors' relevance propagation written out for
     timm's and torchvision's ViTs; works on fused and unfused attention alike.  Deliberate difference: the sums'
-    totals are per image (the authors' code explains one image at a time and sums over the batch);
-    per image means over all dimensions but the first, so sequence-first blocks (``nn.TransformerEncoder`` with
-    ``batch_first=False``) would mix the images: timm's and torchvision's ViTs are batch-first.
+    totals are per image (the authors' code explains one image at a time and sums over the batch),
+    along the batch's dimension (the second in sequence-first blocks such as ``nn.TransformerEncoder``'s default).
     Cost: one forward and two backwards (the relevance pass runs each linear layer's rule, about three times a
     plain backward through it).
     """
 
     @contextmanager
-    def _capturing(self) -> Iterator[AttentionCapture]:
+    def _capturing(self, rows: int) -> Iterator[AttentionCapture]:
         """The forward under Chefer et al.'s rules, its attention recorded inside them (so that the recorded
         probabilities are the factors the attention product's rule applies to)."""
         from ..gradients.attn_lrp import TransformerLRPRules  # the rules build on the attention capture
 
-        self._rules = TransformerLRPRules("chefer", eps=1e-10)
+        self._rules = TransformerLRPRules("chefer", eps=1e-10, rows=rows)
         try:
             with self._rules, AttentionCapture(self.model) as capture:
                 yield capture
