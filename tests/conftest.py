@@ -55,6 +55,18 @@ class CountingModel(nn.Module):
         return x.mean((1, 2, 3))[:, None].repeat(1, 2)
 
 
+def central_difference(value, weight: torch.Tensor, direction: torch.Tensor, step: float = 1e-6) -> torch.Tensor:
+    """``(value() at weight + step direction - value() at weight - step direction) / (2 step)``, the weight restored:
+    the directional derivative a map's create_graph gradient is checked against."""
+    values = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            weight.add_(sign * step * direction)
+            values.append(value())
+            weight.sub_(sign * step * direction)
+    return (values[0] - values[1]) / (2 * step)
+
+
 def tiny_vit(seed: int = 0, classes: int = 5, fused: bool = True) -> nn.Module:
     """A small timm ViT (class token, 4x4 patches on 16x16 inputs, 2 blocks), random, seeded, eval mode."""
     from timm.models.vision_transformer import VisionTransformer

@@ -11,6 +11,7 @@ from torch import nn
 
 from attribution.gradients.input_x_gradient import InputXGradient
 from attribution.gradients.lrp import COMPOSITES, LRP
+from conftest import central_difference
 
 zennit = pytest.importorskip("zennit")
 torchvision = pytest.importorskip("torchvision")
@@ -359,13 +360,5 @@ def test_create_graph_derivative_through_residual_sums(composite):
     weight = model.stem.weight
     (grad,) = torch.autograd.grad(maps.sum(), weight)
     direction = torch.randn_like(weight)
-
-    def shifted(step: float) -> torch.Tensor:
-        with torch.no_grad():
-            weight.add_(step * direction)
-            value = explainer(x, [0, 2]).sum()
-            weight.sub_(step * direction)
-        return value
-
-    difference = (shifted(1e-6) - shifted(-1e-6)) / 2e-6
+    difference = central_difference(lambda: explainer(x, [0, 2]).sum(), weight, direction)
     torch.testing.assert_close((grad * direction).sum(), difference, rtol=1e-5, atol=1e-8)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import attribution
-from conftest import tiny_vit
+from conftest import central_difference, tiny_vit
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("timm")
@@ -210,15 +210,7 @@ def test_create_graph_gives_the_maps_true_parameter_derivative():
     grads = torch.autograd.grad(maps.sum(), weights)
     for weight, grad in zip(weights, grads):
         direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-
-        def shifted(step):
-            with torch.no_grad():
-                weight.add_(step * direction)
-                value = explainer(x, [1, 3]).sum()
-                weight.sub_(step * direction)
-            return value
-
-        difference = (shifted(1e-6) - shifted(-1e-6)) / 2e-6
+        difference = central_difference(lambda: explainer(x, [1, 3]).sum(), weight, direction)
         torch.testing.assert_close((grad * direction).sum(), difference, rtol=1e-3, atol=1e-10)  # an ill-conditioned map
 
 
