@@ -95,7 +95,8 @@ CHEAP = {
     "gini": {}, "entropy": {}, "effective_complexity": {}, "consistency": {},
     "pointing_game": {}, "energy_pointing_game": {}, "attribution_localisation": {}, "max_box_acc": {},
     "max_box_acc_v2": {}, "pxap": {}, "relevance_rank_accuracy": {}, "top_k_intersection": {"k": 20},
-    "localisation_auc": {}, "model_randomisation": {},
+    "localisation_auc": {}, "model_randomisation": {}, "efficient_mprt": {}, "smooth_mprt": {"samples": 2},
+    "input_invariance": {}, "sufficiency": {},
 }
 
 
@@ -110,3 +111,4 @@ def test_every_metric_runs_through_evaluate():
     lines = dict(line.split(None, 1) for line in table.summary().splitlines())
     assert "lower is better" in lines["selectivity"] and "higher is better" in lines["irof"]
     assert "lower is better" in lines["local_lipschitz_estimate"] and "higher is better" in lines["consistency"]
+    assert "higher is better" in lines["efficient_mprt"] and "lower is better" in lines["smooth_mprt"]

@@ -13,7 +13,6 @@ Quantus normalises maps by one maximum over the whole batch; the parity runs pas
 """
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -26,29 +25,24 @@ from attribution.metrics.robustness import (consistency, continuity, local_lipsc
                                             relative_input_stability, relative_output_stability,
                                             relative_representation_stability, translate, translations)
 from conftest import LinearModel, tiny_cnn
+from quantus_reference import B, QUIET, load_quantus, small_case
 
-B, S = 3, 4
+S = 4
 PER_IMAGE = {"normalise_axes": (1, 2, 3)}
 
 
 @pytest.fixture(scope="module")
 def quantus():
-    q = pytest.importorskip("quantus")
-    warnings.filterwarnings("ignore", module="quantus")
-    return q
+    return load_quantus()
 
 
 def Q(quantus, name, **options):
-    return getattr(quantus, name)(disable_warnings=True, display_progressbar=False, **options)
+    return getattr(quantus, name)(**QUIET, **options)
 
 
 @pytest.fixture(scope="module")
 def case():
-    """float32 tiny CNN (Quantus' forwards cast inputs to float32), float64 images, fixed classes."""
-    model = tiny_cnn()
-    torch.manual_seed(5)
-    x = torch.randn(B, 3, 16, 16, dtype=torch.float64)
-    return model, x, torch.tensor([0, 3, 1])
+    return small_case()
 
 
 def noises(kind: str, scale: float = 1.0, seed: int = 0):

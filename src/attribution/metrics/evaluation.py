@@ -20,6 +20,8 @@ from .axioms import completeness, non_sensitivity
 from .complexity import effective_complexity, entropy, gini
 from .confidence import average_drop, increase_in_confidence
 from .faithfulness import faithfulness_correlation, sensitivity_n
+from .invariance import input_invariance
+from .local_sufficiency import sufficiency
 from .ground_truth import localisation_auc, relevance_rank_accuracy, top_k_intersection
 from .infidelity_sensitivity import avg_sensitivity, infidelity, max_sensitivity
 from .insertion_deletion import deletion, insertion
@@ -33,6 +35,7 @@ from .remove_and_debias import road
 from .robustness import (consistency, continuity, local_lipschitz_estimate, relative_input_stability,
                          relative_output_stability, relative_representation_stability)
 from .salience_guided import saco
+from .sanity_revisited import efficient_mprt, smooth_mprt
 from .sanity import model_randomisation
 from .wsol import max_box_acc, max_box_acc_v2, pxap
 
@@ -60,7 +63,9 @@ _EXPLAINED: Dict[str, Callable[..., Any]] = {
     "local_lipschitz_estimate": local_lipschitz_estimate, "relative_input_stability": relative_input_stability,
     "relative_output_stability": relative_output_stability,
     "relative_representation_stability": relative_representation_stability, "continuity": continuity,
-    "random_logit": random_logit,
+    "random_logit": random_logit, "efficient_mprt": efficient_mprt,
+    "smooth_mprt": lambda *a, **o: smooth_mprt(*a, **o).last,
+    "input_invariance": lambda *a, **o: input_invariance(*a, **o).invariant.to(torch.float32),
 }
 #: metrics of the maps alone
 _MAPS: Dict[str, Callable[..., Tensor]] = {
@@ -79,11 +84,12 @@ _REGION: Dict[str, Callable[..., Any]] = {
 }
 #: every metric name :func:`evaluate` accepts
 METRICS = tuple(sorted([*_CURVES, *_SCORES, *_REGION, *_EXPLAINED, *_MAPS, "road", "model_randomisation",
-                        "consistency"]))
+                        "consistency", "sufficiency"]))
 #: metrics where a lower value is better (the others: higher is better)
 LOWER_IS_BETTER = frozenset({"deletion", "knm", "ram", "road_morf", "model_randomisation", "average_drop",
                              "infidelity", "entropy", "selectivity", "non_sensitivity", "completeness",
-                             "effective_complexity", *(n for n in _EXPLAINED)})
+                             "effective_complexity",
+                             *(n for n in _EXPLAINED if n not in ("efficient_mprt", "input_invariance"))})
 
 
 class EvaluationTable(dict):
@@ -178,8 +184,9 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
             table.curves["road_lerf"] = (result.fractions, result.lerf)
         elif name in _MAPS:
             table[name] = _MAPS[name](maps, **extra)
-        elif name == "consistency":
-            table[name] = consistency(model, images, maps, batch_size=batch_size, **extra)
+        elif name in ("consistency", "sufficiency"):
+            metric = consistency if name == "consistency" else sufficiency
+            table[name] = metric(model, images, maps, batch_size=batch_size, **extra)
         elif name in _REGION:
             if regions is None:
                 raise ValueError(f"metric {name!r} needs regions= (ground-truth boxes or masks)")

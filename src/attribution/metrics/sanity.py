@@ -28,12 +28,12 @@ from __future__ import annotations
 import copy
 import inspect
 import zlib
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, model_dtype
 from ..core.guard import preserve_model
 from ..core.targets import TargetSpec
 from .common import resolve_scorer
@@ -85,7 +85,7 @@ def randomisation_layers(model: nn.Module, images: Tensor) -> List[str]:
                for n, m in candidates]
     try:
         with torch.no_grad(), preserve_model(model):
-            model(images[:1])
+            model(images[:1].to(model_dtype(model, images.dtype)))
     finally:
         for handle in handles:
             handle.remove()
@@ -104,6 +104,31 @@ def reinitialise(module: nn.Module) -> None:
         for p in module.parameters():
             if id(p) not in done:
                 p.copy_(torch.randn_like(p) * (p.std() if p.numel() > 1 else p.abs()).clamp(min=1e-3))
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """The seed of layer ``name``'s draw: ``seed`` plus the CRC-32 of the name (the same in every test here)."""
+    return seed + zlib.crc32(name.encode())
+
+
+def randomised_copies(model: nn.Module, names: Sequence[str], cascading: bool = True, seed: int = 0,
+                      devices: Sequence[torch.device] = ()) -> Iterator[Tuple[str, nn.Module]]:
+    """Yield ``(name, copy)`` for each layer of ``names`` in turn: a deep copy of ``model`` with that layer re-drawn
+    by :func:`reinitialise` from :func:`layer_seed` (cascading: on top of the earlier layers, in one copy; else each
+    layer alone, in a fresh copy).  ``model`` is never touched; the draws run in a forked RNG (``devices``: the CUDA
+    devices to fork too), which stays forked while the consumer works on a yielded copy, so the caller's random
+    state is left alone."""
+    with torch.random.fork_rng(devices=list(devices)):
+        copy_model = copy.deepcopy(model)
+        for name in names:
+            if not cascading:
+                copy_model = copy.deepcopy(model)
+            modules = dict(copy_model.named_modules())
+            if name not in modules:
+                raise ValueError(f"the model has no layer named {name!r}")
+            torch.manual_seed(layer_seed(seed, name))  # a layer's draw depends on (seed, name) only
+            reinitialise(modules[name])
+            yield name, copy_model
 
 
 def _rebind(explainer, model: nn.Module) -> Callable[[Tensor, TargetSpec], Tensor]:
@@ -153,19 +178,10 @@ def model_randomisation(explainer, images: Tensor, target: TargetSpec = None, *,
     size = original.shape[-2:]
     rows = {"spearman_abs": [], "spearman": [], "ssim": []}
     devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        copy_model = copy.deepcopy(base)
-        for name in names:
-            if not cascading:
-                copy_model = copy.deepcopy(base)
-            modules = dict(copy_model.named_modules())
-            if name not in modules:
-                raise ValueError(f"the model has no layer named {name!r}")
-            torch.manual_seed(seed + zlib.crc32(name.encode()))  # a layer's draw depends on (seed, name) only
-            reinitialise(modules[name])
-            maps = _rebind(explainer, copy_model)(images, fixed).detach()
-            for key, value in _similarities(reference_abs, reference_signed, maps, size).items():
-                rows[key].append(value)
+    for _, copy_model in randomised_copies(base, names, cascading, seed, devices):
+        maps = _rebind(explainer, copy_model)(images, fixed).detach()
+        for key, value in _similarities(reference_abs, reference_signed, maps, size).items():
+            rows[key].append(value)
     table = {k: torch.stack(v) for k, v in rows.items()}
     return RandomisationResult(names, table["spearman_abs"], table["spearman"], table["ssim"],
                                table["spearman_abs"][-1] >= threshold)
