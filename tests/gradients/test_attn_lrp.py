@@ -276,3 +276,31 @@ def test_gated_products_share_the_relevance():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     relevance = attribution.AttnLRP(model)(x, [0, 2]).sum(dim=(1, 2, 3))
     torch.testing.assert_close(relevance, model(x)[[0, 1], [0, 2]].detach(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "silu", "expanded_gate"])
+def test_products_of_a_tensor_with_itself_and_expanded_gates_are_no_gated_products(activation):
+    """An activation written as a product (QuickGELU: x * sigmoid(1.702 x), SiLU: x * sigmoid(x)) and a gate
+    expanded to the value's shape (timm's ECA: x * s.expand_as(x)) keep their gradient: on a net without norms or
+    attention the map is input x gradient."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(3)
+            self.conv, self.fc, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            if activation == "quick_gelu":
+                h = h * torch.sigmoid(1.702 * h)
+            elif activation == "silu":
+                h = h * torch.sigmoid(h)
+            else:
+                gate = torch.sigmoid(self.fc(h.mean(dim=(2, 3))))[:, :, None, None]
+                h = torch.relu(h) * gate.expand_as(h)
+            return self.head(h.mean(dim=(2, 3)))
+
+    model = Net().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(attribution.AttnLRP(model)(x, [0, 2]), attribution.InputXGradient(model)(x, [0, 2]))

@@ -236,14 +236,19 @@ def test_sufficiency_equals_quantus(clustered):
     y = np.zeros(8, dtype=np.int64)
     assert 2 < model(x).argmax(1).sum() < 6
     per_image = (maps / maps.abs().amax(dim=(1, 2, 3), keepdim=True)).numpy()
-    for threshold in (0.6, 0.7, 0.8):
+    isolated = 0
+    for threshold in (0.5, 0.6, 0.7, 0.8):
         ours = sufficiency(model, x, maps, threshold=threshold)
         theirs = quantus.Sufficiency(threshold=threshold, normalise=False, **QUIET)(
             model=model, x_batch=x.numpy(), y_batch=y, a_batch=per_image, device="cpu")
         theirs = scores(theirs)
-        assert torch.isfinite(ours).any() and (ours[torch.isfinite(ours)] < 1).any()  # not a trivial case
-        torch.testing.assert_close(ours, torch.where(ours.isnan(), ours, theirs), rtol=0, atol=1e-12)
+        if threshold >= 0.6:  # not a trivial case
+            assert torch.isfinite(ours).any() and (ours[torch.isfinite(ours)] < 1).any()
+        torch.testing.assert_close(ours, torch.where(ours.isnan(), ours, theirs), rtol=0, atol=1e-12,
+                                   equal_nan=True)
         assert (theirs[ours.isnan()] == 0).all()  # no neighbour: NaN here, 0 in Quantus
+        isolated += int(ours.isnan().sum())
+    assert isolated > 0  # the tight threshold (0.5) leaves six maps without a neighbour
     with pytest.raises(TypeError):  # Quantus hands SciPy V=None whatever the metric: only seuclidean runs
         quantus.Sufficiency(distance_func="euclidean", **QUIET)(model=model, x_batch=x.numpy(), y_batch=y,
                                                                  a_batch=per_image, device="cpu")
@@ -399,3 +404,21 @@ def test_bad_input(case):
     assert input_invariance(attribution.VanillaGradient(scaled), x, y).invariant.all()  # no parameters before
     with pytest.raises(ValueError, match="shift"):
         input_invariance(explainer, x, y, shift="up")
+
+
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_input_invariance_finds_a_vits_patch_embedding(library):
+    """A ViT owns its class token and position embedding itself: the first layer is the patch embedding's
+    convolution, and the plain gradient is invariant (float64)."""
+    if library == "timm":
+        from conftest import tiny_vit
+
+        model = tiny_vit().double()
+    else:
+        torchvision = pytest.importorskip("torchvision")
+        torch.manual_seed(0)
+        model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2,
+                                                     hidden_dim=16, mlp_dim=32, num_classes=5).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    result = input_invariance(attribution.VanillaGradient(model), x, [0, 3])
+    assert result.invariant.all() and float(result.deviation.max()) < 1e-9

@@ -13,9 +13,10 @@ al.'s "efficient" formulation, as their LXT library implements it); the model is
   (``F.scaled_dot_product_attention``), in ``nn.MultiheadAttention`` and in explicit ``q @ k^T`` / ``A @ v``
   products of two computed tensors (the softmax keeps its gradient: in this form it is AttnLRP's softmax rule);
 * attention, ``'cp'`` (CP-LRP): the attention probabilities are constants (no gradient through ``q`` and ``k``);
-* gated products (``'attnlrp'``): an elementwise product of two computed tensors of the same shape (a gated MLP's
-  ``act(gate) * up``, SwiGLU) gets the uniform rule too, the gradient to both factors halved (LXT's ``mul2``);
-  broadcast products (squeeze-and-excitation gates ``x * s[:, :, None, None]``) keep their gradient.
+* gated products (``'attnlrp'``): an elementwise product of two computed tensors of the same shape computed apart
+  (a gated MLP's ``act(x W_g) * (x W_u)``, SwiGLU) gets the uniform rule too, the gradient to both factors halved
+  (LXT's ``mul2``); products of a tensor with a function of its own entries (``x * sigmoid(1.702 x)``, a GELU
+  written out) and broadcast or expanded gates (squeeze-and-excitation, ``x * s.expand_as(x)``) keep their gradient.
 
 Linear layers, convolutions, sums and the rest keep their plain gradient (LRP-0 in this form).
 """
@@ -43,6 +44,9 @@ VARIANTS = ("attnlrp", "cp")
 RULE_SETS = VARIANTS + ("chefer",)
 _MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm)
 _MULS = (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)
+#: autograd nodes that mix entries (products with weights or along a dimension, and the routed linear rules): the
+#: search for what a factor was computed from, entry by entry, stops there
+_MIXING = ("Mm", "Addmm", "Bmm", "Baddbmm", "Convolution", "Embedding", "_Routed")
 _SOFTMAX = (torch.softmax, Tensor.softmax, F.softmax)
 #: the identity rule's f(x) / x assumes f(0) = 0: gates (sigmoid, as in squeeze-and-excitation blocks) and offsets
 #: (softplus) keep their gradient
@@ -161,6 +165,31 @@ def _guarded(numerator: Tensor, denominator: Tensor) -> Tensor:
     return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0)
 
 
+def _elementwise_sources(t: Tensor, limit: int = 32) -> set:
+    """The autograd nodes ``t`` was computed from through elementwise operations and views (the first mixing node of
+    each path included, see :data:`_MIXING`), at most ``limit`` of them."""
+    seen: set = set()
+    stack = [t.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if not any(name in type(node).__name__ for name in _MIXING):
+            stack.extend(following for following, _ in node.next_functions)
+    return seen
+
+
+def _gated(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a * b`` is a gate on a value: equal shapes, neither factor expanded (a stride 0 along a dimension
+    longer than 1: ``s.expand_as(x)``), and neither computed from the other's entries (``x * sigmoid(x)``): the
+    elementwise sources of the two share no node."""
+    expanded = any(stride == 0 and size > 1 for t in (a, b) for stride, size in zip(t.stride(), t.shape))
+    if a.shape != b.shape or expanded:
+        return False
+    return not (_elementwise_sources(a) & _elementwise_sources(b))
+
+
 def _computed(t: Any) -> bool:
     """A tensor the forward computed (recorded by autograd), not a parameter or a view of one (``W.T``)."""
     return isinstance(t, Tensor) and t.requires_grad and not is_parameter(t)
@@ -191,8 +220,9 @@ class TransformerLRPRules(TorchFunctionMode):
     ``variant='chefer'``: Chefer et al.'s rules (their ViT's ``relprop``, see
     :class:`attribution.transformers.TransformerAttribution`): convolutions and linear layers LRP-alpha1-beta0 with
     the bias left out, residual sums of token sequences (B, N, D) :class:`_ConservingSum` (not sums of attention
-    scores and a computed bias, BEiT's ``attn + rel_pos_bias``, which for one image have equal shapes), layer norms, softmaxes and elementwise activations the
-    identity rule, AttnLRP's uniform rule on the attention products; the rest its plain gradient (LRP-0).
+    scores and a computed bias, BEiT's ``attn + rel_pos_bias``, which for one image have equal shapes), layer
+    norms, softmaxes and elementwise activations the identity rule, AttnLRP's uniform rule on the attention
+    products and gated products; the rest its plain gradient (LRP-0).
     """
 
     def __init__(self, variant: str, eps: float, explicit: bool = False, rows: Optional[int] = None) -> None:
@@ -237,7 +267,7 @@ class TransformerLRPRules(TorchFunctionMode):
                 and all(_computed(t) and t.dim() >= 3 for t in args):  # batched products of two computed tensors
             return _ScaleGradient.apply(func(*args, **kwargs), 0.5, self.state)
         if func in _MULS and self.variant != "cp" and len(args) == 2 and all(_computed(t) for t in args) \
-                and args[0].shape == args[1].shape:  # gated products of two computed tensors
+                and _gated(*args):
             return _ScaleGradient.apply(func(*args, **kwargs), 0.5, self.state)
         if func in _SOFTMAX and self.variant == "cp" and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
             return _ScaleGradient.apply(func(*args, **kwargs), 0.0, self.state)  # attention probabilities
@@ -308,11 +338,11 @@ class AttnLRP(GradientExplainer):
     activations (``f(x) / (x + eps)`` in place of ``f'(x)``, ``eps=1e-10`` as LXT), and in attention either the
     uniform rule on the products of two computed tensors (``'attnlrp'``, the default: the gradients reaching the
     queries and keys divided by 4, the values' by 2) or constant attention probabilities (``'cp'``); with
-    ``'attnlrp'``, gated products of two computed tensors of the same shape (SwiGLU MLPs) share the relevance
-    equally too.  Linear layers get LRP-0 (their plain gradient); the start relevance is the explained score itself, so ``sum R`` approximates
-    it (exactly where no bias or constant absorbs relevance).  Equal to LXT's patches on torchvision's ViT (both
-    variants); works on timm's fused and unfused attention alike and on any model (on a ReLU network without layer
-    norms it is input x gradient).  Deliberate difference: LXT tunes ViTs with zennit's gamma rule on the linear
+    ``'attnlrp'``, gated products (two computed tensors of the same shape computed apart: SwiGLU MLPs) share the
+    relevance equally too.  Linear layers get LRP-0 (their plain gradient); the start relevance is the explained
+    score itself, so ``sum R`` approximates it (exactly where no bias or constant absorbs relevance).  Equal to
+    LXT's patches on torchvision's ViT (both variants); works on timm's fused and unfused attention alike and on
+    any model (on a ReLU network without layer norms it is input x gradient).  Deliberate difference: LXT tunes ViTs with zennit's gamma rule on the linear
     layers; here they keep LRP-0.  Cost: one forward and one backward.
     """
 
