@@ -342,8 +342,8 @@ class AttnLRP(GradientExplainer):
     relevance equally too.  Linear layers get LRP-0 (their plain gradient); the start relevance is the explained
     score itself, so ``sum R`` approximates it (exactly where no bias or constant absorbs relevance).  Equal to
     LXT's patches on torchvision's ViT (both variants); works on timm's fused and unfused attention alike and on
-    any model (on a ReLU network without layer norms it is input x gradient).  Deliberate difference: LXT tunes ViTs with zennit's gamma rule on the linear
-    layers; here they keep LRP-0.  Cost: one forward and one backward.
+    any model (on a ReLU network without layer norms it is input x gradient).  Deliberate difference: LXT tunes
+    ViTs with zennit's gamma rule on the linear layers; here they keep LRP-0.  Cost: one forward and one backward.
     """
 
     argmax_on_rows = True
