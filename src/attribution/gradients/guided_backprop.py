@@ -182,7 +182,8 @@ class RectGrad(_RectifiedGradient):
 
     At every rectifier ``a = clamp(x, ...)`` the backward passes ``g * [a * g > tau]``, ``tau`` the ``percentile``-th
     percentile of ``a * g`` over the layer's units, per image (over all dimensions but the batch's: the first, or the
-    second in sequence-first layers such as ``nn.TransformerEncoder``'s default; nearest rank, as the authors'
+    second in sequence-first layers such as ``nn.TransformerEncoder``'s default, found as the dimension of the
+    pass's row count: with those, pick a ``batch_size`` other than the token count; nearest rank, as the authors'
     TensorFlow code), in
     place of the local derivative; the map is ``x * grad``.  Default percentile 98 as the authors' code.  Covers the
     rectifiers of guided backprop (ReLU, ReLU6 / Hardtanh, LeakyReLU); as in the authors' code, the indicator

@@ -31,7 +31,9 @@ class TransformerAttribution(GenericAttention):
     this is with ``R_A`` in place of the attention).  Equal to the authors' relevance propagation written out for
     timm's and torchvision's ViTs; works on fused and unfused attention alike.  Deliberate difference: the sums'
     totals are per image (the authors' code explains one image at a time and sums over the batch),
-    along the batch's dimension (the second in sequence-first blocks such as ``nn.TransformerEncoder``'s default).
+    along the batch's dimension (the second in sequence-first blocks such as ``nn.TransformerEncoder``'s default;
+    the dimension whose size is the pass's row count, the first when both have it: with sequence-first blocks, pick
+    a ``batch_size`` other than the token count).
     Cost: one forward and two backwards (the relevance pass runs each linear layer's rule, about three times a
     plain backward through it).
     """
