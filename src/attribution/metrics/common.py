@@ -130,6 +130,22 @@ def make_substrate(images: Tensor, substrate: SubstrateSpec) -> Tensor:
     raise TypeError(f"substrate must be a string, a number, a tensor or a callable, got {type(substrate).__name__}")
 
 
+# ------------------------------------------------------------------------------------------------ run order
+def run_order(model: nn.Module, images: Tensor, modules: "list[nn.Module]") -> "list[int]":
+    """The indices of ``modules`` in the order they first run in a forward of one image (no autograd, the model
+    guarded; modules that do not run are left out)."""
+    seen: "list[int]" = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, i=i: seen.append(i) if i not in seen else None)
+               for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad(), preserve_model(model):
+            model(images[:1].to(model_dtype(model, images.dtype)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 # ------------------------------------------------------------------------------------------- scoring of rows
 class RowScorer:
     """Maps raw model outputs of perturbed rows to the measured value per row (see the module docstring)."""

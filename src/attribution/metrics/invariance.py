@@ -22,6 +22,7 @@ from ..core.explainer import Explainer, model_dtype
 from ..core.guard import preserve_model
 from ..core.layers import layer_name, resolve_layer
 from ..core.targets import TargetSpec
+from .common import run_order
 from .robustness import _check_images, _forward, prepare_maps
 from .sanity import _rebind
 
@@ -42,18 +43,10 @@ def first_layer(model: nn.Module, images: Tensor) -> nn.Module:
     layer)."""
     candidates = [m for m in model.modules()
                   if any(True for _ in m.parameters(recurse=False)) and not any(True for _ in m.children())]
-    seen: List[nn.Module] = []
-    handles = [m.register_forward_pre_hook(lambda module, _args: seen.append(module) if not seen else None)
-               for m in candidates]
-    try:
-        with torch.no_grad(), preserve_model(model):
-            model(images[:1].to(model_dtype(model, images.dtype)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not seen:
+    order = run_order(model, images, candidates)
+    if not order:
         raise ValueError("the model runs no module with parameters: there is no first layer to absorb the shift")
-    return seen[0]
+    return candidates[order[0]]
 
 
 def absorb_shift(model: nn.Module, shift: float, images: Tensor,

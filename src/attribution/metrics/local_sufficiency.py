@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .robustness import _check_images, _forward, _result_dtype, prepare_maps
+from .robustness import _forward, _result_dtype, check_model_and_maps, prepare_maps
 
 Distance = Union[str, Callable[[Tensor], Tensor]]
 DISTANCES = ("seuclidean", "euclidean", "cityblock")
@@ -61,12 +61,7 @@ def sufficiency(model: nn.Module, images: Tensor, maps: Tensor, *, threshold: fl
     compares within each of its batches of ``batch_size`` = 64).  The value depends on the other images of the
     call by design.  Cost: one forward of the batch (``batch_size`` rows a pass) and a (B, B) distance matrix.
     """
-    _check_images(images)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(maps, Tensor) or maps.dim() not in (3, 4) or maps.shape[0] != images.shape[0]:
-        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise ValueError(f"maps must be a (B, C, H, W) or (B, H, W) tensor with B = {images.shape[0]}, got {shape}")
+    check_model_and_maps(model, images, maps)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
     flat = prepare_maps(maps.to(images.device), normalise, absolute)

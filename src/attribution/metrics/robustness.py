@@ -56,6 +56,16 @@ def _check_images(images: Tensor) -> None:
         raise ValueError(f"images must be a floating (B, C, H, W) tensor, got {shape}")
 
 
+def check_model_and_maps(model: nn.Module, images: Tensor, maps: Tensor) -> None:
+    """Raise a clear error unless ``model`` is a module, ``images`` (B, C, H, W) and ``maps`` one map per image."""
+    _check_images(images)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(maps, Tensor) or maps.dim() not in (3, 4) or maps.shape[0] != images.shape[0]:
+        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"maps must be a (B, C, H, W) or (B, H, W) tensor with B = {images.shape[0]}, got {shape}")
+
+
 def _check_positive(value: float, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -461,12 +471,7 @@ def consistency(model: nn.Module, images: Tensor, maps: Tensor, *,
     ``batch_size`` = 64), and higher is better (Quantus labels the score lower-is-better, but a higher share means
     more faithful).  Cost: one forward of the batch.
     """
-    _check_images(images)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(maps, Tensor) or maps.dim() not in (3, 4) or maps.shape[0] != images.shape[0]:
-        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise ValueError(f"maps must be a (B, C, H, W) or (B, H, W) tensor with B = {images.shape[0]}, got {shape}")
+    check_model_and_maps(model, images, maps)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     keys = _discretise(prepare_maps(maps.to(images.device), normalise, absolute), discretise, n)

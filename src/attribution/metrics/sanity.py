@@ -33,10 +33,9 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import Tensor, nn
 
-from ..core.explainer import Explainer, model_dtype
-from ..core.guard import preserve_model
+from ..core.explainer import Explainer
 from ..core.targets import TargetSpec
-from .common import resolve_scorer
+from .common import resolve_scorer, run_order
 from .similarity import spearman, ssim
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -80,16 +79,8 @@ def randomisation_layers(model: nn.Module, images: Tensor) -> List[str]:
         else:
             candidates.append((name, child))
     candidates = [(n, m) for n, m in candidates if any(True for _ in m.parameters())]
-    seen: List[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: seen.append(n) if n not in seen else None)
-               for n, m in candidates]
-    try:
-        with torch.no_grad(), preserve_model(model):
-            model(images[:1].to(model_dtype(model, images.dtype)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(reversed(seen))
+    order = run_order(model, images, [m for _, m in candidates])
+    return [candidates[i][0] for i in reversed(order)]
 
 
 def reinitialise(module: nn.Module) -> None:
