@@ -136,3 +136,19 @@ def test_data_randomisation_separates_a_learned_gradient_from_an_edge_detector()
     assert edges.flagged.all()
     with pytest.raises(TypeError, match="random_model="):
         data_randomisation(edge_detector, probe, 1, random_model=None, model=model)
+
+
+def test_the_cascade_ends_at_the_fully_random_model():
+    """A ViT holds its class token and position embedding itself: they are the cascade's last step (they stayed
+    trained before), the model itself untouched."""
+    from attribution.metrics.sanity import OWN_PARAMETERS, randomised_copies
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    names = randomisation_layers(model, torch.randn(1, 3, 16, 16))
+    assert names[-1] == OWN_PARAMETERS and names[0] == "head"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    *_, (_, last) = randomised_copies(model, names)
+    for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight"):
+        assert not torch.equal(last.state_dict()[name], before[name]), name
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -18,7 +18,9 @@ model (an edge detector gives 1.0).  The 0.5 cut-off is this library's choice; t
 
 Re-initialisation calls each module's own ``reset_parameters()`` (PyTorch's default initialiser for that layer,
 as the paper re-drew weights from their initialisers; batch norm returns to identity and its running statistics
-are reset); a parameter of a module without one is redrawn from a normal of its own standard deviation.  Each
+are reset); a parameter of a module without one is redrawn from a normal of its own standard deviation, and the
+parameters the model holds itself (a ViT's class token and position embedding) are the cascade's last step
+(:data:`OWN_PARAMETERS`), so that it ends at the fully random model.  Each
 layer's draw comes from ``seed`` and the layer's name (the same in the cascading and the independent test), in a
 forked RNG, so the caller's random state is left alone.  The target is fixed to the
 original model's choice (``None``: its arg-max), so every step explains the same class.
@@ -69,9 +71,15 @@ def visualise_signed(maps: Tensor) -> Tensor:
     return ((m + span) / (2 * span)).clamp(-1, 1)
 
 
+#: the name, in the randomisation cascade, of the parameters the model owns itself (a ViT's class token and position
+#: embedding): the last step of the top-down cascade, so that its end is the fully random model
+OWN_PARAMETERS = "(own parameters)"
+
+
 def randomisation_layers(model: nn.Module, images: Tensor) -> List[str]:
     """Default layers, top-down: the model's children that hold parameters, containers (Sequential, ModuleList,
-    ModuleDict) opened one level, ordered by when they first run in a forward of one image, last first."""
+    ModuleDict) opened one level, ordered by when they first run in a forward of one image, last first; then
+    :data:`OWN_PARAMETERS` if the model holds parameters of its own."""
     candidates = []
     for name, child in model.named_children():
         if isinstance(child, CONTAINERS):
@@ -80,7 +88,8 @@ def randomisation_layers(model: nn.Module, images: Tensor) -> List[str]:
             candidates.append((name, child))
     candidates = [(n, m) for n, m in candidates if any(True for _ in m.parameters())]
     order = run_order(model, images, [m for _, m in candidates])
-    return [candidates[i][0] for i in reversed(order)]
+    own = [OWN_PARAMETERS] if any(True for _ in model.parameters(recurse=False)) else []
+    return [candidates[i][0] for i in reversed(order)] + own
 
 
 def reinitialise(module: nn.Module) -> None:
@@ -94,7 +103,12 @@ def reinitialise(module: nn.Module) -> None:
                 done.update(id(p) for p in sub.parameters(recurse=False))
         for p in module.parameters():
             if id(p) not in done:
-                p.copy_(torch.randn_like(p) * (p.std() if p.numel() > 1 else p.abs()).clamp(min=1e-3))
+                _redraw(p)
+
+
+def _redraw(p: Tensor) -> None:
+    """A parameter without a reset of its own: normal draws at its own scale (its standard deviation)."""
+    p.copy_(torch.randn_like(p) * (p.std() if p.numel() > 1 else p.abs()).clamp(min=1e-3))
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -115,10 +129,15 @@ def randomised_copies(model: nn.Module, names: Sequence[str], cascading: bool = 
             if not cascading:
                 copy_model = copy.deepcopy(model)
             modules = dict(copy_model.named_modules())
-            if name not in modules:
+            if name not in modules and name != OWN_PARAMETERS:
                 raise ValueError(f"the model has no layer named {name!r}")
             torch.manual_seed(layer_seed(seed, name))  # a layer's draw depends on (seed, name) only
-            reinitialise(modules[name])
+            if name == OWN_PARAMETERS:
+                with torch.no_grad():
+                    for p in copy_model.parameters(recurse=False):
+                        _redraw(p)
+            else:
+                reinitialise(modules[name])
             yield name, copy_model
 
 
