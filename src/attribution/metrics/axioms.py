@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.targets import TargetSpec
-from .common import SubstrateSpec, make_substrate, resolve_scorer, score_rows
+from .common import SubstrateSpec, check_images, make_substrate, resolve_scorer, score_rows
 
 #: Quantus' default threshold of ``NonSensitivity`` (attributions after max-normalisation, and score changes)
 EPS = 1e-5
@@ -35,8 +35,7 @@ class CompletenessResult(NamedTuple):
 
 def _check(images: Tensor, maps: Tensor) -> Tensor:
     """Validate and return ``maps`` broadcast to the images' shape (detached, on the images' device)."""
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError("images must be a tensor of shape (B, C, H, W)")
+    check_images(images)
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
         raise ValueError("maps must be a tensor of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)")
     m = maps.detach().to(images.device)

@@ -46,10 +46,16 @@ class Curve(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------------- maps
+def check_images(images: Tensor) -> None:
+    """Raise a clear error unless ``images`` is a floating (B, C, H, W) tensor."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a floating (B, C, H, W) tensor, got {shape}")
+
+
 def check_maps(images: Tensor, maps: Tensor) -> Tensor:
     """Validate ``maps`` against ``images`` and return the per-pixel map (B, H*W) (channel sum) in float."""
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError("images must be a tensor of shape (B, C, H, W)")
+    check_images(images)
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
         raise ValueError("maps must be a tensor of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)")
     if maps.dim() == 3:

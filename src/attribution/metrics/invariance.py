@@ -22,8 +22,8 @@ from ..core.explainer import Explainer, model_dtype
 from ..core.guard import preserve_model
 from ..core.layers import layer_name, resolve_layer
 from ..core.targets import TargetSpec
-from .common import run_order
-from .robustness import _check_images, _forward, prepare_maps
+from .common import check_images, run_order
+from .robustness import _forward, prepare_maps
 from .sanity import _rebind
 
 AFFINE = (nn.Linear, _ConvNd)
@@ -138,7 +138,7 @@ def input_invariance(explainer: Callable[..., Tensor], images: Tensor, target: T
     two explanations of the batch, three forwards of one image (two with ``layer``), one forward of the batch
     (``batch_size`` rows a pass) when ``target`` is ``None``, a deep copy of the model.
     """
-    _check_images(images)
+    check_images(images)
     if not callable(explainer):
         raise TypeError(f"explainer must be a callable f(images, target) -> maps, got {type(explainer).__name__}")
     if isinstance(shift, bool) or not isinstance(shift, (int, float)):

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.targets import TargetSpec, resolve_target
-from .robustness import _check_images, _forward, _result_dtype, prepare_maps
+from .common import check_images
+from .robustness import _forward, _result_dtype, prepare_maps
 
 Similarity = Callable[[Tensor, Tensor], Tensor]
 K1, K2 = 0.01, 0.03
@@ -84,7 +85,7 @@ def random_logit(explainer: Callable[..., Tensor], images: Tensor, target: Targe
     channels).  ``flatten=True`` reproduces Quantus.  Cost: two explanations of the batch, plus one forward when
     the target or the number of classes has to be read from the model.
     """
-    _check_images(images)
+    check_images(images)
     batch, device = images.shape[0], images.device
     resolved = resolve_target(target, batch, device)
     if resolved.objective is not None:

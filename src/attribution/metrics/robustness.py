@@ -40,7 +40,7 @@ from ..core.explainer import model_dtype
 from ..core.guard import preserve_model
 from ..core.layers import layer_name, resolve_layers
 from ..core.targets import TargetSpec
-from .common import SubstrateSpec, make_substrate
+from .common import SubstrateSpec, check_images, make_substrate
 from .infidelity_sensitivity import _draw, _sample_seeds
 
 Perturbation = Callable[[Tensor], Tensor]
@@ -50,15 +50,9 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a floating (B, C, H, W) tensor, got {shape}")
-
-
 def check_model_and_maps(model: nn.Module, images: Tensor, maps: Tensor) -> None:
     """Raise a clear error unless ``model`` is a module, ``images`` (B, C, H, W) and ``maps`` one map per image."""
-    _check_images(images)
+    check_images(images)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4) or maps.shape[0] != images.shape[0]:
@@ -150,7 +144,7 @@ class _Neighbours:
                  model: Optional[nn.Module], same_prediction: bool,
                  batch_size: Optional[int], outputs: bool = False, layers: Optional[List[nn.Module]] = None,
                  strict: bool = True, eps: float = 0.0) -> None:
-        _check_images(images)
+        check_images(images)
         if not callable(explainer):
             raise TypeError(f"explainer must be a callable f(images, target) -> maps, got {type(explainer).__name__}")
         if perturbation is not None and not callable(perturbation):
@@ -416,7 +410,7 @@ def continuity(explainer: Callable[..., Tensor], images: Tensor, target: TargetS
     the clean image (Quantus compares with the target class, and returns NaN as soon as one step changes it).
     Cost: ``steps + 1`` explanations of the batch (and ``steps`` forwards with ``same_prediction``).
     """
-    _check_images(images)
+    check_images(images)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     shifts = translations(images.shape[-1], steps).tolist()

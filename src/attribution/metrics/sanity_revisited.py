@@ -39,10 +39,10 @@ from torch import Tensor, nn
 
 from ..core.explainer import Explainer
 from ..core.targets import TargetSpec
-from .common import resolve_scorer
+from .common import check_images, resolve_scorer
 from .complexity import discrete_entropy
 from .infidelity_sensitivity import _draw, _sample_seeds
-from .robustness import _check_images, _result_dtype, prepare_maps
+from .robustness import _result_dtype, prepare_maps
 from .sanity import _rebind, randomisation_layers, randomised_copies
 from .similarity import spearman
 
@@ -59,7 +59,7 @@ class _Setup(NamedTuple):
 def _setup(explainer, images: Tensor, target: TargetSpec, model: Optional[nn.Module],
            layers: Optional[Sequence[str]], batch_size: Optional[int]) -> _Setup:
     """The model, the fixed target, the layers (input first) and the devices whose RNG is forked."""
-    _check_images(images)
+    check_images(images)
     if not callable(explainer):
         raise TypeError(f"explainer must be a callable f(images, target) -> maps, got {type(explainer).__name__}")
     base = explainer.model if isinstance(explainer, Explainer) else model
