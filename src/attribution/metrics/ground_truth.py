@@ -24,6 +24,7 @@ from torch import Tensor
 from .common import pixel_map
 from .localisation import attribution_localisation
 from .regions import Regions, region_mask
+from .similarity import rank_data
 
 #: Quantus' default ``k`` of ``TopKIntersection`` (pixels)
 TOP_K = 1000
@@ -106,20 +107,11 @@ def localisation_auc(maps: Tensor, regions: Regions) -> Tensor:
     ROC curve is undefined, scikit-learn's fpr is NaN too).
     """
     values, mask = _pixels(maps, regions)
-    dtype, values = values.dtype, values.to(torch.float64)
-    batch, n = values.shape
-    ordered, order = values.sort(dim=1)
-    labels = mask.gather(1, order)
-    new = torch.ones_like(labels)
-    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    position = torch.arange(n, device=values.device).expand(batch, n)
-    start = torch.where(new, position, torch.zeros_like(position)).cummax(dim=1).values
-    group = new.long().cumsum(dim=1) - 1
-    count = torch.zeros_like(values).scatter_add_(1, group, torch.ones_like(values)).gather(1, group)
-    rank = start.to(torch.float64) + (count + 1) / 2  # 1-based average rank of each tie group
-    positives = labels.sum(dim=1).to(torch.float64)
+    dtype, n = values.dtype, values.shape[1]
+    rank = rank_data(values.to(torch.float64)) + 1  # 1-based, ties sharing their average rank
+    positives = mask.sum(dim=1).to(torch.float64)
     negatives = n - positives
-    u = (rank * labels).sum(dim=1) - positives * (positives + 1) / 2
+    u = (rank * mask).sum(dim=1) - positives * (positives + 1) / 2
     auc = u / (positives * negatives).clamp(min=1)
     auc = torch.where((positives > 0) & (negatives > 0), auc, torch.full_like(auc, float("nan")))
     return auc.to(dtype)
