@@ -45,7 +45,6 @@ from .common import (Curve, SubstrateSpec, check_maps, make_substrate, resolve_s
 from .similarity import pearson, spearman
 
 
-
 class MonotonicityCurve(NamedTuple):
     """Arya et al.'s monotonicity per image.
 
