@@ -160,6 +160,10 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         for _ in range(steps):
             input_gradient_passes(m, x, t, x.shape[0], chunk)
 
+    def meaningful_floor(m, x, t, chunk, e):  # the circle start's 36 forwards per image, then steps x (fwd + grad)
+        forward_passes(m, x, x.shape[0] * 36, chunk)
+        guided_ig_floor(m, x, t, chunk, e)
+
     def occlusion_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * (positions + 1), chunk)
 
@@ -268,6 +272,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "extremal_perturbation": Work({"iterations": steps}, guided_ig_floor,  # steps x (forward + input grad)
                                       {"torchray extremal_perturbation": torchray_extremal
                                        if importlib.util.find_spec("torchray") else None}),
+        "meaningful_perturbation": Work({"iterations": steps}, meaningful_floor),
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),
         "lime": Work({"grid": 4, "samples": positions}, rise_floor, {"captum Lime": peer(captum_lime)}),

@@ -42,6 +42,7 @@ FAST = {
     "sobol": {"grid": 2, "n_designs": 64, "generator": torch.Generator().manual_seed(0)},
     "extremal_perturbation": {"iterations": 3},
     "attention_rollout": {},
+    "meaningful_perturbation": {"iterations": 3, "mask_scale": 4, "generator": torch.Generator().manual_seed(0)},
     "generic_attention": {},
     "grad_sam": {},
     "ag_cam": {},

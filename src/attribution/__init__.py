@@ -67,8 +67,8 @@ from .gradients import (
     VanillaGradient,
     XRAI,
 )
-from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, Occlusion,
-                           ShapleyValueSampling, SobolAttribution)
+from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, MeaningfulPerturbation,
+                           Occlusion, ShapleyValueSampling, SobolAttribution)
 from .transformers import (TIS, AGCAM, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
                            RawAttention, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
@@ -131,6 +131,7 @@ __all__ = [
     "RectGrad",
     "Occlusion",
     "OptiCAM",
+    "MeaningfulPerturbation",
     "PolyCAM",
     "RandomCAM",
     "RawAttention",

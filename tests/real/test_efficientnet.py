@@ -60,7 +60,7 @@ def cat_half_share(saliency: torch.Tensor) -> torch.Tensor:
 
 
 #: methods too costly for the table's composite, each with a test of its own below
-OWN_TEST = {"extremal_perturbation"}
+OWN_TEST = {"extremal_perturbation", "meaningful_perturbation"}
 
 
 def test_every_gradient_and_perturbation_method_is_covered():
@@ -83,6 +83,27 @@ def test_extremal_perturbation_keeps_more_of_the_explained_half(efficientnet):
 
 
 @pytest.mark.parametrize("name", sorted(GRADIENT_METHODS))
+def test_meaningful_perturbation_deletes_more_of_the_explained_half(efficientnet):
+    """The deletion game on the 96x96 composite, the authors' pixel sizes scaled from 224 (mask cells of 4 pixels,
+    blurs of 2 and 4.3, jitter 2), 40 of the default 300 iterations: explaining the cat deletes more of the cat
+    half than explaining the espresso does (0.486 against 0.390 when written), and blurring the deleted region
+    takes most of the cat's probability."""
+    from attribution.data import cat_coffee_composite
+
+    x = cat_coffee_composite(side=96).repeat(2, 1, 1, 1)
+    explainer = attribution.MeaningfulPerturbation(efficientnet, iterations=40, mask_scale=4, mask_blur=2.0,
+                                                   blur_sigma=4.3, jitter=2)
+    maps = explainer(x, [EGYPTIAN_CAT, ESPRESSO], generator=torch.Generator().manual_seed(0))
+    share = cat_half_share(maps)
+    assert share[0] - share[1] > 0.05, f"cat share {share[0]:.3f} for the cat class, {share[1]:.3f} for coffee"
+    from attribution.perturbation.meaningful_perturbation import blur
+
+    with torch.no_grad():
+        before = efficientnet(x[:1]).softmax(1)[0, EGYPTIAN_CAT]
+        after = efficientnet(x[:1] * (1 - maps[:1]) + blur(x[:1], 4.3) * maps[:1]).softmax(1)[0, EGYPTIAN_CAT]
+    assert after < 0.1 * before, (before.item(), after.item())  # 0.371 -> 0.002 when written
+
+
 def test_cat_class_puts_more_mass_on_the_cat_half(name, efficientnet, composite):
     """On the cat-left / coffee-right composite, explaining 'Egyptian cat' puts a larger share of the map on the
     left half than explaining 'espresso' does."""

@@ -3,10 +3,11 @@ from .extremal import ExtremalPerturbation
 from .hsic import HSICAttribution
 from .kernel_shap import KernelSHAP
 from .lime import LIME
+from .meaningful_perturbation import MeaningfulPerturbation
 from .occlusion import Occlusion
 from .rise import RISE
 from .shapley_sampling import ShapleyValueSampling
 from .sobol import SobolAttribution
 
-__all__ = ["ExtremalPerturbation", "HSICAttribution", "KernelSHAP", "LIME", "Occlusion", "RISE", "ShapleyValueSampling",
-           "SobolAttribution"]
+__all__ = ["ExtremalPerturbation", "HSICAttribution", "KernelSHAP", "LIME", "MeaningfulPerturbation", "Occlusion", "RISE",
+           "ShapleyValueSampling", "SobolAttribution"]
