@@ -42,7 +42,10 @@ FAST = {
     "sobol": {"grid": 2, "n_designs": 64, "generator": torch.Generator().manual_seed(0)},
     "extremal_perturbation": {"iterations": 3},
     "attention_rollout": {},
-    "meaningful_perturbation": {"iterations": 3, "mask_scale": 4, "generator": torch.Generator().manual_seed(0)},
+    # the circle start picks a disk by a 1 % threshold on probabilities that the random toy net barely moves (0.2189
+    # against 0.2195): float32 and float64 pick different disks, so the shared invariants start from the whole image
+    "meaningful_perturbation": {"iterations": 3, "mask_scale": 4, "init": "ones",
+                                "generator": torch.Generator().manual_seed(0)},
     "generic_attention": {},
     "grad_sam": {},
     "ag_cam": {},

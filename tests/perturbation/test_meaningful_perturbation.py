@@ -109,7 +109,10 @@ def written_out(model, image, label, iterations, offsets, learning_rate=0.1, l1=
     first = np.where(percs < 1e-2)[0][0] if (percs < 1e-2).any() else -1
     centres_r = np.minimum(np.arange(-(-height // scale)) * scale + scale // 2, height - 1)
     centres_c = np.minimum(np.arange(-(-width // scale)) * scale + scale // 2, width - 1)
-    mask = masks[first][np.ix_(centres_r, centres_c)].copy()
+    start = masks[first]  # scipy.misc.imresize(start, (h, w), 'nearest') / 255: bytescale, then nearest pixels
+    spread = start.max() - start.min()
+    start = np.floor((start - start.min()) * 255 / (spread if spread > 0 else 1) + 0.5) / 255
+    mask = start[np.ix_(centres_r, centres_c)].copy()
     # --- the optimisation
     padded = torch.nn.functional.pad(image, (0, jitter, 0, jitter), mode="replicate")
     padded_null = torch.nn.functional.pad(null, (0, jitter, 0, jitter), mode="replicate")

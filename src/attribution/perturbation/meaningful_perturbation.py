@@ -71,7 +71,9 @@ class MeaningfulPerturbation(Explainer):
     ``tv_coeff=1e-2``, ``tv_beta=3``, ``mask_scale=8``, ``mask_blur=5``, ``blur_sigma=10``, ``jitter=4``, the
     probability as the score, and ``init='circle'``: the mask starts as the smallest centred blurred disk whose
     deletion removes 99 % of the score (disk radii 0, 5, ..., 170 and their blur 10 pixels at 224 x 224, scaled
-    with the image's shorter side; 35 extra forwards per image), sampled at the cells' centres.  ``init='ones'``
+    with the image's shorter side; 36 extra forwards per image), min-max scaled to multiples of 1/255 and sampled
+    at the cells' centres, as the code's ``scipy.misc.imresize`` does (which also keeps float32 and float64 runs
+    alike: Adam's first steps are the signs of the gradients, so a start 1e-10 below 1 would move by a full step).  ``init='ones'``
     starts from the whole image kept.  The pixel sizes (``mask_blur``, ``blur_sigma``, ``jitter``) are the authors'
     for 224 x 224 inputs: scale them with the image.
 
@@ -79,8 +81,7 @@ class MeaningfulPerturbation(Explainer):
     upsampled mask (the code skips the blur's Jacobian and sums the gradient of the blurred mask over each block);
     the blurs are Gaussians out to 4 sigma with mirrored borders on the input tensor (the code uses PIL's
     ``GaussianBlur`` on the 8-bit photo and on the 8-bit mask); jitter shifts the given image, its bottom and right
-    edges repeated (the code crops the photo resized to 4 pixels more); the initial disk is not rescaled to [0, 1]
-    by ``scipy.misc.imresize``.  Masks of a call are optimised ``batch_size`` at a time; Adam works element-wise,
+    edges repeated (the code crops the photo resized to 4 pixels more).  Masks of a call are optimised ``batch_size`` at a time; Adam works element-wise,
     so each image's mask is independent of the others.  ``create_graph=True`` differentiates through the whole
     optimisation (memory grows with ``iterations``).
 
@@ -141,7 +142,8 @@ class MeaningfulPerturbation(Explainer):
     def _circle_start(self, images: Tensor, blurred: Tensor, owners: Tensor, target: Target, grid,
                       mask_scale: int, batch_size: Optional[int]) -> Tensor:
         """The authors' start (N, 1, h, w): the mask deleting the smallest blurred centred disk that leaves less than
-        1 % of the score between the image's (1.0) and the largest disk's (0.0), sampled at the cells' centres."""
+        1 % of the score between the image's (1.0) and the largest disk's (0.0), scaled to bytes as their
+        ``scipy.misc.imresize`` does and sampled at the cells' centres (its nearest-neighbour rule)."""
         count, (height, width) = images.shape[0], images.shape[-2:]
         scale = min(height, width) / 224
         radii = RADIUS_STEP * scale * torch.arange(RADII, dtype=images.dtype, device=images.device)
@@ -165,9 +167,14 @@ class MeaningfulPerturbation(Explainer):
             last = disk_scores[:, -1:]
             below = (disk_scores - last) / (original - last) < INIT_THRESHOLD
             first = torch.where(below.any(dim=1), below.int().argmax(dim=1), RADII - 1)  # the code's [-1]
+        # scipy.misc.imresize's byte scaling: each start min-max scaled to [0, 255] and rounded (a constant one to 0)
+        start = kept[first]
+        low = start.amin(dim=(1, 2, 3), keepdim=True)
+        spread = start.amax(dim=(1, 2, 3), keepdim=True) - low
+        start = torch.floor((start - low) * 255 / torch.where(spread > 0, spread, torch.ones_like(spread)) + 0.5) / 255
         rows = torch.clamp(torch.arange(grid[0], device=images.device) * mask_scale + mask_scale // 2, max=height - 1)
         cols = torch.clamp(torch.arange(grid[1], device=images.device) * mask_scale + mask_scale // 2, max=width - 1)
-        return kept[first][:, :, rows][:, :, :, cols].clone()
+        return start[:, :, rows][:, :, :, cols]
 
     def _optimise(self, images: Tensor, blurred: Tensor, owners: Tensor, target: Target, masks: Tensor,
                   offsets, learning_rate: float, l1_coeff: float, tv_coeff: float, tv_beta: float, mask_scale: int,
