@@ -73,17 +73,18 @@ class MeaningfulPerturbation(Explainer):
     deletion removes 99 % of the score (disk radii 0, 5, ..., 170 and their blur 10 pixels at 224 x 224, scaled
     with the image's shorter side; 36 extra forwards per image), min-max scaled to multiples of 1/255 and sampled
     at the cells' centres, as the code's ``scipy.misc.imresize`` does (which also keeps float32 and float64 runs
-    alike: Adam's first steps are the signs of the gradients, so a start 1e-10 below 1 would move by a full step).  ``init='ones'``
-    starts from the whole image kept.  The pixel sizes (``mask_blur``, ``blur_sigma``, ``jitter``) are the authors'
-    for 224 x 224 inputs: scale them with the image.
+    alike: Adam's first steps are the signs of the gradients, so a start 1e-10 below 1 would move by a full step).
+    ``init='ones'`` starts from the whole image kept.  The pixel sizes (``mask_blur``, ``blur_sigma``, ``jitter``)
+    are the authors' for 224 x 224 inputs: scale them with the image.
 
     Deliberate differences from the authors' code: the mask's gradient is the exact one through the blur of the
-    upsampled mask (the code skips the blur's Jacobian and sums the gradient of the blurred mask over each block);
-    the blurs are Gaussians out to 4 sigma with mirrored borders on the input tensor (the code uses PIL's
-    ``GaussianBlur`` on the 8-bit photo and on the 8-bit mask); jitter shifts the given image, its bottom and right
-    edges repeated (the code crops the photo resized to 4 pixels more).  Masks of a call are optimised ``batch_size`` at a time; Adam works element-wise,
-    so each image's mask is independent of the others.  ``create_graph=True`` differentiates through the whole
-    optimisation (memory grows with ``iterations``).
+    upsampled mask (the code skips the blur's Jacobian and sums the gradient of the blurred mask over each block)
+    and through the total variation (the code's derivative clamps ``|grad m|^beta`` to 1e-5); the blurs are
+    Gaussians out to 4 sigma with mirrored borders on the input tensor (the code uses PIL's ``GaussianBlur`` on
+    the 8-bit photo and on the 8-bit mask); jitter shifts the given image, its bottom and right edges repeated (the
+    code crops the photo resized to 4 pixels more).  Masks of a call are optimised ``batch_size`` at a time; Adam
+    works element-wise, so each image's mask is independent of the others.  ``create_graph=True`` differentiates
+    through the whole optimisation (memory grows with ``iterations``).
 
     Cost: ``iterations`` forwards and input-gradient backwards per image, plus 36 forwards per image for
     ``init='circle'``.
