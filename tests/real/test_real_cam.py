@@ -48,6 +48,8 @@ DISCRIMINATIVE = {
     "combined": {},
     "score_cam": {"target_layer": "_blocks.14"},
     "is_cam": {"target_layer": "_blocks.14", "steps": 2},
+    "integrated_grad_cam": {"steps": 8},
+    "rsi_grad_cam": {"steps": 8},
     "ss_cam": {"target_layer": "_blocks.14", "samples": 1, "std": 0.2, "generator": torch.Generator().manual_seed(0)},
     # the head is piecewise linear (ReLU6), so with logits ShapleyCAM is Grad-CAM: the paper's ReST utility instead
     "shapley_cam": {"score": "rest"},

@@ -14,6 +14,7 @@ from .grad_cam_elementwise import GradCAMElementWise
 from .grad_cam_plusplus import GradCAMPlusPlus
 from .group_cam import GroupCAM
 from .hires_cam import HiResCAM
+from .integrated_grad_cam import IntegratedGradCAM
 from .kpca_cam import KPCACAM
 from .layer_cam import LayerCAM
 from .lift_cam import LIFTCAM
@@ -24,6 +25,7 @@ from .poly_cam import PolyCAM
 from .random_cam import RandomCAM
 from .recipro_cam import ReciproCAM
 from .relevance_cam import RelevanceCAM
+from .rsi_grad_cam import RSIGradCAM
 from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
 from .sess import SESS
@@ -51,6 +53,7 @@ __all__ = [
     "GroupCAM",
     "HiResCAM",
     "ISCAM",
+    "IntegratedGradCAM",
     "KPCACAM",
     "LIFTCAM",
     "LayerCAM",
@@ -61,6 +64,7 @@ __all__ = [
     "RandomCAM",
     "ReciproCAM",
     "RelevanceCAM",
+    "RSIGradCAM",
     "RefineCAM",
     "SESS",
     "SegEigenCAM",
