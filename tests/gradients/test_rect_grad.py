@@ -97,8 +97,13 @@ def test_sequence_first_layers_keep_images_apart():
             return self.head(self.encoder(tokens).mean(dim=0))
 
     model = Tokens().eval()
-    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    together = attribution.RectGrad(model)(x, [0, 1, 2], percentile=80.0)
-    alone = torch.cat([attribution.RectGrad(model)(x[i:i + 1], [i], percentile=80.0) for i in range(3)])
-    assert together.abs().sum() > 0
-    torch.testing.assert_close(together, alone)
+    # 3 images of 16 tokens; then 4 images of 4 tokens, as many as the rows (the tie goes to the second dimension:
+    # the model's nn.MultiheadAttention is sequence-first)
+    for x in (torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)),
+              torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(3))):
+        labels = [i % 3 for i in range(x.shape[0])]
+        together = attribution.RectGrad(model)(x, labels, percentile=80.0)
+        alone = torch.cat([attribution.RectGrad(model)(x[i:i + 1], [labels[i]], percentile=80.0)
+                           for i in range(x.shape[0])])
+        assert together.abs().sum() > 0
+        torch.testing.assert_close(together, alone)

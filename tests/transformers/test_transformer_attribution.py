@@ -255,8 +255,13 @@ def test_sequence_first_blocks_keep_images_apart():
             return self.head(self.encoder(tokens)[0])
 
     model = Tokens().eval()
-    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    together = attribution.TransformerAttribution(model)(x, [0, 1, 2])
-    alone = torch.cat([attribution.TransformerAttribution(model)(x[i:i + 1], [i]) for i in range(3)])
-    assert together.abs().sum() > 0
-    torch.testing.assert_close(together, alone)
+    # 3 images of 8x8 (17 tokens); then 5 images of 4x4: 5 tokens, as many as the rows (the model's
+    # nn.MultiheadAttention is sequence-first, so the tie goes to the second dimension)
+    for x in (torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)),
+              torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(3))):
+        labels = [i % 3 for i in range(x.shape[0])]
+        together = attribution.TransformerAttribution(model)(x, labels)
+        alone = torch.cat([attribution.TransformerAttribution(model)(x[i:i + 1], [labels[i]])
+                           for i in range(x.shape[0])])
+        assert together.abs().sum() > 0
+        torch.testing.assert_close(together, alone)

@@ -242,6 +242,23 @@ def _plain(operation: Operation, tensors: Sequence[Optional[Tensor]], needs: Seq
 PARAMETER_VALUE = "_attribution_parameter_value"
 
 
+def sequence_first(model: torch.nn.Module) -> bool:
+    """True when the model runs attention sequence-first: an ``nn.MultiheadAttention`` built with
+    ``batch_first=False`` (``nn.TransformerEncoder``'s default), whose blocks work on (tokens, batch, features)."""
+    return any(isinstance(m, torch.nn.MultiheadAttention) and not m.batch_first for m in model.modules())
+
+
+def batch_dimension(values: Tensor, rows: Optional[int], seq_first: bool = False) -> int:
+    """The dimension of ``values`` that holds the pass's ``rows`` images: the first, or the second when only the
+    second has that size (a sequence-first block's tokens).  When both have it, the second for the 3-D tensors of
+    a sequence-first model (``seq_first``: :func:`sequence_first`), else the first."""
+    if values.dim() < 2 or values.shape[1] != rows:
+        return 0
+    if values.shape[0] != rows:
+        return 1
+    return 1 if seq_first and values.dim() == 3 else 0
+
+
 def is_parameter(t: Any) -> bool:
     """Whether ``t`` is a parameter, a tensor standing in for one (marked :data:`PARAMETER_VALUE`), or a view of
     either (``in_proj_weight.chunk(3)``, ``W.T``)."""
