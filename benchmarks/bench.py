@@ -156,6 +156,12 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         forward_passes(m, x, x.shape[0] * steps, chunk)
         input_gradient_passes(m, x, t, steps * x.shape[0], chunk)
 
+    def big_floor(m, x, t, chunk, e):  # the attack's steps one after another, a forward of its ends, IG's points
+        for _ in range(steps):
+            input_gradient_passes(m, x, t, x.shape[0], chunk)
+        forward_passes(m, x, x.shape[0], chunk)
+        input_gradient_passes(m, x, t, steps * x.shape[0], chunk)
+
     def guided_ig_floor(m, x, t, chunk, e):
         for _ in range(steps):
             input_gradient_passes(m, x, t, x.shape[0], chunk)
@@ -249,6 +255,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "mfaba": Work({"steps": steps, "early_stop": False}, grads(steps)),
         # 4 classes x steps/4 points, each a forward and two input gradients (the floor counts one: ratio ~1.3+)
         "agi": Work({"topk": 4, "max_iter": max(1, steps // 4)}, grads(4 * max(1, steps // 4))),
+        # the default radii are all beyond the attack's reach: one attack of steps points, then IG of steps points
+        "big": Work({"attack_steps": steps, "steps": steps}, big_floor),
         "expected_gradients": Work({"samples": steps}, grads(steps), {"captum GradientShap": peer(
             lambda m, x, t, c: ca.GradientShap(m).attribute(x, torch.zeros_like(x[:1]).repeat(4, 1, 1, 1),
                                                              n_samples=steps, stdevs=0.0, target=t))}),
@@ -358,6 +366,8 @@ def channels_at_layer(model: nn.Module, x: torch.Tensor, explainer) -> int:
 TIS_MASKS = 64
 #: Smooth Grad-CAM++ noisy copies per image in the benchmark
 SMOOTH_CAM_SAMPLES = 8
+#: path points per image of Integrated Grad-CAM and RSI-Grad-CAM in the benchmark (their default is 50)
+PATH_CAM_STEPS = 16
 #: CAMERAS resolutions in the benchmark: three of the authors' eight (their 924 pixels cost 17 forwards at 224)
 CAMERAS_RESOLUTIONS = (224, 324, 424)
 
@@ -395,6 +405,12 @@ def cam_work(size: int) -> Dict[str, Work]:
         forward_passes(m, x, x.shape[0], chunk)
         layer_gradient_passes(m, x.repeat_interleave(SMOOTH_CAM_SAMPLES, 0), t.repeat_interleave(SMOOTH_CAM_SAMPLES),
                               chunk, e)
+
+    def path_floor(points):  # forward + layer gradient of each path point (points(steps) per image)
+        def floor(m, x, t, chunk, e):
+            rows = points(PATH_CAM_STEPS)
+            layer_gradient_passes(m, x.repeat_interleave(rows, 0), t.repeat_interleave(rows), chunk, e)
+        return floor
 
     def cameras_floor(m, x, t, chunk, e):  # forward + layer gradient of the image resized to each resolution
         for r in CAMERAS_RESOLUTIONS:
@@ -552,6 +568,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         # 2 C tail passes (the floor leaves out the forward and layer gradient for Grad-CAM's weights)
         "fd_cam": Work({}, tail_floor(lambda acts: 2 * acts.shape[1]), {}, "cnn"),
         "smooth_grad_cam_plusplus": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),
+        "integrated_grad_cam": Work({"steps": PATH_CAM_STEPS}, path_floor(lambda steps: steps), {}, "all"),
+        "rsi_grad_cam": Work({"steps": PATH_CAM_STEPS}, path_floor(lambda steps: steps + 1), {}, "all"),
         "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "lift_cam": Work({}, lift_floor, {}, "cnn"),

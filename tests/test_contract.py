@@ -24,6 +24,7 @@ FAST = {
     "attn_lrp": {},
     "mfaba": {"steps": 4},
     "agi": {"topk": 2, "max_iter": 3},
+    "big": {"attack_steps": 3, "steps": 4},
     "deeplift_shap": {},
     "xrai": {"steps": 4},
     "guided_backprop": {},
@@ -41,11 +42,11 @@ FAST = {
     # the shared tolerances (grid 3 with 8 designs: batch_size check 2.9x over, bf16 correlation 0.84)
     "sobol": {"grid": 2, "n_designs": 64, "generator": torch.Generator().manual_seed(0)},
     "extremal_perturbation": {"iterations": 3},
-    "attention_rollout": {},
     # the circle start picks a disk by a 1 % threshold on probabilities that the random toy net barely moves (0.2189
     # against 0.2195): float32 and float64 pick different disks, so the shared invariants start from the whole image
     "meaningful_perturbation": {"iterations": 3, "mask_scale": 4, "init": "ones",
                                 "generator": torch.Generator().manual_seed(0)},
+    "attention_rollout": {},
     "generic_attention": {},
     "grad_sam": {},
     "ag_cam": {},
@@ -70,6 +71,8 @@ FAST = {
     "score_cam": {},
     "ss_cam": {"samples": 1},
     "is_cam": {"steps": 2},
+    "integrated_grad_cam": {"steps": 3},
+    "rsi_grad_cam": {"steps": 3},
     "ablation_cam": {},
     "fd_cam": {},
     "recipro_cam": {},

@@ -34,10 +34,12 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "shapley_sampling": {"grid": 2, "samples": 2},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4}, "idgi": {"steps": 4},
          "sess": {"num_scales": 2}, "agi": {"topk": 2, "max_iter": 2}, "mfaba": {"steps": 4},
+         "big": {"attack_steps": 2, "steps": 3},
          "noise_grad": {"noisy_models": 2},
          "extremal_perturbation": {"iterations": 2}, "meaningful_perturbation": {"iterations": 2},
          "hsic": {"grid": 4, "n_designs": 8},
          "sobol": {"grid": 2, "n_designs": 4},
+         "integrated_grad_cam": {"steps": 2}, "rsi_grad_cam": {"steps": 2},
          "cameras": {"resolutions": [224]}, "smooth_grad_cam_plusplus": {"samples": 2}}  # fixed-size position embeddings: the image's own resolution only
 METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation", "region"))
 

@@ -3,6 +3,7 @@ region maps grown from Integrated Gradients)."""
 from .agi import AGI
 from .attn_lrp import AttnLRP
 from .base import GradientExplainer
+from .big import BoundaryIG
 from .blur_ig import BlurIG
 from .deeplift import DeepLift, DeepLiftShap
 from .expected import ExpectedGradients
@@ -23,6 +24,7 @@ __all__ = [
     "AGI",
     "AttnLRP",
     "BlurIG",
+    "BoundaryIG",
     "Deconvnet",
     "DeepLift",
     "DeepLiftShap",

@@ -4,12 +4,14 @@ A *walker* starts at an image and takes up to ``steps`` steps; at each point ``p
 prediction and the scores, and input-gradient backwards give the gradient of the target's score ``s_t`` and, when
 the walker has a *guide* class ``j`` (AGI's false class), of ``s_j``.  A method supplies
 
-* ``move(p_k, x, direction) -> p_{k+1}``: the step, from the gradient that sets the direction (the guide's, else
-  the target's), e.g. a signed step ``x + eps * sign(grad)`` (:func:`signed_step`) clipped to ``bounds``;
+* ``move(p_k, x, direction, walkers) -> p_{k+1}``: the step, from the gradient that sets the direction (the
+  guide's, else the target's), e.g. a signed step ``x + eps * sign(grad)`` (:func:`signed_step`) clipped to
+  ``bounds`` (``walkers``: the walkers' indices, for steps that differ between walkers);
 * ``stop(predicted, walkers, k) -> mask``: the walkers that stop at ``p_k`` before stepping (at the boundary);
 
 and the walk sums, into each walker's image, ``-grad s_t(p_k) * (p_{k+1} - r_k)`` over the steps taken, with
-``r_k = p_k`` (a path sum, MFABA) or ``r_k = x`` (each step measured from the image, AGI's code).
+``r_k = p_k`` (a path sum, MFABA) or ``r_k = x`` (each step measured from the image, AGI's code).  A method that
+needs the walkers' end points instead (an attack, BIG) runs :meth:`AdversarialPathExplainer._advance` itself.
 
 All walkers of all images advance together: each iteration evaluates the walkers still moving, ``batch_size``
 rows per pass (:class:`~attribution.core.batching.RowPlanner`), so a call costs at most ``steps`` passes over the
@@ -18,7 +20,7 @@ walkers whatever the number of images.  The points are constants (detached), as 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,8 +30,9 @@ from ..core.targets import Target
 from .base import GradientExplainer, accumulation_dtype
 
 Bounds = Optional[Tuple[float, float]]
-#: ``(p_k, x, direction) -> p_{k+1}`` for a chunk of walkers (``x``: each walker's image)
-Move = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: ``(p_k, x, direction, walkers) -> p_{k+1}`` for a chunk of walkers (``x``: each walker's image, ``walkers``:
+#: their indices)
+Move = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 #: ``(predicted classes, walker indices, iteration k) -> bool mask`` of the walkers that stop at ``p_k``
 Stop = Callable[[Tensor, Tensor, int], Tensor]
 
@@ -90,11 +93,40 @@ class AdversarialPathExplainer(GradientExplainer):
         ``from_image`` measures each step from the image (``r_k = x``) instead of from ``p_k``.
         """
         total = torch.zeros(x.shape, dtype=accumulation_dtype(x), device=x.device)
+        if owners.shape[0] == 0:
+            return total
+        points = x[owners].clone()
+        for index, label, old, new in self._advance(x, target, owners, points, steps=steps, move=move, stop=stop,
+                                                    guides=guides, batch_size=batch_size, create_graph=create_graph):
+            step = (new - (x[owners[index]] if from_image else old)).to(total.dtype)
+            contribution = -step * label.to(total.dtype)
+            # out of place only when the sum must stay differentiable
+            total = (total.index_add(0, owners[index], contribution) if create_graph
+                     else total.index_add_(0, owners[index], contribution))
+        return total
+
+    def _advance(
+        self,
+        x: Tensor,
+        target: Target,
+        owners: Tensor,
+        points: Tensor,
+        *,
+        steps: int,
+        move: Move,
+        stop: Stop,
+        guides: Optional[Tensor] = None,
+        batch_size: Optional[int],
+        create_graph: bool,
+    ) -> Iterator[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Moves the walkers' ``points`` (n, C, H, W; in place, starting at their images ``x[owners]``) for up to
+        ``steps`` iterations; yields, for each chunk of walkers moved, ``(walkers, grad s_t(p_k), p_k, p_{k+1})``
+        (the target's gradient with the graph when ``create_graph``).  On exhaustion ``points`` holds where each
+        walker stopped."""
         count = owners.shape[0]
         if count == 0:
-            return total
+            return
         guide_target = None if guides is None else Target(count, target.score, classes=guides)
-        points = x[owners].clone()
         alive = torch.arange(count, device=x.device)
         planner = RowPlanner(count, batch_size, x.device)
         for k in range(steps):
@@ -108,18 +140,12 @@ class AdversarialPathExplainer(GradientExplainer):
                     points[index], owners[index], target, index, guide_target, create_graph, planner)
                 go = ~stop(predicted, index, k)
                 index, label, direction = index[go], label[go], direction[go]
-                image = x[owners[index]]
                 old = points[index]
-                new = move(old, image, direction.detach().to(old.dtype)).detach()
-                step = (new - (image if from_image else old)).to(total.dtype)
-                contribution = -step * label.to(total.dtype)
-                # out of place only when the sum must stay differentiable
-                total = (total.index_add(0, owners[index], contribution) if create_graph
-                         else total.index_add_(0, owners[index], contribution))
+                new = move(old, x[owners[index]], direction.detach().to(old.dtype), index).detach()
                 points[index] = new
                 moving.append(index)
+                yield index, label, old, new
             alive = torch.cat(moving)
-        return total
 
     def _path_gradients(
         self,

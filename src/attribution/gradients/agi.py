@@ -85,7 +85,7 @@ class AGI(AdversarialPathExplainer):
         owners = valid.nonzero()[:, 0]  # image-major
         guides = candidates[valid]
 
-        def move(point: Tensor, image: Tensor, grad: Tensor) -> Tensor:
+        def move(point: Tensor, image: Tensor, grad: Tensor, walkers: Tensor) -> Tensor:
             return signed_step(point if walk else image, grad, size, limits)
 
         def stop(predicted: Tensor, walkers: Tensor, k: int) -> Tensor:

@@ -76,7 +76,7 @@ class MFABA(AdversarialPathExplainer):
                              "indices as the target, not a callable; pass early_stop=False to follow a callable "
                              "objective for all steps")
 
-        def move(point: Tensor, image: Tensor, grad: Tensor) -> Tensor:
+        def move(point: Tensor, image: Tensor, grad: Tensor, walkers: Tensor) -> Tensor:
             if variant == "smooth":
                 return clip(image + (signed_step(point, grad, -size, None) - image).clamp(-radius, radius), limits)
             norm = grad.flatten(1).norm(dim=1).view((-1,) + (1,) * (grad.dim() - 1))
