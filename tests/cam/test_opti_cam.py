@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import attribution as A
-from conftest import cam_cnn
+from conftest import cam_cnn, central_difference
 
 
 @pytest.fixture
@@ -50,6 +50,22 @@ def test_opti_cam_is_adam_on_the_masked_logit(x):
     ours = A.OptiCAM(model, "2", iterations=12, lr=0.1)(x, [0, 4, 7], batch_size=2)
     expected = opti_cam_written_out(model, x, [0, 4, 7], 12, 0.1)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["0.0", "3.0"])  # below the optimised layer, above it
+def test_create_graph_differentiates_through_the_optimisation(x, layer):
+    """The map's derivative in a weight (float64) equals the finite difference of the whole optimisation: the
+    weights' Adam steps are part of it (as constants, the weight's effect on them would be missing)."""
+    model = cam_cnn().double()
+    images = x[:2].double()
+    explainer = A.OptiCAM(model, "2", iterations=4, lr=0.1)
+    weight = dict(model.named_parameters())[f"{layer}.weight"]
+    direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = (torch.arange(32 * 32, dtype=torch.float64) / 1024).view(1, 1, 32, 32)  # any smooth functional
+    (grad,) = torch.autograd.grad((explainer(images, [1, 4], create_graph=True) * target).sum(), weight)
+    # a step of 1e-8: at 1e-6 the difference crosses a kink of the optimisation for the first layer
+    difference = central_difference(lambda: (explainer(images, [1, 4]) * target).sum(), weight, direction, step=1e-8)
+    torch.testing.assert_close((grad * direction).sum(), difference, rtol=1e-4, atol=1e-8)
 
 
 def test_without_iterations_the_map_is_the_scaled_mean_of_the_rectified_channels(x):

@@ -136,8 +136,10 @@ def written_out(model, image, label, iterations, offsets, learning_rate=0.1, l1=
 
 def test_equals_the_authors_procedure_written_out_one_image_at_a_time():
     model, pattern, _ = planted()
-    x = torch.cat([pattern, pattern.flip(-1), torch.randn_like(pattern)])
-    labels = [0, 0, 1]
+    noise = torch.randn(pattern.shape, dtype=pattern.dtype, generator=torch.Generator().manual_seed(4))
+    # images whose explained probability the disks move (where it does not, the start is a tie that rounding breaks)
+    x = torch.cat([pattern, pattern, 0.7 * pattern + 0.5 * noise])
+    labels = [0, 1, 0]
     iterations = 12
     ours = MeaningfulPerturbation(model, **OPTIONS)(x, labels, iterations=iterations,
                                                      generator=torch.Generator().manual_seed(3))

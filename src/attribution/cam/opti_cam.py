@@ -9,6 +9,7 @@ from torch import Tensor
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
 from ..core.layers import LayerSpec
+from ..core.optim import Adam
 from ..core.registry import register
 from ..core.targets import Target
 from .base import CAM, FUSIONS, min_max_scale, upsample
@@ -33,9 +34,10 @@ class OptiCAM(CAM):
     learning rate ``lr`` from uniform weights, per image; the map is ``S(u*)``, (B, 1, H, W) in [0, 1].  Defaults
     from the authors' script (50 iterations, learning rate 0.1, the target's logit).  Their script stops a batch
     early when its summed loss rises between checks; here every image takes all ``iterations`` steps, so a map does
-    not depend on the other images of the batch.  With ``create_graph=True`` the map is differentiable through
-    the activations, the optimised weights entering as constants.  Cost: one forward, then ``iterations`` forwards
-    and backwards to the channel weights (through the whole model) per image.
+    not depend on the other images of the batch.  Adam is written out (``torch.optim.Adam``'s update), so that with
+    ``create_graph=True`` the map is differentiable through the activations and through every step of the
+    optimisation of the weights (memory grows with ``iterations``).  Cost: one forward, then ``iterations``
+    forwards and backwards to the channel weights (through the whole model) per image.
     """
 
     uses_gradients = False
@@ -59,19 +61,26 @@ class OptiCAM(CAM):
             chunks = []
             for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
                 owners = torch.arange(start, stop, device=x.device)
-                weights = self._optimise(x[start:stop], owners, target, features[start:stop].detach(), iterations, lr)
+                weights = self._optimise(x[start:stop], owners, target, features[start:stop], iterations, lr,
+                                         create_graph)
                 chunks.append(saliency_of(weights, features[start:stop], size))
             maps.append(torch.cat(chunks))
         return self._fuse(maps, size, layer_fusion)
 
     def _optimise(self, x: Tensor, owners: Tensor, target: Target, features: Tensor, iterations: int,
-                  lr: float) -> Tensor:
-        """The channel logits (n, C) after ``iterations`` Adam steps on ``-f_t(x * S(u))``, from zeros."""
+                  lr: float, create_graph: bool) -> Tensor:
+        """The channel logits (n, C) after ``iterations`` Adam steps on ``-f_t(x * S(u))``, from zeros (with the
+        graph of every step when ``create_graph``)."""
+        if not create_graph:
+            features = features.detach()
         weights = torch.zeros(features.shape[:2], dtype=features.dtype, device=x.device, requires_grad=True)
-        optimiser = torch.optim.Adam([weights], lr=lr)
+        adam = Adam(lr)
         for _ in range(iterations):
             masked = x * saliency_of(weights, features, tuple(x.shape[-2:])).to(x.dtype)
             score = target(self._forward(masked), owners).sum()
-            (weights.grad,) = torch.autograd.grad(-score, weights)
-            optimiser.step()
-        return weights.detach()
+            (grad,) = torch.autograd.grad(-score, weights, create_graph=create_graph)
+            weights = adam.step(weights, grad)
+            if not create_graph:
+                weights = weights.detach().requires_grad_(True)
+                adam.detach_()
+        return weights if create_graph else weights.detach()

@@ -11,12 +11,11 @@ from torch import Tensor
 from ..core.batching import RowPlanner
 from ..core.explainer import Explainer
 from ..core.filters import gaussian_blur
+from ..core.optim import Adam
 from ..core.registry import register
 from ..core.targets import Target
 
 INITS = ("circle", "ones")
-#: Adam as the authors write it out: moment decays 0.9 and 0.999, epsilon 1e-8 added to the root of the second moment
-BETA1, BETA2, EPSILON = 0.9, 0.999, 1e-8
 #: the circle initialisation at 224 x 224 (scaled with the image's shorter side): disks of radius 0, 5, ..., 170
 #: pixels, blurred with sigma 10, deleted from the image; the first whose deletion leaves less than 1 % of the score
 #: (measured between the image's and the largest disk's) is the start
@@ -40,13 +39,6 @@ def total_variation(masks: Tensor, beta: float) -> Tensor:
     positive = squared > 0
     values = torch.where(positive, squared, torch.ones_like(squared)) ** (beta / 2)
     return torch.where(positive, values, torch.zeros_like(values)).flatten(1).sum(dim=1)
-
-
-def _root(values: Tensor) -> Tensor:
-    """``sqrt(values)`` of non-negative values with a finite derivative at 0 (for ``create_graph``)."""
-    positive = values > 0
-    return torch.where(positive, torch.where(positive, values, torch.ones_like(values)).sqrt(),
-                       torch.zeros_like(values))
 
 
 @register("meaningful_perturbation")
@@ -187,9 +179,8 @@ class MeaningfulPerturbation(Explainer):
             pad = (0, jitter, 0, jitter)
             images, blurred = F.pad(images, pad, mode="replicate"), F.pad(blurred, pad, mode="replicate")
         masks = masks.requires_grad_(True)
-        first = torch.zeros_like(masks)
-        second = torch.zeros_like(masks)
-        for step, (dy, dx) in enumerate(offsets, start=1):
+        adam = Adam(learning_rate)  # the authors' Adam: moments 0.9 and 0.999, epsilon 1e-8
+        for dy, dx in offsets:
             keep = self._upsample(masks, mask_scale, mask_blur, size)
             window = (..., slice(dy, dy + size[0]), slice(dx, dx + size[1]))
             perturbed = images[window] * keep + blurred[window] * (1 - keep)
@@ -197,12 +188,10 @@ class MeaningfulPerturbation(Explainer):
             loss = score + l1_coeff * (masks - 1).abs().flatten(1).sum(dim=1) + tv_coeff * total_variation(masks,
                                                                                                             tv_beta)
             (grad,) = torch.autograd.grad(loss.sum(), masks, create_graph=create_graph)
-            first = BETA1 * first + (1 - BETA1) * grad
-            second = BETA2 * second + (1 - BETA2) * grad ** 2
-            update = (first / (1 - BETA1 ** step)) / (_root(second / (1 - BETA2 ** step)) + EPSILON)
-            masks = (masks - learning_rate * update).clamp(0, 1)
+            masks = adam.step(masks, grad).clamp(0, 1)
             if not create_graph:
-                masks, first, second = masks.detach().requires_grad_(True), first.detach(), second.detach()
+                masks = masks.detach().requires_grad_(True)
+                adam.detach_()
         with torch.set_grad_enabled(create_graph):
             keep = self._upsample(masks, mask_scale, mask_blur, size)
         return keep if create_graph else keep.detach()
