@@ -41,3 +41,14 @@ def test_imputation_and_sanity_on_cuda():
     model = tiny_cnn().cuda()
     result = model_randomisation(attribution.VanillaGradient(model), x.cuda(), [0, 1, 2, 3])
     assert result.spearman_abs.device.type == "cuda"
+
+
+def test_randomised_copies_leave_the_random_state_of_the_models_device_alone():
+    """The model on the GPU, the images on the CPU: the cascade's draws fork the model's device's RNG too."""
+    from attribution.metrics.sanity import randomised_copies
+
+    model = tiny_cnn().cuda()
+    cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state()
+    for _ in randomised_copies(model, ["0", "2"], devices=[]):
+        torch.randn(3, device="cuda")  # the consumer draws too, inside the fork
+    assert torch.equal(torch.get_rng_state(), cpu_state) and torch.equal(torch.cuda.get_rng_state(), cuda_state)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import zlib
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -120,10 +121,12 @@ def randomised_copies(model: nn.Module, names: Sequence[str], cascading: bool = 
                       devices: Sequence[torch.device] = ()) -> Iterator[Tuple[str, nn.Module]]:
     """Yield ``(name, copy)`` for each layer of ``names`` in turn: a deep copy of ``model`` with that layer re-drawn
     by :func:`reinitialise` from :func:`layer_seed` (cascading: on top of the earlier layers, in one copy; else each
-    layer alone, in a fresh copy).  ``model`` is never touched; the draws run in a forked RNG (``devices``: the CUDA
-    devices to fork too), which stays forked while the consumer works on a yielded copy, so the caller's random
-    state is left alone."""
-    with torch.random.fork_rng(devices=list(devices)):
+    layer alone, in a fresh copy).  ``model`` is never touched; the draws run in a forked RNG (the CPU's, the CUDA
+    devices the model lives on and ``devices``, e.g. the images'), which stays forked while the consumer works on a
+    yielded copy, so the caller's random state is left alone."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    forked = {torch.device(d) for d in devices} | {t.device for t in tensors if t.device.type == "cuda"}
+    with torch.random.fork_rng(devices=sorted(forked, key=str)):
         copy_model = copy.deepcopy(model)
         for name in names:
             if not cascading:
