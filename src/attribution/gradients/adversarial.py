@@ -17,6 +17,10 @@ All walkers of all images advance together: each iteration evaluates the walkers
 rows per pass (:class:`~attribution.core.batching.RowPlanner`), so a call costs at most ``steps`` passes over the
 walkers whatever the number of images.  The points are constants (detached), as in the authors' code; with
 ``create_graph`` only the gradients in the sum carry the graph w.r.t. the model's parameters.
+
+Methods whose step follows the gradient averaged over randomly transformed copies of each point (the transfer
+attacks of AttEXplore) get that average from :meth:`AdversarialPathExplainer._mean_copy_gradients`, which runs the
+copies of all points ``batch_size`` rows per pass.
 """
 from __future__ import annotations
 
@@ -146,6 +150,45 @@ class AdversarialPathExplainer(GradientExplainer):
                 moving.append(index)
                 yield index, label, old, new
             alive = torch.cat(moving)
+
+    def _mean_copy_gradients(
+        self,
+        points: Tensor,
+        copies: int,
+        prepare: Callable[[int, int], Tensor],
+        transform: Callable[[Tensor, Tensor], Tensor],
+        loss: Callable[[Tensor, Tensor], Tensor],
+        planner: RowPlanner,
+        create_graph: bool,
+    ) -> Tensor:
+        """``mean_c grad_u loss(f(transform(u, c)))`` at ``u = u_{i,c}``, per point ``i`` of ``points`` (n, C, H, W),
+        in the accumulation dtype (with the graph w.r.t. the parameters when ``create_graph``).
+
+        Rows are copy-major (row ``r``: copy ``r // n`` of point ``r % n``), ``planner`` (over ``n * copies`` rows,
+        kept from call to call) sets the rows per pass.  ``prepare(start, stop)`` returns rows ``start:stop``, the
+        inputs ``u`` at which the gradient is taken (made from the points however the method likes: they are
+        detached here); ``transform(u, copy)`` (``copy``: each row's copy index) is the part of the transform the
+        gradient goes through, and ``loss(outputs, owners)`` the per-row objective (``owners``: each row's point).
+        """
+        count = points.shape[0]
+        total = torch.zeros(points.shape, dtype=accumulation_dtype(points), device=points.device)
+        for start, stop in planner:
+            index = torch.arange(start, stop, device=points.device)
+            copy, owners = index // count, index % count
+            rows = prepare(start, stop).detach().requires_grad_(True)
+            measure = planner.adaptive and planner.measured_per_row is None
+            before = torch.cuda.memory_allocated(rows.device) if measure else 0
+            with self._backward_rules():
+                outputs = self._forward(transform(rows, copy))
+            if measure:  # activations kept for backward, doubled for the backward's own buffers
+                planner.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
+            (grads,) = torch.autograd.grad(loss(outputs, owners).sum(), rows, create_graph=create_graph,
+                                           allow_unused=True)
+            grads = torch.zeros_like(rows) if grads is None else grads
+            # out of place only when the sum must stay differentiable
+            total = (total.index_add(0, owners, grads.to(total.dtype)) if create_graph
+                     else total.index_add_(0, owners, grads.to(total.dtype)))
+        return total / copies
 
     def _path_gradients(
         self,
