@@ -162,6 +162,19 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         forward_passes(m, x, x.shape[0], chunk)
         input_gradient_passes(m, x, t, steps * x.shape[0], chunk)
 
+    def ig2_floor(m, x, t, chunk, e):  # the references' forward, then per step a forward and two input gradients
+        forward_passes(m, x, x.shape[0], chunk)
+        for _ in range(steps):
+            for start in range(0, x.shape[0], chunk):
+                batch = x[start:start + chunk].detach().requires_grad_(True)
+                out = m(batch)
+                torch.autograd.grad(out.square().sum(), batch, retain_graph=True)
+                torch.autograd.grad(out.gather(1, t[start:start + chunk, None]).sum(), batch)
+
+    def attexplore_floor(m, x, t, chunk, e):  # steps/4 attack steps one after another, 4 copies per image each
+        for _ in range(max(1, steps // 4)):
+            input_gradient_passes(m, x, t, 4 * x.shape[0], chunk)
+
     def guided_ig_floor(m, x, t, chunk, e):
         for _ in range(steps):
             input_gradient_passes(m, x, t, x.shape[0], chunk)
@@ -257,6 +270,11 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "agi": Work({"topk": 4, "max_iter": max(1, steps // 4)}, grads(4 * max(1, steps // 4))),
         # the default radii are all beyond the attack's reach: one attack of steps points, then IG of steps points
         "big": Work({"attack_steps": steps, "steps": steps}, big_floor),
+        # steps x samples rows per image (steps/4 x 4 here), each a forward and input gradient of a transformed copy
+        "attexplore": Work({"steps": max(1, steps // 4), "samples": 4}, attexplore_floor),
+        # one reference per image ('black'): its forward, then steps x (forward + the distance's and the target's
+        # input gradients) along the path, one after another
+        "ig2": Work({"steps": steps}, ig2_floor),
         "expected_gradients": Work({"samples": steps}, grads(steps), {"captum GradientShap": peer(
             lambda m, x, t, c: ca.GradientShap(m).attribute(x, torch.zeros_like(x[:1]).repeat(4, 1, 1, 1),
                                                              n_samples=steps, stdevs=0.0, target=t))}),
@@ -435,6 +453,13 @@ def cam_work(size: int) -> Dict[str, Work]:
         finally:
             handle.remove()
 
+    def atman_floor(m, x, t, chunk, e):  # the clean forward and one forward per patch token, on the fused kernel
+        from attribution.core.spatial import patch_size
+
+        height, width = patch_size(m)
+        patches = (x.shape[-2] // height) * (x.shape[-1] // width)
+        forward_passes(m, x, x.shape[0] * (patches + 1), chunk)
+
     def score_floor(m, x, t, chunk, e):  # the clean forward and one masked forward per channel
         forward_passes(m, x, x.shape[0] * (1 + channels_at_layer(m, x, e)), chunk)
 
@@ -605,6 +630,10 @@ def cam_work(size: int) -> Dict[str, Work]:
         # the floor's one backward
         "transformer_attribution": Work({}, input_floor, models="vit"),
         "tis": Work({"n_masks": TIS_MASKS}, tis_floor, models="vit"),
+        # P + 1 forwards per image for P patch tokens (197 per image on ViT-B/16 at 224; the forward up to the first
+        # block that reads the embeddings is not in the floor); ours runs the attention as the explicit softmax(q k^T)
+        # with per-row suppressed keys, the floor the model's own (fused) kernel
+        "atman": Work({}, atman_floor, models="vit"),
     }
 
 
@@ -614,8 +643,9 @@ SOBOL_DESIGNS = 8
 BEYOND_STEPS = 8
 #: Opti-CAM's optimisation steps in the benchmark (its default is 50)
 OPTI_ITERATIONS = 10
-#: many-pass methods left out of the default CPU run (C forwards per image): ask for them with --methods
-SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam"}
+#: many-pass methods left out of the default CPU run (C forwards, or for AtMan one per patch token, per image): ask
+#: for them with --methods
+SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam", "atman"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

@@ -25,6 +25,8 @@ FAST = {
     "mfaba": {"steps": 4},
     "agi": {"topk": 2, "max_iter": 3},
     "big": {"attack_steps": 3, "steps": 4},
+    "attexplore": {"steps": 3, "samples": 2, "generator": torch.Generator().manual_seed(0)},
+    "ig2": {"steps": 4},
     "deeplift_shap": {},
     "xrai": {"steps": 4},
     "guided_backprop": {},
@@ -56,6 +58,7 @@ FAST = {
     "legrad": {},
     "transformer_attribution": {},
     "tis": {"n_masks": 8, "generator": torch.Generator().manual_seed(0)},
+    "atman": {},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)
     "grad_cam": {},
     "hires_cam": {},
@@ -101,7 +104,7 @@ FAST = {
 #: other classes): a callable target gets a clear error
 NEEDS_CLASSES = {name for name in list_methods() if attribution.get_method(name).needs_class_indices}
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
-RANDOM = {"smoothgrad": {"std": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
+RANDOM = {"smoothgrad": {"std": 0.0}, "attexplore": {"sigma": 0.0, "rho": 0.0, "diversity_prob": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
 #: probability between masked copies, about 1e-3 apart on this random net, which bf16's 8-bit mantissa blurs
 #: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)
@@ -110,7 +113,10 @@ RANDOM = {"smoothgrad": {"std": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth
 #: 0.9999
 #: AttCAT sums gradient x token over the channels, terms that mostly cancel (1e-5 left of them on the tiny ViT):
 #: bf16 tokens and gradients keep 0.73 of the correlation, bf16-rounded weights run in float32 0.99999
-BF16_CORR = {"score_cam": 0.7, "ss_cam": 0.7, "is_cam": 0.7, "group_cam": 0.3, "attcat": 0.6}
+#: AtMan's relevances are differences of the target's log-probability between forwards, about 3e-4 on the tiny ViT,
+#: below bf16's resolution of the logits: bf16 keeps 0.2-0.33 of the correlation, bf16-rounded weights run in float32
+#: 0.99999 (computing the manipulated softmax in float32 does not help: the noise is the model's)
+BF16_CORR = {"score_cam": 0.7, "ss_cam": 0.7, "is_cam": 0.7, "group_cam": 0.3, "attcat": 0.6, "atman": 0.1}
 METHODS = list_methods()
 
 

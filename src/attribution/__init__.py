@@ -48,6 +48,7 @@ from .combine import CombinedWrapper, GuidedGradCAM
 from .core import Explainer, create, get_method, list_methods, register
 from .gradients import (
     AGI,
+    AttEXplore,
     AttnLRP,
     BlurIG,
     BoundaryIG,
@@ -59,6 +60,7 @@ from .gradients import (
     GuidedBackProp,
     GuidedIG,
     IDGI,
+    IG2,
     InputXGradient,
     IntegratedDecisionGradients,
     IntegratedGradients,
@@ -72,7 +74,7 @@ from .gradients import (
 )
 from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, MeaningfulPerturbation,
                            Occlusion, ShapleyValueSampling, SobolAttribution)
-from .transformers import (TIS, AGCAM, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
+from .transformers import (TIS, AGCAM, AtMan, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
                            RawAttention, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -81,8 +83,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AGCAM",
     "AGI",
+    "AttEXplore",
     "AttnLRP",
     "AblationCAM",
+    "AtMan",
     "AttCAT",
     "AttentionRollout",
     "BagCAM",
@@ -116,6 +120,7 @@ __all__ = [
     "GuidedGradCAM",
     "GuidedIG",
     "IDGI",
+    "IG2",
     "HSICAttribution",
     "HiResCAM",
     "ISCAM",

@@ -25,6 +25,8 @@ GRADIENT_METHODS = {
     "mfaba": {},
     "agi": {"topk": 2, "max_iter": 3},
     "big": {"attack_steps": 10, "steps": 16},
+    "attexplore": {"steps": 4, "samples": 2, "generator": torch.Generator().manual_seed(0)},
+    "ig2": {"steps": 8, "step_size": 4.4},  # the authors' 256-pixel step in ImageNet-normalised units
     "deeplift_shap": {"references": "black"},
     "guided_backprop": {},
     "deconvnet": {},

@@ -1,6 +1,7 @@
 """The gradient family: maps built from input gradients, (B, C, H, W) signed attributions (XRAI: (B, 1, H, W)
 region maps grown from Integrated Gradients)."""
 from .agi import AGI
+from .attexplore import AttEXplore
 from .attn_lrp import AttnLRP
 from .base import GradientExplainer
 from .big import BoundaryIG
@@ -11,6 +12,7 @@ from .guided_backprop import Deconvnet, GuidedBackProp, RectGrad
 from .guided_ig import GuidedIG
 from .idg import IntegratedDecisionGradients
 from .idgi import IDGI
+from .ig2 import IG2
 from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
 from .lrp import LRP
@@ -22,6 +24,7 @@ from .xrai import XRAI
 
 __all__ = [
     "AGI",
+    "AttEXplore",
     "AttnLRP",
     "BlurIG",
     "BoundaryIG",
@@ -33,6 +36,7 @@ __all__ = [
     "GuidedBackProp",
     "GuidedIG",
     "IDGI",
+    "IG2",
     "InputXGradient",
     "IntegratedDecisionGradients",
     "IntegratedGradients",

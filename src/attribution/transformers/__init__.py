@@ -1,5 +1,6 @@
 """Transformers: token layouts, attention capture, and transformer-native methods."""
 from .ag_cam import AGCAM
+from .atman import AtMan
 from .attcat import AttCAT
 from .attention import AttentionCapture
 from .beyond_intuition import BeyondIntuition
@@ -12,6 +13,6 @@ from .tis import TIS
 from .tokens import TokenLayout, token_layout, tokens_to_map
 from .transformer_attribution import TransformerAttribution
 
-__all__ = ["AGCAM", "AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
+__all__ = ["AGCAM", "AtMan", "AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
            "LeGrad", "RawAttention", "TIS", "TokenLayout", "TransformerAttribution",
            "token_layout", "tokens_to_map"]
