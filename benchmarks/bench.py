@@ -311,11 +311,20 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
 
 
 def layer_activation(model: nn.Module, layer: nn.Module, x: torch.Tensor, grad: bool) -> tuple:
-    """(model outputs, the layer's output) of one forward."""
+    """(model outputs, the layer's output) of one forward.  With ``grad`` autograd records from the layer's first
+    output on, as the library's CAMs do: nothing below the layer is kept for a backward that never reaches it."""
     store = {}
-    handle = layer.register_forward_hook(lambda m, i, o: store.update(a=o))
+
+    def hook(module, inputs, output):
+        if grad and "a" not in store:
+            torch.set_grad_enabled(True)  # undone when the no_grad block below exits
+            output = output.detach().requires_grad_(True)
+        store.setdefault("a", output)
+        return output
+
+    handle = layer.register_forward_hook(hook)
     try:
-        with torch.set_grad_enabled(grad):
+        with torch.no_grad():
             out = model(x)
     finally:
         handle.remove()
