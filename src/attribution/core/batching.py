@@ -9,6 +9,7 @@ of the device's peak memory (read, never reset: the user's own peak statistics s
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -42,6 +43,16 @@ class RowPlanner:
     def measure(self, bytes_per_row: float) -> None:
         """Let a pass report the memory one row holds (e.g. the activations a forward keeps for backward)."""
         self.measured_per_row = max(self.measured_per_row or 0.0, bytes_per_row)
+
+    @contextlib.contextmanager
+    def recording(self, rows: torch.Tensor) -> Iterator[None]:
+        """Around a forward whose graph is kept for a backward: on the first pass of an adaptive plan, reports the
+        memory per row the forward keeps (the allocation's rise, doubled for the backward's own buffers)."""
+        measure = self.adaptive and self.measured_per_row is None
+        before = torch.cuda.memory_allocated(rows.device) if measure else 0
+        yield
+        if measure:
+            self.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
 
     def _rows_that_fit(self, per_row: float) -> int:
         free, _ = torch.cuda.mem_get_info(self.device)

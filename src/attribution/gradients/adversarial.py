@@ -118,7 +118,7 @@ class AdversarialPathExplainer(GradientExplainer):
         *,
         steps: int,
         move: Move,
-        stop: Stop,
+        stop: Optional[Stop],
         guides: Optional[Tensor] = None,
         batch_size: Optional[int],
         create_graph: bool,
@@ -126,7 +126,8 @@ class AdversarialPathExplainer(GradientExplainer):
         """Moves the walkers' ``points`` (n, C, H, W; in place, starting at their images ``x[owners]``) for up to
         ``steps`` iterations; yields, for each chunk of walkers moved, ``(walkers, grad s_t(p_k), p_k, p_{k+1})``
         (the target's gradient with the graph when ``create_graph``).  On exhaustion ``points`` holds where each
-        walker stopped."""
+        walker stopped.  ``stop=None``: every walker takes every step (no boolean selection, which would wait for
+        the device)."""
         count = owners.shape[0]
         if count == 0:
             return
@@ -142,8 +143,9 @@ class AdversarialPathExplainer(GradientExplainer):
                 index = alive[a:b]
                 predicted, label, direction = self._path_gradients(
                     points[index], owners[index], target, index, guide_target, create_graph, planner)
-                go = ~stop(predicted, index, k)
-                index, label, direction = index[go], label[go], direction[go]
+                if stop is not None:
+                    go = ~stop(predicted, index, k)
+                    index, label, direction = index[go], label[go], direction[go]
                 old = points[index]
                 new = move(old, x[owners[index]], direction.detach().to(old.dtype), index).detach()
                 points[index] = new
@@ -176,12 +178,8 @@ class AdversarialPathExplainer(GradientExplainer):
             index = torch.arange(start, stop, device=points.device)
             copy, owners = index // count, index % count
             rows = prepare(start, stop).detach().requires_grad_(True)
-            measure = planner.adaptive and planner.measured_per_row is None
-            before = torch.cuda.memory_allocated(rows.device) if measure else 0
-            with self._backward_rules():
+            with planner.recording(rows), self._backward_rules():
                 outputs = self._forward(transform(rows, copy))
-            if measure:  # activations kept for backward, doubled for the backward's own buffers
-                planner.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
             (grads,) = torch.autograd.grad(loss(outputs, owners).sum(), rows, create_graph=create_graph,
                                            allow_unused=True)
             grads = torch.zeros_like(rows) if grads is None else grads
@@ -203,12 +201,8 @@ class AdversarialPathExplainer(GradientExplainer):
         """One forward of ``points``: the predicted classes, the gradient of the target's score (with the graph
         when ``create_graph``) and the gradient that sets the direction (the guide's score's, else the same)."""
         rows = self._model_input(points.detach()).requires_grad_(True)
-        measure = planner.adaptive and planner.measured_per_row is None
-        before = torch.cuda.memory_allocated(rows.device) if measure else 0
-        with self._backward_rules():
+        with planner.recording(rows), self._backward_rules():
             outputs = self._forward(rows)
-        if measure:  # activations kept for backward, doubled for the backward's own buffers
-            planner.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
         predicted = outputs.detach().argmax(dim=1)
         direction = None
         if guide_target is not None:

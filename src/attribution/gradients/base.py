@@ -57,12 +57,8 @@ class GradientExplainer(Explainer):
     ) -> Tuple[Tensor, Tensor]:
         """Each row's target score (float32 or float64) and its gradient w.r.t. the row (the rows' dtype)."""
         rows = self._model_input(rows.detach()).requires_grad_(True)
-        measure = planner is not None and planner.adaptive and planner.measured_per_row is None
-        before = torch.cuda.memory_allocated(rows.device) if measure else 0
-        with self._backward_rules():
+        with planner.recording(rows) if planner is not None else contextlib.nullcontext(), self._backward_rules():
             outputs = self._forward(rows)
-        if measure:  # activations kept for backward, doubled for the backward's own buffers
-            planner.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
         scores = target(outputs, owners)
         (grads,) = torch.autograd.grad(scores.sum(), rows, create_graph=create_graph, allow_unused=True)
         return scores if create_graph else scores.detach(), torch.zeros_like(rows) if grads is None else grads

@@ -41,7 +41,8 @@ class BoundaryIG(AdversarialPathExplainer):
     inputs are often normalised.  Cost per image: ``attack_steps`` forwards and input-gradient backwards per
     distinct attack, one forward per attack to check its success, then ``steps`` forwards and backwards.  Attacks
     whose radius is at least ``attack_steps * step_size`` never reach the edge of their box, so they are one
-    attack, run once (with the defaults all seven are: 50 + 1 + 50 passes).  All attacks of all images advance
+    attack, run once (with the defaults all seven are: 50 + 1 + 50 passes), unless an image lies outside
+    ``bounds`` (clipping can then move it further: every radius runs).  All attacks of all images advance
     together.
 
     Deliberate differences from the code: each attack step follows the sign of the current gradient (the LA
@@ -94,7 +95,10 @@ class BoundaryIG(AdversarialPathExplainer):
     def _boundary_points(self, x: Tensor, target: Target, radii: Tuple[float, ...], attack_steps: int, size: float,
                          limits: Any, batch_size: Optional[int]) -> Tensor:
         """Each image's baseline (B, C, H, W): the closest successful attack's end point (see the class)."""
-        reach = attack_steps * size  # no step leaves the box of a radius at least this
+        # no attack leaves the box of a radius at least this, so those radii are one attack; clipping to bounds can
+        # move an image that lies outside them further, so then every radius is its own attack
+        inside = limits is None or bool(((x >= limits[0]) & (x <= limits[1])).all())
+        reach = attack_steps * size if inside else float("inf")
         runs = sorted({r for r in radii if r < reach})
         if any(r >= reach for r in radii):
             runs.append(min(r for r in radii if r >= reach))
@@ -108,11 +112,8 @@ class BoundaryIG(AdversarialPathExplainer):
             return clip(image + torch.maximum(torch.minimum(signed_step(point, grad, -size, None) - image, r), -r),
                         limits)
 
-        def never(predicted: Tensor, walkers: Tensor, k: int) -> Tensor:
-            return torch.zeros_like(predicted, dtype=torch.bool)
-
         ends = x[owners].clone()
-        for _ in self._advance(x, target, owners, ends, steps=attack_steps, move=move, stop=never,
+        for _ in self._advance(x, target, owners, ends, steps=attack_steps, move=move, stop=None,
                                batch_size=batch_size, create_graph=False):
             pass
         predicted = torch.empty(owners.shape[0], dtype=torch.long, device=x.device)
@@ -127,8 +128,9 @@ class BoundaryIG(AdversarialPathExplainer):
 
 
 def check_epsilons(epsilons: Any) -> Tuple[float, ...]:
-    """A positive number or a non-empty sequence of them, as a tuple of floats; else a ValueError."""
+    """A positive number or a non-empty list or tuple of them, as a tuple of floats; else a ValueError."""
     values = tuple(epsilons) if isinstance(epsilons, (list, tuple)) else (epsilons,)
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in values):
-        raise ValueError(f"epsilons must be a positive number or a non-empty sequence of them, got {epsilons!r}")
+        raise ValueError(f"epsilons must be a positive number or a non-empty list or tuple of positive numbers, got "
+                         f"{epsilons!r}")
     return tuple(float(v) for v in values)

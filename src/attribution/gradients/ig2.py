@@ -139,12 +139,8 @@ class IG2(GradientExplainer):
         """One forward of ``points``: the gradient of each row's squared representation distance to its goal (the
         accumulation dtype) and of its target score (with the graph when ``create_graph``)."""
         rows = self._model_input(points.detach()).requires_grad_(True)
-        measure = planner.adaptive and planner.measured_per_row is None
-        before = torch.cuda.memory_allocated(rows.device) if measure else 0
-        with self._backward_rules():
+        with planner.recording(rows), self._backward_rules():
             outputs, rep = self._represent(rows, layer, of_input)
-        if measure:  # activations kept for backward, doubled for the backward's own buffers
-            planner.measure(2.0 * (torch.cuda.memory_allocated(rows.device) - before) / rows.shape[0])
         distance = (rep.to(goal.dtype) - goal).square().sum()
         (toward,) = torch.autograd.grad(distance, rows, retain_graph=True, allow_unused=True)
         (label,) = torch.autograd.grad(target(outputs, owners).sum(), rows, create_graph=create_graph,
