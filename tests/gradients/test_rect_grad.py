@@ -107,3 +107,30 @@ def test_sequence_first_layers_keep_images_apart():
                            for i in range(x.shape[0])])
         assert together.abs().sum() > 0
         torch.testing.assert_close(together, alone)
+
+
+def test_batch_first_layers_before_a_sequence_first_block_keep_their_batch_dimension():
+    """A batch-first token MLP (B, L, E) before nn.TransformerEncoder's sequence-first (L, B, E) blocks: with as
+    many tokens as images, each layer's tie is settled by where it runs (outside the blocks: the first)."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16))
+            layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, activation="relu")
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            patches = x.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+            tokens = self.embed(patches)  # (B, L, 16), batch-first
+            return self.head(self.encoder(tokens.transpose(0, 1)).mean(dim=0))
+
+    model = Tokens().eval()
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(3))  # 4 images of 4 tokens
+    together = attribution.RectGrad(model)(x, [0, 1, 2, 0], percentile=80.0)
+    alone = torch.cat([attribution.RectGrad(model)(x[i:i + 1], [label], percentile=80.0)
+                       for i, label in enumerate([0, 1, 2, 0])])
+    assert together.abs().sum() > 0
+    torch.testing.assert_close(together, alone)

@@ -242,16 +242,45 @@ def _plain(operation: Operation, tensors: Sequence[Optional[Tensor]], needs: Seq
 PARAMETER_VALUE = "_attribution_parameter_value"
 
 
-def sequence_first(model: torch.nn.Module) -> bool:
-    """True when the model runs attention sequence-first: an ``nn.MultiheadAttention`` built with
-    ``batch_first=False`` (``nn.TransformerEncoder``'s default), whose blocks work on (tokens, batch, features)."""
-    return any(isinstance(m, torch.nn.MultiheadAttention) and not m.batch_first for m in model.modules())
+class SequenceFirstScope:
+    """Context manager: :attr:`active` while the forward runs inside a *sequence-first block*, a module holding an
+    ``nn.MultiheadAttention`` built with ``batch_first=False`` as a direct child (``nn.TransformerEncoderLayer``'s
+    default), whose tensors are (tokens, batch, features).  Forward hooks on those blocks, removed on exit."""
+
+    def __init__(self, model: Optional[torch.nn.Module]) -> None:
+        self.blocks = [] if model is None else [
+            m for m in model.modules()
+            if any(isinstance(c, torch.nn.MultiheadAttention) and not c.batch_first for c in m.children())]
+        self.depth = 0
+        self._handles: List[Any] = []
+
+    def __enter__(self) -> "SequenceFirstScope":
+        for block in self.blocks:
+            self._handles.append(block.register_forward_pre_hook(self._enter_block))
+            self._handles.append(block.register_forward_hook(self._leave_block))
+        return self
+
+    def _enter_block(self, module: Any, args: Any) -> None:
+        self.depth += 1
+
+    def _leave_block(self, module: Any, args: Any, output: Any) -> None:
+        self.depth -= 1
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.depth = 0
+
+    @property
+    def active(self) -> bool:
+        return self.depth > 0
 
 
 def batch_dimension(values: Tensor, rows: Optional[int], seq_first: bool = False) -> int:
     """The dimension of ``values`` that holds the pass's ``rows`` images: the first, or the second when only the
-    second has that size (a sequence-first block's tokens).  When both have it, the second for the 3-D tensors of
-    a sequence-first model (``seq_first``: :func:`sequence_first`), else the first."""
+    second has that size (a sequence-first block's tokens).  When both have it, the second for 3-D tensors inside a
+    sequence-first block (``seq_first``: :attr:`SequenceFirstScope.active`), else the first."""
     if values.dim() < 2 or values.shape[1] != rows:
         return 0
     if values.shape[0] != rows:

@@ -32,8 +32,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.registry import register
 from ..core.rules import (ACTIVATION_FUNCTIONS, IN_PLACE_SUM_FUNCTIONS, LINEAR_FUNCTIONS, SUM_FUNCTIONS, LinearCall,
-                          Operation, RuleState, batch_dimension, inplace_position, is_parameter, linear_arguments,
-                          route)
+                          Operation, RuleState, SequenceFirstScope, batch_dimension, inplace_position, is_parameter,
+                          linear_arguments, route)
 from ..core.targets import Target
 from ..transformers.attention import explicit_attention, multi_head_attention
 from .base import GradientExplainer
@@ -227,14 +227,16 @@ class TransformerLRPRules(TorchFunctionMode):
     """
 
     def __init__(self, variant: str, eps: float, explicit: bool = False, rows: Optional[int] = None,
-                 seq_first: bool = False) -> None:
+                 scope: Optional[SequenceFirstScope] = None) -> None:
         super().__init__()
         if variant not in RULE_SETS:
             raise ValueError(f"variant must be one of {RULE_SETS}, got {variant!r}")
         #: ``explicit``: fused attention computed as ``softmax(q k^T) v`` (twice differentiable, for create_graph)
         #: ``rows``: the images of the forward (the dimension of that size is the batch in the per-image totals of
-        #: the Chefer rules: the first, or the second in sequence-first layers, ``seq_first`` settling a tie)
-        self.variant, self.eps, self.explicit, self.rows, self.seq_first = variant, eps, explicit, rows, seq_first
+        #: the Chefer rules: the first, or the second in sequence-first layers, ``scope`` settling a tie; the caller
+        #: enters the scope around the forward)
+        self.variant, self.eps, self.explicit, self.rows = variant, eps, explicit, rows
+        self.scope = scope if scope is not None else SequenceFirstScope(None)
         self.state = RuleState()
         self._alpha_beta = AlphaBeta(1.0, 0.0, stabilizer=1e-9, bias=False)
 
@@ -287,7 +289,7 @@ class TransformerLRPRules(TorchFunctionMode):
         if (func in SUM_FUNCTIONS or func in IN_PLACE_SUM_FUNCTIONS) and len(args) == 2 and not kwargs \
                 and all(_computed(t) for t in args) and args[0].shape == args[1].shape and args[0].dim() == 3:
             a = args[0]
-            rule = _ConservingSum(batch_dimension(a, self.rows, self.seq_first))
+            rule = _ConservingSum(batch_dimension(a, self.rows, self.scope.active))
             if func in SUM_FUNCTIONS:
                 return route(rule, self.state, a, args[1])
             return a.copy_(route(rule, self.state, a.clone(), args[1]))  # ``a += b``

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..core.registry import register
-from ..core.rules import batch_dimension, sequence_first
+from ..core.rules import SequenceFirstScope, batch_dimension
 from ..core.targets import Target
 from .base import GradientExplainer
 
@@ -99,12 +99,14 @@ class _Rectifier(torch.autograd.Function):
 class RectifierRules(TorchFunctionMode):
     """While active, rectifier calls get the backward of ``rule`` (see :data:`RULES`; ``percentile``: RectGrad's)."""
 
-    def __init__(self, rule: str = "guided", percentile: float = 98.0, seq_first: bool = False) -> None:
+    def __init__(self, rule: str = "guided", percentile: float = 98.0,
+                 scope: Optional[SequenceFirstScope] = None) -> None:
         super().__init__()
-        self.rule, self.percentile, self.seq_first = rule, percentile, seq_first
+        self.rule, self.percentile = rule, percentile
+        self.scope = scope if scope is not None else SequenceFirstScope(None)
         self.calls = 0
         #: the rows of the pass running (set by the explainer): the dimension of that size is the batch
-        #: (the first, or the second for sequence-first layers such as nn.TransformerEncoder's default; ``seq_first``
+        #: (the first, or the second for sequence-first layers such as nn.TransformerEncoder's default; ``scope``
         #: settles a tie, see :func:`~attribution.core.rules.batch_dimension`)
         self.rows: Optional[int] = None
 
@@ -115,7 +117,18 @@ class RectifierRules(TorchFunctionMode):
             return func(*args, **kwargs)
         self.calls += 1
         x = args[0]
-        return _Rectifier.apply(x, *bounds, self.rule, self.percentile, batch_dimension(x, self.rows, self.seq_first))
+        return _Rectifier.apply(x, *bounds, self.rule, self.percentile,
+                                batch_dimension(x, self.rows, self.scope.active))
+
+    def __enter__(self) -> "RectifierRules":
+        self.scope.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self.scope.__exit__(*exc)
 
 
 class _RectifiedGradient(GradientExplainer):
@@ -133,7 +146,7 @@ class _RectifiedGradient(GradientExplainer):
 
     def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool,
                  **options: Any) -> Tensor:
-        self._rules = RectifierRules(self.rule, seq_first=sequence_first(self.model), **options)
+        self._rules = RectifierRules(self.rule, scope=SequenceFirstScope(self.model), **options)
         saliency = self._gradient_at_input(x, target, batch_size, create_graph)
         if self._rules.calls == 0:
             warnings.warn(
@@ -184,8 +197,8 @@ class RectGrad(_RectifiedGradient):
     At every rectifier ``a = clamp(x, ...)`` the backward passes ``g * [a * g > tau]``, ``tau`` the ``percentile``-th
     percentile of ``a * g`` over the layer's units, per image (over all dimensions but the batch's: the first, or the
     second in sequence-first layers such as ``nn.TransformerEncoder``'s default, found as the dimension of the
-    pass's row count, or, when the token count is that too, the second of 3-D tensors in models whose
-    ``nn.MultiheadAttention`` is sequence-first; nearest rank, as the authors' TensorFlow code), in
+    pass's row count, or, when the token count is that too, the second of 3-D tensors inside the blocks that hold
+    a sequence-first ``nn.MultiheadAttention``; nearest rank, as the authors' TensorFlow code), in
     place of the local derivative; the map is ``x * grad``.  Default percentile 98 as the authors' code.  Covers the
     rectifiers of guided backprop (ReLU, ReLU6 / Hardtanh, LeakyReLU); as in the authors' code, the indicator
     replaces the local derivative entirely (a saturated ReLU6 unit passes the gradient when its share is in the

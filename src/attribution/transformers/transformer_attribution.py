@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..core.registry import register
-from ..core.rules import sequence_first, stabilize
+from ..core.rules import SequenceFirstScope, stabilize
 from .attention import AttentionCapture
 from .generic_attention import GenericAttention
 
@@ -32,8 +32,8 @@ class TransformerAttribution(GenericAttention):
     timm's and torchvision's ViTs; works on fused and unfused attention alike.  Deliberate difference: the sums'
     totals are per image (the authors' code explains one image at a time and sums over the batch),
     along the batch's dimension (the second in sequence-first blocks such as ``nn.TransformerEncoder``'s default:
-    the dimension whose size is the pass's row count, or, when the token count is that too, the second in models
-    whose ``nn.MultiheadAttention`` is sequence-first).
+    the dimension whose size is the pass's row count, or, when the token count is that too, the second inside the
+    blocks that hold a sequence-first ``nn.MultiheadAttention``).
     Cost: one forward and two backwards (the relevance pass runs each linear layer's rule, about three times a
     plain backward through it).
     """
@@ -44,9 +44,10 @@ class TransformerAttribution(GenericAttention):
         probabilities are the factors the attention product's rule applies to)."""
         from ..gradients.attn_lrp import TransformerLRPRules  # the rules build on the attention capture
 
-        self._rules = TransformerLRPRules("chefer", eps=1e-10, rows=rows, seq_first=sequence_first(self.model))
+        scope = SequenceFirstScope(self.model)
+        self._rules = TransformerLRPRules("chefer", eps=1e-10, rows=rows, scope=scope)
         try:
-            with self._rules, AttentionCapture(self.model) as capture:
+            with self._rules, scope, AttentionCapture(self.model) as capture:
                 yield capture
         except BaseException:
             self.__dict__.pop("_rules", None)
