@@ -311,15 +311,16 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
 
 
 def layer_activation(model: nn.Module, layer: nn.Module, x: torch.Tensor, grad: bool) -> tuple:
-    """(model outputs, the layer's output) of one forward.  With ``grad`` autograd records from the layer's first
-    output on, as the library's CAMs do: nothing below the layer is kept for a backward that never reaches it."""
+    """(model outputs, the layer's last output) of one forward.  With ``grad`` autograd records from the layer's
+    first call on, as the library's CAMs do: nothing below the layer is kept for a backward that never reaches it
+    (a module called twice, as EfficientNet's shared activation, is differentiated at its last call, as there)."""
     store = {}
 
     def hook(module, inputs, output):
-        if grad and "a" not in store:
+        if grad and not store:
             torch.set_grad_enabled(True)  # undone when the no_grad block below exits
             output = output.detach().requires_grad_(True)
-        store.setdefault("a", output)
+        store["a"] = output
         return output
 
     handle = layer.register_forward_hook(hook)
@@ -352,14 +353,24 @@ def layers_gradient_passes(model: nn.Module, x: torch.Tensor, target: torch.Tens
     """Forward plus the gradient to every one of the explainer's layers at once (down to the shallowest)."""
     layers = explainer.target_layers(x, explainer.options.get("target_layer"))
     for start in range(0, x.shape[0], chunk):
-        store: list = []
-        handles = [layer.register_forward_hook(lambda m, i, o: store.append(o)) for layer in layers]
+        store: Dict[int, torch.Tensor] = {}
+
+        def hook(output: torch.Tensor, index: int) -> torch.Tensor:
+            if not store:  # autograd records from the first of the layers on, as the CAMs do
+                torch.set_grad_enabled(True)  # undone when the no_grad block below exits
+                output = output.detach().requires_grad_(True)
+            store[index] = output  # each layer's last call
+            return output
+
+        handles = [layer.register_forward_hook(lambda m, i, o, index=index: hook(o, index))
+                   for index, layer in enumerate(layers)]
         try:
-            out = model(x[start:start + chunk])
+            with torch.no_grad():
+                out = model(x[start:start + chunk])
         finally:
             for handle in handles:
                 handle.remove()
-        torch.autograd.grad(out.gather(1, target[start:start + chunk, None]).sum(), store)
+        torch.autograd.grad(out.gather(1, target[start:start + chunk, None]).sum(), list(store.values()))
 
 
 def stage_ends(model: nn.Module) -> Dict[str, object]:
