@@ -51,8 +51,9 @@ class IG2(GradientExplainer):
     logit explained (``score='logit'``).  Cost: ``steps`` forwards and ``2 * steps`` input-gradient backwards per
     image and reference (the target's gradient and the distance's at each path point come from one forward), one
     forward per reference, and one forward of one image to find the classifier when ``target_layer`` is None; all
-    paths of all images advance together, ``batch_size`` rows per pass.  The path points are constants
-    (detached), as in the authors' code: with ``create_graph`` only the target's gradients carry the graph.
+    paths of all images advance together, ``batch_size`` rows per pass.  With ``create_graph`` the map is
+    differentiated through the paths too (the points, the references' representations and the descent's
+    gradients depend on the weights; memory grows with ``steps``); without it the points are constants.
 
     Deliberate differences from the code: gradients are taken w.r.t. the input this explainer is given (the
     ImageNet example steps in [0, 255] pixels but differentiates w.r.t. the normalised tensor it builds inside the
@@ -91,7 +92,7 @@ class IG2(GradientExplainer):
         ref_rows = torch.arange(walkers, device=x.device) % per_image if shared else torch.arange(walkers,
                                                                                                    device=x.device)
 
-        with torch.no_grad():  # the references' representations, constants as in the code
+        with torch.set_grad_enabled(create_graph):  # the references' representations
             goal = torch.cat([self._represent(refs[a:b], layer, of_input)[1].to(dtype)
                               for a, b in RowPlanner(refs.shape[0], batch_size, x.device)])
 
@@ -138,11 +139,14 @@ class IG2(GradientExplainer):
                    of_input: bool, create_graph: bool, planner: RowPlanner) -> Tuple[Tensor, Tensor]:
         """One forward of ``points``: the gradient of each row's squared representation distance to its goal (the
         accumulation dtype) and of its target score (with the graph when ``create_graph``)."""
-        rows = self._model_input(points.detach()).requires_grad_(True)
+        rows = self._model_input(points if create_graph else points.detach())
+        if not rows.requires_grad:  # the path's start (or any point without create_graph)
+            rows.requires_grad_(True)
         with planner.recording(rows), self._backward_rules():
             outputs, rep = self._represent(rows, layer, of_input)
         distance = (rep.to(goal.dtype) - goal).square().sum()
-        (toward,) = torch.autograd.grad(distance, rows, retain_graph=True, allow_unused=True)
+        (toward,) = torch.autograd.grad(distance, rows, retain_graph=True, create_graph=create_graph,
+                                        allow_unused=True)
         (label,) = torch.autograd.grad(target(outputs, owners).sum(), rows, create_graph=create_graph,
                                        allow_unused=True)
         toward = torch.zeros_like(points) if toward is None else toward.to(points.dtype)
