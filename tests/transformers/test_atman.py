@@ -12,7 +12,7 @@ from torch import nn
 
 import attribution as A
 from attribution.transformers.atman import KeySuppression, cosine_similarity, key_factors, suppress_keys
-from conftest import tiny_cnn, tiny_vit
+from conftest import central_difference, tiny_cnn, tiny_vit
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -183,6 +183,20 @@ def test_fused_and_unfused_timm_attention_give_one_map():
     assert all(block.attn.fused_attn for block in fused.blocks)
     assert not any(block.attn.fused_attn for block in unfused.blocks)
     assert not any(m._forward_hooks or m._forward_pre_hooks for model in (fused, unfused) for m in model.modules())
+
+
+@pytest.mark.parametrize("threshold", [0.3, None])
+def test_create_graph_equals_finite_differences(threshold):
+    """The map's derivative in the position embedding (float64): conceptual suppression's factors depend on it
+    through the tokens' similarities, which must carry the graph (78 similar pairs at 0.3 on this ViT)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model = tiny_vit().double()
+    explainer = A.AtMan(model, conceptual_threshold=threshold)
+    direction = torch.randn(model.pos_embed.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(explainer(x, [0, 4], create_graph=True).sum(), model.pos_embed)
+    numeric = central_difference(lambda: explainer(x, [0, 4]).sum(), model.pos_embed, direction, step=1e-7)
+    torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-4, atol=1e-9)
 
 
 def _torchvision_vit() -> nn.Module:

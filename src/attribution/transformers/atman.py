@@ -36,9 +36,9 @@ def suppress_keys(scores: Tensor, factors: Tensor, masked: bool = True) -> Tenso
 
 
 def cosine_similarity(tokens: Tensor) -> Tensor:
-    """(B, N, N) cosine similarity of each image's tokens (B, N, D), in float32, norms floored at 1e-8 and the
-    result clipped to [-1, 1] (the authors' ``ConceptualSuppression``)."""
-    tokens = tokens.float()
+    """(B, N, N) cosine similarity of each image's tokens (B, N, D), in float32 (float64 for float64 tokens), norms
+    floored at 1e-8 and the result clipped to [-1, 1] (the authors' ``ConceptualSuppression``)."""
+    tokens = tokens.to(torch.float64 if tokens.dtype == torch.float64 else torch.float32)
     unit = tokens / tokens.norm(dim=2, keepdim=True).clamp(min=COSINE_EPS)
     return (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)
 
@@ -196,7 +196,7 @@ class AtMan(Explainer):
                 or not 0 <= float(conceptual_threshold) <= 1):
             raise ValueError(f"conceptual_threshold must be None or a number in [0, 1], got {conceptual_threshold!r}")
         factor = float(suppression_factor)
-        embeddings = self._embeddings(x, batch_size)  # (B, N, D)
+        embeddings = self._embeddings(x, batch_size, create_graph)  # (B, N, D)
         batch, tokens = embeddings.shape[:2]
         size = tuple(x.shape[-2:])
         layout = token_layout(self.model, size, tokens, "the tokens entering the first block")
@@ -222,8 +222,9 @@ class AtMan(Explainer):
         padded = torch.cat([relevance.new_zeros(batch, layout.prefix), relevance], dim=1)
         return scores_to_image(padded, layout, size)
 
-    def _embeddings(self, x: Tensor, batch_size: Optional[int]) -> Tensor:
-        """The tokens entering the model's first block (B, N, D), without running the blocks."""
+    def _embeddings(self, x: Tensor, batch_size: Optional[int], create_graph: bool) -> Tensor:
+        """The tokens entering the model's first block (B, N, D), without running the blocks (with their graph when
+        ``create_graph``: conceptual suppression's factors depend on them)."""
         key = tuple(x.shape[1:])
         if key not in self._blocks:
             self._blocks[key] = attention_blocks(self.model, x[:1], self._forward)
@@ -238,7 +239,7 @@ class AtMan(Explainer):
 
             handle = first.register_forward_pre_hook(grab)
             try:
-                with torch.no_grad():
+                with torch.set_grad_enabled(create_graph):
                     self._forward(x[start:stop])
             except _Stop:
                 pass
