@@ -52,3 +52,13 @@ def test_randomised_copies_leave_the_random_state_of_the_models_device_alone():
     for _ in randomised_copies(model, ["0", "2"], devices=[]):
         torch.randn(3, device="cuda")  # the consumer draws too, inside the fork
     assert torch.equal(torch.get_rng_state(), cpu_state) and torch.equal(torch.cuda.get_rng_state(), cuda_state)
+
+
+def test_a_cpu_models_cascade_leaves_the_gpus_random_state_alone():
+    """Nothing forked on the GPU (model and images on the CPU): the draws seed the CPU's generator only."""
+    from attribution.metrics.sanity import randomised_copies
+
+    cuda_state = torch.cuda.get_rng_state()
+    for _ in randomised_copies(tiny_cnn(), ["0", "2"], devices=[]):
+        pass
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state)

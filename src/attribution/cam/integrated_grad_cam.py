@@ -8,13 +8,13 @@ from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
+from ..core.explainer import positive_int
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
 from ..gradients.paths import BaselineSpec, make_baseline
 from .base import CAM, FUSIONS, channel_sum
-from .score_cam import positive_count
 
 
 def path_rows(x: Tensor, baseline: BaselineSpec, alphas: Tensor):
@@ -52,9 +52,10 @@ class IntegratedGradCAM(CAM):
 
     Deliberate differences: none from the working notebook.  The repository's ``utils.py`` subtracts the baseline
     from the activations in each point's map (``(A(x_i) - baseline) * weight``), but passes the input-sized baseline
-    image there, which does not broadcast to a layer's activations, so that version does not run; with its default
-    (``None``: zeros) it is the notebook's formula.  The notebook is the reference: the paper's own equation was not
-    at hand to compare (only its abstract).
+    image there (its ``None`` default too is replaced by the input-sized ``input[0] * 0``), which does not broadcast
+    to a layer's activations, so that version does not run; with a zero baseline at the layer it would be the
+    notebook's formula.  The notebook is the reference: the paper's own equation was not at hand to compare (only
+    its abstract).
     """
 
     argmax_on_rows = False  # the path points are not the image: None is resolved to the image's arg-max first
@@ -65,7 +66,7 @@ class IntegratedGradCAM(CAM):
                  create_graph: bool) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
-        steps = positive_count({"steps": steps}, "steps")
+        steps = positive_int(steps, "steps")
         points = path_rows(x, baseline, torch.arange(steps, dtype=torch.float64) / steps)
         layers = self.target_layers(x, target_layer, reshape_transform)
         totals: List[Optional[Tensor]] = [None] * len(layers)

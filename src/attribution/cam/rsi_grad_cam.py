@@ -9,13 +9,13 @@ from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
+from ..core.explainer import positive_int
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec
 from .base import CAM, FUSIONS, channel_sum
 from .integrated_grad_cam import path_rows
-from .score_cam import positive_count
 
 
 @register("rsi_grad_cam")
@@ -54,7 +54,7 @@ class RSIGradCAM(CAM):
                  batch_size: Optional[int], create_graph: bool) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
-        steps = positive_count({"steps": steps}, "steps")
+        steps = positive_int(steps, "steps")
         if not isinstance(positive_gradients, bool):
             raise TypeError(f"positive_gradients must be a bool, got {positive_gradients!r}")
         points = path_rows(x, baseline, torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64))
@@ -82,6 +82,7 @@ class RSIGradCAM(CAM):
                 terms = ((before_grad + grad) / 2 * (act - before_act)).mean(dim=(2, 3))  # (n, C)
                 terms = torch.where((step > 0)[:, None], terms, torch.zeros_like(terms))  # a path's first point
                 weights[i] = weights[i].index_add(0, owners, terms)
-                finals[i] = finals[i].index_copy(0, owners[last], act[last])
+                # the image's own activations (its path's last point), without a boolean selection (a device sync)
+                finals[i] = finals[i].index_add(0, owners, act * last.view(-1, 1, 1, 1).to(act.dtype))
         maps = [channel_sum(w[:, :, None, None], a) for w, a in zip(weights, finals)]
         return self._fuse(maps, x.shape[-2:], layer_fusion)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
+from ..core.explainer import positive_int
 from ..core.layers import LayerSpec
 from ..core.progress import progress_bar
 from ..core.registry import register
@@ -95,14 +96,6 @@ class _ScoreWeightedCAM(CAM):
         return scores.view(batch, channels)
 
 
-def positive_count(options: Dict[str, Any], name: str) -> int:
-    """The option ``name``, checked to be a positive int."""
-    value = options[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def duplicate_groups(x: Tensor) -> Tensor:
     """(U, M) image indices of each distinct image of the batch, -1 padded; column 0 is the first occurrence."""
     _, inverse = torch.unique(x.flatten(1), dim=0, return_inverse=True)
@@ -166,7 +159,7 @@ class SSCAM(_ScoreWeightedCAM):
     defaults = {**_ScoreWeightedCAM.defaults, "samples": 35, "std": 2.0, "generator": None}
 
     def _samples(self, options: Dict[str, Any]) -> int:
-        return positive_count(options, "samples")
+        return positive_int(options["samples"], "samples")
 
     def _perturb(self, masks: Tensor, sample: Tensor, samples: int, options: Dict[str, Any]) -> Tensor:
         if not options["std"]:
@@ -190,7 +183,7 @@ class ISCAM(_ScoreWeightedCAM):
     defaults = {**_ScoreWeightedCAM.defaults, "steps": 10}
 
     def _samples(self, options: Dict[str, Any]) -> int:
-        return positive_count(options, "steps")
+        return positive_int(options["steps"], "steps")
 
     def _perturb(self, masks: Tensor, sample: Tensor, samples: int, options: Dict[str, Any]) -> Tensor:
         return masks * ((sample + 1).to(masks.dtype) / samples).view(-1, 1, 1, 1)

@@ -202,6 +202,20 @@ def check_input(x: Tensor, model: nn.Module) -> None:
         raise ValueError(f"x is on {x.device} but the model is on {device}; move one of them")
 
 
+def positive_int(value: Any, name: str) -> int:
+    """An option that must be a positive int (not a bool); else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def positive_number(value: Any, name: str) -> float:
+    """An option that must be a positive number (not a bool), as a float; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def fraction_list(value: Any, name: str) -> Tuple[float, ...]:
     """An option that is one fraction in (0, 1] or a non-empty sequence of them, as a tuple; else a clear error."""
     single = isinstance(value, (int, float)) and not isinstance(value, bool)

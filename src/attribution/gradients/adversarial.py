@@ -62,18 +62,6 @@ def signed_step(origin: Tensor, direction: Tensor, size: float, bounds: Bounds) 
     return clip(origin + size * direction.sign(), bounds)
 
 
-def positive_number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class AdversarialPathExplainer(GradientExplainer):
     """Base of the methods that sum gradients along paths driven towards a decision boundary (see the module)."""
 

@@ -6,9 +6,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..core.explainer import positive_int, positive_number
 from ..core.registry import register
 from ..core.targets import Target
-from .adversarial import AdversarialPathExplainer, check_bounds, positive_int, positive_number, signed_step
+from .adversarial import AdversarialPathExplainer, check_bounds, signed_step
 
 SAMPLINGS = ("spaced", "random")
 SamplingSpec = Union[str, Sequence[int], Tensor]

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import RowPlanner
+from ..core.explainer import positive_int, positive_number
 from ..core.registry import register
 from ..core.targets import Target, apply_score
-from .adversarial import AdversarialPathExplainer, check_bounds, clip, positive_int, positive_number, signed_step
+from .adversarial import AdversarialPathExplainer, check_bounds, clip, signed_step
 from .base import accumulation_dtype
 
 #: the half-width, in standard deviations, of the smoothing kernel (the code's ``gkern(7, 3)``)

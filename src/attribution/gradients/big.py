@@ -7,9 +7,10 @@ import torch
 from torch import Tensor
 
 from ..core.batching import RowPlanner
+from ..core.explainer import positive_int, positive_number
 from ..core.registry import register
 from ..core.targets import Target
-from .adversarial import AdversarialPathExplainer, check_bounds, clip, positive_int, positive_number, signed_step
+from .adversarial import AdversarialPathExplainer, check_bounds, clip, signed_step
 from .base import accumulation_dtype
 from .paths import quadrature
 

@@ -8,10 +8,11 @@ from torch import Tensor, nn
 
 from ..core.batching import RowPlanner
 from ..core.capture import LayerCapture
+from ..core.explainer import positive_int, positive_number
 from ..core.layers import layer_name, resolve_layer
 from ..core.registry import register
 from ..core.targets import Target
-from .adversarial import check_bounds, clip, positive_int, positive_number
+from .adversarial import check_bounds, clip
 from .base import GradientExplainer, accumulation_dtype
 from .paths import BaselineSpec, make_baseline
 

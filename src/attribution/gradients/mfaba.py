@@ -6,9 +6,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ..core.explainer import positive_int, positive_number
 from ..core.registry import register
 from ..core.targets import Target
-from .adversarial import AdversarialPathExplainer, check_bounds, clip, positive_int, positive_number, signed_step
+from .adversarial import AdversarialPathExplainer, check_bounds, clip, signed_step
 
 VARIANTS = ("sharp", "smooth")
 #: each variant's step when ``step_size`` is None: the code's ``alpha * 100`` (L2 length) and ``alpha``

@@ -125,8 +125,9 @@ def randomised_copies(model: nn.Module, names: Sequence[str], cascading: bool = 
     devices the model lives on and ``devices``, e.g. the images'), which stays forked while the consumer works on a
     yielded copy, so the caller's random state is left alone."""
     tensors = itertools.chain(model.parameters(), model.buffers())
-    forked = {torch.device(d) for d in devices} | {t.device for t in tensors if t.device.type == "cuda"}
-    with torch.random.fork_rng(devices=sorted(forked, key=str)):
+    forked = sorted({torch.device(d) for d in devices} | {t.device for t in tensors if t.device.type == "cuda"},
+                    key=str)
+    with torch.random.fork_rng(devices=forked):
         copy_model = copy.deepcopy(model)
         for name in names:
             if not cascading:
@@ -134,7 +135,7 @@ def randomised_copies(model: nn.Module, names: Sequence[str], cascading: bool = 
             modules = dict(copy_model.named_modules())
             if name not in modules and name != OWN_PARAMETERS:
                 raise ValueError(f"the model has no layer named {name!r}")
-            torch.manual_seed(layer_seed(seed, name))  # a layer's draw depends on (seed, name) only
+            _seed(layer_seed(seed, name), forked)  # a layer's draw depends on (seed, name) only
             if name == OWN_PARAMETERS:
                 with torch.no_grad():
                     for p in copy_model.parameters(recurse=False):
@@ -142,6 +143,15 @@ def randomised_copies(model: nn.Module, names: Sequence[str], cascading: bool = 
             else:
                 reinitialise(modules[name])
             yield name, copy_model
+
+
+def _seed(seed: int, devices: Sequence[torch.device]) -> None:
+    """Seed the CPU's generator and those of the CUDA ``devices`` (the forked ones) only: ``torch.manual_seed``
+    would reseed every GPU, including those whose state no fork restores."""
+    torch.default_generator.manual_seed(seed)
+    for device in devices:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 def _rebind(explainer, model: nn.Module) -> Callable[[Tensor, TargetSpec], Tensor]:

@@ -168,7 +168,8 @@ class AtMan(Explainer):
     tokens (``modify_suppression_factor_based_on_cossim=True``), manipulation in every layer, the cross-entropy
     of the target (``score='log_softmax'``; ``'logit'`` gives the logit differences of their ``get_delta_logits``).
     Cost: a forward up to the first block per image (the embeddings), then ``P + 1`` forwards per image for ``P``
-    patch tokens (the unsuppressed one through the same computation with all factors 1).
+    patch tokens (the unsuppressed one through the same computation with all factors 1); one more forward per image
+    when ``target=None`` (the suppressed rows are not the image).
 
     Deliberate differences: the sign, positive where the token supports the target (the authors' code stores
     ``clean - suppressed`` cross-entropies and squares them for its figures and evaluation);
