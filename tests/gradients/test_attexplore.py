@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attribution import create
-from attribution.gradients.attexplore import (AttEXplore, dct_matrix, diversity_matrices, gaussian_kernel,
-                                              spectrum_filter)
-from conftest import LinearModel, tiny_cnn
+from attribution.gradients.attexplore import AttEXplore, dct_matrix, diversity_matrices, smoothed, spectrum_filter
+from conftest import LinearModel, central_difference, tiny_cnn
 
 
 class RowCounter:
@@ -217,8 +216,12 @@ def test_dct_is_scipys_orthonormal_dct_and_the_filter_the_codes():
 
 
 @pytest.mark.parametrize("size", [1, 3, 7, 15])
-def test_gaussian_kernel_is_the_authors(size):
-    torch.testing.assert_close(gaussian_kernel(size), authors_gkern(size, 3), rtol=1e-12, atol=1e-15)
+def test_the_smoothing_is_the_authors_kernel(size):
+    """``smoothed`` equals the depthwise convolution with the code's ``gkern(size, 3)``, zero padding."""
+    grads = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+    kernel = authors_gkern(size, 3).expand(3, 1, size, size)
+    expected = F.conv2d(grads, kernel, padding=size // 2, groups=3)
+    torch.testing.assert_close(smoothed(grads, size), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_resize_and_pad_matrices_equal_interpolate_and_pad():
@@ -318,3 +321,20 @@ def test_no_room_to_grow_skips_the_resize():
     off = AttEXplore(model, diversity_prob=0.0, **options)(x, [0, 2], generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(default, off)
     assert torch.isfinite(default).all() and default.abs().sum() > 0
+
+
+def test_create_graph_equals_finite_differences_with_the_draws_on():
+    """float64, noise, spectrum masks and resizes on (the same draws in every call): the steps' signs are
+    constant almost everywhere, the summed gradients carry the graph."""
+    model = tiny_cnn().double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weight = model[4].weight
+    direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def explain(create_graph=False):
+        return AttEXplore(model, steps=3, samples=2, diversity_prob=1.0,
+                          generator=torch.Generator().manual_seed(2))(x, [0, 3], create_graph=create_graph)
+
+    (grad,) = torch.autograd.grad(explain(True).sum(), weight)
+    numeric = central_difference(lambda: explain().sum(), weight, direction)
+    torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-10)

@@ -9,7 +9,7 @@ from torch import nn
 
 from attribution import create
 from attribution.gradients.big import EPSILONS, BoundaryIG
-from conftest import LinearModel, cam_cnn, tiny_cnn
+from conftest import LinearModel, cam_cnn, central_difference, tiny_cnn
 
 
 class RowCounter:
@@ -174,6 +174,16 @@ def test_create_graph_gives_a_map_differentiable_wrt_the_parameters():
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     torch.testing.assert_close(out.detach(), BoundaryIG(model, **options)(x, [0, 1]))
+    # the derivative itself (float64): the attack's signed steps are constant almost everywhere, so the baseline
+    # is; the IG points carry the graph
+    model = model.double()
+    x = x.double()
+    weight = model[4].weight
+    direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    explainer = BoundaryIG(model, **options)
+    (grad,) = torch.autograd.grad(explainer(x, [0, 1], create_graph=True).sum(), weight)
+    numeric = central_difference(lambda: explainer(x, [0, 1]).sum(), weight, direction)
+    torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-10)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.explainer import positive_int, positive_number
+from ..core.filters import gaussian_blur
 from ..core.registry import register
 from ..core.targets import Target, apply_score
 from .adversarial import AdversarialPathExplainer, check_bounds, clip, signed_step
@@ -121,7 +121,6 @@ class AttEXplore(AdversarialPathExplainer):
         room = int(width * resize_rate) - width
         resizes = diversity_prob > 0 and room > 0
         dct_h, dct_w = (dct_matrix(n).to(device=device, dtype=x.dtype) for n in (height, width))
-        kernel = gaussian_kernel(kernel_size).to(device=device, dtype=dtype).expand(channels, 1, -1, -1)
 
         def loss(outputs: Tensor, owners: Tensor) -> Tensor:  # -log softmax(s)_t
             return torch.logsumexp(apply_score(outputs, target.score), dim=1) - target(outputs, owners)
@@ -163,7 +162,7 @@ class AttEXplore(AdversarialPathExplainer):
                 return mats[0][copy].unsqueeze(1) @ rows @ mats[1][copy].transpose(1, 2).unsqueeze(1)
 
             mean = self._mean_copy_gradients(point, samples, prepare, transform, loss, planner, create_graph)
-            smooth = F.conv2d(mean, kernel, padding=kernel_size // 2, groups=channels)
+            smooth = smoothed(mean, kernel_size)
             scale = smooth.abs().mean(dim=(1, 2, 3), keepdim=True)
             momentum = momentum + torch.where(scale > 0, smooth / torch.where(scale > 0, scale, torch.ones_like(scale)),
                                               torch.zeros_like(smooth))
@@ -195,13 +194,13 @@ def spectrum_filter(images: Tensor, mask: Tensor, rows: Tensor, cols: Tensor) ->
     return rows.T @ (mask * (rows @ images @ cols.T)) @ cols
 
 
-def gaussian_kernel(size: int, sigmas: float = KERNEL_SIGMAS) -> Tensor:
-    """(size, size) float64 Gaussian summing to 1, sampled at ``size`` points evenly spaced over ``[-sigmas,
-    sigmas]`` standard deviations along each axis (the code's ``gkern``; size 1: the identity)."""
-    t = torch.linspace(-sigmas, sigmas, size, dtype=torch.float64)
-    g = torch.exp(-t.square() / 2)
-    kernel = g[:, None] * g[None, :]
-    return kernel / kernel.sum()
+def smoothed(gradients: Tensor, size: int) -> Tensor:
+    """``gradients`` (B, C, H, W) convolved per channel, zero-padded, with the code's ``gkern(size, 3)``: a
+    ``size`` x ``size`` Gaussian summing to 1 sampled at ``size`` points over +-3 standard deviations, i.e. of
+    sigma ``(size - 1) / 6`` pixels (size 1: unchanged)."""
+    if size == 1:
+        return gradients
+    return gaussian_blur(gradients, size, (size - 1) / (2 * KERNEL_SIGMAS), padding="zeros")
 
 
 def _linear_rows(position: Tensor, size_in: int, weight: Tensor) -> Tensor:
