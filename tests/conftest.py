@@ -55,6 +55,17 @@ class CountingModel(nn.Module):
         return x.mean((1, 2, 3))[:, None].repeat(1, 2)
 
 
+class RowCounter:
+    """The rows of every forward of a model, in order (``rows``), through a forward hook that ``close`` removes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.rows: list = []
+        self.handle = model.register_forward_hook(lambda module, inputs, output: self.rows.append(inputs[0].shape[0]))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
 def central_difference(value, weight: torch.Tensor, direction: torch.Tensor, step: float = 1e-6) -> torch.Tensor:
     """``(value() at weight + step direction - value() at weight - step direction) / (2 step)``, the weight restored:
     the directional derivative a map's create_graph gradient is checked against."""

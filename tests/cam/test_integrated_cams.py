@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attribution as A
-from conftest import cam_cnn, central_difference
+from conftest import RowCounter, cam_cnn, central_difference
 
 
 @pytest.fixture
@@ -134,17 +134,6 @@ def test_rsi_grad_cam_above_a_linear_head_has_its_closed_form(x):
 
 
 # ------------------------------------------------------------------------------------------------------- shared
-class RowCounter:
-    """Counts the rows of every forward of a model (through a forward hook, removed by ``close``)."""
-
-    def __init__(self, model):
-        self.rows = []
-        self.handle = model.register_forward_hook(lambda module, inputs, output: self.rows.append(output.shape[0]))
-
-    def close(self):
-        self.handle.remove()
-
-
 def test_defaults_are_the_authors_and_set_the_number_of_passes(x):
     assert A.IntegratedGradCAM.defaults["steps"] == 50 and A.IntegratedGradCAM.defaults["baseline"] == "zero"
     assert "score" not in A.IntegratedGradCAM.defaults  # the common default: the logit, as the notebook

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from attribution.gradients.agi import AGI, false_classes
 from attribution.gradients.mfaba import MFABA
-from conftest import LinearModel, cam_cnn, tiny_cnn
+from conftest import LinearModel, RowCounter, cam_cnn, tiny_cnn
 
 
 def clipped(t: torch.Tensor, bounds) -> torch.Tensor:
@@ -65,14 +64,6 @@ def agi_written_out(model, image, label, epsilon=0.05, max_iter=20, topk=20, wal
             total = total - g_label * (new - origin)
             point = new
     return total
-
-
-class RowCounter:
-    """Rows of every forward of a model."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.rows: list = []
-        self.handle = model.register_forward_hook(lambda m, i, o: self.rows.append(i[0].shape[0]))
 
 
 # ------------------------------------------------------------------------------------------------------- MFABA

@@ -10,19 +10,10 @@ import scipy.fft
 import scipy.stats
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from attribution import create
 from attribution.gradients.attexplore import AttEXplore, dct_matrix, diversity_matrices, smoothed, spectrum_filter
-from conftest import LinearModel, central_difference, tiny_cnn
-
-
-class RowCounter:
-    """Rows of every forward of a model."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.rows: list = []
-        self.handle = model.register_forward_hook(lambda m, i, o: self.rows.append(i[0].shape[0]))
+from conftest import LinearModel, RowCounter, central_difference, tiny_cnn
 
 
 # ----------------------------------------------------------------------------------- the authors' pieces, plainly

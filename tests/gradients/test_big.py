@@ -5,19 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from attribution import create
 from attribution.gradients.big import EPSILONS, BoundaryIG
-from conftest import LinearModel, cam_cnn, central_difference, tiny_cnn
-
-
-class RowCounter:
-    """Rows of every forward of a model."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.rows: list = []
-        self.handle = model.register_forward_hook(lambda m, i, o: self.rows.append(i[0].shape[0]))
+from conftest import LinearModel, RowCounter, cam_cnn, central_difference, tiny_cnn
 
 
 def big_written_out(model, image, label, epsilons, attack_steps, alpha, steps, bounds=None, score="softmax"):

@@ -11,7 +11,7 @@ from torch import nn
 
 from attribution import IG2, create
 from attribution.gradients.ig2 import STEP_SIZE
-from conftest import LinearModel, central_difference, tiny_cnn
+from conftest import LinearModel, RowCounter, central_difference, tiny_cnn
 
 
 def ig2_written_out(model, image, label, references, steps, step_size, clip_min_max=None, layer=None):
@@ -197,24 +197,16 @@ def test_references_average_and_per_image_sets_equal_shared_ones(model):
         close(shared, torch.stack(alone).mean(0))
 
 
-class Rows:
-    """The rows of every forward of a model."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.seen: list = []
-        self.handle = model.register_forward_hook(lambda m, i, o: self.seen.append(i[0].shape[0]))
-
-
 @pytest.mark.parametrize("batch_size, passes", [(None, [6] * 4), (4, [4, 2] * 4)])
 def test_every_path_of_every_image_advances_in_the_same_passes(batch_size, passes):
     """2 images x 3 references = 6 paths, 4 steps: one forward of one image finds the classifier, one of the 3
     references gives their representations, then one pass of all 6 paths per step (batch_size rows at most)."""
     model = tiny_cnn()
-    rows = Rows(model)
+    rows = RowCounter(model)
     IG2(model)(torch.randn(2, 3, 16, 16), [0, 1], references=torch.randn(3, 3, 16, 16), steps=4,
                batch_size=batch_size)
     rows.handle.remove()
-    assert rows.seen == [1, 3] + passes
+    assert rows.rows == [1, 3] + passes
 
 
 def test_a_named_layer_needs_no_classifier_and_its_absence_is_named():
