@@ -14,7 +14,7 @@ from ..core.explainer import Explainer
 from ..core.registry import register
 from ..core.targets import Target
 from .attcat import attention_blocks
-from .attention import _SOFTMAX, explicit_attention, multi_head_attention
+from .attention import _SOFTMAX, explicit_attention, multi_head_attention, unfused_attention_modules
 from .base import scores_to_image
 from .tokens import token_layout
 
@@ -78,10 +78,9 @@ class KeySuppression(TorchFunctionMode):
     def __enter__(self) -> "KeySuppression":
         self.calls = 0
         self._inside = 0
-        for module in self.model.modules():
-            if getattr(module, "fused_attn", True) is False and isinstance(getattr(module, "attn_drop", None), nn.Module):
-                self._handles.append(module.register_forward_pre_hook(self._enter_attention))
-                self._handles.append(module.register_forward_hook(self._leave_attention))
+        for module in unfused_attention_modules(self.model):
+            self._handles.append(module.register_forward_pre_hook(self._enter_attention))
+            self._handles.append(module.register_forward_hook(self._leave_attention))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:

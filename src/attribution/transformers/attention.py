@@ -44,6 +44,13 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
     return probs @ v, probs, logits
 
 
+def unfused_attention_modules(model: nn.Module) -> List[nn.Module]:
+    """The model's timm attention modules that compute ``softmax(q k^T)`` explicitly (``fused_attn`` False),
+    their probabilities passing through their ``attn_drop`` module."""
+    return [m for m in model.modules()
+            if getattr(m, "fused_attn", True) is False and isinstance(getattr(m, "attn_drop", None), nn.Module)]
+
+
 class AttentionCapture(TorchFunctionMode):
     """Records the attention probabilities (B, heads, L, S) of every attention call, in forward order."""
 
@@ -60,9 +67,8 @@ class AttentionCapture(TorchFunctionMode):
         self.maps = []
         self.scores = []
         self._softmax_inputs = []
-        for module in self.model.modules():
-            if getattr(module, "fused_attn", True) is False and isinstance(getattr(module, "attn_drop", None), nn.Module):
-                self._handles.append(module.attn_drop.register_forward_hook(self._record_output))
+        for module in unfused_attention_modules(self.model):
+            self._handles.append(module.attn_drop.register_forward_hook(self._record_output))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
