@@ -1,0 +1,234 @@
+"""Per-Sample Information Bottleneck Attribution (IBA)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..core.batching import RowPlanner
+from ..core.capture import LayerCapture, ReshapeTransform, layer_transform
+from ..core.filters import gaussian_blur
+from ..core.layers import LayerSpec
+from ..core.optim import Adam
+from ..core.progress import progress_bar
+from ..core.registry import register
+from ..core.resize import linear_reflect_matrix
+from ..core.targets import Target
+from ..gradients.base import accumulation_dtype
+from .base import FUSIONS
+from .edited_layer import EditedLayerCAM, LayerRunner
+
+
+def bottleneck_capacity(normalised: Tensor, lamb: Tensor) -> Tensor:
+    """Per-unit ``KL(P(Z|R) || Q(Z))`` in nats of the bottleneck ``Z = lamb R + (1 - lamb) eps``, with ``R``
+    standardised (``normalised = (R - mu_R) / sigma_R``): ``P(Z|R) = N(lamb R', (1 - lamb)^2)``, ``Q = N(0, 1)``, so
+    ``KL = (mu^2 + var - 1 - log var) / 2`` with ``mu = lamb R'``, ``var = (1 - lamb)^2``."""
+    var = (1 - lamb) ** 2
+    return 0.5 * ((normalised * lamb) ** 2 + var - 1 - torch.log(var))
+
+
+def smoothing_size(sigma: float) -> int:
+    """The taps of the authors' Gaussian smoothing of lambda: ``2 round(2 sigma) + 1``."""
+    return int(round(2 * sigma)) * 2 + 1
+
+
+@register("iba")
+class IBA(EditedLayerCAM):
+    """Per-Sample Information Bottleneck Attribution: the information (in bits) that a layer must let through for
+    the model to still predict the target, found by replacing the layer's output with noise where it can.
+
+    Schulz, Sixt, Tombari & Landgraf, "Restricting the Flow: Information Bottlenecks for Attribution", ICLR 2020,
+    arXiv:2001.00396 (the per-sample bottleneck; the readout bottleneck needs training and is not here).
+
+    At the layer, ``Z = lambda R + (1 - lambda) eps`` with ``eps ~ N(mu_R, sigma_R)`` per unit and ``lambda =
+    G_sigma * sigmoid(alpha)`` (a Gaussian smoothing over space); per image, ``alpha`` (one per unit, from
+    ``initial_alpha``) takes Adam steps (learning rate ``lr``) on ``mean_k CE_t(f(Z_k)) + beta mean_units
+    KL(P(Z|R) || N(mu_R, sigma_R))`` over ``samples`` noise draws ``k``.  The map is that KL (the capacity, per unit
+    in nats: :func:`bottleneck_capacity`) summed over the channels, in bits, scaled by ``h w / (H W)`` (bits per
+    input pixel) and resized to the image as the authors' (scikit-image's ``resize(order=1, mode='reflect')``,
+    exactly: :func:`attribution.core.resize.linear_reflect_matrix`; torch's bilinear differs at the border):
+    (B, 1, H, W), non-negative.  The cross-entropy is ``-`` the target's score, whose default here is
+    ``score='log_softmax'``; a callable target is minimised as ``-objective``.  With several layers each has its
+    own bottleneck and optimisation, and the maps are fused by ``layer_fusion``.
+
+    Defaults as the authors' code (BioroboticsLab/IBA, ``IBA/pytorch.py``): ``beta=10``, ``iterations=10``
+    (``optimization_steps``), ``lr=1``, ``samples=10`` (their ``batch_size`` of noisy copies per step),
+    ``initial_alpha=5``, ``sigma=1`` (a ``2 round(2 sigma) + 1``-tap Gaussian, reflected borders; ``sigma=0``: no
+    smoothing; maps too small to reflect repeat their edge, where the authors' padding fails), ``min_std=0.01``
+    (``sigma_R`` is at least this), ``active_threshold=0.01`` (units nonzero in at most this fraction of the
+    reference activations are switched off: their output and capacity are 0), ``relu=False`` (``True`` clamps
+    ``Z`` at 0, for layers after a ReLU).  As in their code the map is the capacity of the last forward of the
+    optimisation, i.e. at ``alpha`` after ``iterations - 1`` updates (their final update is never seen), so
+    ``iterations=0`` (which their code cannot run) and ``1`` both give the capacity at ``initial_alpha``.
+
+    Statistics: ``mu_R``, ``sigma_R`` (unbiased, as their Welford estimator) and the active units come from the
+    layer's outputs on ``references``, an (N, C, H, W) tensor of images such as a few batches of training data
+    (the authors use about 10,000 training images).  ``references=None`` (the default) falls back to the images
+    being explained, which differs from the authors' data set and makes an image's map depend on the other images
+    of the batch; one image alone sits at its own mean, with ``sigma_R = min_std`` everywhere.  Layer: the default
+    CAM layer (the last spatial block) unless ``target_layer`` names another; the authors use earlier layers
+    (conv4_1 of VGG-16), which give finer maps.  Layers whose output is not (B, C, h, w) (tokens, channels-last
+    maps) are bottlenecked in the CAM layout (patch tokens only; class and register tokens pass unchanged), as
+    Ablation-CAM edits them.
+
+    Noise: drawn once per step, (samples, C, h, w) standard normal from ``generator`` and shared by the images of
+    the batch, so that an image's map does not depend on the other images (the authors draw per image).  Adam is
+    written out (``torch.optim.Adam``'s update), so ``create_graph=True`` differentiates the map through every
+    step; ``progress=True`` shows a bar over the steps.  Cost: one forward (plus one per reference image), then
+    ``(iterations - 1) x samples`` passes of the modules after the layer (*tail* passes, see
+    :class:`attribution.cam.edited_layer.EditedLayerCAM`) with a backward to the layer, per image: 90 by default.
+    """
+
+    defaults: Dict[str, Any] = {**EditedLayerCAM.defaults, "score": "log_softmax", "beta": 10.0, "iterations": 10,
+                                "lr": 1.0, "samples": 10, "initial_alpha": 5.0, "sigma": 1.0, "min_std": 0.01,
+                                "active_threshold": 0.01, "relu": False, "references": None, "generator": None}
+
+    def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,
+                 layer_fusion: str, use_tail: bool, progress: bool, beta: float, iterations: int, lr: float,
+                 samples: int, initial_alpha: float, sigma: float, min_std: float, active_threshold: float,
+                 relu: bool, references: Optional[Tensor], generator: Optional[torch.Generator],
+                 batch_size: Optional[int], create_graph: bool) -> Tensor:
+        if layer_fusion not in FUSIONS:
+            raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
+        for name, value, low in (("beta", beta, 0), ("min_std", min_std, 0), ("sigma", sigma, 0),
+                                 ("active_threshold", active_threshold, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not min_std > 0:
+            raise ValueError(f"min_std must be positive, got {min_std!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if isinstance(initial_alpha, bool) or not isinstance(initial_alpha, (int, float)) \
+                or not math.isfinite(initial_alpha):
+            raise ValueError(f"initial_alpha must be a finite number, got {initial_alpha!r}")
+        for name, value, low in (("iterations", iterations, 0), ("samples", samples, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {relu!r}")
+        if references is not None:
+            if not isinstance(references, Tensor):
+                raise TypeError(f"references must be None or a (N, C, H, W) tensor, got {type(references).__name__}")
+            if references.dim() != 4 or tuple(references.shape[1:]) != tuple(x.shape[1:]) \
+                    or references.shape[0] == 0:
+                raise ValueError(f"references must be a (N, C, H, W) tensor of images shaped like x's "
+                                 f"{tuple(x.shape[1:])}, got shape {tuple(references.shape)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        layers = self.target_layers(x, target_layer, reshape_transform)
+        options = dict(beta=float(beta), iterations=iterations, lr=float(lr), samples=samples,
+                       initial_alpha=float(initial_alpha), sigma=float(sigma), min_std=float(min_std),
+                       active_threshold=float(active_threshold), relu=relu)
+        maps = [self._layer_iba(x, target, layer, reshape_transform, use_tail, progress, references, generator,
+                                batch_size, create_graph, **options) for layer in layers]
+        return self._fuse(maps, x.shape[-2:], layer_fusion)
+
+    def _statistics(self, layer: nn.Module, x: Tensor, maps: Tensor, references: Optional[Tensor],
+                    reshape_transform: ReshapeTransform, batch_size: Optional[int], min_std: float,
+                    active_threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
+        """``mu_R``, ``max(sigma_R, min_std)`` and the active-unit mask (C, h, w) from the references' maps."""
+        dtype = maps.dtype
+        if references is None:
+            ref_maps = maps.detach()
+        else:
+            refs = references.to(device=x.device, dtype=x.dtype)
+            parts = []
+            with torch.no_grad(), self._autocast():
+                for a, b in RowPlanner(refs.shape[0], batch_size, x.device):
+                    with LayerCapture([layer], model=self.model) as capture:
+                        self._forward(refs[a:b])
+                    capture._check_ran()
+                    raw = capture.outputs[0]
+                    transform = layer_transform(self.model, layer, raw.shape, x.shape[-2:], reshape_transform)
+                    parts.append(transform(raw).to(dtype))
+            ref_maps = torch.cat(parts)
+            if ref_maps.shape[1:] != maps.shape[1:]:
+                raise ValueError(f"the references' maps at layer {self._name(layer)!r} have shape "
+                                 f"{tuple(ref_maps.shape[1:])}, the images' {tuple(maps.shape[1:])}")
+        count = ref_maps.shape[0]
+        mean = ref_maps.mean(dim=0)
+        std = (((ref_maps - mean) ** 2).sum(dim=0) / max(count - 1, 1)).sqrt()
+        active = ((ref_maps != 0).to(dtype).mean(dim=0) > active_threshold).to(dtype)
+        return mean, std.clamp(min=min_std), active
+
+    def _layer_iba(self, x: Tensor, target: Target, layer: nn.Module, reshape_transform: ReshapeTransform,
+                   use_tail: bool, progress: bool, references: Optional[Tensor], generator: Optional[torch.Generator],
+                   batch_size: Optional[int], create_graph: bool, *, beta: float, iterations: int, lr: float,
+                   samples: int, initial_alpha: float, sigma: float, min_std: float, active_threshold: float,
+                   relu: bool) -> Tensor:
+        with torch.set_grad_enabled(create_graph), self._autocast():
+            run = self._layer_runner(layer, x, batch_size, use_tail)
+            maps, positions = self._layer_maps(run, layer, x, reshape_transform)
+        if target.pending:
+            target.classes = run.clean_outputs.argmax(dim=1)
+        dtype = accumulation_dtype(x)
+        maps = maps.to(dtype)
+        if not create_graph:
+            maps = maps.detach()
+        mean, std, active = self._statistics(layer, x, maps, references, reshape_transform, batch_size, min_std,
+                                             active_threshold)
+        normalised = (maps - mean) / std
+        size = smoothing_size(sigma) if sigma > 0 else 0
+
+        def lambdas(alpha: Tensor) -> Tensor:
+            lamb = torch.sigmoid(alpha)
+            return gaussian_blur(lamb, size, sigma, padding="reflect") if size > 1 else lamb
+
+        def capacity(alpha: Tensor) -> Tensor:
+            return bottleneck_capacity(normalised, lambdas(alpha)) * active
+
+        alpha = torch.full(maps.shape, initial_alpha, dtype=dtype, device=x.device)
+        adam = Adam(lr)
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        batch = x.shape[0]
+        updates = max(iterations - 1, 0)
+        bar = progress_bar(progress, updates, "IBA steps")
+        with torch.enable_grad():
+            for _ in range(updates):
+                noise = torch.randn((samples,) + tuple(maps.shape[1:]), generator=generator, device=draw_device,
+                                    dtype=dtype).to(x.device)
+                if not alpha.requires_grad:
+                    alpha = alpha.requires_grad_(True)
+                # the loss's gradient w.r.t. lambda, gathered over the row chunks, then one backward to alpha
+                lamb = lambdas(alpha)
+                info = beta * (bottleneck_capacity(normalised, lamb) * active).flatten(1).mean(dim=1).sum()
+                (grad,) = torch.autograd.grad(info, lamb, retain_graph=True, create_graph=create_graph)
+                for start, stop in RowPlanner(batch * samples, batch_size, x.device):
+                    index = torch.arange(start, stop, device=x.device)
+                    image, k = index // samples, index % samples
+                    rows = lamb[image]
+                    z = (rows * maps[image] + (1 - rows) * (std * noise[k] + mean)) * active
+                    if relu:
+                        z = z.clamp(min=0)
+                    with self._autocast():
+                        outputs = run(self._place(run, z, image, positions), image)
+                    loss = -target(outputs, image).sum() / samples
+                    (part,) = torch.autograd.grad(loss, lamb, retain_graph=True, create_graph=create_graph)
+                    grad = grad + part
+                (grad,) = torch.autograd.grad(lamb, alpha, grad_outputs=grad, create_graph=create_graph)
+                alpha = adam.step(alpha, grad)
+                if not create_graph:
+                    alpha = alpha.detach()
+                    adam.detach_()
+                bar.update(1)
+            bar.close()
+            bits = capacity(alpha).sum(dim=1, keepdim=True) / math.log(2)
+        scale = maps.shape[-2] * maps.shape[-1] / (x.shape[-2] * x.shape[-1])
+        rows = linear_reflect_matrix(x.shape[-2], maps.shape[-2]).to(device=x.device, dtype=dtype)
+        cols = linear_reflect_matrix(x.shape[-1], maps.shape[-1]).to(device=x.device, dtype=dtype)
+        out = rows @ (bits * scale) @ cols.T
+        return out if create_graph else out.detach()
+
+    @staticmethod
+    def _place(run: LayerRunner, z: Tensor, image: Tensor, positions: Optional[Tensor]) -> Tensor:
+        """The layer rows with the bottleneck's output ``z`` (n, C, h, w) written where the CAM layout reads them."""
+        acts = run.activations
+        if positions is None:
+            return z.to(acts.dtype)
+        rows = acts[image].contiguous()
+        flat = rows.reshape(rows.shape[0], -1).to(z.dtype)
+        index = positions.reshape(1, -1).expand(rows.shape[0], -1)
+        return flat.scatter(1, index, z.reshape(rows.shape[0], -1)).view(rows.shape).to(acts.dtype)
