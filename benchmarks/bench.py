@@ -268,6 +268,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "mfaba": Work({"steps": steps, "early_stop": False}, grads(steps)),
         # 4 classes x steps/4 points, each a forward and two input gradients (the floor counts one: ratio ~1.3+)
         "agi": Work({"topk": 4, "max_iter": max(1, steps // 4)}, grads(4 * max(1, steps // 4))),
+        # 3 drawn classes + the untargeted walk x steps/4 points, every step taken: each a forward and two input
+        # gradients (the floor counts one: ratio ~1.3+)
+        "local_attribution": Work({"select_num": 4, "max_iter": max(1, steps // 4)}, grads(4 * max(1, steps // 4))),
         # the default radii are all beyond the attack's reach: one attack of steps points, then IG of steps points
         "big": Work({"attack_steps": steps, "steps": steps}, big_floor),
         # steps x samples rows per image (steps/4 x 4 here), each a forward and input gradient of a transformed copy
@@ -531,6 +534,21 @@ def cam_work(size: int) -> Dict[str, Work]:
             scores = tail(rows, owners).gather(1, t[owners][:, None])
             torch.autograd.grad(scores.sum(), rows)
 
+    def iba_floor(m, x, t, chunk, e):  # one head forward, then (iterations - 1) x samples tail forwards and
+        from attribution.cam.tail import SplitModel  # backwards to the layer per image, at IBA's defaults
+
+        (layer,) = e.target_layers(x)
+        split = SplitModel(m, layer)
+        with torch.no_grad():
+            values = split.head(x)
+        tail = split.tail(values, x.shape[0], split.plan(values))
+        acts = values[split.cut]
+        rows = x.shape[0] * (e.defaults["iterations"] - 1) * e.defaults["samples"]
+        for start in range(0, rows, chunk):
+            owners = torch.arange(start, min(start + chunk, rows), device=x.device) % x.shape[0]
+            edited = acts[owners].detach().requires_grad_(True)
+            torch.autograd.grad(tail(edited, owners).log_softmax(1).gather(1, t[owners][:, None]).sum(), edited)
+
     def window_rows(x, t, e):  # SESS's windows of every image (with its defaults), and their targets
         from attribution.cam.sess import Pyramid, Scale, _scales
 
@@ -618,6 +636,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "lift_cam": Work({}, lift_floor, {}, "cnn"),
+        "iba": Work({}, iba_floor, {}, "cnn"),
         "sidu": Work({}, score_floor, {}, "cnn"),
         "poly_cam": Work({}, poly_floor, {}, "cnn"),
         "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb

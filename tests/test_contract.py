@@ -24,6 +24,7 @@ FAST = {
     "attn_lrp": {},
     "mfaba": {"steps": 4},
     "agi": {"topk": 2, "max_iter": 3},
+    "local_attribution": {"select_num": 3, "max_iter": 2, "generator": torch.Generator().manual_seed(0)},
     "big": {"attack_steps": 3, "steps": 4},
     "attexplore": {"steps": 3, "samples": 2, "generator": torch.Generator().manual_seed(0)},
     "ig2": {"steps": 4},
@@ -88,6 +89,9 @@ FAST = {
     "cameras": {},
     "smooth_grad_cam_plusplus": {"samples": 2, "generator": torch.Generator().manual_seed(0)},
     "opti_cam": {"iterations": 5},
+    # statistics from fixed references: the default (the batch itself) makes a map depend on the other images
+    "iba": {"iterations": 3, "samples": 2, "generator": torch.Generator().manual_seed(0),
+            "references": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))},
     "group_cam": {"groups": 4},
     "fullgrad": {},
     "fem": {},
@@ -103,6 +107,8 @@ FAST = {
 #: methods that need class indices (``needs_class_indices``: their paths leave the target class, or step towards
 #: other classes): a callable target gets a clear error
 NEEDS_CLASSES = {name for name in list_methods() if attribution.get_method(name).needs_class_indices}
+#: options replacing FAST's where those are sized for the 16x16 toy images (the 32x32 ResNet check)
+RESNET_SIZED = {"iba": {"references": None}}
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
 RANDOM = {"smoothgrad": {"std": 0.0}, "attexplore": {"sigma": 0.0, "rho": 0.0, "diversity_prob": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
@@ -354,7 +360,7 @@ def test_inplace_relu_resnet(name):
     else:
         model = torchvision.models.resnet18(num_classes=7).eval()
     x = torch.randn(2, 3, 32, 32)
-    options = RANDOM.get(name, {})
+    options = {**RANDOM.get(name, {}), **RESNET_SIZED.get(name, {})}
     inplace = explain(name, model, x, [1, 2], **options)
     for m in model.modules():
         if isinstance(m, nn.ReLU):

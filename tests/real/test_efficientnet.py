@@ -24,6 +24,9 @@ GRADIENT_METHODS = {
     "attn_lrp": {},  # on a CNN: input x gradient with the identity rule on ReLU6 (f(x)/x past the clip)
     "mfaba": {},
     "agi": {"topk": 2, "max_iter": 3},
+    # the authors' step x / 10 of [0, 1] images: its origin is black in the normalised units
+    "local_attribution": {"select_num": 3, "max_iter": 3, "reference": normalize(torch.zeros(1, 3, 1, 1)),
+                          "generator": torch.Generator().manual_seed(0)},
     "big": {"attack_steps": 10, "steps": 16},
     "attexplore": {"steps": 4, "samples": 2, "generator": torch.Generator().manual_seed(0)},
     "ig2": {"steps": 8, "step_size": 4.4},  # the authors' 256-pixel step in ImageNet-normalised units

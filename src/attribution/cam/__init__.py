@@ -14,6 +14,7 @@ from .grad_cam_elementwise import GradCAMElementWise
 from .grad_cam_plusplus import GradCAMPlusPlus
 from .group_cam import GroupCAM
 from .hires_cam import HiResCAM
+from .iba import IBA
 from .integrated_grad_cam import IntegratedGradCAM
 from .kpca_cam import KPCACAM
 from .layer_cam import LayerCAM
@@ -52,6 +53,7 @@ __all__ = [
     "GradCAMPlusPlus",
     "GroupCAM",
     "HiResCAM",
+    "IBA",
     "ISCAM",
     "IntegratedGradCAM",
     "KPCACAM",

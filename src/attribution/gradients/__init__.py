@@ -15,6 +15,7 @@ from .idgi import IDGI
 from .ig2 import IG2
 from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
+from .local_attribution import LocalAttribution
 from .lrp import LRP
 from .mfaba import MFABA
 from .noise_grad import NoiseGrad
@@ -40,6 +41,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedDecisionGradients",
     "IntegratedGradients",
+    "LocalAttribution",
     "LRP",
     "MFABA",
     "NoiseGrad",
