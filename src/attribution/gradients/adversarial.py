@@ -73,7 +73,7 @@ class AdversarialPathExplainer(GradientExplainer):
         *,
         steps: int,
         move: Move,
-        stop: Stop,
+        stop: Optional[Stop],
         guides: Optional[Tensor] = None,
         from_image: bool = False,
         batch_size: Optional[int],
@@ -96,6 +96,15 @@ class AdversarialPathExplainer(GradientExplainer):
             total = (total.index_add(0, owners[index], contribution) if create_graph
                      else total.index_add_(0, owners[index], contribution))
         return total
+
+    def _other_classes_setup(self, x: Tensor, target: Target, walks_to: str) -> Tuple[Tensor, int]:
+        """The target's classes and the model's class count (one forward of one image), for a method whose walks
+        go to other classes (``walks_to``: its sentence subject for the error a callable target gets)."""
+        if target.classes is None:
+            raise ValueError(f"{walks_to} towards classes other than the target, so it needs class indices as the "
+                             "target, not a callable")
+        with torch.no_grad():
+            return target.classes, self._forward(x[:1]).shape[-1]
 
     def _advance(
         self,

@@ -75,12 +75,7 @@ class AGI(AdversarialPathExplainer):
         if not isinstance(walk, bool):
             raise ValueError(f"walk must be a bool, got {walk!r}")
         limits = check_bounds(bounds)
-        if target.classes is None:
-            raise ValueError("AGI integrates towards classes other than the target, so it needs class indices as "
-                             "the target, not a callable")
-        classes = target.classes
-        with torch.no_grad():
-            num_classes = self._forward(x[:1]).shape[-1]
+        classes, num_classes = self._other_classes_setup(x, target, "AGI integrates")
         candidates = false_classes(classes, num_classes, topk, sampling, generator)
         valid = candidates != classes[:, None]
         owners = valid.nonzero()[:, 0]  # image-major

@@ -81,12 +81,7 @@ class LocalAttribution(AdversarialPathExplainer):
         select_num = positive_int(select_num, "select_num")
         limits = check_bounds(bounds)
         origin = step_reference(reference, limits, x)
-        if target.classes is None:
-            raise ValueError("LocalAttribution walks towards classes other than the target, so it needs class "
-                             "indices as the target, not a callable")
-        classes = target.classes
-        with torch.no_grad():
-            num_classes = self._forward(x[:1]).shape[-1]
+        classes, num_classes = self._other_classes_setup(x, target, "LocalAttribution walks")
         drawn = local_classes(classes, num_classes, select_num, generator)
         # the last walk of each image is the untargeted one: its guide is the target (its gradient sets the sign)
         guides = torch.cat([drawn, classes[:, None]], dim=1)
@@ -102,8 +97,8 @@ class LocalAttribution(AdversarialPathExplainer):
             size = signs[walkers].view(-1, *ones) * delta[owners[walkers]]
             return clip(image + size * grad.sign(), limits)
 
-        return self._walk(x, target, owners, steps=max_iter, move=move, stop=None,  # type: ignore[arg-type]
-                          guides=guides, from_image=True, batch_size=batch_size, create_graph=create_graph)
+        return self._walk(x, target, owners, steps=max_iter, move=move, stop=None, guides=guides, from_image=True,
+                          batch_size=batch_size, create_graph=create_graph)
 
 
 def step_reference(reference: Reference, limits: Optional[tuple], x: Tensor) -> Union[float, Tensor]:
