@@ -12,7 +12,7 @@ from torch import nn
 
 import attribution as A
 from attribution.cam.iba import bottleneck_capacity, smoothing_size
-from conftest import tiny_cnn
+from conftest import central_difference, tiny_cnn
 
 LAYER = "3"  # tiny_cnn's ReLU after the stride-2 conv: 16 channels at 8x8 for 16x16 images
 
@@ -168,9 +168,55 @@ def test_default_references_are_the_images_themselves(data):
     explainer = A.IBA(model, LAYER, iterations=3, samples=2)
     torch.testing.assert_close(explainer(x, [0, 1], generator=gen()),
                                explainer(x, [0, 1], references=x, generator=gen()))
-    # one image alone: its own statistics, sigma_R = min_std everywhere
-    alone = explainer(x[:1], 0, iterations=0)
-    assert torch.isfinite(alone).all() and (alone >= 0).all()
+    # one image alone would be its own mean (a map of the active units only): refused, naming references
+    with pytest.raises(ValueError, match="one image alone is its own mean; pass references="):
+        explainer(x[:1], 0)
+    assert torch.isfinite(explainer(x[:1], 0, references=x)).all()
+
+
+def test_statistics_merged_chunk_by_chunk_equal_the_whole_set(data):
+    """7 references, 2 per pass: the pairwise merge of chunk means and squared deviations equals the statistics
+    of all the maps at once (unbiased std floored at min_std, the active units)."""
+    x, refs = data
+    model = tiny_cnn()
+    explainer = A.IBA(model, LAYER, iterations=3, samples=2, references=refs)
+    chunked = explainer(x, [0, 1], batch_size=2, generator=torch.Generator().manual_seed(0))
+    whole = explainer(x, [0, 1], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-7)
+    maps = model[:4](refs).detach()
+    mean, std, active = explainer._statistics(model[3], x, model[:4](x), refs, None, 2, 0.01, 0.01, False)
+    torch.testing.assert_close(mean, maps.mean(0))
+    torch.testing.assert_close(std, maps.std(0, unbiased=True).clamp(min=0.01))
+    torch.testing.assert_close(active, ((maps != 0).float().mean(0) > 0.01).float())
+
+
+@pytest.mark.parametrize("references", ["given", "images"])
+def test_create_graph_equals_finite_differences(data, references):
+    """float64: the statistics depend on the weights below the layer too (references' maps or the images'), so
+    they carry the graph; a weight below the layer and one above it."""
+    x, refs = (t.double() for t in data)
+    model = tiny_cnn().double()
+    options = dict(iterations=3, samples=2, references=refs if references == "given" else None)
+    explainer = A.IBA(model, LAYER, **options)
+
+    def explain(create_graph=False):
+        return explainer(x, [0, 1], generator=torch.Generator().manual_seed(0), create_graph=create_graph).sum()
+
+    for name in ("0.weight", "8.weight"):
+        weight = dict(model.named_parameters())[name]
+        direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        (grad,) = torch.autograd.grad(explain(True), weight)
+        # a step of 1e-5: the weight above the layer moves the map's sum (~1e3) by ~1e-4 only, below float64's
+        # rounding of differences at smaller steps
+        numeric = central_difference(explain, weight, direction, step=1e-5)
+        torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-3, atol=1e-9)
+
+
+def test_a_saturated_initial_alpha_stays_finite(data):
+    """sigmoid(18) rounds to 1 in float32: the bottleneck's variance would be 0 and its log -inf."""
+    x, refs = data
+    saliency = A.IBA(tiny_cnn(), LAYER, iterations=2, samples=2, references=refs, initial_alpha=18.0)(x, [0, 1])
+    assert torch.isfinite(saliency).all()
 
 
 def test_full_forwards_equal_tail_passes(data):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ def bottleneck_capacity(normalised: Tensor, lamb: Tensor) -> Tensor:
     """Per-unit ``KL(P(Z|R) || Q(Z))`` in nats of the bottleneck ``Z = lamb R + (1 - lamb) eps``, with ``R``
     standardised (``normalised = (R - mu_R) / sigma_R``): ``P(Z|R) = N(lamb R', (1 - lamb)^2)``, ``Q = N(0, 1)``, so
     ``KL = (mu^2 + var - 1 - log var) / 2`` with ``mu = lamb R'``, ``var = (1 - lamb)^2``."""
-    var = (1 - lamb) ** 2
+    var = ((1 - lamb) ** 2).clamp(min=torch.finfo(lamb.dtype).tiny)  # lamb rounded to 1 (alpha >~ 17 in float32)
     return 0.5 * ((normalised * lamb) ** 2 + var - 1 - torch.log(var))
 
 
@@ -65,16 +65,18 @@ class IBA(EditedLayerCAM):
 
     Statistics: ``mu_R``, ``sigma_R`` (unbiased, as their Welford estimator) and the active units come from the
     layer's outputs on ``references``, an (N, C, H, W) tensor of images such as a few batches of training data
-    (the authors use about 10,000 training images).  ``references=None`` (the default) falls back to the images
-    being explained, which differs from the authors' data set and makes an image's map depend on the other images
-    of the batch; one image alone sits at its own mean, with ``sigma_R = min_std`` everywhere.  Layer: the default
+    (the authors use about 10,000 training images), merged chunk by chunk (the references reach the device one
+    pass at a time; they are recomputed on every call).  ``references=None`` (the default) falls back to the
+    images being explained, which differs from the authors' data set and makes an image's map depend on the other
+    images of the batch; fewer than two images raise an error (one image alone is its own mean: its map would only
+    count its active units).  With ``create_graph`` the statistics carry the graph too.  Layer: the default
     CAM layer (the last spatial block) unless ``target_layer`` names another; the authors use earlier layers
     (conv4_1 of VGG-16), which give finer maps.  Layers whose output is not (B, C, h, w) (tokens, channels-last
     maps) are bottlenecked in the CAM layout (patch tokens only; class and register tokens pass unchanged), as
     Ablation-CAM edits them.
 
-    Noise: drawn once per step, (samples, C, h, w) standard normal from ``generator`` and shared by the images of
-    the batch, so that an image's map does not depend on the other images (the authors draw per image).  Adam is
+    Noise: drawn once per step, (samples, C, h, w) standard normal from ``generator`` (without one, the global
+    generator of the input's device) and shared by the images of the batch, so that an image's map does not depend on the other images (the authors draw per image).  Adam is
     written out (``torch.optim.Adam``'s update), so ``create_graph=True`` differentiates the map through every
     step; ``progress=True`` shows a bar over the steps.  Cost: one forward (plus one per reference image), then
     ``(iterations - 1) x samples`` passes of the modules after the layer (*tail* passes, see
@@ -128,31 +130,52 @@ class IBA(EditedLayerCAM):
 
     def _statistics(self, layer: nn.Module, x: Tensor, maps: Tensor, references: Optional[Tensor],
                     reshape_transform: ReshapeTransform, batch_size: Optional[int], min_std: float,
-                    active_threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
-        """``mu_R``, ``max(sigma_R, min_std)`` and the active-unit mask (C, h, w) from the references' maps."""
-        dtype = maps.dtype
+                    active_threshold: float, create_graph: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        """``mu_R``, ``max(sigma_R, min_std)`` and the active-unit mask (C, h, w) from the references' maps, merged
+        chunk by chunk (Chan et al.'s pairwise update of the mean and the squared deviations: no chunk's maps are
+        kept, no reference is on the device before its chunk), with the graph when ``create_graph``."""
         if references is None:
-            ref_maps = maps.detach()
+            chunks = iter([maps])
         else:
-            refs = references.to(device=x.device, dtype=x.dtype)
-            parts = []
-            with torch.no_grad(), self._autocast():
-                for a, b in RowPlanner(refs.shape[0], batch_size, x.device):
-                    with LayerCapture([layer], model=self.model) as capture:
-                        self._forward(refs[a:b])
-                    capture._check_ran()
-                    raw = capture.outputs[0]
-                    transform = layer_transform(self.model, layer, raw.shape, x.shape[-2:], reshape_transform)
-                    parts.append(transform(raw).to(dtype))
-            ref_maps = torch.cat(parts)
-            if ref_maps.shape[1:] != maps.shape[1:]:
+            chunks = self._reference_maps(layer, x, references, reshape_transform, batch_size, create_graph)
+        count, mean, squares, nonzero = 0, None, None, None
+        for part in chunks:
+            if part.shape[1:] != maps.shape[1:]:
                 raise ValueError(f"the references' maps at layer {self._name(layer)!r} have shape "
-                                 f"{tuple(ref_maps.shape[1:])}, the images' {tuple(maps.shape[1:])}")
-        count = ref_maps.shape[0]
-        mean = ref_maps.mean(dim=0)
-        std = (((ref_maps - mean) ** 2).sum(dim=0) / max(count - 1, 1)).sqrt()
-        active = ((ref_maps != 0).to(dtype).mean(dim=0) > active_threshold).to(dtype)
-        return mean, std.clamp(min=min_std), active
+                                 f"{tuple(part.shape[1:])}, the images' {tuple(maps.shape[1:])}")
+            n = part.shape[0]
+            part_mean = part.mean(dim=0)
+            part_squares = ((part - part_mean) ** 2).sum(dim=0)
+            part_nonzero = (part != 0).to(maps.dtype).sum(dim=0)
+            if mean is None:
+                mean, squares, nonzero = part_mean, part_squares, part_nonzero
+            else:
+                delta = part_mean - mean
+                mean = mean + delta * (n / (count + n))
+                squares = squares + part_squares + delta ** 2 * (count * n / (count + n))
+                nonzero = nonzero + part_nonzero
+            count += n
+        if count < 2:
+            raise ValueError("IBA estimates the layer's mean and spread over several images: one image alone is its "
+                             "own mean; pass references= (a few batches of images like the training data, the "
+                             "authors use thousands)")
+        std = (squares / (count - 1)).clamp(min=min_std ** 2).sqrt()  # max(sigma_R, min_std), finite derivative
+        active = (nonzero / count > active_threshold).to(maps.dtype)
+        return mean, std, active
+
+    def _reference_maps(self, layer: nn.Module, x: Tensor, references: Tensor, reshape_transform: ReshapeTransform,
+                        batch_size: Optional[int], create_graph: bool) -> Iterator[Tensor]:
+        """The layer's outputs on ``references`` in the CAM layout, one chunk at a time (moved to the device per
+        chunk), in the accumulation dtype."""
+        dtype = accumulation_dtype(x)
+        for a, b in RowPlanner(references.shape[0], batch_size, x.device):
+            with torch.set_grad_enabled(create_graph), self._autocast():
+                with LayerCapture([layer], model=self.model) as capture:
+                    self._forward(references[a:b].to(device=x.device, dtype=x.dtype))
+                capture._check_ran()
+                raw = capture.outputs[0]
+                transform = layer_transform(self.model, layer, raw.shape, x.shape[-2:], reshape_transform)
+                yield transform(raw).to(dtype)
 
     def _layer_iba(self, x: Tensor, target: Target, layer: nn.Module, reshape_transform: ReshapeTransform,
                    use_tail: bool, progress: bool, references: Optional[Tensor], generator: Optional[torch.Generator],
@@ -169,7 +192,7 @@ class IBA(EditedLayerCAM):
         if not create_graph:
             maps = maps.detach()
         mean, std, active = self._statistics(layer, x, maps, references, reshape_transform, batch_size, min_std,
-                                             active_threshold)
+                                             active_threshold, create_graph)
         normalised = (maps - mean) / std
         size = smoothing_size(sigma) if sigma > 0 else 0
 
@@ -182,8 +205,9 @@ class IBA(EditedLayerCAM):
 
         alpha = torch.full(maps.shape, initial_alpha, dtype=dtype, device=x.device)
         adam = Adam(lr)
-        draw_device = generator.device if generator is not None else torch.device("cpu")
+        draw_device = generator.device if generator is not None else x.device
         batch = x.shape[0]
+        planner = RowPlanner(batch * samples, batch_size, x.device)
         updates = max(iterations - 1, 0)
         bar = progress_bar(progress, updates, "IBA steps")
         with torch.enable_grad():
@@ -196,14 +220,14 @@ class IBA(EditedLayerCAM):
                 lamb = lambdas(alpha)
                 info = beta * (bottleneck_capacity(normalised, lamb) * active).flatten(1).mean(dim=1).sum()
                 (grad,) = torch.autograd.grad(info, lamb, retain_graph=True, create_graph=create_graph)
-                for start, stop in RowPlanner(batch * samples, batch_size, x.device):
+                for start, stop in planner:
                     index = torch.arange(start, stop, device=x.device)
                     image, k = index // samples, index % samples
                     rows = lamb[image]
                     z = (rows * maps[image] + (1 - rows) * (std * noise[k] + mean)) * active
                     if relu:
                         z = z.clamp(min=0)
-                    with self._autocast():
+                    with planner.recording(z), self._autocast():
                         outputs = run(self._place(run, z, image, positions), image)
                     loss = -target(outputs, image).sum() / samples
                     (part,) = torch.autograd.grad(loss, lamb, retain_graph=True, create_graph=create_graph)
