@@ -186,6 +186,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     def occlusion_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * (positions + 1), chunk)
 
+    def prediction_difference_floor(m, x, t, chunk, e):  # the images, then 2 samples per window position
+        forward_passes(m, x, x.shape[0] * (2 * positions + 1), chunk)
+
     def rise_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * positions, chunk)
 
@@ -303,6 +306,10 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                                        if importlib.util.find_spec("torchray") else None}),
         "meaningful_perturbation": Work({"iterations": steps}, meaningful_floor),
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
+        # occlusion's windows, each filled from 2 references (the authors' stride 1 and 10 samples: ~462k forwards)
+        "prediction_difference": Work({"window": window, "stride": stride, "num_samples": 2,
+                                       "references": torch.rand(2, 3, size, size, generator=torch.Generator()
+                                                                .manual_seed(0))}, prediction_difference_floor),
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),
         "lime": Work({"grid": 4, "samples": positions}, rise_floor, {"captum Lime": peer(captum_lime)}),
         # 4 x 4 segments: samples x 15 + 2 forwards, about as many as occlusion's windows

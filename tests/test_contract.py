@@ -92,6 +92,10 @@ FAST = {
     # statistics from fixed references: the default (the batch itself) makes a map depend on the other images
     "iba": {"iterations": 3, "samples": 2, "generator": torch.Generator().manual_seed(0),
             "references": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))},
+    # samples from fixed references (the default, the batch itself, makes a map depend on the other images); wide
+    # windows and references: the evidence (bits) then stands above the model's float32 noise (channels_last)
+    "prediction_difference": {"window": 8, "stride": 4,
+                              "references": 4 * torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))},
     "group_cam": {"groups": 4},
     "fullgrad": {},
     "fem": {},
@@ -108,7 +112,7 @@ FAST = {
 #: other classes): a callable target gets a clear error
 NEEDS_CLASSES = {name for name in list_methods() if attribution.get_method(name).needs_class_indices}
 #: options replacing FAST's where those are sized for the 16x16 toy images (the 32x32 ResNet check)
-RESNET_SIZED = {"iba": {"references": None}}
+RESNET_SIZED = {"iba": {"references": None}, "prediction_difference": {"references": None}}
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
 RANDOM = {"smoothgrad": {"std": 0.0}, "attexplore": {"sigma": 0.0, "rho": 0.0, "diversity_prob": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax

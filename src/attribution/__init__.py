@@ -75,7 +75,7 @@ from .gradients import (
     XRAI,
 )
 from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, MeaningfulPerturbation,
-                           Occlusion, ShapleyValueSampling, SobolAttribution)
+                           Occlusion, PredictionDifference, ShapleyValueSampling, SobolAttribution)
 from .transformers import (TIS, AGCAM, AtMan, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
                            RawAttention, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
@@ -147,6 +147,7 @@ __all__ = [
     "Occlusion",
     "OptiCAM",
     "PolyCAM",
+    "PredictionDifference",
     "RandomCAM",
     "RawAttention",
     "ReciproCAM",

@@ -5,9 +5,10 @@ from .kernel_shap import KernelSHAP
 from .lime import LIME
 from .meaningful_perturbation import MeaningfulPerturbation
 from .occlusion import Occlusion
+from .prediction_difference import PredictionDifference
 from .rise import RISE
 from .shapley_sampling import ShapleyValueSampling
 from .sobol import SobolAttribution
 
-__all__ = ["ExtremalPerturbation", "HSICAttribution", "KernelSHAP", "LIME", "MeaningfulPerturbation", "Occlusion", "RISE",
-           "ShapleyValueSampling", "SobolAttribution"]
+__all__ = ["ExtremalPerturbation", "HSICAttribution", "KernelSHAP", "LIME", "MeaningfulPerturbation", "Occlusion",
+           "PredictionDifference", "RISE", "ShapleyValueSampling", "SobolAttribution"]

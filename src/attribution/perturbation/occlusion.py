@@ -14,7 +14,7 @@ from ..core.targets import Target
 Size = Union[int, Tuple[int, int], None]
 
 
-def _pair(value: Size, name: str) -> Optional[Tuple[int, int]]:
+def pair_option(value: Size, name: str) -> Optional[Tuple[int, int]]:
     if value is None:
         return None
     pair = (value, value) if isinstance(value, int) else tuple(value)
@@ -23,21 +23,26 @@ def _pair(value: Size, name: str) -> Optional[Tuple[int, int]]:
     return pair  # type: ignore[return-value]
 
 
-def window_grid(height: int, width: int, window: Tuple[int, int], stride: Tuple[int, int]) -> Tensor:
-    """(N, H, W) boolean masks of every window position, row-major, as Captum's Occlusion places them.
+def window_bands(height: int, width: int, window: Tuple[int, int], stride: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    """The window positions as two boolean bands, (T, H) rows and (L, W) columns: window ``t * L + l`` covers
+    ``rows[t] x cols[l]``, as Captum's Occlusion places them.
 
     Windows start every ``stride`` pixels until one reaches the far edge; the last one is cut at the edge, so
     every pixel is covered: ``ceil((H - h) / s) + 1`` positions down, likewise across.
     """
     (wh, ww), (sh, sw) = window, stride
     if wh > height or ww > width:
-        raise ValueError(f"the occlusion window {window} is larger than the image ({height}, {width})")
+        raise ValueError(f"the window {window} is larger than the image ({height}, {width})")
     tops = torch.arange(0, -(-(height - wh) // sh) * sh + 1, sh)
     lefts = torch.arange(0, -(-(width - ww) // sw) * sw + 1, sw)
-    rows = torch.arange(height)
-    cols = torch.arange(width)
-    in_rows = (rows >= tops[:, None]) & (rows < tops[:, None] + wh)  # (T, H)
-    in_cols = (cols >= lefts[:, None]) & (cols < lefts[:, None] + ww)  # (L, W)
+    rows, cols = torch.arange(height), torch.arange(width)
+    return ((rows >= tops[:, None]) & (rows < tops[:, None] + wh),
+            (cols >= lefts[:, None]) & (cols < lefts[:, None] + ww))
+
+
+def window_grid(height: int, width: int, window: Tuple[int, int], stride: Tuple[int, int]) -> Tensor:
+    """(N, H, W) boolean masks of every window position, row-major (:func:`window_bands` crossed)."""
+    in_rows, in_cols = window_bands(height, width, window, stride)
     return (in_rows[:, None, :, None] & in_cols[None, :, None, :]).reshape(-1, height, width)
 
 
@@ -63,8 +68,8 @@ class Occlusion(Explainer):
                  batch_size: Optional[int], create_graph: bool) -> Tensor:
         batch, _, height, width = x.shape
         side = max(1, round(min(height, width) / 7))
-        window_hw = _pair(window, "window") or (side, side)
-        stride_hw = _pair(stride, "stride") or (max(1, window_hw[0] // 2), max(1, window_hw[1] // 2))
+        window_hw = pair_option(window, "window") or (side, side)
+        stride_hw = pair_option(stride, "stride") or (max(1, window_hw[0] // 2), max(1, window_hw[1] // 2))
         masks = window_grid(height, width, window_hw, stride_hw).to(x.device)
         n = masks.shape[0]
         owners = torch.arange(batch, device=x.device)
