@@ -306,8 +306,10 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                                        if importlib.util.find_spec("torchray") else None}),
         "meaningful_perturbation": Work({"iterations": steps}, meaningful_floor),
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
-        # occlusion's windows, each filled from 2 references (the authors' stride 1 and 10 samples: ~462k forwards)
-        "prediction_difference": Work({"window": window, "stride": stride, "num_samples": 2,
+        # occlusion's windows, each filled from 2 references (the authors' stride 1 and 10 samples: ~462k forwards);
+        # marginal: the conditional sampler's Gaussian over (window + 4)^2 patches (3,600 values at 224) would weigh
+        # more than the forwards
+        "prediction_difference": Work({"window": window, "stride": stride, "num_samples": 2, "sampler": "marginal",
                                        "references": torch.rand(2, 3, size, size, generator=torch.Generator()
                                                                 .manual_seed(0))}, prediction_difference_floor),
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),

@@ -93,8 +93,9 @@ FAST = {
     "iba": {"iterations": 3, "samples": 2, "generator": torch.Generator().manual_seed(0),
             "references": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))},
     # samples from fixed references (the default, the batch itself, makes a map depend on the other images); wide
-    # windows and references: the evidence (bits) then stands above the model's float32 noise (channels_last)
-    "prediction_difference": {"window": 8, "stride": 4,
+    # windows and references: the evidence (bits) then stands above the model's float32 noise (channels_last);
+    # padding 1: the conditional sampler's 10 x 10 patches (100 values) from 3 x 49 patches of the references
+    "prediction_difference": {"window": 8, "stride": 4, "padding": 1, "generator": torch.Generator().manual_seed(0),
                               "references": 4 * torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))},
     "group_cam": {"groups": 4},
     "fullgrad": {},

@@ -28,7 +28,8 @@ torchvision = pytest.importorskip("torchvision")
 PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx", "sidu", "poly_cam", "fd_cam")
 CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigma": 4.0}, "guided_ig": {"steps": 4},
          "smoothgrad": {"samples": 2}, "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},
-         "prediction_difference": {"window": 16, "stride": 16},
+         # conditional sampler: 16 x 16 patches (256 values) from the two 32 x 32 images' 2 x 17 x 17
+         "prediction_difference": {"window": 12, "stride": 10, "num_samples": 2},
          "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4}, "xrai": {"steps": 2},
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4}, "iba": {"iterations": 2, "samples": 2},
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2},
