@@ -40,10 +40,19 @@ def window_bands(height: int, width: int, window: Tuple[int, int], stride: Tuple
             (cols >= lefts[:, None]) & (cols < lefts[:, None] + ww))
 
 
-def window_grid(height: int, width: int, window: Tuple[int, int], stride: Tuple[int, int]) -> Tensor:
-    """(N, H, W) boolean masks of every window position, row-major (:func:`window_bands` crossed)."""
-    in_rows, in_cols = window_bands(height, width, window, stride)
-    return (in_rows[:, None, :, None] & in_cols[None, :, None, :]).reshape(-1, height, width)
+def window_masks(in_rows: Tensor, in_cols: Tensor, positions: Tensor) -> Tensor:
+    """(n, H, W) boolean masks of the windows ``positions`` (row-major over the bands' T x L places)."""
+    across = in_cols.shape[0]
+    return in_rows[positions // across][:, :, None] & in_cols[positions % across][:, None, :]
+
+
+def window_mean(values: Tensor, in_rows: Tensor, in_cols: Tensor) -> Tensor:
+    """(B, H, W): each pixel's mean of ``values`` (B, T, L) over the windows covering it (0 where none does), as
+    two products with the bands (no (T L, H, W) masks)."""
+    rows_f, cols_f = in_rows.to(values.dtype), in_cols.to(values.dtype)
+    summed = rows_f.T @ values @ cols_f
+    count = rows_f.sum(0)[:, None] * cols_f.sum(0)[None, :]
+    return torch.where(count > 0, summed / count.clamp(min=1), torch.zeros_like(summed))
 
 
 @register("occlusion")
@@ -70,8 +79,8 @@ class Occlusion(Explainer):
         side = max(1, round(min(height, width) / 7))
         window_hw = pair_option(window, "window") or (side, side)
         stride_hw = pair_option(stride, "stride") or (max(1, window_hw[0] // 2), max(1, window_hw[1] // 2))
-        masks = window_grid(height, width, window_hw, stride_hw).to(x.device)
-        n = masks.shape[0]
+        in_rows, in_cols = (band.to(x.device) for band in window_bands(height, width, window_hw, stride_hw))
+        n = in_rows.shape[0] * in_cols.shape[0]
         owners = torch.arange(batch, device=x.device)
         with torch.set_grad_enabled(create_graph):
             clean = torch.cat([target(self._forward(x[a:b]), owners[a:b])
@@ -80,11 +89,8 @@ class Occlusion(Explainer):
             for start, stop in RowPlanner(batch * n, batch_size, x.device):
                 index = torch.arange(start, stop, device=x.device)
                 image, position = index // n, index % n
-                occluded = torch.where(masks[position].unsqueeze(1), torch.as_tensor(fill, dtype=x.dtype,
-                                       device=x.device), x[image])
+                occluded = torch.where(window_masks(in_rows, in_cols, position).unsqueeze(1),
+                                       torch.as_tensor(fill, dtype=x.dtype, device=x.device), x[image])
                 drops[image, position] = clean[image] - target(self._forward(occluded), image)
-            masks_f = masks.to(drops.dtype).flatten(1)
-            total = drops @ masks_f
-            count = masks_f.sum(0)
-            saliency = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-        return saliency.view(batch, 1, height, width)
+            saliency = window_mean(drops.view(batch, in_rows.shape[0], in_cols.shape[0]), in_rows, in_cols)
+        return saliency.unsqueeze(1)

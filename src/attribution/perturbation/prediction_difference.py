@@ -11,7 +11,7 @@ from ..core.batching import RowPlanner
 from ..core.explainer import Explainer, positive_int
 from ..core.registry import register
 from ..core.targets import Target
-from .occlusion import Size, pair_option, window_bands
+from .occlusion import Size, pair_option, window_bands, window_masks, window_mean
 
 #: N of the Laplace correction ``(p * N + 1) / (N + K)``: the authors' code hard-codes 100,000 "training images"
 TRAIN_SIZE = 100_000
@@ -194,7 +194,7 @@ class PredictionDifference(Explainer):
                 index = torch.arange(start, stop, device=x.device)
                 image, position, sample = index // per_image, (index // samples) % positions, index % samples
                 if sampler == "marginal":
-                    mask = in_rows[position // across][:, :, None] & in_cols[position % across][:, None, :]
+                    mask = window_masks(in_rows, in_cols, position)
                     copies = torch.where(mask.unsqueeze(1), refs[chosen[sample]], x[image])
                 else:
                     copies = self._conditional_copies(x, image, position // across, position % across, sample,
@@ -204,10 +204,7 @@ class PredictionDifference(Explainer):
                 total = total.index_add(0, slot, probs) if create_graph else total.index_add_(0, slot, probs)
             mean = (total / samples).view(batch, in_rows.shape[0], in_cols.shape[0])
             evidence = weight_of_evidence(clean[:, None, None], mean, train_size, classes)
-            rows_f, cols_f = in_rows.to(dtype), in_cols.to(dtype)
-            summed = rows_f.T @ evidence @ cols_f  # (B, H, W): each pixel's sum over the windows covering it
-            count = rows_f.sum(0)[:, None] * cols_f.sum(0)[None, :]  # 0 where stride > window skips pixels
-        return (summed / count.clamp(min=1)).unsqueeze(1)
+        return window_mean(evidence, in_rows, in_cols).unsqueeze(1)  # 0 where stride > window skips pixels
 
     @staticmethod
     def _conditional_setup(x: Tensor, refs: Tensor, in_rows: Tensor, in_cols: Tensor, window: Tuple[int, int],
