@@ -275,6 +275,8 @@ def test_bad_inputs():
         explainer(x, 0, references=torch.randn(4, 1, 8, 8))
     with pytest.raises(TypeError, match="references must be None or"):
         explainer(x, 0, references=[x])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        explainer(x, 0, generator=0)
     for name, value in (("num_samples", 0), ("train_size", True), ("train_size", 1.5)):
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
             explainer(x, 0, **{name: value})
@@ -359,3 +361,17 @@ def test_conditioning_formula_on_a_small_gaussian():
         np.testing.assert_allclose(lw, np.linalg.cholesky(cond), rtol=1e-10, atol=1e-12)
         np.testing.assert_array_equal(l_[~w][:, ~w], np.eye((~w).sum()))
         assert (l_[w][:, ~w] == 0).all() and (l_[~w][:, w] == 0).all()  # (L z)[w] reads z[w] only
+
+
+def test_references_stay_where_they_are_and_only_the_draws_move():
+    """References given in float64 on the CPU to a float32 call: the map equals the one with float32 references
+    (the samples and patches drawn from them are converted, not the whole set)."""
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    refs = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for sampler in ("marginal", "conditional"):
+        explain = attribution.PredictionDifference(model, window=3, stride=2, num_samples=3, sampler=sampler,
+                                                   padding=1)
+        wide = explain(x, [0, 1], references=refs.double(), generator=torch.Generator().manual_seed(2))
+        narrow = explain(x, [0, 1], references=refs, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(wide, narrow, rtol=1e-4, atol=1e-6)

@@ -44,17 +44,19 @@ def weight_of_evidence(p: Tensor, p_without: Tensor, train_size: int, classes: i
     return (log_ratio(q, q_without) + log_ratio(one_minus_without, one_minus)) / math.log(2)
 
 
-def patch_gaussian(refs: Tensor, patch: Tuple[int, int], positions: Tensor) -> Tuple[Tensor, Tensor]:
+def patch_gaussian(refs: Tensor, patch: Tuple[int, int], positions: Tensor,
+                   dtype: torch.dtype = torch.float64) -> Tuple[Tensor, Tensor]:
     """Mean (C, D) and covariance (C, D, D) of the ``patch`` = (ph, pw) patches (``D = ph * pw``, row-major) of
     each channel separately, over every reference at the patch top-left corners ``positions`` (C, M) (indices into
-    the (H - ph + 1) x (W - pw + 1) corners, row-major; channel c uses row c), unbiased (``np.cov``)."""
+    the (H - ph + 1) x (W - pw + 1) corners, row-major; channel c uses row c), unbiased (``np.cov``), in ``dtype``
+    (only the gathered patches are converted)."""
     channels, width = refs.shape[1], refs.shape[3]
     (ph, pw), across = patch, width - patch[1] + 1
     rows = (positions // across)[:, :, None] + torch.arange(ph, device=refs.device)  # (C, M, ph)
     cols = (positions % across)[:, :, None] + torch.arange(pw, device=refs.device)  # (C, M, pw)
     chan = torch.arange(channels, device=refs.device)[:, None, None, None]
-    patches = refs[:, chan, rows[:, :, :, None], cols[:, :, None, :]]  # (N, C, M, ph, pw)
-    patches = patches.transpose(0, 1).reshape(channels, -1, ph * pw)
+    patches = refs[:, chan, rows[:, :, :, None], cols[:, :, None, :]]  # (N, C, M, ph, pw), in the refs' dtype
+    patches = patches.transpose(0, 1).reshape(channels, -1, ph * pw).to(dtype)
     mean = patches.mean(1)
     centred = patches - mean[:, None]
     return mean, centred.transpose(1, 2) @ centred / (patches.shape[1] - 1)
@@ -140,7 +142,9 @@ class PredictionDifference(Explainer):
     shared draws keep a map independent of the batch and of ``batch_size``, as the marginal sampler's shared
     references do); the fit's corners range over all ``(H - P + 1) x (W - P + 1)`` places (the authors'
     ``range((H - P) * (W - P))`` never reaches the last row and column of places); the Gaussians are fitted per
-    call on ``references`` (the authors cache them on disk per network); the conditioning is done in float64
+    call on ``references`` (the authors cache them on disk per network, and their cache's file names omit the
+    channel, so channels 1 and 2 load channel 0's regression and conditional covariance: each channel's own here,
+    as their code intends); the conditioning is done in float64
     (float32 on MPS) with Cholesky factors where the authors invert ``S_ff``; with ``stride > 1`` windows are
     placed as Occlusion's (the last one cut at the edge, its patch placed by the same border rule with its own
     size) where the authors' non-overlapping mode leaves the remainder of the image uncovered; the map is kept in
@@ -169,6 +173,8 @@ class PredictionDifference(Explainer):
         window_hw, stride_hw = pair_option(window, "window"), pair_option(stride, "stride")
         if window_hw is None or stride_hw is None:
             raise ValueError(f"window and stride must be positive ints or pairs of them, got {window!r}, {stride!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         batch, _, height, width = x.shape
         refs = self._references(x, references)
         in_rows, in_cols = (band.to(x.device) for band in window_bands(height, width, window_hw, stride_hw))
@@ -176,7 +182,8 @@ class PredictionDifference(Explainer):
         across = in_cols.shape[0]
         gen_device = generator.device if generator is not None else torch.device("cpu")
         if sampler == "marginal":
-            chosen = torch.randperm(refs.shape[0], generator=generator, device=gen_device)[:num_samples].to(x.device)
+            chosen = torch.randperm(refs.shape[0], generator=generator, device=gen_device)[:num_samples]
+            picked = refs[chosen.to(refs.device)].to(device=x.device, dtype=x.dtype)  # only these reach the device
             samples = chosen.shape[0]
         else:
             cond = self._conditional_setup(x, refs, in_rows, in_cols, window_hw, padding, num_samples, generator)
@@ -195,7 +202,7 @@ class PredictionDifference(Explainer):
                 image, position, sample = index // per_image, (index // samples) % positions, index % samples
                 if sampler == "marginal":
                     mask = window_masks(in_rows, in_cols, position)
-                    copies = torch.where(mask.unsqueeze(1), refs[chosen[sample]], x[image])
+                    copies = torch.where(mask.unsqueeze(1), picked[sample], x[image])
                 else:
                     copies = self._conditional_copies(x, image, position // across, position % across, sample,
                                                       **cond)
@@ -222,7 +229,8 @@ class PredictionDifference(Explainer):
         fit_at = torch.randint(corners, (channels, draws), generator=generator, device=gen_device).to(x.device)
         noise = torch.randn(num_samples, channels, patch[0] * patch[1], generator=generator, device=gen_device,
                             dtype=torch.float64).to(device=x.device, dtype=stat)
-        mean, cov = patch_gaussian(refs.to(stat), patch, fit_at)
+        mean, cov = patch_gaussian(refs, patch, fit_at.to(refs.device), stat)
+        mean, cov = mean.to(x.device), cov.to(x.device)
 
         def places(band: Tensor, size: int, extent: int):  # each window's patch start, and its place in the patch
             first = band.to(torch.uint8).argmax(1)
@@ -237,7 +245,8 @@ class PredictionDifference(Explainer):
         in_patch = (row_in[:, None, :, None] & col_in[None, :, None, :]).reshape(-1, patch[0] * patch[1])  # (K, D)
         gain, chol = conditional_gaussian(mean, cov, in_patch[:, None, :])  # (K, C, D, D)
         shift = chol[:, None] @ noise[None, :, :, :, None]  # (K, S, C, D, 1): L z, the same z everywhere
-        low, high = refs.amin(0), refs.amax(0)  # samples are clipped to the references' range at each pixel
+        # samples are clipped to the references' range at each pixel (taken where the references are)
+        low, high = (bound.to(device=x.device, dtype=x.dtype) for bound in (refs.amin(0), refs.amax(0)))
         return {"top": top, "left": left, "kind": row_kind[:, None] * col_in.shape[0] + col_kind[None, :],
                 "in_patch": in_patch, "mean": mean.to(x.dtype), "gain": gain.to(x.dtype),
                 "shift": shift.squeeze(-1).to(x.dtype), "low": low, "high": high, "patch": patch}
@@ -281,4 +290,4 @@ class PredictionDifference(Explainer):
         if references.dim() != 4 or tuple(references.shape[1:]) != tuple(x.shape[1:]) or references.shape[0] == 0:
             raise ValueError(f"references must be an (N, C, H, W) tensor of images shaped like x's "
                              f"{tuple(x.shape[1:])}, got shape {tuple(references.shape)}")
-        return references.detach().to(device=x.device, dtype=x.dtype)
+        return references.detach()  # left where it is: only the samples and patches drawn from it move
