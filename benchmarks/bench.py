@@ -527,15 +527,17 @@ def cam_work(size: int) -> Dict[str, Work]:
 
         return floor
 
-    def lift_floor(m, x, t, chunk, e):  # one head forward, then the tail's forward and backward on (A, 0) pairs
+    def split_at_layer(m, x, e):  # the explainer's layer's outputs (one head forward) and the tail after it
         from attribution.cam.tail import SplitModel
 
         (layer,) = e.target_layers(x)
         split = SplitModel(m, layer)
         with torch.no_grad():
             values = split.head(x)
-        tail = split.tail(values, x.shape[0], split.plan(values))
-        acts = values[split.cut]
+        return split.tail(values, x.shape[0], split.plan(values)), values[split.cut]
+
+    def lift_floor(m, x, t, chunk, e):  # one head forward, then the tail's forward and backward on (A, 0) pairs
+        tail, acts = split_at_layer(m, x, e)
         for start in range(0, x.shape[0], max(1, chunk // 2)):
             part = acts[start:start + max(1, chunk // 2)]
             owners = torch.arange(start, start + part.shape[0], device=x.device).repeat(2)
@@ -544,14 +546,7 @@ def cam_work(size: int) -> Dict[str, Work]:
             torch.autograd.grad(scores.sum(), rows)
 
     def iba_floor(m, x, t, chunk, e):  # one head forward, then (iterations - 1) x samples tail forwards and
-        from attribution.cam.tail import SplitModel  # backwards to the layer per image, at IBA's defaults
-
-        (layer,) = e.target_layers(x)
-        split = SplitModel(m, layer)
-        with torch.no_grad():
-            values = split.head(x)
-        tail = split.tail(values, x.shape[0], split.plan(values))
-        acts = values[split.cut]
+        tail, acts = split_at_layer(m, x, e)  # backwards to the layer per image, at IBA's defaults
         rows = x.shape[0] * (e.defaults["iterations"] - 1) * e.defaults["samples"]
         for start in range(0, rows, chunk):
             owners = torch.arange(start, min(start + chunk, rows), device=x.device) % x.shape[0]
