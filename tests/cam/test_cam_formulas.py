@@ -244,9 +244,10 @@ def test_ablation_cam_tail_equals_full_forwards_on_a_resnet(layer):
     full = explainer(x, [1, 3], use_tail=False)
     assert explainer.last_mode == "full"
     torch.testing.assert_close(tail, full, rtol=1e-4, atol=1e-6)
-    # heads run in chunks of one image, tails on three ablated rows at a time
-    torch.testing.assert_close(explainer(x, [1, 3], batch_size=1), tail, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(explainer(x, [1, 3], batch_size=3), tail, rtol=1e-4, atol=1e-6)
+    # heads run in chunks of one image, tails on three ablated rows at a time (the weights divide a difference of
+    # two scores by the score, so kernels that round differently per batch size move the map by ~1e-4 relative)
+    torch.testing.assert_close(explainer(x, [1, 3], batch_size=1), tail, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(explainer(x, [1, 3], batch_size=3), tail, rtol=1e-3, atol=1e-5)
 
 
 class Untraceable(nn.Module):

@@ -50,7 +50,9 @@ def test_equals_torchrays_excitation_backprop(x):
     ours = A.ExcitationBackprop(model, "4", contrastive=True, contrast_layer="7")(x, classes)
     theirs = torchray_maps(torchray.contrastive_excitation_backprop, copy.deepcopy(model), x, classes, (16, 16),
                            saliency_layer="4", contrast_layer="7")
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-9)
+    # a difference of two maps: where it nearly cancels, float32 rounding (which differs between CPUs) is relative
+    # to the maps' scale, not to the difference
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
     assert (ours > 0).any() and (ours == 0).any()  # rectified, and not trivially
 
 
