@@ -216,6 +216,20 @@ def positive_number(value: Any, name: str) -> float:
     return float(value)
 
 
+def bound_option(value: Any, name: str) -> Any:
+    """A bound of the input domain as given: None, a finite number (as a float) or a floating-point tensor; else a
+    ValueError naming it."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise ValueError(f"{name} must be None, a finite number or a tensor, got {value!r}")
+    return float(value)
+
+
 def fraction_list(value: Any, name: str) -> Tuple[float, ...]:
     """An option that is one fraction in (0, 1] or a non-empty sequence of them, as a tuple; else a clear error."""
     single = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,7 +1,7 @@
 """Expected Gradients and GradientSHAP (the same with noise on the image)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,38 @@ def reference_set(x: Tensor, references: BaselineSpec) -> Optional[Tensor]:
         raise ValueError(f"references must be a (N, C, H, W) tensor of images shaped like x's {tuple(x.shape[1:])} "
                          f"(or one (C, H, W) image), got shape {tuple(references.shape)}")
     return refs.to(device=x.device, dtype=accumulation_dtype(x))
+
+
+def expected_paths(x: Tensor, references: BaselineSpec, samples: int, noise_scale: Optional[Tensor],
+                   generator: Optional[torch.Generator]) -> Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]:
+    """``paths(owners, step)``: ``(r_s + a_s (x + e_s - r_s), x + e_s - r_s)`` for sample ``step`` of each owner's
+    image, in the accumulation dtype: Expected Gradients' draws, made once per call in this order and shared by the
+    images: ``samples`` reference indices (uniform over ``references``, see :func:`reference_set`; a name or number
+    gives each image its one reference), ``samples`` points ``a_s ~ U(0, 1)`` (float64), then, when
+    ``noise_scale`` (B,) is given, standard-normal noise (samples, C, H, W) in the accumulation dtype, ``e_s`` being
+    it times the owner's scale."""
+    dtype = accumulation_dtype(x)
+    refs = reference_set(x, references)
+    own = make_baseline(x, references).to(dtype) if refs is None else None
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    count = 1 if refs is None else refs.shape[0]
+    chosen = torch.randint(0, count, (samples,), generator=generator, device=draw_device).to(x.device)
+    alphas = torch.rand(samples, generator=generator, device=draw_device, dtype=torch.float64)
+    alphas = alphas.to(device=x.device, dtype=dtype)
+    noise = None
+    if noise_scale is not None:
+        noise = torch.randn((samples,) + tuple(x.shape[1:]), generator=generator, device=draw_device,
+                            dtype=dtype).to(x.device)
+        noise_scale = noise_scale.to(device=x.device, dtype=dtype).view(-1, 1, 1, 1)
+    images = x.to(dtype)
+
+    def paths(owners: Tensor, step: Tensor) -> Tuple[Tensor, Tensor]:
+        start = own[owners] if refs is None else refs[chosen[step]]
+        end = images[owners] if noise is None else images[owners] + noise_scale[owners] * noise[step]
+        delta = end - start
+        return start + alphas[step].view(-1, 1, 1, 1) * delta, delta
+
+    return paths
 
 
 @register("expected_gradients")
@@ -53,23 +85,11 @@ class ExpectedGradients(GradientExplainer):
             raise ValueError(f"samples must be a positive int, got {samples!r}")
         if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or stdevs < 0:
             raise ValueError(f"stdevs must be a non-negative number, got {stdevs!r}")
-        dtype = accumulation_dtype(x)
-        refs = reference_set(x, references)
-        own = make_baseline(x, references).to(dtype) if refs is None else None
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        count = 1 if refs is None else refs.shape[0]
-        chosen = torch.randint(0, count, (samples,), generator=generator, device=draw_device).to(x.device)
-        alphas = torch.rand(samples, generator=generator, device=draw_device, dtype=torch.float64)
-        alphas = alphas.to(device=x.device, dtype=dtype)
-        noise = None
-        if stdevs > 0:
-            noise = torch.randn((samples,) + tuple(x.shape[1:]), generator=generator, device=draw_device,
-                                dtype=dtype).to(x.device) * float(stdevs)
-        images = x.to(dtype)
+        scale = torch.full((x.shape[0],), float(stdevs), dtype=accumulation_dtype(x), device=x.device)
+        paths = expected_paths(x, references, samples, scale if stdevs > 0 else None, generator)
 
         def points(owners: Tensor, step: Tensor):
-            start = own[owners] if refs is None else refs[chosen[step]]
-            delta = (images[owners] if noise is None else images[owners] + noise[step]) - start
-            return start + alphas[step].view(-1, 1, 1, 1) * delta, delta / samples
+            point, delta = paths(owners, step)
+            return point, delta / samples
 
         return self._integrate(x, target, samples, points, batch_size, create_graph)

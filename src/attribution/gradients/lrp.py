@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.explainer import bound_option
 from ..core.registry import register
 from ..core.rules import LinearCall, LinearRule, Norm, RuleMode, differentiable, stabilize
 from ..core.targets import Target
@@ -204,19 +205,6 @@ def _composite(composite: Any) -> Tuple[Optional[str], str, str, str]:
     raise ValueError(f"composite must be a name from {sorted(COMPOSITES)} or a mapping of rules, got {composite!r}")
 
 
-def _bound(value: Bound, name: str) -> Bound:
-    """A z^B bound as given: None, a finite number (as a float) or a floating-point tensor."""
-    if value is None:
-        return None
-    if isinstance(value, Tensor):
-        if not value.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-        raise ValueError(f"{name} must be None, a finite number or a tensor, got {value!r}")
-    return float(value)
-
-
 def composite_rules(composite: Any, *, eps: float, stabilizer: float, gamma: float, alpha: float, beta: float,
                     bounds: Callable[[Tensor], Tuple[Tensor, Tensor]]) -> Tuple[Dict[str, LinearRule], str, float]:
     """The checked rules of a composite (see :class:`LRP`): ({'conv': rule, 'linear': rule[, 'first': rule]}, which
@@ -331,7 +319,7 @@ class LRP(GradientExplainer):
     def _explain(self, x: Tensor, target: Target, *, composite: Any, eps: float, stabilizer: float, gamma: float,
                  alpha: float, beta: float, low: Bound, high: Bound, batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
-        low, high = _bound(low, "low"), _bound(high, "high")
+        low, high = bound_option(low, "low"), bound_option(high, "high")
         if isinstance(low, float) and isinstance(high, float) and low > high:
             raise ValueError(f"low must not exceed high, got low={low}, high={high}")
         self._owners: Optional[Tensor] = None

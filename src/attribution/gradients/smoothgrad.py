@@ -1,14 +1,15 @@
 """SmoothGrad and its variants, around any gradient method."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor
 
+from ..core.explainer import positive_int
 from ..core.registry import register
 from ..core.targets import Target
-from .base import WrappingExplainer, accumulation_dtype
+from .base import GradientExplainer, WrappingExplainer, accumulation_dtype
 from .vanilla import VanillaGradient
 
 VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -40,35 +41,62 @@ class SmoothGrad(WrappingExplainer):
     def _explain(self, x: Tensor, target: Target, *, samples: int, std: float, variant: str,
                  process: Optional[Callable[[Tensor], Tensor]], generator: Optional[torch.Generator],
                  method: Any = None, **inner: Any) -> Tensor:
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive int, got {samples!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if process is not None and variant != "smoothgrad":
-            raise ValueError("process applies to the 'smoothgrad' variant only; leave it None for the others")
-        inner_options = {**{k: v for k, v in self.inner.defaults.items()}, **inner}
-        batch = x.shape[0]
-        flat = x.reshape(batch, -1)
-        sigma = (std * (flat.amax(dim=1) - flat.amin(dim=1))).to(accumulation_dtype(x)).view(batch, 1, 1, 1, 1)
-        first = torch.zeros(x.shape, dtype=accumulation_dtype(x), device=x.device)
-        second = torch.zeros_like(first) if variant == "vargrad" else None
-        per_image = x[0].numel() * x.element_size()
-        group = max(1, min(samples, NOISY_COPY_BYTES // max(1, batch * per_image)))
-        done = 0
-        while done < samples:
-            k = min(group, samples - done)
-            noise = torch.randn((batch, k) + tuple(x.shape[1:]), generator=generator, device=x.device)
-            noisy = (x.unsqueeze(1) + sigma * noise).to(x.dtype).reshape((batch * k,) + tuple(x.shape[1:]))
-            maps = self.inner._explain(noisy, target.repeat(k), **inner_options).to(first.dtype)
-            maps = maps.view((batch, k) + tuple(maps.shape[1:]))
-            if variant == "smoothgrad_sq":
-                first = first + maps.square().sum(1)
-            else:
-                first = first + (process(maps) if process is not None else maps).sum(1)
-            if second is not None:
-                second = second + maps.square().sum(1)
-            done += k
-        mean = first / samples
-        if second is None:
-            return mean
-        return second / samples - mean.square()
+        return noise_statistic(self.inner, x, target, range_sigma(x, std), samples=samples, variant=variant,
+                               process=process, generator=generator, options={**self.inner.defaults, **inner})
+
+
+def range_sigma(x: Tensor, std: float) -> Tensor:
+    """SmoothGrad's standard deviation of the noise, ``std * (max - min)`` of each image, (B, 1, 1, 1) in the
+    accumulation dtype."""
+    flat = x.reshape(x.shape[0], -1)
+    return (std * (flat.amax(dim=1) - flat.amin(dim=1))).to(accumulation_dtype(x)).view(-1, 1, 1, 1)
+
+
+def noisy_map_groups(inner: GradientExplainer, x: Tensor, target: Target, samples: int, sigma: Tensor,
+                     generator: Optional[torch.Generator], options: Dict[str, Any]) -> Iterator[Tensor]:
+    """The maps of ``inner`` (run with ``options``) at ``samples`` noisy copies ``x + sigma * n`` of each image, group
+    by group.
+
+    ``sigma`` (B, ...) broadcasts to ``x`` (B, C, H, W) image by image (SmoothGrad: (B, 1, 1, 1), AdaptGrad: (B, C,
+    H, W)); ``n`` is standard-normal float32 noise drawn image-major, ``(B, k, C, H, W)`` per group, from
+    ``generator`` if given; a group holds at most ``NOISY_COPY_BYTES`` of noisy copies.  Yields (B, k, ...) maps in
+    the accumulation dtype (float64 for float64 input, float32 otherwise), ``k`` summing to ``samples``.
+    """
+    batch, shape = x.shape[0], tuple(x.shape[1:])
+    scale = sigma.to(accumulation_dtype(x)).unsqueeze(1)  # (B, 1, ...) against the noise's (B, k, C, H, W)
+    per_image = x[0].numel() * x.element_size()
+    group = max(1, min(samples, NOISY_COPY_BYTES // max(1, batch * per_image)))
+    done = 0
+    while done < samples:
+        k = min(group, samples - done)
+        noise = torch.randn((batch, k) + shape, generator=generator, device=x.device)
+        noisy = (x.unsqueeze(1) + scale * noise).to(x.dtype).reshape((batch * k,) + shape)
+        maps = inner._explain(noisy, target.repeat(k), **options).to(accumulation_dtype(x))
+        yield maps.view((batch, k) + tuple(maps.shape[1:]))
+        done += k
+
+
+def noise_statistic(inner: GradientExplainer, x: Tensor, target: Target, sigma: Tensor, *, samples: int,
+                    variant: str, process: Optional[Callable[[Tensor], Tensor]],
+                    generator: Optional[torch.Generator], options: Dict[str, Any]) -> Tensor:
+    """SmoothGrad's statistic ``variant`` of the maps of :func:`noisy_map_groups`: ``'smoothgrad'``, the mean of
+    ``process(map)`` (of the map when ``process`` is None); ``'smoothgrad_sq'``, the mean of ``map^2``;
+    ``'vargrad'``, their population variance."""
+    samples = positive_int(samples, "samples")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if process is not None and variant != "smoothgrad":
+        raise ValueError("process applies to the 'smoothgrad' variant only; leave it None for the others")
+    first = torch.zeros(x.shape, dtype=accumulation_dtype(x), device=x.device)
+    second = torch.zeros_like(first) if variant == "vargrad" else None
+    for maps in noisy_map_groups(inner, x, target, samples, sigma, generator, options):
+        if variant == "smoothgrad_sq":
+            first = first + maps.square().sum(1)
+        else:
+            first = first + (process(maps) if process is not None else maps).sum(1)
+        if second is not None:
+            second = second + maps.square().sum(1)
+    mean = first / samples
+    if second is None:
+        return mean
+    return second / samples - mean.square()
