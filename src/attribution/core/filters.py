@@ -48,3 +48,19 @@ def gaussian_blur(images: Tensor, size: int, sigma: float, padding: str = "zeros
         raise ValueError(f"padding must be 'zeros' or 'reflect', got {padding!r}")
     x = F.conv2d(x, k.view(1, 1, 1, size).expand(channels, 1, 1, size), padding=(0, pad), groups=channels)
     return F.conv2d(x, k.view(1, 1, size, 1).expand(channels, 1, size, 1), padding=(pad, 0), groups=channels)
+
+
+def ideal_low_pass(maps: Tensor, cutoff: float) -> Tensor:
+    """Keep the spatial frequencies of (..., H, W) ``maps`` within ``cutoff`` cycles per image of zero, drop the rest.
+
+    The disk ``ky^2 + kx^2 <= cutoff^2`` over the signed integer frequencies of the 2-D DFT (``fftfreq(n) * n``) is
+    applied to the real FFT's half spectrum and transformed back at the maps' own size (odd sizes included).  Linear
+    and differentiable; a cutoff at or above the largest frequency returns the maps unchanged.
+    """
+    height, width = maps.shape[-2:]
+    real = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
+    ky = torch.fft.fftfreq(height, d=1.0 / height, dtype=real.dtype, device=maps.device)
+    kx = torch.fft.rfftfreq(width, d=1.0 / width, dtype=real.dtype, device=maps.device)
+    keep = (ky[:, None].square() + kx[None, :].square() <= cutoff ** 2).to(real.dtype)
+    spectrum = torch.fft.rfft2(real)
+    return torch.fft.irfft2(spectrum * keep, s=(height, width)).to(maps.dtype)
