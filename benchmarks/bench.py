@@ -146,6 +146,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     except ImportError:  # pragma: no cover - Captum is a test/bench dependency
         ca = None
 
+    replayed: Dict[tuple, List[int]] = {}
+
     def grads(rows_per_image: int):
         return lambda m, x, t, chunk, e: input_gradient_passes(m, x, t, rows_per_image * x.shape[0], chunk)
 
@@ -182,6 +184,27 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     def meaningful_floor(m, x, t, chunk, e):  # the circle start's 36 forwards per image, then steps x (fwd + grad)
         forward_passes(m, x, x.shape[0] * 36, chunk)
         guided_ig_floor(m, x, t, chunk, e)
+
+    def replayed_floor(m, x, t, chunk, e):
+        """For a line search (as many trial forwards as the data asks): the first call, timed()'s warm-up, runs the
+        method once and counts the rows of its forwards with and without gradient recording; every call then puts
+        as many rows through forwards and through forward + input gradient."""
+        key = (id(e), id(m), tuple(x.shape))
+        if key not in replayed:
+            rows = [0, 0]
+
+            def count(module, inputs, output):
+                rows[int(torch.is_grad_enabled())] += inputs[0].shape[0]
+
+            handle = m.register_forward_hook(count)
+            try:
+                e(x, t)
+            finally:
+                handle.remove()
+            replayed[key] = rows
+        plain, recorded = replayed[key]
+        forward_passes(m, x, plain, chunk)
+        input_gradient_passes(m, x, t, recorded, chunk)
 
     def occlusion_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * (positions + 1), chunk)
@@ -292,6 +315,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "deconvnet": Work({}, grads(1), {"captum Deconvolution": peer(
             lambda m, x, t, c: ca.Deconvolution(m).attribute(x, t))}),
         "rect_grad": Work({}, grads(1)),  # a k-th value of activation x gradient per rectifier and image
+        "adapt_grad": Work({"samples": samples}, grads(samples)),
+        "guided_absolute_grad": Work({"samples": samples}, grads(samples)),
+        "forgrad": Work({}, grads(1)),  # the gradient, then two FFTs of the (B, 1, H, W) map
         "smoothgrad": Work({"samples": samples}, grads(samples), {"captum NoiseTunnel(Saliency)": peer(
             lambda m, x, t, c: ca.NoiseTunnel(ca.Saliency(m)).attribute(
                 x, nt_samples=samples, nt_samples_batch_size=max(1, c // x.shape[0]), stdevs=0.15, target=t,
@@ -305,6 +331,9 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                                       {"torchray extremal_perturbation": torchray_extremal
                                        if importlib.util.find_spec("torchray") else None}),
         "meaningful_perturbation": Work({"iterations": steps}, meaningful_floor),
+        # noise off, so that every run takes the same line-search trials as the counted one
+        "igos": Work({"iterations": max(1, steps // 8), "steps": 8, "noise": 0.0}, replayed_floor),
+        "igos_pp": Work({"iterations": max(1, steps // 8), "steps": 8, "noise": 0.0}, replayed_floor),
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
         # occlusion's windows, each filled from 2 references (the authors' stride 1 and 10 samples: ~462k forwards);
         # marginal: the conditional sampler's Gaussian over (window + 4)^2 patches (3,600 values at 224) would weigh
@@ -635,6 +664,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         # 2 C tail passes (the floor leaves out the forward and layer gradient for Grad-CAM's weights)
         "fd_cam": Work({}, tail_floor(lambda acts: 2 * acts.shape[1]), {}, "cnn"),
         "smooth_grad_cam_plusplus": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),
+        # the clean forward, then forward + layer gradient of every drawn path point
+        "expected_grad_cam": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),
         "integrated_grad_cam": Work({"steps": PATH_CAM_STEPS}, path_floor(lambda steps: steps), {}, "all"),
         "rsi_grad_cam": Work({"steps": PATH_CAM_STEPS}, path_floor(lambda steps: steps + 1), {}, "all"),
         "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
@@ -669,6 +700,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         # one forward (the tail on twice the rows) and two backwards to the last two blocks' attention: the floor
         # counts one backward, so ~1.3x is its cost, not overhead
         "legrad": Work({}, input_floor, models="vit"),
+        "token_tm": Work({}, input_floor, models="vit"),  # one forward, one backward to the attention maps
         # a relevance backward (each linear layer's alpha1-beta0 rule: two more products) and a plain one, against
         # the floor's one backward
         "transformer_attribution": Work({}, input_floor, models="vit"),

@@ -18,6 +18,7 @@ FAST = {
     "guided_ig": {"steps": 6},
     "idgi": {"steps": 6},
     "idg": {"steps": 6},
+    "forgrad": {"sigma": 4},
     "expected_gradients": {"samples": 6, "generator": torch.Generator().manual_seed(0)},  # reference sets: its tests
     "deeplift": {},
     "lrp": {},
@@ -34,6 +35,8 @@ FAST = {
     "deconvnet": {},
     "rect_grad": {},
     "smoothgrad": {"samples": 3},
+    "guided_absolute_grad": {"samples": 3},
+    "adapt_grad": {"samples": 3},
     "noise_grad": {"noisy_models": 2},
     "occlusion": {"window": 4, "stride": 4},
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},
@@ -49,6 +52,11 @@ FAST = {
     # against 0.2195): float32 and float64 pick different disks, so the shared invariants start from the whole image
     "meaningful_perturbation": {"iterations": 3, "mask_scale": 4, "init": "ones",
                                 "generator": torch.Generator().manual_seed(0)},
+    # the toy net's softmax is nearly flat (0.17-0.22): with the authors' regulariser weights the masks never move
+    "igos": {"iterations": 2, "steps": 3, "mask_size": 8, "l1_coeff": 3e-4, "tv_coeff": 3e-3,
+             "generator": torch.Generator().manual_seed(0)},
+    "igos_pp": {"iterations": 2, "steps": 3, "mask_size": 8, "l1_coeff": 3e-4, "tv_coeff": 3e-3,
+                "generator": torch.Generator().manual_seed(0)},
     "attention_rollout": {},
     "generic_attention": {},
     "grad_sam": {},
@@ -60,6 +68,7 @@ FAST = {
     "transformer_attribution": {},
     "tis": {"n_masks": 8, "generator": torch.Generator().manual_seed(0)},
     "atman": {},
+    "token_tm": {},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)
     "grad_cam": {},
     "hires_cam": {},
@@ -77,6 +86,7 @@ FAST = {
     "is_cam": {"steps": 2},
     "integrated_grad_cam": {"steps": 3},
     "rsi_grad_cam": {"steps": 3},
+    "expected_grad_cam": {"samples": 2, "generator": torch.Generator().manual_seed(0)},
     "ablation_cam": {},
     "fd_cam": {},
     "recipro_cam": {},
@@ -115,7 +125,8 @@ NEEDS_CLASSES = {name for name in list_methods() if attribution.get_method(name)
 #: options replacing FAST's where those are sized for the 16x16 toy images (the 32x32 ResNet check)
 RESNET_SIZED = {"iba": {"references": None}, "prediction_difference": {"references": None}}
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
-RANDOM = {"smoothgrad": {"std": 0.0}, "attexplore": {"sigma": 0.0, "rho": 0.0, "diversity_prob": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
+#: (Guided AbsoluteGrad without noise has zero variance, so its guide zeroes the map: the guide is turned off too)
+RANDOM = {"smoothgrad": {"std": 0.0}, "igos": {"noise": 0.0}, "igos_pp": {"noise": 0.0}, "adapt_grad": {"confidence": 1.0}, "guided_absolute_grad": {"std": 0.0, "percentile": None}, "attexplore": {"sigma": 0.0, "rho": 0.0, "diversity_prob": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
 #: probability between masked copies, about 1e-3 apart on this random net, which bf16's 8-bit mantissa blurs
 #: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)

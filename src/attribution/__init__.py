@@ -12,6 +12,7 @@ from .cam import (
     EigenCAM,
     EigenGradCAM,
     ExcitationBackprop,
+    ExpectedGradCAM,
     FDCAM,
     FEM,
     FinerCAM,
@@ -48,6 +49,7 @@ from .cam import (
 from .combine import CombinedWrapper, GuidedGradCAM
 from .core import Explainer, create, get_method, list_methods, register
 from .gradients import (
+    AdaptGrad,
     AGI,
     AttEXplore,
     AttnLRP,
@@ -57,7 +59,9 @@ from .gradients import (
     DeepLift,
     DeepLiftShap,
     ExpectedGradients,
+    FORGrad,
     GradientExplainer,
+    GuidedAbsoluteGrad,
     GuidedBackProp,
     GuidedIG,
     IDGI,
@@ -74,16 +78,17 @@ from .gradients import (
     VanillaGradient,
     XRAI,
 )
-from .perturbation import (LIME, RISE, ExtremalPerturbation, HSICAttribution, KernelSHAP, MeaningfulPerturbation,
+from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
                            Occlusion, PredictionDifference, ShapleyValueSampling, SobolAttribution)
 from .transformers import (TIS, AGCAM, AtMan, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
-                           RawAttention, TransformerAttribution)
+                           RawAttention, TokenTM, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGCAM",
+    "AdaptGrad",
     "AGI",
     "AttEXplore",
     "AttnLRP",
@@ -104,12 +109,14 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "ExcitationBackprop",
+    "ExpectedGradCAM",
     "ExpectedGradients",
     "ExtremalPerturbation",
     "Explainer",
     "FDCAM",
     "FEM",
     "FinerCAM",
+    "FORGrad",
     "FullGrad",
     "GenericAttention",
     "GradSAM",
@@ -118,10 +125,13 @@ __all__ = [
     "GradCAMPlusPlus",
     "GroupCAM",
     "GradientExplainer",
+    "GuidedAbsoluteGrad",
     "GuidedBackProp",
     "GuidedGradCAM",
     "GuidedIG",
     "IDGI",
+    "IGOS",
+    "IGOSPlusPlus",
     "IG2",
     "HSICAttribution",
     "HiResCAM",
@@ -136,6 +146,7 @@ __all__ = [
     "LIME",
     "LocalAttribution",
     "LeGrad",
+    "TokenTM",
     "LayerCAM",
     "LIFTCAM",
     "NormGrad",

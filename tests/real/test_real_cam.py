@@ -55,6 +55,7 @@ DISCRIMINATIVE = {
     "is_cam": {"target_layer": "_blocks.14", "steps": 2},
     "integrated_grad_cam": {"steps": 8},
     "rsi_grad_cam": {"steps": 8},
+    "expected_grad_cam": {"samples": 8, "generator": torch.Generator().manual_seed(0)},
     "ss_cam": {"target_layer": "_blocks.14", "samples": 1, "std": 0.2, "generator": torch.Generator().manual_seed(0)},
     # the head is piecewise linear (ReLU6), so with logits ShapleyCAM is Grad-CAM: the paper's ReST utility instead
     "shapley_cam": {"score": "rest"},

@@ -27,7 +27,8 @@ torchvision = pytest.importorskip("torchvision")
 #: one forward per channel: run on the narrow build of each architecture
 PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx", "sidu", "poly_cam", "fd_cam")
 CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigma": 4.0}, "guided_ig": {"steps": 4},
-         "smoothgrad": {"samples": 2}, "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},
+         "smoothgrad": {"samples": 2}, "adapt_grad": {"samples": 2}, "guided_absolute_grad": {"samples": 2},
+         "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},
          # conditional sampler: 16 x 16 patches (256 values) from the two 32 x 32 images' 2 x 17 x 17
          "prediction_difference": {"window": 12, "stride": 10, "num_samples": 2},
          "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4}, "xrai": {"steps": 2},
@@ -41,11 +42,13 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "attexplore": {"steps": 2, "samples": 2},
          "noise_grad": {"noisy_models": 2},
          "extremal_perturbation": {"iterations": 2}, "meaningful_perturbation": {"iterations": 2},
+         "igos": {"iterations": 1, "steps": 2}, "igos_pp": {"iterations": 1, "steps": 2},
          "hsic": {"grid": 4, "n_designs": 8},
          "sobol": {"grid": 2, "n_designs": 4},
          "integrated_grad_cam": {"steps": 2}, "rsi_grad_cam": {"steps": 2},
          "cameras": {"resolutions": [224]}, "smooth_grad_cam_plusplus": {"samples": 2}}  # fixed-size position embeddings: the image's own resolution only
-METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation", "region"))
+METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation", "region",
+                                                                                 "magnitude"))
 
 
 def _timm(name: str, **options) -> nn.Module:

@@ -5,6 +5,7 @@ from .base import CAM
 from .cameras import CAMERAS
 from .eigen_cam import EigenCAM, EigenGradCAM, SegEigenCAM
 from .excitation_backprop import ExcitationBackprop
+from .expected_grad_cam import ExpectedGradCAM
 from .fd_cam import FDCAM
 from .fem import FEM
 from .finer_cam import FinerCAM
@@ -44,6 +45,7 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "ExcitationBackprop",
+    "ExpectedGradCAM",
     "FDCAM",
     "FEM",
     "FinerCAM",

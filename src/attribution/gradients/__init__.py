@@ -1,5 +1,6 @@
 """The gradient family: maps built from input gradients, (B, C, H, W) signed attributions (XRAI: (B, 1, H, W)
 region maps grown from Integrated Gradients)."""
+from .adapt_grad import AdaptGrad
 from .agi import AGI
 from .attexplore import AttEXplore
 from .attn_lrp import AttnLRP
@@ -8,6 +9,8 @@ from .big import BoundaryIG
 from .blur_ig import BlurIG
 from .deeplift import DeepLift, DeepLiftShap
 from .expected import ExpectedGradients
+from .forgrad import FORGrad
+from .guided_absolute_grad import GuidedAbsoluteGrad
 from .guided_backprop import Deconvnet, GuidedBackProp, RectGrad
 from .guided_ig import GuidedIG
 from .idg import IntegratedDecisionGradients
@@ -24,6 +27,7 @@ from .vanilla import VanillaGradient
 from .xrai import XRAI
 
 __all__ = [
+    "AdaptGrad",
     "AGI",
     "AttEXplore",
     "AttnLRP",
@@ -33,7 +37,9 @@ __all__ = [
     "DeepLift",
     "DeepLiftShap",
     "ExpectedGradients",
+    "FORGrad",
     "GradientExplainer",
+    "GuidedAbsoluteGrad",
     "GuidedBackProp",
     "GuidedIG",
     "IDGI",

@@ -1,6 +1,7 @@
 """Perturbation methods: maps from forwards of perturbed copies, (B, 1, H, W)."""
 from .extremal import ExtremalPerturbation
 from .hsic import HSICAttribution
+from .igos import IGOS, IGOSPlusPlus
 from .kernel_shap import KernelSHAP
 from .lime import LIME
 from .meaningful_perturbation import MeaningfulPerturbation
@@ -10,5 +11,5 @@ from .rise import RISE
 from .shapley_sampling import ShapleyValueSampling
 from .sobol import SobolAttribution
 
-__all__ = ["ExtremalPerturbation", "HSICAttribution", "KernelSHAP", "LIME", "MeaningfulPerturbation", "Occlusion",
+__all__ = ["ExtremalPerturbation", "HSICAttribution", "IGOS", "IGOSPlusPlus", "KernelSHAP", "LIME", "MeaningfulPerturbation", "Occlusion",
            "PredictionDifference", "RISE", "ShapleyValueSampling", "SobolAttribution"]
