@@ -48,8 +48,9 @@ class Explainer:
     #: registry name, set by :func:`attribution.core.registry.register`
     name: ClassVar[str] = ""
     #: ``'gradient'`` methods return (B, C, H, W) signed maps; ``'cam'``, ``'perturbation'``, ``'attention'``,
-    #: ``'region'`` (maps constant over image regions, XRAI) and ``'baseline'`` (reference maps for the metrics, not
-    #: explanations, e.g. RandomCAM) (B, 1, H, W)
+    #: ``'region'`` (maps constant over image regions, XRAI), ``'magnitude'`` (non-negative maps built from input
+    #: gradients, e.g. FORGrad) and ``'baseline'`` (reference maps for the metrics, not explanations, e.g. RandomCAM)
+    #: (B, 1, H, W)
     kind: ClassVar[str] = "gradient"
     #: the method's own options and their defaults
     defaults: ClassVar[Mapping[str, Any]] = {}

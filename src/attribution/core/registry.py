@@ -46,7 +46,7 @@ def create(name: str, model: nn.Module, **options: Any) -> Explainer:
 
 def list_methods(kind: Optional[str] = None) -> List[str]:
     """Registered method names, optionally only those of one ``kind`` ('gradient', 'cam', 'perturbation',
-    'attention', 'region', 'baseline')."""
+    'attention', 'region', 'magnitude', 'baseline')."""
     return sorted(n for n, cls in _REGISTRY.items() if kind is None or cls.kind == kind)
 
 
