@@ -298,8 +298,12 @@ def test_create_graph_differentiates_through_the_scores_and_the_median():
     ({"grid": 17}, r"grid must not exceed the image's height and width \(16, 16\)"),
     ({"n_designs": 1}, "n_designs must be an int >= 2"),
     ({"n_designs": 8.0}, "n_designs must be an int >= 2"),
-    ({"generator": 3}, "generator must be a torch.Generator or None"),
 ])
 def test_bad_options_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         HSICAttribution(tiny_cnn())(torch.rand(1, 3, 16, 16), 0, **bad)
+
+
+def test_a_generator_that_is_not_one_is_named():
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        HSICAttribution(tiny_cnn())(torch.rand(1, 3, 16, 16), 0, generator=3)

@@ -285,11 +285,15 @@ def test_create_graph_keeps_the_map_differentiable_in_the_parameters(cnn, images
                                           ({"n_designs": 12}, "n_designs must be a power of two, at least 2"),
                                           ({"n_designs": 1}, "n_designs must be a power of two, at least 2"),
                                           ({"n_designs": 8.0}, "n_designs must be a power of two, at least 2"),
-                                          ({"perturbation": "blur"}, "perturbation must be one of"),
-                                          ({"generator": 3}, "generator must be a torch.Generator or None")])
+                                          ({"perturbation": "blur"}, "perturbation must be one of")])
 def test_bad_options_are_named(cnn, images, bad, message):
     with pytest.raises(ValueError, match=message):
         SobolAttribution(cnn)(images, 0, **bad)
+
+
+def test_a_generator_that_is_not_one_is_named(cnn, images):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        SobolAttribution(cnn)(images, 0, generator=3)
 
 
 def test_a_grid_past_torchs_sobol_dimensions_is_named():

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
-from ..core.explainer import positive_int
+from ..core.explainer import non_negative_number, optional_generator, positive_int
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
@@ -19,19 +19,6 @@ from ..gradients.paths import BaselineSpec
 from .base import CAM, FUSIONS, channel_sum
 
 PathRows = Callable[[Tensor, Tensor], Tensor]
-
-
-def check_std(std: Any) -> float:
-    """The relative noise level: a non-negative number (not a bool); else a ValueError naming ``std``."""
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
-        raise ValueError(f"std must be a non-negative number, got {std!r}")
-    return float(std)
-
-
-def check_generator(generator: Any) -> Optional[torch.Generator]:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
 
 
 def expected_path_rows(x: Tensor, references: BaselineSpec, samples: int, std: float,
@@ -93,7 +80,7 @@ class ExpectedGradCAM(CAM):
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
         samples = positive_int(samples, "samples")
-        points = expected_path_rows(x, references, samples, check_std(std), check_generator(generator))
+        points = expected_path_rows(x, references, samples, non_negative_number(std, "std"), optional_generator(generator))
         layers = self.target_layers(x, target_layer, reshape_transform)
         clean = self._capture_all(x, target, layers, reshape_transform, batch_size, create_graph)  # resolves None
         weights = self._expected_weights(x, points, samples, target, layers, reshape_transform, batch_size,

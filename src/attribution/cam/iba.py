@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..core.batching import RowPlanner
 from ..core.capture import LayerCapture, ReshapeTransform, layer_transform
+from ..core.explainer import optional_generator
 from ..core.filters import gaussian_blur
 from ..core.layers import LayerSpec
 from ..core.optim import Adam
@@ -118,8 +119,7 @@ class IBA(EditedLayerCAM):
                     or references.shape[0] == 0:
                 raise ValueError(f"references must be a (N, C, H, W) tensor of images shaped like x's "
                                  f"{tuple(x.shape[1:])}, got shape {tuple(references.shape)}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        optional_generator(generator)
         layers = self.target_layers(x, target_layer, reshape_transform)
         options = dict(beta=float(beta), iterations=iterations, lr=float(lr), samples=samples,
                        initial_alpha=float(initial_alpha), sigma=float(sigma), min_std=float(min_std),

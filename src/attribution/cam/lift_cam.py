@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
+from ..core.explainer import non_negative_number
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
@@ -44,8 +45,7 @@ class LIFTCAM(EditedLayerCAM):
                  create_graph: bool) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        non_negative_number(eps, "eps")
         maps = []
         for layer in self.target_layers(x, target_layer, reshape_transform):
             with torch.set_grad_enabled(create_graph), self._autocast():

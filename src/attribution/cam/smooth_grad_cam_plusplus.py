@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
+from ..core.explainer import non_negative_number
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
@@ -41,8 +42,7 @@ class SmoothGradCAMPlusPlus(CAM):
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}")
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0:
-            raise ValueError(f"std must be a non-negative number, got {std!r}")
+        non_negative_number(std, "std")
         layers = self.target_layers(x, target_layer, reshape_transform)
         clean = self._capture_all(x, target, layers, reshape_transform, batch_size, create_graph)
         batch = x.shape[0]

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
+from ..core.explainer import non_negative_number
 from ..core.layers import LayerSpec
 from ..core.progress import progress_bar
 from ..core.registry import register
@@ -115,8 +116,7 @@ class ViTCX(CAM):
         if not isinstance(distance_threshold, (int, float)) or isinstance(distance_threshold, bool) \
                 or not 0 <= distance_threshold <= 2:
             raise ValueError(f"distance_threshold must be a number in [0, 2], got {distance_threshold!r}")
-        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
-            raise ValueError(f"noise must be a non-negative number, got {noise!r}")
+        non_negative_number(noise, "noise")
         layers = self.target_layers(x, target_layer, reshape_transform)
         activations = self._capture_all(x, target, layers, reshape_transform, batch_size, create_graph)
         clean = self._scores(x, torch.arange(x.shape[0], device=x.device), target, create_graph)

@@ -210,6 +210,20 @@ def positive_int(value: Any, name: str) -> int:
     return value
 
 
+def non_negative_number(value: Any, name: str) -> float:
+    """An option that must be a number >= 0 (not a bool, not NaN), as a float; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def optional_generator(value: Any) -> Optional[torch.Generator]:
+    """The ``generator`` option: None or a ``torch.Generator``; else a TypeError naming it."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
 def positive_number(value: Any, name: str) -> float:
     """An option that must be a positive number (not a bool), as a float; else a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.batching import RowPlanner
-from ..core.explainer import positive_int, positive_number
+from ..core.explainer import optional_generator, positive_int, positive_number
 from ..core.filters import gaussian_blur
 from ..core.registry import register
 from ..core.targets import Target, apply_score
@@ -108,8 +108,7 @@ class AttEXplore(AdversarialPathExplainer):
                 or kernel_size % 2 == 0):
             raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
         limits = check_bounds(bounds)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        optional_generator(generator)
         if target.classes is None:
             raise ValueError("AttEXplore's attack descends the cross-entropy of the target class, which reads every "
                              "class's score, so it needs class indices as the target, not a callable")

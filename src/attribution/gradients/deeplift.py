@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..core.batching import RowPlanner
+from ..core.explainer import non_negative_number
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer
@@ -163,8 +164,7 @@ class DeepLift(GradientExplainer):
 
     def _explain(self, x: Tensor, target: Target, *, baseline: BaselineSpec, eps: float, batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        non_negative_number(eps, "eps")
         reference = make_baseline(x, baseline)
         self._eps = float(eps)  # read by _backward_rules inside _scores_and_input_gradients
         rows_per_image = None if batch_size is None else max(1, batch_size // 2)

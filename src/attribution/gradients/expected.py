@@ -6,6 +6,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..core.explainer import non_negative_number
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer, accumulation_dtype
@@ -83,8 +84,7 @@ class ExpectedGradients(GradientExplainer):
                  generator: Optional[torch.Generator], batch_size: Optional[int], create_graph: bool) -> Tensor:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}")
-        if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or stdevs < 0:
-            raise ValueError(f"stdevs must be a non-negative number, got {stdevs!r}")
+        non_negative_number(stdevs, "stdevs")
         scale = torch.full((x.shape[0],), float(stdevs), dtype=accumulation_dtype(x), device=x.device)
         paths = expected_paths(x, references, samples, scale if stdevs > 0 else None, generator)
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..cam.base import min_max_scale
-from ..core.explainer import positive_int
+from ..core.explainer import optional_generator, positive_int
 from ..core.registry import register
 from ..core.targets import Target
 from . import smoothgrad
@@ -127,5 +127,4 @@ def check_options(samples: int, std: Any, percentile: Any, generator: Any) -> No
     if percentile is not None and samples < 2:
         raise ValueError(f"samples must be at least 2 for the variance guide, got {samples}; "
                          "percentile=None computes AbsoluteGrad without it")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    optional_generator(generator)

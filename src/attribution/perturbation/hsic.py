@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, optional_generator
 from ..core.registry import register
 from ..core.targets import Target
 from ..core.resize import bicubic_resize
@@ -126,5 +126,4 @@ class HSICAttribution(Explainer):
             raise ValueError(f"grid must not exceed the image's height and width {size}, got {grid}")
         if isinstance(n_designs, bool) or not isinstance(n_designs, int) or n_designs < 2:
             raise ValueError(f"n_designs must be an int >= 2, got {n_designs!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        optional_generator(generator)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer, positive_int
+from ..core.explainer import Explainer, optional_generator, positive_int
 from ..core.filters import gaussian_blur
 from ..core.registry import register
 from ..core.targets import Target
@@ -224,8 +224,7 @@ class _IntegratedGradientOptimizedSaliency(Explainer):
         if blur_sigma is not None and (isinstance(blur_sigma, bool) or not isinstance(blur_sigma, (int, float))
                                        or not math.isfinite(blur_sigma) or not blur_sigma > 0):
             raise ValueError(f"blur_sigma must be None or a positive finite number, got {blur_sigma!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        optional_generator(generator)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         images = (x if create_graph else x.detach()).to(dtype)
         size = authors_blur_size(*x.shape[-2:]) if blur_size is None else blur_size

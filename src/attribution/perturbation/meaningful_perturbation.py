@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, optional_generator
 from ..core.filters import gaussian_blur
 from ..core.optim import Adam
 from ..core.registry import register
@@ -103,8 +103,7 @@ class MeaningfulPerturbation(Explainer):
                 raise ValueError(f"{name} must be a {kind} number, got {value!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        optional_generator(generator)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         images = (x if create_graph else x.detach()).to(dtype)
         with torch.set_grad_enabled(create_graph):

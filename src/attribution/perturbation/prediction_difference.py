@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer, positive_int
+from ..core.explainer import Explainer, optional_generator, positive_int
 from ..core.registry import register
 from ..core.targets import Target
 from .occlusion import Size, pair_option, window_bands, window_masks, window_mean
@@ -173,8 +173,7 @@ class PredictionDifference(Explainer):
         window_hw, stride_hw = pair_option(window, "window"), pair_option(stride, "stride")
         if window_hw is None or stride_hw is None:
             raise ValueError(f"window and stride must be positive ints or pairs of them, got {window!r}, {stride!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        optional_generator(generator)
         batch, _, height, width = x.shape
         refs = self._references(x, references)
         in_rows, in_cols = (band.to(x.device) for band in window_bands(height, width, window_hw, stride_hw))

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.quasirandom import SobolEngine
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, optional_generator
 from ..core.registry import register
 from ..core.targets import Target
 from ..core.resize import bicubic_resize
@@ -190,5 +190,4 @@ class SobolAttribution(Explainer):
             raise ValueError(f"n_designs must be a power of two, at least 2, got {n_designs!r}")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        optional_generator(generator)
