@@ -696,6 +696,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "ag_cam": Work({}, input_floor, models="vit"),
         "raw_attention": Work({}, forward_floor, models="vit"),
         "beyond_intuition": Work({"steps": BEYOND_STEPS}, beyond_floor, models="vit"),
+        # steps x (forward + backward), the backward stopping at the last block's attention (below the floor's)
+        "tam": Work({"steps": BEYOND_STEPS}, beyond_floor, models="vit"),
         "attcat": Work({}, input_floor, models="vit"),
         # one forward (the tail on twice the rows) and two backwards to the last two blocks' attention: the floor
         # counts one backward, so ~1.3x is its cost, not overhead

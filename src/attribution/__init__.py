@@ -80,7 +80,7 @@ from .gradients import (
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
                            Occlusion, PredictionDifference, ShapleyValueSampling, SobolAttribution)
-from .transformers import (TIS, AGCAM, AtMan, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
+from .transformers import (TAM, TIS, AGCAM, AtMan, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
                            RawAttention, TokenTM, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -147,6 +147,7 @@ __all__ = [
     "LocalAttribution",
     "LeGrad",
     "TokenTM",
+    "TAM",
     "LayerCAM",
     "LIFTCAM",
     "NormGrad",

@@ -33,7 +33,8 @@ def task():
 #: map to 0: the black image (each image's minimum) is the baseline here
 NATIVE = {"generic_attention": {}, "grad_sam": {}, "ag_cam": {}, "attention_rollout": {}, "raw_attention": {},
           "attcat": {}, "legrad": {}, "transformer_attribution": {}, "beyond_intuition": {"start_block": 1, "baseline": "black"},
-          "tis": {"generator": torch.Generator().manual_seed(0)}, "atman": {}}
+          "tis": {"generator": torch.Generator().manual_seed(0)}, "atman": {}, "token_tm": {},
+          "tam": {"start_block": 0, "baseline": "black"}}  # TAM: the same zero-baseline trouble as Beyond Intuition
 #: measured pointing rates below 0.9: AG-CAM with the authors' sums over heads and blocks points 0.47 here (0.97 with
 #: layer_fusion='max', 0.69 with head_fusion='max'), still far above its transposed maps' 0.12
 MIN_RATE = {"ag_cam": 0.4}

@@ -9,11 +9,12 @@ from .grad_sam import GradSAM
 from .legrad import LeGrad
 from .raw_attention import RawAttention
 from .rollout import AttentionRollout
+from .tam import TAM
 from .tis import TIS
 from .token_tm import TokenTM
 from .tokens import TokenLayout, token_layout, tokens_to_map
 from .transformer_attribution import TransformerAttribution
 
 __all__ = ["AGCAM", "AtMan", "AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
-           "LeGrad", "RawAttention", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
+           "LeGrad", "RawAttention", "TAM", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
            "token_layout", "tokens_to_map"]
