@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..core.batching import RowPlanner
 from ..core.capture import LayerCapture, ReshapeTransform, layer_transform
-from ..core.explainer import optional_generator
+from ..core.explainer import finite_number, optional_generator
 from ..core.filters import gaussian_blur
 from ..core.layers import LayerSpec
 from ..core.optim import Adam
@@ -104,9 +104,7 @@ class IBA(EditedLayerCAM):
             raise ValueError(f"min_std must be positive, got {min_std!r}")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if isinstance(initial_alpha, bool) or not isinstance(initial_alpha, (int, float)) \
-                or not math.isfinite(initial_alpha):
-            raise ValueError(f"initial_alpha must be a finite number, got {initial_alpha!r}")
+        finite_number(initial_alpha, "initial_alpha")
         for name, value, low in (("iterations", iterations, 0), ("samples", samples, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

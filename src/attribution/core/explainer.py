@@ -224,6 +224,13 @@ def optional_generator(value: Any) -> Optional[torch.Generator]:
     return value
 
 
+def finite_number(value: Any, name: str) -> float:
+    """An option that must be a finite real number (not a bool), as a float; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < float("inf"):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def positive_number(value: Any, name: str) -> float:
     """An option that must be a positive number (not a bool), as a float; else a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

@@ -13,18 +13,26 @@ def gaussian_kernel_1d(size: int, sigma: float, reflect: bool = False, dtype=tor
     centred delta of length ``size`` with ``scipy.ndimage.gaussian_filter(delta, sigma)`` (taps out to 4 sigma,
     boundary mode 'reflect', so tails past the ends fold back in and the kernel is flatter than a sampled Gaussian).
     """
-    if reflect:
-        radius = int(4.0 * sigma + 0.5)
-        offsets = torch.arange(-radius, radius + 1, dtype=dtype)
-        weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-        weights = weights / weights.sum()
-        # out[i] = sum_j w_j delta(reflect(i + j)), the reflection of period 2 * size that scipy's 'reflect' uses
-        pos = (torch.arange(size)[:, None] + offsets.long()[None, :]) % (2 * size)
-        pos = torch.where(pos >= size, 2 * size - 1 - pos, pos)
-        return (weights * (pos == size // 2)).sum(dim=1)
+    if reflect:  # the centred delta's column of the reflecting blur
+        return reflect_blur_matrix(size, sigma)[:, size // 2].to(dtype)
     offsets = torch.arange(size, dtype=dtype) - (size - 1) / 2
     weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return weights / weights.sum()
+
+
+def reflect_blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> Tensor:
+    """(size, size) float64 matrix of ``scipy.ndimage.gaussian_filter1d(v, sigma, truncate=truncate)`` (mode
+    'reflect': the signal mirrored about its edges, edge samples repeated, ``c b a | a b c``, periodic with period
+    ``2 size`` however far the kernel reaches): ``blurred = matrix @ v``.  ``sigma=0`` is the identity."""
+    if sigma == 0:
+        return torch.eye(size, dtype=torch.float64)
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1)
+    weights = torch.exp(-0.5 * (offsets.double() / sigma) ** 2)
+    weights = weights / weights.sum()
+    pos = (torch.arange(size)[:, None] + offsets[None, :]).remainder(2 * size)
+    pos = torch.where(pos >= size, 2 * size - 1 - pos, pos)
+    return torch.zeros(size, size, dtype=torch.float64).scatter_add_(1, pos, weights.expand(size, -1).contiguous())
 
 
 def gaussian_blur(images: Tensor, size: int, sigma: float, padding: str = "zeros", reflect_kernel: bool = False
