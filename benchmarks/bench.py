@@ -524,6 +524,10 @@ def cam_work(size: int) -> Dict[str, Work]:
     def score_floor(m, x, t, chunk, e):  # the clean forward and one masked forward per channel
         forward_passes(m, x, x.shape[0] * (1 + channels_at_layer(m, x, e)), chunk)
 
+    def decom_floor(m, x, t, chunk, e):  # forward + layer gradient, then one forward per component (10)
+        layer_gradient_passes(m, x, t, chunk, e)
+        forward_passes(m, x, x.shape[0] * 10, chunk)
+
     def poly_floor(m, x, t, chunk, e):  # the clean forward, one forward per channel and side of every stage end
         channels = sum(layer_activation(m, layer, x[:1], grad=False)[1].shape[1] for layer in e.target_layers(x))
         forward_passes(m, x, x.shape[0] * (1 + 2 * channels), chunk)
@@ -681,6 +685,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "vit_cx": Work({}, vit_cx_floor, {}, "all"),
         "fullgrad": pgc_work(input_floor, "FullGrad"),
         "group_cam": Work({}, group_floor, {}, "cnn"),
+        "decom_cam": Work({}, decom_floor, {}, "all"),
         "opti_cam": Work({"iterations": OPTI_ITERATIONS}, opti_floor, {}, "all"),
         "fem": pgc_work(forward_floor, "FEM"),
         "shapley_cam": pgc_work(hessian_vector_passes, "ShapleyCAM"),

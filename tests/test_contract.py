@@ -82,6 +82,7 @@ FAST = {
     "eigen_grad_cam": {},
     "seg_eigen_cam": {},
     "kpca_cam": {},
+    "decom_cam": {"components": 3},
     "score_cam": {},
     "ss_cam": {"samples": 1},
     "is_cam": {"steps": 2},

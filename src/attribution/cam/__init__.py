@@ -3,6 +3,7 @@ from .ablation_cam import AblationCAM
 from .bag_cam import BagCAM
 from .base import CAM
 from .cameras import CAMERAS
+from .decom_cam import DecomCAM, DecomCAMParts
 from .eigen_cam import EigenCAM, EigenGradCAM, SegEigenCAM
 from .excitation_backprop import ExcitationBackprop
 from .expected_grad_cam import ExpectedGradCAM
@@ -42,6 +43,8 @@ __all__ = [
     "BagCAM",
     "CAM",
     "CAMERAS",
+    "DecomCAM",
+    "DecomCAMParts",
     "EigenCAM",
     "EigenGradCAM",
     "ExcitationBackprop",
