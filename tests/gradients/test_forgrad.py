@@ -16,11 +16,11 @@ from conftest import LinearModel, central_difference, tiny_cnn
 
 
 def xplique_forgrad(explanations: torch.Tensor, sigma: int) -> torch.Tensor:
-    """Xplique's ``forgrad`` written out for square, even-sized (B, H, W, C) explanations: channel mean, |.|, the
-    rfft2 spectrum times the centred disk of radius sigma moved to the corner by fftshift (half its columns), back,
-    |.|."""
+    """Xplique's ``forgrad`` written out for square, even-sized (B, H, W, C) or (B, H, W) explanations: channel mean
+    (4-D only), |.|, the rfft2 spectrum times the centred disk of radius sigma moved to the corner by fftshift (half
+    its columns), back, |.|."""
     size = explanations.shape[1]
-    maps = explanations.mean(dim=-1).abs()
+    maps = (explanations.mean(dim=-1) if explanations.dim() == 4 else explanations).abs()
     centre = size // 2
     rows = torch.arange(size, dtype=torch.float64)[:, None]
     cols = torch.arange(size, dtype=torch.float64)[None, :]
@@ -36,20 +36,38 @@ def cosine(height: int, width: int, ky: int, kx: int) -> torch.Tensor:
 
 
 def test_defaults_are_xpliques():
-    assert FORGrad.defaults == {"method": VanillaGradient, "sigma": 15}
+    assert FORGrad.defaults == {"method": VanillaGradient, "sigma": 15, "reduce": None}
     assert FORGrad(tiny_cnn()).inner_class is VanillaGradient
 
 
 @pytest.mark.parametrize("sigma", [1, 3, 5, 15])
-def test_equals_xpliques_forgrad_on_the_vanilla_gradient(sigma):
+def test_equals_xpliques_saliency_then_forgrad(sigma):
+    """The paper's "FORGrad on Saliency": Xplique's Saliency (max over channels of |gradient|) filtered."""
+    model = tiny_cnn()
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 16, 16)
+    saliency = VanillaGradient(model)(x, [0, 2, 4]).abs().amax(dim=1)
+    expected = xplique_forgrad(saliency, sigma)[:, None]
+    out = FORGrad(model, sigma=sigma)(x, [0, 2, 4])
+    assert out.shape == (3, 1, 16, 16) and (out >= 0).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(FORGrad(model, sigma=sigma, reduce="max_abs")(x, [0, 2, 4]), expected)
+
+
+@pytest.mark.parametrize("sigma", [3, 15])
+def test_equals_xpliques_forgrad_of_a_channel_mean_map(sigma):
+    """Xplique's other methods reduce channels by their mean before ``forgrad``: ``reduce='mean'``, the default
+    for every method but the vanilla gradient."""
     model = tiny_cnn()
     torch.manual_seed(0)
     x = torch.randn(3, 3, 16, 16)
     gradients = VanillaGradient(model)(x, [0, 2, 4])
     expected = xplique_forgrad(gradients.permute(0, 2, 3, 1), sigma)[:, None]
-    out = FORGrad(model, sigma=sigma)(x, [0, 2, 4])
-    assert out.shape == (3, 1, 16, 16) and (out >= 0).all()
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(FORGrad(model, sigma=sigma, reduce="mean")(x, [0, 2, 4]), expected,
+                               rtol=1e-5, atol=1e-7)
+    products = (x * gradients).permute(0, 2, 3, 1)
+    torch.testing.assert_close(FORGrad(model, method="input_x_gradient", sigma=sigma)(x, [0, 2, 4]),
+                               xplique_forgrad(products, sigma)[:, None], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (31, 20), (9, 27)])
@@ -66,12 +84,13 @@ def test_a_cosine_inside_the_disk_stays_and_one_outside_goes(height, width):
     torch.testing.assert_close(ideal_low_pass(edge, 4.99), torch.zeros_like(edge) + edge.mean())
 
 
-def test_a_cutoff_beyond_every_frequency_keeps_the_channel_mean_magnitude():
+def test_a_cutoff_beyond_every_frequency_keeps_the_reduced_map():
     model = LinearModel()
     x = torch.randn(2, 3, 8, 8)
     weights = model.linear.weight.view(4, 3, 8, 8)
-    expected = weights[[1, 3]].mean(dim=1, keepdim=True).abs()
-    torch.testing.assert_close(FORGrad(model, sigma=100)(x, [1, 3]), expected)
+    torch.testing.assert_close(FORGrad(model, sigma=100)(x, [1, 3]), weights[[1, 3]].abs().amax(dim=1, keepdim=True))
+    torch.testing.assert_close(FORGrad(model, sigma=100, reduce="mean")(x, [1, 3]),
+                               weights[[1, 3]].mean(dim=1, keepdim=True).abs())
 
 
 def test_wraps_any_gradient_method_and_passes_its_options():
@@ -104,6 +123,11 @@ def test_create_graph_gives_the_maps_parameter_derivative():
 def test_a_bad_sigma_is_named(sigma):
     with pytest.raises(ValueError, match="sigma must be a positive number"):
         FORGrad(tiny_cnn(), sigma=sigma)(torch.randn(1, 3, 16, 16), 0)
+
+
+def test_a_bad_reduce_is_named():
+    with pytest.raises(ValueError, match=r"reduce must be None or one of \('max_abs', 'mean'\), got 'max'"):
+        FORGrad(tiny_cnn(), reduce="max")(torch.randn(1, 3, 16, 16), 0)
 
 
 def test_refuses_a_method_that_is_not_a_gradient_method():

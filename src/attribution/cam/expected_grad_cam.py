@@ -13,8 +13,8 @@ from ..core.explainer import non_negative_number, optional_generator, positive_i
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
-from ..gradients.base import accumulation_dtype
 from ..gradients.expected import expected_paths
+from ..gradients.smoothgrad import range_sigma
 from ..gradients.paths import BaselineSpec
 from .base import CAM, FUSIONS, channel_sum
 
@@ -28,8 +28,7 @@ def expected_path_rows(x: Tensor, references: BaselineSpec, samples: int, std: f
     in its order, shared by the images) with the noise scaled per image by ``sigma = std (max x - min x)``
     (SmoothGrad's relative noise level).  A same-seeded ``generator`` gives ExpectedGradients the same references,
     points and (unscaled) noise."""
-    flat = x.reshape(x.shape[0], -1).to(accumulation_dtype(x))
-    scale = std * (flat.amax(dim=1) - flat.amin(dim=1)) if std > 0 else None
+    scale = range_sigma(x, std).view(-1) if std > 0 else None
     paths = expected_paths(x, references, samples, scale, generator)
 
     def points(owners: Tensor, step: Tensor) -> Tensor:

@@ -69,7 +69,7 @@ class AdaptGrad(WrappingExplainer):
                  method: Any = None, **inner: Any) -> Tensor:
         sigma = adaptive_sigma(x, low, high, confidence)
         return noise_statistic(self.inner, x, target, sigma, samples=samples, variant=variant, process=process,
-                               generator=generator, options={**self.inner.defaults, **inner})
+                               generator=generator, options=self._inner_options(inner, generator))
 
 
 def adaptive_sigma(x: Tensor, low: Bound = None, high: Bound = None, confidence: float = 0.95) -> Tensor:

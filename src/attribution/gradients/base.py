@@ -12,7 +12,7 @@ the B x K rows in chunks of ``batch_size`` with one forward and one input-gradie
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -132,8 +132,13 @@ class GradientExplainer(Explainer):
 
 class WrappingExplainer(GradientExplainer):
     """A gradient method that runs another one (``method``: a gradient explainer class or registry name; the class's
-    ``defaults['method']`` when None) on changed inputs or a changed model (:meth:`_inner_model`); the wrapped
-    method's options pass through."""
+    ``defaults['method']`` when None) on changed inputs or a changed model (:meth:`_inner_model`).
+
+    The wrapped method's options pass through, and it keeps its own default ``score`` (AGI's softmax) unless the
+    call or the construction names one.  An option both own (``samples`` of Guided AbsoluteGrad around Expected
+    Gradients) goes to the wrapper; ``inner_options={...}`` gives the wrapped method its own values of any of its
+    options.  The wrapper's ``generator``, where it has one, also drives a wrapped method that draws.
+    """
 
     def __init__(self, model: nn.Module, method: MethodSpec = None, **options: Any) -> None:
         spec = self.defaults["method"] if method is None else method
@@ -146,4 +151,31 @@ class WrappingExplainer(GradientExplainer):
         return model
 
     def option_names(self) -> set:
-        return (set(COMMON_OPTIONS) | set(self.defaults) | self.inner.option_names()) - {"method"}
+        return (set(COMMON_OPTIONS) | set(self.defaults) | self.inner.option_names() | {"inner_options"}) - {"method"}
+
+    def resolved_options(self, **options: Any) -> Dict[str, Any]:
+        merged = super().resolved_options(**options)
+        merged.setdefault("inner_options", None)
+        if "score" in self.inner.defaults and "score" not in options and "score" not in self.options:
+            merged["score"] = self.inner.defaults["score"]
+        return merged
+
+    def _inner_options(self, inner: Dict[str, Any], generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+        """The options of one run of the wrapped method, from what reached the wrapper's ``_explain`` beyond its own
+        options: the wrapped method's defaults (less the common options, which the wrapper resolved), the call's
+        options, the wrapper's ``generator`` where the wrapped method takes one, then ``inner_options``."""
+        extra = inner.pop("inner_options", None)
+        if extra is None:
+            extra = {}
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"inner_options must be a dict of the wrapped method's options, got {type(extra).__name__}")
+        unknown = sorted(set(extra) - set(self.inner.defaults))
+        if unknown:
+            raise TypeError(f"inner_options: {type(self.inner).__name__} has no option(s) {unknown}; "
+                            f"its options are {sorted(self.inner.defaults)}")
+        options = {key: value for key, value in self.inner.defaults.items() if key not in COMMON_OPTIONS}
+        options.update(inner)
+        if generator is not None and "generator" in self.inner.defaults:
+            options["generator"] = generator
+        options.update(extra)
+        return options

@@ -79,9 +79,7 @@ class GuidedAbsoluteGrad(WrappingExplainer):
                  generator: Optional[torch.Generator], method: Any = None, **inner: Any) -> Tensor:
         samples = positive_int(samples, "samples")
         check_options(samples, std, percentile, generator)
-        options = {**self.inner.defaults, **inner}
-        if "generator" in self.inner.defaults:
-            options["generator"] = generator
+        options = self._inner_options(inner, generator)
         magnitude: Any = 0.0
         spread = Spread()
         sigma = smoothgrad.range_sigma(x, float(std))

@@ -72,16 +72,14 @@ class NoiseGrad(WrappingExplainer):
             raise ValueError(f"weight_std must be a number >= 0, got {weight_std!r}")
         if noise not in NOISES:
             raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
-        inner_options = {**self.inner.defaults, **inner}  # a wrapped method's own ``method`` keeps its default
-        if "generator" in self.inner.defaults:
-            inner_options["generator"] = generator
+        inner_options = self._inner_options(inner, generator)  # a wrapped method's own ``method`` keeps its default
         model: Reparametrized = self.inner.model
         parameters = dict(self.model.named_parameters())
-        total = torch.zeros(x.shape, dtype=accumulation_dtype(x), device=x.device)
+        total: Any = 0.0  # shaped by the maps: (B, C, H, W), or (B, 1, H, W) for a 'magnitude' method
         try:
             for _ in range(noisy_models):
                 model.values = {name: _noisy(p, weight_std, noise, generator) for name, p in parameters.items()}
-                total = total + self.inner._explain(x, target, **inner_options).to(total.dtype)
+                total = total + self.inner._explain(x, target, **inner_options).to(accumulation_dtype(x))
         finally:
             model.values = None
         return total / noisy_models

@@ -42,7 +42,8 @@ class SmoothGrad(WrappingExplainer):
                  process: Optional[Callable[[Tensor], Tensor]], generator: Optional[torch.Generator],
                  method: Any = None, **inner: Any) -> Tensor:
         return noise_statistic(self.inner, x, target, range_sigma(x, std), samples=samples, variant=variant,
-                               process=process, generator=generator, options={**self.inner.defaults, **inner})
+                               process=process, generator=generator,
+                               options=self._inner_options(inner, generator))
 
 
 def range_sigma(x: Tensor, std: float) -> Tensor:
@@ -69,7 +70,8 @@ def noisy_map_groups(inner: GradientExplainer, x: Tensor, target: Target, sample
     done = 0
     while done < samples:
         k = min(group, samples - done)
-        noise = torch.randn((batch, k) + shape, generator=generator, device=x.device)
+        noise = torch.randn((batch, k) + shape, generator=generator,
+                            device=generator.device if generator is not None else x.device).to(x.device)
         noisy = (x.unsqueeze(1) + scale * noise).to(x.dtype).reshape((batch * k,) + shape)
         maps = inner._explain(noisy, target.repeat(k), **options).to(accumulation_dtype(x))
         yield maps.view((batch, k) + tuple(maps.shape[1:]))
@@ -87,8 +89,8 @@ def noise_statistic(inner: GradientExplainer, x: Tensor, target: Target, sigma: 
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if process is not None and variant != "smoothgrad":
         raise ValueError("process applies to the 'smoothgrad' variant only; leave it None for the others")
-    first = torch.zeros(x.shape, dtype=accumulation_dtype(x), device=x.device)
-    second = torch.zeros_like(first) if variant == "vargrad" else None
+    first: Any = 0.0  # shaped by the maps: (B, C, H, W), or (B, 1, H, W) for a 'magnitude' method
+    second: Any = 0.0 if variant == "vargrad" else None
     for maps in noisy_map_groups(inner, x, target, samples, sigma, generator, options):
         if variant == "smoothgrad_sq":
             first = first + maps.square().sum(1)

@@ -1,0 +1,68 @@
+"""Every wrapper of a gradient method (SmoothGrad, AdaptGrad, Guided AbsoluteGrad, NoiseGrad, FORGrad) around
+methods with their own score, with (B, 1, H, W) maps, and with option names both own."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribution import create
+from attribution.gradients.attexplore import AttEXplore
+from attribution.gradients.base import WrappingExplainer
+from attribution.core.registry import get_method, list_methods
+from conftest import RowCounter, tiny_cnn
+
+WRAPPERS = {"smoothgrad": {"samples": 2, "std": 0.1}, "adapt_grad": {"samples": 2},
+            "guided_absolute_grad": {"samples": 2}, "noise_grad": {"noisy_models": 2, "weight_std": 0.05},
+            "forgrad": {"sigma": 4}}
+
+
+def test_every_wrapper_is_listed():
+    assert set(WRAPPERS) == {name for name in list_methods() if issubclass(get_method(name), WrappingExplainer)}
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+def test_a_wrapped_method_keeps_its_own_score(name):
+    """AttEXplore scores the softmax probability by default: wrapped, it still does (a call's score still wins)."""
+    assert AttEXplore.defaults["score"] == "softmax"
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cheap = {"steps": 2, "samples": 2}
+    options = {**WRAPPERS[name], "method": "attexplore", "generator": torch.Generator().manual_seed(1)}
+    default = create(name, model, **options)(x, [0, 1], inner_options=cheap)
+    options["generator"] = torch.Generator().manual_seed(1)
+    softmax = create(name, model, **options)(x, [0, 1], score="softmax", inner_options=cheap)
+    options["generator"] = torch.Generator().manual_seed(1)
+    logit = create(name, model, **options)(x, [0, 1], score="logit", inner_options=cheap)
+    torch.testing.assert_close(default, softmax)
+    assert not torch.allclose(default, logit)
+
+
+@pytest.mark.parametrize("outer", ["smoothgrad", "adapt_grad", "noise_grad"])
+@pytest.mark.parametrize("inner", ["forgrad", "guided_absolute_grad"])
+def test_a_wrapped_magnitude_method_keeps_its_one_channel(outer, inner):
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = create(outer, model, method=inner, **WRAPPERS[outer])(x, [0, 1], inner_options={"samples": 2}
+                                                                   if inner == "guided_absolute_grad" else None)
+    assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_an_option_both_own_goes_to_the_wrapper_and_inner_options_to_the_wrapped_method():
+    """Guided AbsoluteGrad's ``samples`` (noisy copies) against Expected Gradients' (references per copy)."""
+    model = tiny_cnn()
+    x = torch.randn(1, 3, 16, 16)
+    explainer = create("guided_absolute_grad", model, method="expected_gradients", samples=2)
+    counter = RowCounter(model)
+    try:
+        explainer(x, 0, inner_options={"samples": 3})
+    finally:
+        counter.close()
+    assert sum(counter.rows) == 2 * 3  # 2 noisy copies x 3 references each (a class target: no arg-max pass)
+
+
+def test_bad_inner_options_are_named():
+    explainer = create("smoothgrad", tiny_cnn(), samples=2)
+    with pytest.raises(TypeError, match=r"inner_options: VanillaGradient has no option\(s\) \['steps'\]"):
+        explainer(torch.randn(1, 3, 16, 16), 0, inner_options={"steps": 3})
+    with pytest.raises(TypeError, match="inner_options must be a dict of the wrapped method's options, got list"):
+        explainer(torch.randn(1, 3, 16, 16), 0, inner_options=[("samples", 3)])
