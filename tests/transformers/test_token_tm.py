@@ -22,11 +22,12 @@ pytest.importorskip("timm")
 
 # ------------------------------------------------------------------------------------------ the written-out algorithm
 def effects(before: Tensor, after: Tensor) -> Tensor:
-    """(N,) transformation effects of one image's (N, D) tokens, token by token: length ratio times NECC."""
+    """(N,) transformation effects of one image's (N, D) tokens, token by token: length ratio (LibraGrad's 1e-8 on
+    the denominator) times NECC."""
     n = before.shape[0]
     cosines = [float(before[i] @ after[i]) / (float(before[i].norm()) * float(after[i].norm())) for i in range(n)]
     total = sum(math.exp(c) for c in cosines)
-    return torch.tensor([float(after[i].norm()) / float(before[i].norm()) * math.exp(cosines[i]) / total
+    return torch.tensor([float(after[i].norm()) / (float(before[i].norm()) + 1e-8) * math.exp(cosines[i]) / total
                          for i in range(n)], dtype=before.dtype)
 
 
@@ -123,6 +124,15 @@ def test_transformation_weights_equal_the_hand_formula():
     after = torch.randn(2, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     expected = torch.stack([effects(before[b], after[b]) for b in range(2)])
     torch.testing.assert_close(transformation_weights(before, after), expected, rtol=1e-12, atol=0)
+
+
+def test_a_zero_length_token_stays_finite():
+    """A token of length 0 before a transformation (a zero class token, float32): LibraGrad's 1e-8, not inf."""
+    before = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+    after = torch.tensor([[[5.0, 0.0], [1.0, 1.0]]])
+    weights = transformation_weights(before, after)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights[0, 0], torch.tensor(5.0 / 1e-8 * math.exp(0) / (1 + math.exp(2 ** -0.5))))
 
 
 def test_transformation_weights_closed_forms():

@@ -18,15 +18,18 @@ from .tokens import token_layout
 BlockTokens = Tuple[Tensor, Tensor, Tensor]
 
 
+#: added to the length before a transformation in the length ratio (LibraGrad's value)
+LENGTH_EPS = 1e-8
+
 def transformation_weights(before: Tensor, after: Tensor) -> Tensor:
     """(..., N) token transformation effects of (..., N, D) tokens turned into ``after``: the length ratio
     ``|after_i| / |before_i|`` times the normalized exponential cosine correlation ``NECC_i = exp(cos_i) /
     sum_j exp(cos_j)`` (a softmax over the tokens of ``cos_i = cos(before_i, after_i)``).  Lengths are L2 norms;
-    a zero length divides as the dtype's smallest normal number."""
+    the ratio's denominator gets LibraGrad's 1e-8, so a zero length stays finite."""
     tiny = torch.finfo(before.dtype).tiny
     before_length, after_length = before.norm(dim=-1), after.norm(dim=-1)
     cosine = (before * after).sum(dim=-1) / (before_length * after_length).clamp(min=tiny)
-    return after_length / before_length.clamp(min=tiny) * cosine.softmax(dim=-1)
+    return after_length / (before_length + LENGTH_EPS) * cosine.softmax(dim=-1)
 
 
 def token_transformation_rollout(attention: Sequence[Tensor], gradients: Sequence[Tensor],
@@ -121,8 +124,7 @@ class TokenTM(AttentionExplainer):
     the heads are averaged separately in ``A`` and in ``ReLU(dA)``, and the softmax of NECC runs over an image's
     tokens.  ``E'`` is read as the input of the block's second normalisation layer (its pre-norm MLP sublayer's
     input), so the blocks must be pre-norm with both norms as direct children (timm's ``Block``, torchvision's
-    ``EncoderBlock``); other blocks raise a ValueError.  Deliberate difference: a zero token length divides as the
-    dtype's smallest normal number (LibraGrad adds 1e-8 to every length).
+    ``EncoderBlock``); other blocks raise a ValueError.  As LibraGrad, the length ratio's denominator gets 1e-8.
     Cost: one forward and one backward (to the attention maps) per image, then one N x N matrix product per block.
     """
 
