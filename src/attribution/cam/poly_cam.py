@@ -127,8 +127,37 @@ def stage_ends(model: nn.Module, x: Tensor) -> List[str]:
     return chosen
 
 
+class StageEndCAM(CAM):
+    """A CAM over several layers whose default (``target_layer=None``) is the end of every resolution stage,
+    :func:`stage_ends` for each input shape (found once per shape by one forward with hooks); on models whose
+    (B, C, h, w) maps never shrink (vision transformers) the library's default CAM layer alone.  A list given must run
+    shallow to deep."""
+
+    def __init__(self, model: nn.Module, target_layer: LayerSpec = None, **options: Any) -> None:
+        super().__init__(model, target_layer, **options)
+        self._stage_names: Dict[Tuple[int, ...], List[str]] = {}
+
+    def target_layers(self, x: Tensor, target_layer: LayerSpec = None,
+                      reshape_transform: ReshapeTransform = None) -> List[nn.Module]:
+        """The layers a call on ``x`` combines, shallow to deep (``None``: :func:`stage_ends` for x's shape)."""
+        if target_layer is not None:
+            return resolve_layers(self.model, target_layer)
+        if reshape_transform is not None:
+            raise ValueError("with a reshape_transform, name the layers to combine: pass target_layer=[...]")
+        modules = dict(self.model.named_modules())
+        key = tuple(x.shape[1:])
+        names = self._stage_names.get(key)
+        if names is None or any(name not in modules for name in names):
+            with self._autocast():
+                names = stage_ends(self.model, self._model_input(x[:1]))
+            if not names:  # no (B, C, h, w) map shrinks (vision transformers): the default CAM layer alone
+                names = [self._name(layer) for layer in super().target_layers(x)]
+            self._stage_names[key] = names
+        return [modules[name] for name in names]
+
+
 @register("poly_cam")
-class PolyCAM(CAM):
+class PolyCAM(StageEndCAM):
     """Poly-CAM: the CAMs of the last layer of every resolution stage, multiplied from the coarsest to the finest.
 
     Englebert, Cornu & De Vleeschouwer, "Poly-CAM: High resolution class activation map for convolutional neural
@@ -169,28 +198,6 @@ class PolyCAM(CAM):
     uses_gradients = False
     defaults: Dict[str, Any] = {"target_layer": None, "reshape_transform": None, "variant": "pm", "local_norm": True,
                                 "score": "softmax", "progress": False}
-
-    def __init__(self, model: nn.Module, target_layer: LayerSpec = None, **options: Any) -> None:
-        super().__init__(model, target_layer, **options)
-        self._stage_names: Dict[Tuple[int, ...], List[str]] = {}
-
-    def target_layers(self, x: Tensor, target_layer: LayerSpec = None,
-                      reshape_transform: ReshapeTransform = None) -> List[nn.Module]:
-        """The layers a call on ``x`` combines, shallow to deep (``None``: :func:`stage_ends` for x's shape)."""
-        if target_layer is not None:
-            return resolve_layers(self.model, target_layer)
-        if reshape_transform is not None:
-            raise ValueError("with a reshape_transform, name the layers to combine: pass target_layer=[...]")
-        modules = dict(self.model.named_modules())
-        key = tuple(x.shape[1:])
-        names = self._stage_names.get(key)
-        if names is None or any(name not in modules for name in names):
-            with self._autocast():
-                names = stage_ends(self.model, self._model_input(x[:1]))
-            if not names:  # no (B, C, h, w) map shrinks (vision transformers): the default CAM layer alone
-                names = [self._name(layer) for layer in super().target_layers(x)]
-            self._stage_names[key] = names
-        return [modules[name] for name in names]
 
     def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, reshape_transform: ReshapeTransform,
                  variant: str, local_norm: bool, progress: bool, batch_size: Optional[int],
