@@ -13,7 +13,8 @@ from torch.quasirandom import SobolEngine
 
 import attribution
 from attribution.core.resize import bicubic_resize, keys_cubic_matrix
-from attribution.perturbation.sobol import ReplicatedDesign, SobolAttribution, box_blur, jansen_total_indices, sobol_design
+from attribution.core.filters import box_blur
+from attribution.perturbation.sobol import ReplicatedDesign, SobolAttribution, jansen_total_indices, sobol_design
 from conftest import CountingModel, LinearModel, tiny_cnn
 
 cv2 = pytest.importorskip("cv2")
@@ -104,7 +105,7 @@ def test_box_blur_is_opencvs_blur(size):
     """cv2.blur(x, (10, 10)): the reference's blurred baseline (OpenCV's default border, reflected without the edge)."""
     torch.manual_seed(0)
     x = torch.rand(2, 3, *size, dtype=torch.float64)
-    out = box_blur(x)
+    out = box_blur(x, 10, 10)
     for i in range(2):
         for c in range(3):
             expected = cv2.blur(x[i, c].numpy(), (10, 10))

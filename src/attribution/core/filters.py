@@ -72,3 +72,28 @@ def ideal_low_pass(maps: Tensor, cutoff: float) -> Tensor:
     keep = (ky[:, None].square() + kx[None, :].square() <= cutoff ** 2).to(real.dtype)
     spectrum = torch.fft.rfft2(real)
     return torch.fft.irfft2(spectrum * keep, s=(height, width)).to(maps.dtype)
+
+
+def box_matrix(size: int, kernel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(size, size): one axis of OpenCV's normalised box filter ``cv2.blur``, as a matrix.
+
+    Output ``i`` averages inputs ``i - kernel // 2`` to ``i - kernel // 2 + kernel - 1`` (OpenCV's centred anchor),
+    indices outside the axis mirrored without repeating the edge (``BORDER_REFLECT_101``, OpenCV's default),
+    as many times as needed when the kernel is wider than the image.
+    """
+    taps = torch.arange(size, device=device)[:, None] - kernel // 2 + torch.arange(kernel, device=device)[None, :]
+    if size == 1:
+        source = torch.zeros_like(taps)
+    else:
+        period = taps.remainder(2 * size - 2)
+        source = torch.where(period < size, period, 2 * size - 2 - period)
+    weights = torch.full(taps.shape, 1.0 / kernel, device=device, dtype=dtype)
+    return torch.zeros(size, size, device=device, dtype=dtype).scatter_add_(1, source, weights)
+
+
+def box_blur(images: Tensor, width: int, height: int) -> Tensor:
+    """Each channel of (B, C, H, W) ``images`` through ``cv2.blur(image, (width, height))`` (see :func:`box_matrix`):
+    the mean over a ``height`` x ``width`` window, borders reflected without repeating the edge."""
+    rows = box_matrix(images.shape[-2], height, images.device, images.dtype)
+    cols = box_matrix(images.shape[-1], width, images.device, images.dtype)
+    return rows @ images @ cols.T

@@ -10,6 +10,7 @@ from torch.quasirandom import SobolEngine
 
 from ..core.batching import RowPlanner
 from ..core.explainer import Explainer, optional_generator
+from ..core.filters import box_blur
 from ..core.registry import register
 from ..core.targets import Target
 from ..core.resize import bicubic_resize
@@ -73,30 +74,9 @@ def jansen_total_indices(f_a: Tensor, f_c: Tensor) -> Tensor:
     return (f_a.unsqueeze(-2) - f_c).square().sum(-1) / (2 * n * variance.unsqueeze(-1))
 
 
-def _reflect_101(index: Tensor, size: int) -> Tensor:
-    """Indices outside [0, size) folded back as OpenCV's default border does (``dcb|abcd|cba``), repeatedly."""
-    if size == 1:
-        return torch.zeros_like(index)
-    period = 2 * (size - 1)
-    index = index.remainder(period)
-    return torch.where(index >= size, period - index, index)
-
-
-def box_blur(x: Tensor, size: int = BLUR_SIZE) -> Tensor:
-    """The mean over a ``size`` x ``size`` window, each channel apart, borders reflected without repeating the edge:
-    ``cv2.blur(x, (size, size))`` (for an even size the window spans ``size // 2`` pixels before the centre and
-    ``size // 2 - 1`` after it, as OpenCV anchors it)."""
-    height, width = x.shape[-2:]
-    before, after = size // 2, size - 1 - size // 2
-    rows = _reflect_101(torch.arange(-before, height + after, device=x.device), height)
-    cols = _reflect_101(torch.arange(-before, width + after, device=x.device), width)
-    padded = x[..., rows[:, None], cols[None, :]]
-    return F.avg_pool2d(padded, size, stride=1)
-
-
 def perturb(rows: Tensor, mask: Tensor, blurred: Optional[Tensor], perturbation: str) -> Tensor:
     """Images ``rows`` (n, C, H, W) perturbed by full-size masks ``mask`` (n, 1, H, W); ``blurred``: the rows'
-    :func:`box_blur` (only for ``'blurring'``)."""
+    :func:`~attribution.core.filters.box_blur` (only for ``'blurring'``)."""
     if perturbation == "inpainting":
         return rows * mask
     if perturbation == "blurring":
@@ -157,7 +137,7 @@ class SobolAttribution(Explainer):
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # of the design and the estimator
         design = ReplicatedDesign(*(m.to(device=x.device, dtype=dtype)
                                     for m in sobol_design(dimension, n_designs, generator)))
-        blurred = box_blur(x) if perturbation == "blurring" else None
+        blurred = box_blur(x, BLUR_SIZE, BLUR_SIZE) if perturbation == "blurring" else None
         chunks = []
         with torch.set_grad_enabled(create_graph):
             # rows are design-major (row r: design row r // B on image r % B), so a pass builds each mask once
