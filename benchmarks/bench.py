@@ -135,6 +135,33 @@ class Work:
     models: str = "all"  # "all", "cnn" (needs spatial feature maps) or "vit" (needs attention)
 
 
+#: rows counted by :func:`replayed_floor`, per (explainer, model, input shape)
+REPLAYED: Dict[tuple, List[int]] = {}
+
+
+def replayed_floor(m: nn.Module, x: torch.Tensor, t: torch.Tensor, chunk: int, e) -> None:
+    """For a method whose passes depend on the data (a line search's trials, the channels a threshold keeps): the
+    first call, timed()'s warm-up, runs the method once and counts the rows of its forwards with and without
+    gradient recording; every call then puts as many rows through forwards and through forward + input gradient
+    (a backward to the input: above a CAM's, which stops at its shallowest layer)."""
+    key = (id(e), id(m), tuple(x.shape))
+    if key not in REPLAYED:
+        rows = [0, 0]
+
+        def count(module, inputs, output):
+            rows[int(torch.is_grad_enabled())] += inputs[0].shape[0]
+
+        handle = m.register_forward_hook(count)
+        try:
+            e(x, t)
+        finally:
+            handle.remove()
+        REPLAYED[key] = rows
+    plain, recorded = REPLAYED[key]
+    forward_passes(m, x, plain, chunk)
+    input_gradient_passes(m, x, t, recorded, chunk)
+
+
 def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     """Work for every method of the gradient family and the perturbation methods (square inputs of ``size``;
     occlusion with windows of size/4 moved by size/8: 7 x 7 positions, and RISE, Kernel SHAP and LIME with as many
@@ -145,8 +172,6 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         import captum.attr as ca
     except ImportError:  # pragma: no cover - Captum is a test/bench dependency
         ca = None
-
-    replayed: Dict[tuple, List[int]] = {}
 
     def grads(rows_per_image: int):
         return lambda m, x, t, chunk, e: input_gradient_passes(m, x, t, rows_per_image * x.shape[0], chunk)
@@ -184,27 +209,6 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     def meaningful_floor(m, x, t, chunk, e):  # the circle start's 36 forwards per image, then steps x (fwd + grad)
         forward_passes(m, x, x.shape[0] * 36, chunk)
         guided_ig_floor(m, x, t, chunk, e)
-
-    def replayed_floor(m, x, t, chunk, e):
-        """For a line search (as many trial forwards as the data asks): the first call, timed()'s warm-up, runs the
-        method once and counts the rows of its forwards with and without gradient recording; every call then puts
-        as many rows through forwards and through forward + input gradient."""
-        key = (id(e), id(m), tuple(x.shape))
-        if key not in replayed:
-            rows = [0, 0]
-
-            def count(module, inputs, output):
-                rows[int(torch.is_grad_enabled())] += inputs[0].shape[0]
-
-            handle = m.register_forward_hook(count)
-            try:
-                e(x, t)
-            finally:
-                handle.remove()
-            replayed[key] = rows
-        plain, recorded = replayed[key]
-        forward_passes(m, x, plain, chunk)
-        input_gradient_passes(m, x, t, recorded, chunk)
 
     def occlusion_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * (positions + 1), chunk)
@@ -341,6 +345,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "prediction_difference": Work({"window": window, "stride": stride, "num_samples": 2, "sampler": "marginal",
                                        "references": torch.rand(2, 3, size, size, generator=torch.Generator()
                                                                 .manual_seed(0))}, prediction_difference_floor),
+        "partition_shap": Work({"max_evals": positions}, lambda m, x, t, chunk, e: forward_passes(
+            m, x, x.shape[0] * (positions + positions % 2), chunk)),  # max_evals forwards (+1 when odd)
         "kernel_shap": Work({"grid": 4, "samples": positions}, shap_floor, {"captum KernelShap": peer(captum_shap)}),
         "lime": Work({"grid": 4, "samples": positions}, rise_floor, {"captum Lime": peer(captum_lime)}),
         # 4 x 4 segments: samples x 15 + 2 forwards, about as many as occlusion's windows
@@ -678,6 +684,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "iba": Work({}, iba_floor, {}, "cnn"),
         "sidu": Work({}, score_floor, {}, "cnn"),
         "poly_cam": Work({}, poly_floor, {}, "cnn"),
+        "sise": Work({}, replayed_floor, {}, "cnn"),  # the channels kept depend on the gradients: counted
         "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb
                                     if importlib.util.find_spec("torchray") else None}, "cnn"),
         "relevance_cam": Work({}, layer_gradient_passes, {}, "cnn"),

@@ -42,6 +42,7 @@ from .cam import (
     SegEigenCAM,
     SSCAM,
     SIDU,
+    SISE,
     ShapleyCAM,
     SmoothGradCAMPlusPlus,
     ViTCX,
@@ -80,7 +81,7 @@ from .gradients import (
     XRAI,
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
-                           Occlusion, PredictionDifference, ShapleyValueSampling, SobolAttribution)
+                           Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
 from .transformers import (TAM, TIS, AGCAM, AtMan, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
                            RawAttention, TokenTM, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
@@ -159,6 +160,7 @@ __all__ = [
     "NoiseGrad",
     "RectGrad",
     "Occlusion",
+    "PartitionSHAP",
     "OptiCAM",
     "PolyCAM",
     "PredictionDifference",
@@ -174,6 +176,7 @@ __all__ = [
     "SSCAM",
     "ScoreCAM",
     "SIDU",
+    "SISE",
     "ShapleyCAM",
     "ShapleyValueSampling",
     "SmoothGrad",

@@ -25,7 +25,7 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
 #: one forward per channel: run on the narrow build of each architecture
-PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx", "sidu", "poly_cam", "fd_cam")
+PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx", "sidu", "poly_cam", "fd_cam", "sise")
 CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigma": 4.0}, "guided_ig": {"steps": 4},
          "smoothgrad": {"samples": 2}, "adapt_grad": {"samples": 2}, "guided_absolute_grad": {"samples": 2},
          "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},
@@ -33,7 +33,7 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "prediction_difference": {"window": 12, "stride": 10, "num_samples": 2},
          "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4}, "xrai": {"steps": 2},
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4}, "iba": {"iterations": 2, "samples": 2},
-         "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2},
+         "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2}, "partition_shap": {"max_evals": 20},
          "shapley_sampling": {"grid": 2, "samples": 2},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4}, "idgi": {"steps": 4},
          "sess": {"num_scales": 2}, "agi": {"topk": 2, "max_iter": 2},

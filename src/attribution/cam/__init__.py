@@ -34,6 +34,7 @@ from .score_cam import ISCAM, SSCAM, ScoreCAM
 from .sess import SESS
 from .shapley_cam import ShapleyCAM
 from .sidu import SIDU
+from .sise import SISE
 from .smooth_grad_cam_plusplus import SmoothGradCAMPlusPlus
 from .vit_cx import ViTCX
 from .xgrad_cam import XGradCAM
@@ -78,6 +79,7 @@ __all__ = [
     "SSCAM",
     "ScoreCAM",
     "SIDU",
+    "SISE",
     "ShapleyCAM",
     "SmoothGradCAMPlusPlus",
     "ViTCX",

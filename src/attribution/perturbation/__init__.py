@@ -6,10 +6,11 @@ from .kernel_shap import KernelSHAP
 from .lime import LIME
 from .meaningful_perturbation import MeaningfulPerturbation
 from .occlusion import Occlusion
+from .partition_shap import PartitionSHAP
 from .prediction_difference import PredictionDifference
 from .rise import RISE
 from .shapley_sampling import ShapleyValueSampling
 from .sobol import SobolAttribution
 
-__all__ = ["ExtremalPerturbation", "HSICAttribution", "IGOS", "IGOSPlusPlus", "KernelSHAP", "LIME", "MeaningfulPerturbation", "Occlusion",
+__all__ = ["ExtremalPerturbation", "HSICAttribution", "IGOS", "IGOSPlusPlus", "KernelSHAP", "LIME", "MeaningfulPerturbation", "Occlusion", "PartitionSHAP",
            "PredictionDifference", "RISE", "ShapleyValueSampling", "SobolAttribution"]
