@@ -68,7 +68,7 @@ def test_bad_options():
     explainer = attribution.NoiseGrad(model)
     with pytest.raises(ValueError, match="noisy_models must be a positive int"):
         explainer(x, 0, noisy_models=0)
-    with pytest.raises(ValueError, match="weight_std must be a number >= 0"):
+    with pytest.raises(ValueError, match="weight_std must be a non-negative number"):
         explainer(x, 0, weight_std=-0.1)
     with pytest.raises(ValueError, match="noise must be one of"):
         explainer(x, 0, noise="gaussian")

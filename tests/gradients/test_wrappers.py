@@ -66,3 +66,58 @@ def test_bad_inner_options_are_named():
         explainer(torch.randn(1, 3, 16, 16), 0, inner_options={"steps": 3})
     with pytest.raises(TypeError, match="inner_options must be a dict of the wrapped method's options, got list"):
         explainer(torch.randn(1, 3, 16, 16), 0, inner_options=[("samples", 3)])
+
+
+def test_common_options_and_unknown_names_in_inner_options_are_named():
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(TypeError, match=r"inner_options: \['score'\] are common options, shared by SmoothGrad"):
+        create("smoothgrad", tiny_cnn(), method="agi", samples=1)(x, 0, inner_options={"score": "logit"})
+    # a wrapped wrapper's own method is fixed when it is built: not an option to change per run
+    with pytest.raises(TypeError, match=r"inner_options: IDGI has no option\(s\) \['method'\]"):
+        create("smoothgrad", tiny_cnn(), method="idgi", samples=1)(x, 0, inner_options={"method": "blur_ig"})
+
+
+def test_a_calls_inner_options_add_to_the_constructions():
+    model = tiny_cnn()
+    x = torch.randn(1, 3, 16, 16)
+    explainer = create("smoothgrad", model, method="integrated_gradients", samples=1, std=0.0,
+                       inner_options={"steps": 3})
+    counter = RowCounter(model)
+    try:
+        explainer(x, 0, inner_options={"baseline": "white"})
+    finally:
+        counter.close()
+    assert sum(counter.rows) == 3
+
+
+def test_get_smoothed_mask_keeps_the_explainer_as_built():
+    """Without noise every copy is the image: the mean of the squared maps is the squared map, whatever the
+    explainer wraps (FORGrad around 4-step IG) or owns under SmoothGrad's names (Expected Gradients' samples)."""
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    forgrad = create("forgrad", model, method="integrated_gradients", steps=4, sigma=4)
+    torch.testing.assert_close(forgrad.get_smoothed_mask(x, [0, 1], samples=2, std=0.0), forgrad(x, [0, 1]).square())
+    expected = create("expected_gradients", model, samples=4)
+    counter = RowCounter(model)
+    try:
+        smoothed = expected.get_smoothed_mask(x, [0, 1], samples=2, std=0.0)
+    finally:
+        counter.close()
+    assert sum(counter.rows) == 2 * 2 * 4 and torch.isfinite(smoothed).all()
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"std": "0.1"}, ValueError, "std must be a non-negative number, got '0.1'"),
+    ({"std": float("nan")}, ValueError, "std must be a non-negative number, got nan"),
+    ({"process": "abs"}, TypeError, "process must be a callable or None, got 'abs'"),
+    ({"generator": 1}, TypeError, "generator must be a torch.Generator or None, got int"),
+])
+def test_bad_smoothgrad_options_are_named(options, error, message):
+    with pytest.raises(error, match=message):
+        create("smoothgrad", tiny_cnn(), samples=1, **options)(torch.randn(1, 3, 16, 16), 0)
+
+
+@pytest.mark.parametrize("name", ["adapt_grad", "noise_grad"])
+def test_a_bad_generator_is_named(name):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        create(name, tiny_cnn(), generator=1, **WRAPPERS[name])(torch.randn(1, 3, 16, 16), 0)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.batching import RowPlanner
-from ..core.explainer import COMMON_OPTIONS, Explainer
+from ..core.explainer import COMMON_OPTIONS, Explainer, optional_generator
 from ..core.registry import MethodSpec, resolve_method
 from ..core.targets import Target
 
@@ -125,9 +125,11 @@ class GradientExplainer(Explainer):
         """
         from .smoothgrad import SmoothGrad
 
-        inner = {**self.options, **options}
-        smooth = SmoothGrad(self.model, method=type(self), samples=samples, std=std, process=process, **inner)
-        return smooth.get_mask(x, target)
+        mine = {**self.options, **options}
+        common = {key: mine.pop(key) for key in list(mine) if key in COMMON_OPTIONS}
+        smooth = SmoothGrad(self.model, method=type(self), samples=samples, std=std, process=process, **common)
+        smooth.inner = self  # this very explainer (a wrapper keeps its own wrapped method), its options as given
+        return smooth.get_mask(x, target, inner_options=mine)
 
 
 class WrappingExplainer(GradientExplainer):
@@ -155,7 +157,12 @@ class WrappingExplainer(GradientExplainer):
 
     def resolved_options(self, **options: Any) -> Dict[str, Any]:
         merged = super().resolved_options(**options)
-        merged.setdefault("inner_options", None)
+        built, called = self.options.get("inner_options"), options.get("inner_options")
+        for given in (built, called):
+            if given is not None and not isinstance(given, Mapping):
+                raise TypeError(f"inner_options must be a dict of the wrapped method's options, "
+                                f"got {type(given).__name__}")
+        merged["inner_options"] = {**(built or {}), **(called or {})}  # the call's add to the construction's
         if "score" in self.inner.defaults and "score" not in options and "score" not in self.options:
             merged["score"] = self.inner.defaults["score"]
         return merged
@@ -164,15 +171,17 @@ class WrappingExplainer(GradientExplainer):
         """The options of one run of the wrapped method, from what reached the wrapper's ``_explain`` beyond its own
         options: the wrapped method's defaults (less the common options, which the wrapper resolved), the call's
         options, the wrapper's ``generator`` where the wrapped method takes one, then ``inner_options``."""
-        extra = inner.pop("inner_options", None)
-        if extra is None:
-            extra = {}
-        if not isinstance(extra, Mapping):
-            raise TypeError(f"inner_options must be a dict of the wrapped method's options, got {type(extra).__name__}")
-        unknown = sorted(set(extra) - set(self.inner.defaults))
+        extra = inner.pop("inner_options", None) or {}
+        common = sorted(set(extra) & set(COMMON_OPTIONS))
+        if common:
+            raise TypeError(f"inner_options: {common} are common options, shared by {type(self).__name__} and the "
+                            f"method it wraps; pass them to the call itself")
+        allowed = self.inner.option_names() - set(COMMON_OPTIONS)
+        unknown = sorted(set(extra) - allowed)
         if unknown:
             raise TypeError(f"inner_options: {type(self.inner).__name__} has no option(s) {unknown}; "
-                            f"its options are {sorted(self.inner.defaults)}")
+                            f"its options are {sorted(allowed)}")
+        generator = optional_generator(generator)
         options = {key: value for key, value in self.inner.defaults.items() if key not in COMMON_OPTIONS}
         options.update(inner)
         if generator is not None and "generator" in self.inner.defaults:

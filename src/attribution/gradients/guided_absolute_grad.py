@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..cam.base import min_max_scale
-from ..core.explainer import optional_generator, positive_int
+from ..core.explainer import non_negative_number, optional_generator, positive_int
 from ..core.registry import register
 from ..core.targets import Target
 from . import smoothgrad
@@ -117,8 +117,7 @@ class Spread:
 
 def check_options(samples: int, std: Any, percentile: Any, generator: Any) -> None:
     """A ValueError/TypeError that names the offending option."""
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
-        raise ValueError(f"std must be a number >= 0 (a fraction of each image's value range), got {std!r}")
+    non_negative_number(std, "std")
     if percentile is not None and (isinstance(percentile, bool) or not isinstance(percentile, (int, float))
                                    or not 0 <= percentile <= 100):
         raise ValueError(f"percentile must lie in [0, 100] or be None (no guide), got {percentile!r}")

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from ..core.explainer import non_negative_number, positive_int
 from ..core.registry import register
 from ..core.rules import PARAMETER_VALUE
 from ..core.targets import Target
@@ -66,10 +67,8 @@ class NoiseGrad(WrappingExplainer):
 
     def _explain(self, x: Tensor, target: Target, *, noisy_models: int, weight_std: float, noise: str,
                  generator: Optional[torch.Generator], method: Any = None, **inner: Any) -> Tensor:
-        if isinstance(noisy_models, bool) or not isinstance(noisy_models, int) or noisy_models < 1:
-            raise ValueError(f"noisy_models must be a positive int, got {noisy_models!r}")
-        if isinstance(weight_std, bool) or not isinstance(weight_std, (int, float)) or not weight_std >= 0:
-            raise ValueError(f"weight_std must be a number >= 0, got {weight_std!r}")
+        positive_int(noisy_models, "noisy_models")
+        non_negative_number(weight_std, "weight_std")
         if noise not in NOISES:
             raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
         inner_options = self._inner_options(inner, generator)  # a wrapped method's own ``method`` keeps its default

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ..core.explainer import positive_int
+from ..core.explainer import non_negative_number, positive_int
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer, WrappingExplainer, accumulation_dtype
@@ -49,6 +49,7 @@ class SmoothGrad(WrappingExplainer):
 def range_sigma(x: Tensor, std: float) -> Tensor:
     """SmoothGrad's standard deviation of the noise, ``std * (max - min)`` of each image, (B, 1, 1, 1) in the
     accumulation dtype."""
+    std = non_negative_number(std, "std")
     flat = x.reshape(x.shape[0], -1)
     return (std * (flat.amax(dim=1) - flat.amin(dim=1))).to(accumulation_dtype(x)).view(-1, 1, 1, 1)
 
@@ -87,6 +88,8 @@ def noise_statistic(inner: GradientExplainer, x: Tensor, target: Target, sigma: 
     samples = positive_int(samples, "samples")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if process is not None and not callable(process):
+        raise TypeError(f"process must be a callable or None, got {process!r}")
     if process is not None and variant != "smoothgrad":
         raise ValueError("process applies to the 'smoothgrad' variant only; leave it None for the others")
     first: Any = 0.0  # shaped by the maps: (B, C, H, W), or (B, 1, H, W) for a 'magnitude' method
