@@ -270,3 +270,13 @@ def test_on_the_pretrained_model(efficientnet, composite):
     share = mass[..., :mass.shape[-1] // 2].flatten(1).sum(1) / mass.flatten(1).sum(1)
     assert share[0] - share[1] >= 0.3, f"cat share {share[0]:.3f} for the cat, {share[1]:.3f} for the espresso"
     assert ((parts.weights > 0).sum(1) >= 5).all()  # several sub-maps contribute
+
+
+def test_no_positive_score_gives_zero_weights_not_nan():
+    """The reference divides by the largest kept score: 0/0 at a threshold <= 0 with zero scores, and negative scores
+    weighed in inverted order; here such an image gets no weights."""
+    from attribution.cam.decom_cam import integration_weights
+
+    scores = torch.tensor([[0.0, 0.0], [-0.01, -0.02], [0.2, 0.1]])
+    weights = integration_weights(scores, -0.05)
+    torch.testing.assert_close(weights, torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.5]]))

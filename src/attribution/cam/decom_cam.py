@@ -112,9 +112,10 @@ def sub_saliency_maps(scores: Tensor, size: Tuple[int, int]) -> Tensor:
 
 def integration_weights(scores: Tensor, threshold: float) -> Tensor:
     """(n, K) scores -> weights: 0 for a score below ``threshold``, else the score over the image's largest score
-    (the reference's ``ScaleNormalize``)."""
+    (the reference's ``ScaleNormalize``); all 0 where the largest score is not positive (the reference's division
+    gives NaN there, or inverts the order of negative scores)."""
     largest = scores.amax(dim=1, keepdim=True)
-    kept = scores >= threshold
+    kept = (scores >= threshold) & (largest > 0)
     safe = torch.where(kept, largest, torch.ones_like(largest))
     return torch.where(kept, scores / safe, torch.zeros_like(scores))
 
