@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(2)
+# one intra-op thread per pytest-xdist worker (two workers share the two cores), two otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def tiny_cnn(activation: type = nn.ReLU, classes: int = 5, seed: int = 0, inplace: bool = False) -> nn.Module:
