@@ -47,8 +47,9 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "sobol": {"grid": 2, "n_designs": 4},
          "integrated_grad_cam": {"steps": 2}, "rsi_grad_cam": {"steps": 2},
          "cameras": {"resolutions": [224]}, "smooth_grad_cam_plusplus": {"samples": 2},
-         # random weights: every masked copy's logit may fall below the authors' threshold of 0.001 (BEiT's do)
-         "decom_cam": {"components": 3, "threshold": -1e9}}  # fixed-size position embeddings: the image's own resolution only
+         # random weights: every masked copy's logit may be negative (BEiT's are), or its probability (1000 classes)
+         # below the authors' threshold of 0.001: probabilities, none dropped
+         "decom_cam": {"components": 3, "score": "softmax", "threshold": 0.0}}  # fixed-size position embeddings: the image's own resolution only
 METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation", "region",
                                                                                  "magnitude"))
 
