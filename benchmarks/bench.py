@@ -684,7 +684,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "iba": Work({}, iba_floor, {}, "cnn"),
         "sidu": Work({}, score_floor, {}, "cnn"),
         "poly_cam": Work({}, poly_floor, {}, "cnn"),
-        "sise": Work({}, replayed_floor, {}, "cnn"),  # the channels kept depend on the gradients: counted
+        # the channels kept depend on the gradients: counted; half the largest mean gradient keeps the run short
+        "sise": Work({"grad_threshold": 0.5}, replayed_floor, {}, "cnn"),
         "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb
                                     if importlib.util.find_spec("torchray") else None}, "cnn"),
         "relevance_cam": Work({}, layer_gradient_passes, {}, "cnn"),

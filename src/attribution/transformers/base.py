@@ -1,7 +1,7 @@
 """Base of transformer-native methods: maps computed from the attention probabilities of every block."""
 from __future__ import annotations
 
-from typing import Any, ContextManager, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import Tensor
 from ..core.batching import RowPlanner
 from ..core.explainer import Explainer
 from ..core.targets import Target
+from ..gradients.paths import BaselineSpec, make_baseline
 from .attention import AttentionCapture
 from .tokens import TokenLayout, token_layout
 
@@ -78,6 +79,47 @@ class AttentionExplainer(Explainer):
             for handle in handles:
                 handle.remove()
         return outputs, capture
+
+    def _integrated_last_attention(self, x: Tensor, target: Target, steps: int, baseline: BaselineSpec,
+                                   batch_size: Optional[int], create_graph: bool, every_block: bool,
+                                   at_image: Callable[[List[Tensor], List[Tensor]], Tensor]) -> Tuple[Tensor, Tensor]:
+        """The integrated-gradient weighting of Beyond Intuition and TAM, and what they read at the image itself.
+
+        Over ``steps`` points ``x' + a_k (x - x')`` of the straight path from ``baseline`` (``a_k = linspace(0, 1,
+        steps)``, the last point ``x`` exactly), rows image-major in chunks of ``batch_size``: returns ``W = mean_heads
+        ReLU(1/steps sum_k dA_last(point_k))`` (B, N, N), the target's gradient w.r.t. the last block's attention,
+        and ``at_image(attention, gradients)`` of the images' own rows (each path's last point), with every block's
+        attention and gradient there (``every_block``; otherwise only the last block's gradient, the backward
+        stopping at it).
+        """
+        reference = make_baseline(x, baseline)
+        alphas = torch.linspace(0, 1, steps, dtype=x.dtype, device=x.device)
+        batch = x.shape[0]
+        summed: Optional[Tensor] = None
+        kept: Optional[Tensor] = None
+        for start, stop in RowPlanner(batch * steps, batch_size, x.device):
+            index = torch.arange(start, stop, device=x.device)
+            image, point = index // steps, index % steps  # image-major rows: an image's path is contiguous
+            rows = reference[image] + alphas[point].view(-1, 1, 1, 1) * (x[image] - reference[image])
+            rows = torch.where((point == steps - 1).view(-1, 1, 1, 1), x[image], rows)  # the end is x exactly
+            outputs, capture = self._forward_capturing(rows, [])
+            attention = self._checked(capture.maps, rows.shape[0])
+            wrt = attention if every_block else attention[-1:]
+            gradients = list(torch.autograd.grad(target(outputs, image).sum(), wrt, create_graph=create_graph))
+            if not create_graph:
+                attention = [a.detach() for a in attention]
+            attention = [_at_least_float32(a) for a in attention]
+            gradients = [_at_least_float32(g) for g in gradients]
+            last = gradients[-1]
+            summed = last.new_zeros((batch,) + tuple(last.shape[1:])) if summed is None else summed
+            summed = summed.index_add(0, image, last)
+            ends = [r - start for r in range(start, stop) if r % steps == steps - 1]  # counted on the host
+            if ends:
+                at = torch.tensor(ends, device=x.device)
+                value = at_image([a[at] for a in attention], [g[at] for g in gradients])
+                kept = value.new_zeros((batch,) + tuple(value.shape[1:])) if kept is None else kept
+                kept = kept.index_copy(0, image[at], value)
+        return (summed / steps).clamp(min=0).mean(dim=1), kept
 
     def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], **options) -> Tensor:
         """(B, N, N) token-to-token relevance from per-block (B, heads, N, N) attention (and its gradients)."""

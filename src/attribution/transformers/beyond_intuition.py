@@ -1,17 +1,15 @@
 """Beyond Intuition: token attributions from attention perception and integrated reasoning feedback."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
-from ..gradients.paths import BaselineSpec, make_baseline
-from .attention import AttentionCapture
-from .base import AttentionExplainer, _at_least_float32
+from ..gradients.paths import BaselineSpec
+from .base import AttentionExplainer
 from .tokens import token_layout
 
 
@@ -59,43 +57,13 @@ class BeyondIntuition(AttentionExplainer):
             raise ValueError(f"steps must be an int >= 2 (the path's two ends are both points), got {steps!r}")
         if isinstance(start_block, bool) or not isinstance(start_block, int) or start_block < 0:
             raise ValueError(f"start_block must be a non-negative int, got {start_block!r}")
-        reference = make_baseline(x, baseline)
-        alphas = torch.linspace(0, 1, steps, dtype=x.dtype, device=x.device)
-        batch = x.shape[0]
-        feedback: Optional[Tensor] = None
-        perception: Optional[Tensor] = None
-        for start, stop in RowPlanner(batch * steps, batch_size, x.device):
-            index = torch.arange(start, stop, device=x.device)
-            image, point = index // steps, index % steps  # image-major rows: an image's path is contiguous
-            rows = reference[image] + alphas[point].view(-1, 1, 1, 1) * (x[image] - reference[image])
-            attention, gradients = self._attention_and_gradients(rows, image, target, create_graph)
+        def perception(attention: List[Tensor], gradients: List[Tensor]) -> Tensor:
             if start_block >= len(attention):
                 raise ValueError(f"start_block={start_block} but the model has {len(attention)} attention blocks")
-            last = gradients[-1]
-            if feedback is None:
-                feedback = torch.zeros((batch,) + tuple(last.shape[1:]), dtype=last.dtype, device=last.device)
-            feedback = feedback.index_add(0, image, last)
-            # the chunk's rows at the image itself (each path's last point), counted on the host
-            ends = [r - start for r in range(start, stop) if r % steps == steps - 1]
-            if ends:
-                at = torch.tensor(ends, device=x.device)
-                kept = attention_perception([a[at] for a in attention[start_block:]],
-                                            [g[at] for g in gradients[start_block:]])
-                if perception is None:
-                    perception = kept.new_zeros((batch,) + tuple(kept.shape[1:]))
-                perception = perception.index_copy(0, image[at], kept)
-        weights = (feedback / steps).clamp(min=0).mean(dim=1)
-        relevance = weights * perception
+            return attention_perception(attention[start_block:], gradients[start_block:])
+
+        weights, kept = self._integrated_last_attention(x, target, steps, baseline, batch_size, create_graph,
+                                                        True, perception)
+        relevance = weights * kept
         layout = token_layout(self.model, tuple(x.shape[-2:]), relevance.shape[-1], "the attention maps")
         return self._to_image(relevance, layout, tuple(x.shape[-2:]))
-
-    def _attention_and_gradients(self, rows: Tensor, owners: Tensor, target: Target, create_graph: bool
-                                 ) -> Tuple[List[Tensor], List[Tensor]]:
-        """Every block's attention for ``rows`` and the gradient of the owners' target scores w.r.t. it."""
-        with torch.enable_grad(), AttentionCapture(self.model) as capture:
-            outputs = self._forward(self._model_input(rows).requires_grad_(True))
-        attention = self._checked(capture.maps, rows.shape[0])
-        gradients = torch.autograd.grad(target(outputs, owners).sum(), attention, create_graph=create_graph)
-        if not create_graph:
-            attention = [a.detach() for a in attention]
-        return [_at_least_float32(a) for a in attention], [_at_least_float32(g) for g in gradients]

@@ -2,16 +2,14 @@
 by the integrated gradient of the last block's attention."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
-import torch
 from torch import Tensor
 
-from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
-from ..gradients.paths import BaselineSpec, make_baseline
-from .base import AttentionExplainer, _at_least_float32
+from ..gradients.paths import BaselineSpec
+from .base import AttentionExplainer
 from .tokens import token_layout
 
 
@@ -63,41 +61,14 @@ class TAM(AttentionExplainer):
             raise ValueError(f"steps must be an int >= 2 (the path's two ends are both points), got {steps!r}")
         if isinstance(start_block, bool) or not isinstance(start_block, int):
             raise ValueError(f"start_block must be an int, got {start_block!r}")
-        reference = make_baseline(x, baseline)
-        alphas = torch.linspace(0, 1, steps, dtype=x.dtype, device=x.device)
-        batch = x.shape[0]
-        gradients: Optional[Tensor] = None
-        states: Optional[Tensor] = None
-        for start, stop in RowPlanner(batch * steps, batch_size, x.device):
-            index = torch.arange(start, stop, device=x.device)
-            image, point = index // steps, index % steps  # image-major rows: an image's path is contiguous
-            rows = reference[image] + alphas[point].view(-1, 1, 1, 1) * (x[image] - reference[image])
-            rows = torch.where((point == steps - 1).view(-1, 1, 1, 1), x[image], rows)  # the end is x exactly
-            attention, last = self._attention_and_last_gradient(rows, image, target, create_graph)
-            first = _first_block(start_block, len(attention))
-            gradients = last.new_zeros((batch,) + tuple(last.shape[1:])) if gradients is None else gradients
-            gradients = gradients.index_add(0, image, last)
-            ends = [r - start for r in range(start, stop) if r % steps == steps - 1]  # counted on the host
-            if ends:
-                at = torch.tensor(ends, device=x.device)
-                kept = transition_states([a[at] for a in attention[first:]])
-                states = kept.new_zeros((batch,) + tuple(kept.shape[1:])) if states is None else states
-                states = states.index_copy(0, image[at], kept)
-        weights = (gradients / steps).clamp(min=0).mean(dim=1)
+        def chain(attention: List[Tensor], gradients: List[Tensor]) -> Tensor:
+            return transition_states(attention[_first_block(start_block, len(attention)):])
+
+        weights, states = self._integrated_last_attention(x, target, steps, baseline, batch_size, create_graph,
+                                                          False, chain)
         relevance = weights * states
         layout = token_layout(self.model, tuple(x.shape[-2:]), relevance.shape[-1], "the attention maps")
         return self._to_image(relevance, layout, tuple(x.shape[-2:]))
-
-    def _attention_and_last_gradient(self, rows: Tensor, owners: Tensor, target: Target,
-                                     create_graph: bool) -> Tuple[List[Tensor], Tensor]:
-        """Every block's attention for ``rows`` and the gradient of the owners' target scores w.r.t. the last one
-        (the backward stops there)."""
-        outputs, capture = self._forward_capturing(rows, [])
-        attention = self._checked(capture.maps, rows.shape[0])
-        last, = torch.autograd.grad(target(outputs, owners).sum(), attention[-1], create_graph=create_graph)
-        if not create_graph:
-            attention = [a.detach() for a in attention]
-        return [_at_least_float32(a) for a in attention], _at_least_float32(last)
 
 
 def _first_block(start_block: int, blocks: int) -> int:
