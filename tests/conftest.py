@@ -44,6 +44,24 @@ class LinearModel(nn.Module):
         return self.linear(x.flatten(1))
 
 
+class Planted(nn.Module):
+    """Two classes: class 0's logit is ``gain`` times the correlation of the image with a noise ``pattern`` inside
+    a square (``- bias``), class 1's is 0.  Blurring the square destroys the correlation, so deleting the square (and
+    nothing else) drops class 0's probability."""
+
+    def __init__(self, pattern: torch.Tensor, box, gain: float = 8.0, bias: float = 4.0) -> None:
+        super().__init__()
+        weight = torch.zeros_like(pattern)
+        top, left, size = box
+        weight[..., top:top + size, left:left + size] = pattern[..., top:top + size, left:left + size]
+        self.register_buffer("weight", weight / weight.pow(2).sum())
+        self.gain, self.bias = gain, bias
+
+    def forward(self, x):
+        logit = self.gain * (x * self.weight).flatten(1).sum(1) - self.bias
+        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
+
+
 class CountingModel(nn.Module):
     """Two scores from the image mean; ``calls`` records the rows of every forward (to count a method's passes)."""
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from attribution import create
 from attribution.perturbation.igos import IGOS, IGOSPlusPlus, authors_blur_size
+from conftest import Planted
 
 cv2 = pytest.importorskip("cv2")
 
@@ -199,23 +200,6 @@ def test_a_constant_model_leaves_the_whole_image_kept(name):
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
     saliency = create(name, model, **{**OPTIONS, "noise": 0.2})(x, 1, iterations=3, steps=2)
     assert saliency.shape == (2, 1, 12, 12) and saliency.abs().max() < 1e-12
-
-
-class Planted(nn.Module):
-    """Two classes: class 0's logit is ``gain`` times the correlation of the image with a noise ``pattern`` inside
-    a square (minus ``bias``), class 1's is 0.  Blurring destroys the correlation, so only the square matters."""
-
-    def __init__(self, pattern: torch.Tensor, box, gain: float = 8.0, bias: float = 4.0) -> None:
-        super().__init__()
-        weight = torch.zeros_like(pattern)
-        top, left, size = box
-        weight[..., top:top + size, left:left + size] = pattern[..., top:top + size, left:left + size]
-        self.register_buffer("weight", weight / weight.pow(2).sum())
-        self.gain, self.bias = gain, bias
-
-    def forward(self, x):
-        logit = self.gain * (x * self.weight).flatten(1).sum(1) - self.bias
-        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
 
 @pytest.mark.parametrize("cls", [IGOS, IGOSPlusPlus])

@@ -10,6 +10,7 @@ from torch import nn
 
 from attribution import MeaningfulPerturbation
 from attribution.perturbation.meaningful_perturbation import blur, total_variation
+from conftest import Planted
 
 scipy_ndimage = pytest.importorskip("scipy.ndimage")
 
@@ -59,24 +60,6 @@ def test_the_blur_is_scipys_gaussian_filter_with_mirrored_borders(sigma):
     expected = np.stack([scipy_ndimage.gaussian_filter(c, sigma, mode="mirror", truncate=4.0)
                          for c in image[0].numpy()])
     np.testing.assert_allclose(blur(image, sigma)[0].numpy(), expected, atol=1e-12)
-
-
-class Planted(nn.Module):
-    """Two classes: class 0's logit is ``gain`` times the correlation of the image with a noise ``pattern`` inside
-    a square (``- bias``), class 1's is 0.  Blurring the square destroys the correlation, so deleting the square (and
-    nothing else) drops class 0's probability."""
-
-    def __init__(self, pattern: torch.Tensor, box, gain: float = 8.0, bias: float = 4.0) -> None:
-        super().__init__()
-        weight = torch.zeros_like(pattern)
-        top, left, size = box
-        weight[..., top:top + size, left:left + size] = pattern[..., top:top + size, left:left + size]
-        self.register_buffer("weight", weight / weight.pow(2).sum())
-        self.gain, self.bias = gain, bias
-
-    def forward(self, x):
-        logit = self.gain * (x * self.weight).flatten(1).sum(1) - self.bias
-        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
 
 def planted(size=32, box=(8, 16, 12)):

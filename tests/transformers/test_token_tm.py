@@ -15,6 +15,7 @@ from torch import Tensor, nn
 import attribution
 from attribution.transformers.token_tm import TokenTM, token_transformation_rollout, transformation_weights
 from conftest import central_difference, tiny_cnn, tiny_vit
+from vit_parts import first_block_inputs, timm_blocks, torchvision_blocks  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("timm")
@@ -56,31 +57,6 @@ def written_out(tokens: Tensor, blocks: List[SimpleNamespace], final: Callable[[
             contribution = u_mlp @ u_attn @ contribution
     patches = contribution[0, 1:].reshape(1, 1, *grid)  # the [CLS] row over the patches
     return F.interpolate(patches, size=size, mode="bilinear", align_corners=False)
-
-
-def first_block_inputs(model: nn.Module, first: nn.Module, x: Tensor) -> Tensor:
-    inputs = []
-    handle = first.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    return inputs[0]
-
-
-def timm_blocks(model: nn.Module) -> List[SimpleNamespace]:
-    return [SimpleNamespace(norm1=b.norm1, norm2=b.norm2, qkv=(b.attn.qkv.weight, b.attn.qkv.bias),
-                            proj=(b.attn.proj.weight, b.attn.proj.bias), fc1=(b.mlp.fc1.weight, b.mlp.fc1.bias),
-                            fc2=(b.mlp.fc2.weight, b.mlp.fc2.bias), act=b.mlp.act, heads=b.attn.num_heads,
-                            scale=b.attn.scale) for b in model.blocks]
-
-
-def torchvision_blocks(model: nn.Module) -> List[SimpleNamespace]:
-    return [SimpleNamespace(norm1=b.ln_1, norm2=b.ln_2, qkv=(b.self_attention.in_proj_weight,
-                                                             b.self_attention.in_proj_bias),
-                            proj=(b.self_attention.out_proj.weight, b.self_attention.out_proj.bias),
-                            fc1=(b.mlp[0].weight, b.mlp[0].bias), fc2=(b.mlp[3].weight, b.mlp[3].bias),
-                            act=b.mlp[1], heads=b.self_attention.num_heads,
-                            scale=b.self_attention.head_dim ** -0.5) for b in model.encoder.layers]
 
 
 def torchvision_vit() -> nn.Module:

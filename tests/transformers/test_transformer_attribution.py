@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 import attribution
 from conftest import central_difference, tiny_vit
+from vit_parts import first_block_inputs, timm_blocks, torchvision_blocks  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("timm")
@@ -89,33 +90,6 @@ def written_out(tokens: Tensor, blocks: List[SimpleNamespace], norm: nn.Module, 
             joint = ((grad * cam).clamp(min=0).mean(dim=1)[0] + eye) @ joint
     patches = joint[0, 1:].reshape(1, 1, *grid)
     return F.interpolate(patches, size=size, mode="bilinear", align_corners=False)
-
-
-def first_block_inputs(model: nn.Module, first: nn.Module, x: Tensor) -> Tensor:
-    inputs = []
-    handle = first.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    return inputs[0]
-
-
-def timm_blocks(model: nn.Module) -> List[SimpleNamespace]:
-    return [SimpleNamespace(norm1=b.norm1, norm2=b.norm2, qkv=(b.attn.qkv.weight, b.attn.qkv.bias),
-                            proj=(b.attn.proj.weight, b.attn.proj.bias), fc1=(b.mlp.fc1.weight, b.mlp.fc1.bias),
-                            fc2=(b.mlp.fc2.weight, b.mlp.fc2.bias), act=b.mlp.act, heads=b.attn.num_heads,
-                            scale=b.attn.scale) for b in model.blocks]
-
-
-def torchvision_blocks(model: nn.Module) -> List[SimpleNamespace]:
-    blocks = []
-    for b in model.encoder.layers:
-        attn = b.self_attention
-        blocks.append(SimpleNamespace(norm1=b.ln_1, norm2=b.ln_2, qkv=(attn.in_proj_weight, attn.in_proj_bias),
-                                      proj=(attn.out_proj.weight, attn.out_proj.bias),
-                                      fc1=(b.mlp[0].weight, b.mlp[0].bias), fc2=(b.mlp[3].weight, b.mlp[3].bias),
-                                      act=b.mlp[1], heads=attn.num_heads, scale=(attn.head_dim) ** -0.5))
-    return blocks
 
 
 @pytest.mark.parametrize("fused", [True, False])
