@@ -25,7 +25,7 @@ recording unless ``create_graph=True``, which needs the whole graph.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,24 @@ class CAM(Explainer):
                      create_graph: bool) -> List[Tensor]:
         """Activations of every image at every layer (forwards only), resolving ``target=None`` to classes."""
         return self._capture_with_scores(x, target, layers, reshape_transform, batch_size, create_graph)[0]
+
+    def _row_sums(self, x: Tensor, per_image: int, points: Callable[[Tensor, Tensor], Tensor], target: Target,
+                  layers: Sequence[nn.Module], reshape_transform: ReshapeTransform, batch_size: Optional[int],
+                  create_graph: bool, term: Callable[[Tensor, Tensor], Tensor]) -> List[Tensor]:
+        """Per layer, the sum over each image's ``per_image`` rows ``points(owners, step)`` (image-major, in passes of
+        ``batch_size`` rows) of ``term(activation, gradient)`` at the layer: (B, ...) each."""
+        totals: List[Optional[Tensor]] = [None] * len(layers)
+        for start, stop in RowPlanner(x.shape[0] * per_image, batch_size, x.device):
+            index = torch.arange(start, stop, device=x.device)
+            owners, step = index // per_image, index % per_image
+            _, acts, grads = self._capture(points(owners, step), owners, target, layers, reshape_transform,
+                                           create_graph, True)
+            for i, (act, grad) in enumerate(zip(acts, grads)):
+                value = term(act, grad)
+                if totals[i] is None:
+                    totals[i] = value.new_zeros((x.shape[0],) + tuple(value.shape[1:]))
+                totals[i] = totals[i].index_add(0, owners, value)
+        return totals  # type: ignore[return-value]
 
     def _capture_with_scores(self, x: Tensor, target: Target, layers: Sequence[nn.Module],
                              reshape_transform: ReshapeTransform, batch_size: Optional[int],

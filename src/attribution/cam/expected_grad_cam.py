@@ -7,7 +7,6 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
 from ..core.explainer import non_negative_number, optional_generator, positive_int
 from ..core.layers import LayerSpec
@@ -91,15 +90,6 @@ class ExpectedGradCAM(CAM):
                           reshape_transform: ReshapeTransform, batch_size: Optional[int],
                           create_graph: bool) -> List[Tensor]:
         """(B, C) per layer: the mean over the samples of the spatially averaged gradient at the layer."""
-        totals: List[Optional[Tensor]] = [None] * len(layers)
-        for start, stop in RowPlanner(x.shape[0] * samples, batch_size, x.device):
-            index = torch.arange(start, stop, device=x.device)
-            owners, step = index // samples, index % samples  # rows image-major
-            _, _, grads = self._capture(points(owners, step), owners, target, layers, reshape_transform,
-                                        create_graph, True)
-            for i, grad in enumerate(grads):
-                pooled = grad.mean(dim=(2, 3))
-                if totals[i] is None:
-                    totals[i] = pooled.new_zeros((x.shape[0], pooled.shape[1]))
-                totals[i] = totals[i].index_add(0, owners, pooled)
-        return [total / samples for total in totals]  # type: ignore[operator]
+        totals = self._row_sums(x, samples, points, target, layers, reshape_transform, batch_size, create_graph,
+                                lambda act, grad: grad.mean(dim=(2, 3)))
+        return [total / samples for total in totals]

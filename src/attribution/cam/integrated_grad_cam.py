@@ -1,12 +1,11 @@
 """Integrated Grad-CAM: Grad-CAM maps of the points on the straight line from a baseline to the image, summed."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
 
-from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
 from ..core.explainer import positive_int
 from ..core.layers import LayerSpec
@@ -69,15 +68,6 @@ class IntegratedGradCAM(CAM):
         steps = positive_int(steps, "steps")
         points = path_rows(x, baseline, torch.arange(steps, dtype=torch.float64) / steps)
         layers = self.target_layers(x, target_layer, reshape_transform)
-        totals: List[Optional[Tensor]] = [None] * len(layers)
-        for start, stop in RowPlanner(x.shape[0] * steps, batch_size, x.device):
-            index = torch.arange(start, stop, device=x.device)
-            owners, step = index // steps, index % steps  # rows image-major
-            _, acts, grads = self._capture(points(owners, step), owners, target, layers, reshape_transform,
-                                           create_graph, True)
-            for i, (act, grad) in enumerate(zip(acts, grads)):
-                maps = channel_sum(grad.mean(dim=(2, 3), keepdim=True), act)  # each point's Grad-CAM, rectified
-                if totals[i] is None:
-                    totals[i] = maps.new_zeros((x.shape[0],) + tuple(maps.shape[1:]))
-                totals[i] = totals[i].index_add(0, owners, maps)
+        totals = self._row_sums(x, steps, points, target, layers, reshape_transform, batch_size, create_graph,
+                                lambda act, grad: channel_sum(grad.mean(dim=(2, 3), keepdim=True), act))  # rectified
         return self._fuse(totals, x.shape[-2:], layer_fusion)
