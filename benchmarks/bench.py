@@ -320,6 +320,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
             lambda m, x, t, c: ca.Deconvolution(m).attribute(x, t))}),
         "rect_grad": Work({}, grads(1)),  # a k-th value of activation x gradient per rectifier and image
         "adapt_grad": Work({"samples": samples}, grads(samples)),
+        "smooth_taylor": Work({"samples": samples}, grads(samples)),
         "guided_absolute_grad": Work({"samples": samples}, grads(samples)),
         "forgrad": Work({}, grads(1)),  # the gradient, then two FFTs of the (B, 1, H, W) map
         "smoothgrad": Work({"samples": samples}, grads(samples), {"captum NoiseTunnel(Saliency)": peer(
@@ -684,8 +685,10 @@ def cam_work(size: int) -> Dict[str, Work]:
         "iba": Work({}, iba_floor, {}, "cnn"),
         "sidu": Work({}, score_floor, {}, "cnn"),
         "poly_cam": Work({}, poly_floor, {}, "cnn"),
-        # the channels kept depend on the gradients: counted; half the largest mean gradient keeps the run short
-        "sise": Work({"grad_threshold": 0.5}, replayed_floor, {}, "cnn"),
+        # the channels kept depend on the gradients: counted; the last two stages of a ResNet (all five: ~2000
+        # masked forwards per image) and half the largest mean gradient keep the run short
+        "sise": Work(lambda m: {"grad_threshold": 0.5, **({"target_layer": ["layer3", "layer4"]}
+                                                          if hasattr(m, "layer4") else {})}, replayed_floor, {}, "cnn"),
         "excitation_backprop": Work({}, layer_gradient_passes, {"torchray excitation_backprop": torchray_eb
                                     if importlib.util.find_spec("torchray") else None}, "cnn"),
         "relevance_cam": Work({}, layer_gradient_passes, {}, "cnn"),

@@ -37,6 +37,7 @@ FAST = {
     "smoothgrad": {"samples": 3},
     "guided_absolute_grad": {"samples": 3},
     "adapt_grad": {"samples": 3},
+    "smooth_taylor": {"samples": 3, "generator": torch.Generator().manual_seed(0)},
     "noise_grad": {"noisy_models": 2},
     "occlusion": {"window": 4, "stride": 4},
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},

@@ -77,6 +77,7 @@ from .gradients import (
     NoiseGrad,
     RectGrad,
     SmoothGrad,
+    SmoothTaylor,
     VanillaGradient,
     XRAI,
 )
@@ -180,6 +181,7 @@ __all__ = [
     "ShapleyCAM",
     "ShapleyValueSampling",
     "SmoothGrad",
+    "SmoothTaylor",
     "SmoothGradCAMPlusPlus",
     "SobolAttribution",
     "TIS",

@@ -36,6 +36,7 @@ GRADIENT_METHODS = {
     "smoothgrad": {"samples": 8},
     "forgrad": {},
     "adapt_grad": {"samples": 8},
+    "smooth_taylor": {"samples": 8, "generator": torch.Generator().manual_seed(0)},
     "guided_absolute_grad": {"samples": 8},
     # 0.2, the authors' default weight noise, destroys this model's predictions (see NoiseGrad's docstring)
     "noise_grad": {"noisy_models": 3, "weight_std": 0.02, "generator": torch.Generator().manual_seed(0)},

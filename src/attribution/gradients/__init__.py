@@ -22,6 +22,7 @@ from .local_attribution import LocalAttribution
 from .lrp import LRP
 from .mfaba import MFABA
 from .noise_grad import NoiseGrad
+from .smooth_taylor import SmoothTaylor
 from .smoothgrad import SmoothGrad
 from .vanilla import VanillaGradient
 from .xrai import XRAI
@@ -53,6 +54,7 @@ __all__ = [
     "NoiseGrad",
     "RectGrad",
     "SmoothGrad",
+    "SmoothTaylor",
     "VanillaGradient",
     "XRAI",
 ]
