@@ -535,6 +535,10 @@ def cam_work(size: int) -> Dict[str, Work]:
         layer_gradient_passes(m, x, t, chunk, e)
         forward_passes(m, x, x.shape[0] * 10, chunk)
 
+    def fusion_floor(m, x, t, chunk, e):  # Grad-CAM's layer gradient; Score-CAM's forward + one per channel; 3 masked
+        layer_gradient_passes(m, x, t, chunk, e)
+        forward_passes(m, x, x.shape[0] * (channels_at_layer(m, x, e) + 4), chunk)
+
     def poly_floor(m, x, t, chunk, e):  # the clean forward, one forward per channel and side of every stage end
         channels = sum(layer_activation(m, layer, x[:1], grad=False)[1].shape[1] for layer in e.target_layers(x))
         forward_passes(m, x, x.shape[0] * (1 + 2 * channels), chunk)
@@ -697,6 +701,7 @@ def cam_work(size: int) -> Dict[str, Work]:
         "fullgrad": pgc_work(input_floor, "FullGrad"),
         "group_cam": Work({}, group_floor, {}, "cnn"),
         "decom_cam": Work({}, decom_floor, {}, "all"),
+        "fusion_cam": Work({}, fusion_floor, {}, "cnn"),
         "opti_cam": Work({"iterations": OPTI_ITERATIONS}, opti_floor, {}, "all"),
         "fem": pgc_work(forward_floor, "FEM"),
         "shapley_cam": pgc_work(hessian_vector_passes, "ShapleyCAM"),
@@ -738,7 +743,7 @@ BEYOND_STEPS = 8
 OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards, or for AtMan one per patch token, per image): ask
 #: for them with --methods
-SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam", "atman"}
+SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam", "atman", "fusion_cam"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

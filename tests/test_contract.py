@@ -86,6 +86,7 @@ FAST = {
     "seg_eigen_cam": {},
     "kpca_cam": {},
     "decom_cam": {"components": 3},
+    "fusion_cam": {},
     "score_cam": {},
     "ss_cam": {"samples": 1},
     "is_cam": {"steps": 2},

@@ -25,7 +25,8 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
 #: one forward per channel: run on the narrow build of each architecture
-PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx", "sidu", "poly_cam", "fd_cam", "sise")
+PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx", "sidu", "poly_cam", "fd_cam", "sise",
+               "fusion_cam")
 CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigma": 4.0}, "guided_ig": {"steps": 4},
          "smoothgrad": {"samples": 2}, "adapt_grad": {"samples": 2}, "smooth_taylor": {"samples": 2}, "guided_absolute_grad": {"samples": 2},
          "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},

@@ -11,6 +11,7 @@ from .fd_cam import FDCAM
 from .fem import FEM
 from .finer_cam import FinerCAM
 from .full_grad import FullGrad
+from .fusion_cam import FusionCAM
 from .grad_cam import GradCAM
 from .grad_cam_elementwise import GradCAMElementWise
 from .grad_cam_plusplus import GradCAMPlusPlus
@@ -54,6 +55,7 @@ __all__ = [
     "FEM",
     "FinerCAM",
     "FullGrad",
+    "FusionCAM",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
