@@ -97,6 +97,17 @@ def central_difference(value, weight: torch.Tensor, direction: torch.Tensor, ste
     return (values[0] - values[1]) / (2 * step)
 
 
+def check_parameter_derivative(value, model: nn.Module, names, rtol: float = 1e-5, atol: float = 1e-12) -> None:
+    """``value(create_graph)`` gives a map: its create_graph derivative (of the sum) along a random direction of each
+    named parameter of ``model`` equals the central difference."""
+    for name in names:
+        weight = dict(model.named_parameters())[name]
+        direction = torch.randn(weight.shape, dtype=weight.dtype, generator=torch.Generator().manual_seed(1))
+        (grad,) = torch.autograd.grad(value(True).sum(), weight)
+        numeric = central_difference(lambda: value(False).sum(), weight, direction)
+        torch.testing.assert_close((grad * direction).sum(), numeric, rtol=rtol, atol=atol)
+
+
 def tiny_vit(seed: int = 0, classes: int = 5, fused: bool = True) -> nn.Module:
     """A small timm ViT (class token, 4x4 patches on 16x16 inputs, 2 blocks), random, seeded, eval mode."""
     from timm.models.vision_transformer import VisionTransformer

@@ -12,7 +12,7 @@ import torch
 import attribution
 from attribution.gradients.adapt_grad import AdaptGrad, adaptive_sigma
 from attribution.gradients.vanilla import VanillaGradient
-from conftest import LinearModel, central_difference, tiny_cnn
+from conftest import LinearModel, check_parameter_derivative, tiny_cnn
 
 #: sqrt(2) erfinv(0.95) and sqrt(2) erfinv(0.99): the two-sided 95 % and 99 % points of the standard normal
 Z95, Z99 = 1.959963984540054, 2.5758293035489004
@@ -177,12 +177,7 @@ def test_create_graph_matches_finite_differences():
     def value(create_graph=False):
         return explainer(x, [1, 3], create_graph=create_graph, generator=torch.Generator().manual_seed(4)).square()
 
-    for name in ("8.weight", "0.weight"):  # the classifier, the first convolution
-        weight = dict(model.named_parameters())[name]
-        direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        (grad,) = torch.autograd.grad(value(True).sum(), weight)
-        numeric = central_difference(lambda: value().sum(), weight, direction)
-        torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-5, atol=1e-12)
+    check_parameter_derivative(value, model, ("8.weight", "0.weight"))  # the classifier, the first convolution
 
 
 @pytest.mark.parametrize("options, error, match", [

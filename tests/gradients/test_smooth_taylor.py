@@ -9,7 +9,7 @@ from torch import nn
 
 import attribution
 from attribution.gradients.smooth_taylor import SmoothTaylor, root_sigma
-from conftest import LinearModel, RowCounter, central_difference, tiny_cnn
+from conftest import LinearModel, RowCounter, check_parameter_derivative, tiny_cnn
 
 
 def authors_smooth_taylor(model, image, label, noise, noise_scale, percent, batch_size):
@@ -171,12 +171,7 @@ def test_create_graph_matches_finite_differences():
     def value(create_graph=False):
         return explainer(x, [1, 3], create_graph=create_graph, generator=torch.Generator().manual_seed(4)).square()
 
-    for name in ("8.weight", "0.weight"):  # the classifier, the first convolution
-        weight = dict(model.named_parameters())[name]
-        direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        (grad,) = torch.autograd.grad(value(True).sum(), weight)
-        numeric = central_difference(lambda: value().sum(), weight, direction)
-        torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-5, atol=1e-12)
+    check_parameter_derivative(value, model, ("8.weight", "0.weight"))  # the classifier, the first convolution
 
 
 @pytest.mark.parametrize("options, error, match", [
