@@ -159,8 +159,10 @@ def test_default_region_options_are_the_authors_score_cam(model, x):
     explainer = FusionCAM(model, "2")
     default = explainer(x, [2, 0, 2])
     torch.testing.assert_close(explainer(x, [2, 0, 2], region_options=AUTHORS_SCORE_CAM), default)
-    library = explainer(x, [2, 0, 2], region_options={})  # the library's Score-CAM (probabilities, baseline)
-    assert (library - default).abs().max() > 1e-3
+    # options given are laid over the authors' settings, not in place of them
+    torch.testing.assert_close(explainer(x, [2, 0, 2], region_options={"progress": False}), default)
+    library = explainer(x, [2, 0, 2], region_options={"score": "softmax", "channel_softmax": False, "baseline": True})
+    assert (library - default).abs().max() > 1e-3  # the library's Score-CAM (probabilities, baseline)
 
 
 def test_batch_independence_and_batch_size(model, x):
@@ -206,7 +208,8 @@ def test_create_graph_matches_finite_differences(model, x):
     ("gradient_options", "fast", TypeError, "gradient_options"),
     ("region_options", {"target_layer": "1"}, ValueError, "region_options"),
     ("region_options", {"batch_size": 4}, ValueError, "region_options"),
-    ("region_options", {"bogus": 1}, TypeError, "bogus"),
+    ("region_options", {"bogus": 1}, TypeError, r"region_options: ScoreCAM has no option\(s\) \['bogus'\]"),
+    ("region_options", {"score": "prob"}, ValueError, "region_options: score must be one of"),
     ("layer_fusion", "sum", ValueError, "layer_fusion"),
 ])
 def test_bad_options_name_what_is_wrong(option, value, error, match):

@@ -69,7 +69,8 @@ class FusionCAM(CAM):
     channels of the masked copies' raw logits: :data:`AUTHORS_SCORE_CAM`).  Other components may be chosen, as
     the first author's Xplain-CAM library allows: ``gradient_method`` and ``region_method`` (a :class:`CAM` class
     or registry name, at construction) with their own options in ``gradient_options`` / ``region_options`` (dicts,
-    per call or at construction; ``None``: the method's defaults, or :data:`AUTHORS_SCORE_CAM` for Score-CAM).
+    at construction and per call, the call's added to the construction's; laid over the method's defaults, and for
+    Score-CAM over :data:`AUTHORS_SCORE_CAM`).
     ``target_layer``, ``reshape_transform``, ``layer_fusion``, ``batch_size`` and ``create_graph`` go to both.
 
     Cost, per image: the two components' (Grad-CAM: one forward and the gradient to the layer; Score-CAM: one
@@ -94,6 +95,17 @@ class FusionCAM(CAM):
         self.gradient = resolve_method(gradient_method, CAM, "gradient_method")(model)
         self.region = resolve_method(region_method, CAM, "region_method")(model)
         super().__init__(model, target_layer, **options)
+
+    def resolved_options(self, **options: Any) -> Dict[str, Any]:
+        merged = super().resolved_options(**options)
+        for key in ("gradient_options", "region_options"):
+            built, called = self.options.get(key), options.get(key)
+            for given in (built, called):
+                if given is not None and not isinstance(given, Mapping):
+                    cam = self.gradient if key == "gradient_options" else self.region
+                    raise TypeError(f"{key} must be a dict of {type(cam).__name__}'s options or None, got {given!r}")
+            merged[key] = {**(built or {}), **(called or {})}  # a call's add to the construction's
+        return merged
 
     def __repr__(self) -> str:
         return (super().__repr__()[:-1] + f", gradient_method={type(self.gradient).__name__}, "
@@ -127,16 +139,22 @@ class FusionCAM(CAM):
                    target: Target, shared: Dict[str, Any]) -> Tuple[Target, Dict[str, Any]]:
         """A component's target and resolved options: ``given`` (or ``fallback``) over its defaults, plus the
         options Fusion-CAM shares with both components."""
-        options = fallback if given is None else given
-        if not isinstance(options, Mapping):
-            raise TypeError(f"{what} must be a dict of {type(cam).__name__}'s options or None, got {options!r}")
+        options = {**fallback, **(given or {})}
         clash = sorted(set(options) & set(SHARED_OPTIONS))
         if clash:
             raise ValueError(f"{what} may not set {clash}: give them to FusionCAM, which passes them to both maps")
-        merged = cam.resolved_options(**options, **shared)
+        allowed = cam.option_names() - set(SHARED_OPTIONS)
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"{what}: {type(cam).__name__} has no option(s) {unknown}; its options are {sorted(allowed)}")
+        try:
+            merged = cam.resolved_options(**options, **shared)
+            component_target = target.with_score(merged.pop("score"))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{what}: {error}") from error
         merged.pop("amp")  # the outer call's autocast and memory format cover the components' passes
         merged.pop("channels_last")
-        return target.with_score(merged.pop("score")), merged
+        return component_target, merged
 
     def _black_scores(self, x: Tensor, target: Target) -> Tensor:
         """``f_t`` of the all-zero image for each image's target: (B,), from one forward."""

@@ -84,6 +84,8 @@ class Target:
 
     def with_score(self, score: str) -> "Target":
         """The same classes or objective under another ``score``."""
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         return Target(self.batch, score, classes=self.classes, objective=self.objective)
 
     def repeat(self, copies: int) -> "Target":

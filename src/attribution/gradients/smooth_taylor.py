@@ -33,8 +33,9 @@ class SmoothTaylor(GradientExplainer):
 
     The standard-normal noise, ``(samples, C, H, W)`` in float32 (whatever the input's dtype), is drawn once per
     call from ``generator`` if given (on its device, else on the input's) and shared by the images of the batch,
-    as Expected Gradients' noise: an image's map does not depend on the other images, and each image sees the
-    draws the authors' one-image-at-a-time loop would with the generator re-seeded per image.  The noise is held
+    as Expected Gradients' noise: an image's map does not depend on the other images, and it is the authors'
+    one-image computation with these draws as its roots (their per-root ``randn_like`` gives the same numbers only
+    for float32 CPU images whose C x H x W is a multiple of 16, e.g. 3 x 224 x 224).  The noise is held
     whole, ``samples * C * H * W`` numbers.  Cost: ``samples`` forwards and input-gradient backwards per image,
     ``batch_size`` rows per pass (plus one forward per image for ``target=None``).
 
