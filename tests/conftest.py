@@ -99,11 +99,12 @@ def central_difference(value, weight: torch.Tensor, direction: torch.Tensor, ste
 
 def check_parameter_derivative(value, model: nn.Module, names, rtol: float = 1e-5, atol: float = 1e-12) -> None:
     """``value(create_graph)`` gives a map: its create_graph derivative (of the sum) along a random direction of each
-    named parameter of ``model`` equals the central difference."""
+    named parameter of ``model`` is not zero and equals the central difference."""
     for name in names:
         weight = dict(model.named_parameters())[name]
         direction = torch.randn(weight.shape, dtype=weight.dtype, generator=torch.Generator().manual_seed(1))
         (grad,) = torch.autograd.grad(value(True).sum(), weight)
+        assert float(grad.abs().max()) > 0, name
         numeric = central_difference(lambda: value(False).sum(), weight, direction)
         torch.testing.assert_close((grad * direction).sum(), numeric, rtol=rtol, atol=atol)
 

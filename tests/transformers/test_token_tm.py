@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import attribution
 from attribution.transformers.token_tm import TokenTM, token_transformation_rollout, transformation_weights
-from conftest import central_difference, tiny_cnn, tiny_vit
+from conftest import check_parameter_derivative, tiny_cnn, tiny_vit
 from vit_parts import first_block_inputs, timm_blocks, torchvision_blocks  # noqa: E402
 
 torchvision = pytest.importorskip("torchvision")
@@ -183,13 +183,8 @@ def test_create_graph_gives_the_maps_true_parameter_derivative():
     explainer = TokenTM(model)
     maps = explainer(x, [1, 3], create_graph=True)
     torch.testing.assert_close(maps.detach(), explainer(x, [1, 3]))
-    weights = (model.blocks[1].mlp.fc1.weight, model.head.weight, model.pos_embed)
-    grads = torch.autograd.grad(maps.sum(), weights)
-    for weight, grad in zip(weights, grads):
-        assert float(grad.abs().max()) > 0
-        direction = torch.randn(weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        difference = central_difference(lambda: explainer(x, [1, 3]).sum(), weight, direction)
-        torch.testing.assert_close((grad * direction).sum(), difference, rtol=1e-5, atol=1e-12)
+    check_parameter_derivative(lambda create_graph: explainer(x, [1, 3], create_graph=create_graph), model,
+                               ("blocks.1.mlp.fc1.weight", "head.weight", "pos_embed"))
 
 
 def test_pre_norm_torch_encoder_layers_work():
