@@ -712,6 +712,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "random_cam": pgc_work(forward_floor, "RandomCAM", "all"),
         "guided_grad_cam": Work({}, two_pass_floor, models="cnn"),
         "attention_rollout": Work({}, forward_floor, models="vit"),
+        # one forward; the N maximum flows per image run on the host (scipy's Dinic): most of its time
+        "attention_flow": Work({}, forward_floor, models="vit"),
         "generic_attention": Work({}, input_floor, models="vit"),
         "grad_sam": Work({}, input_floor, models="vit"),
         "ag_cam": Work({}, input_floor, models="vit"),

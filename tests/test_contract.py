@@ -61,6 +61,7 @@ FAST = {
     "igos_pp": {"iterations": 2, "steps": 3, "mask_size": 8, "l1_coeff": 3e-4, "tv_coeff": 3e-3,
                 "generator": torch.Generator().manual_seed(0)},
     "attention_rollout": {},
+    "attention_flow": {},
     "generic_attention": {},
     "grad_sam": {},
     "ag_cam": {},

@@ -84,7 +84,7 @@ from .gradients import (
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
                            Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
-from .transformers import (TAM, TIS, AGCAM, AtMan, AttCAT, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
+from .transformers import (TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
                            RawAttention, TokenTM, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -99,6 +99,7 @@ __all__ = [
     "AblationCAM",
     "AtMan",
     "AttCAT",
+    "AttentionFlow",
     "AttentionRollout",
     "BagCAM",
     "BeyondIntuition",

@@ -31,7 +31,8 @@ def task():
 #: 4th); its images are noise around 0, so the authors' zero baseline makes the path pass near-constant images whose
 #: LayerNorm gradients (-3 to -6 at a = 0.32, against +0.005 at the image) swamp the integral and rectify the whole
 #: map to 0: the black image (each image's minimum) is the baseline here
-NATIVE = {"generic_attention": {}, "grad_sam": {}, "ag_cam": {}, "attention_rollout": {}, "raw_attention": {},
+NATIVE = {"generic_attention": {}, "grad_sam": {}, "ag_cam": {}, "attention_rollout": {}, "attention_flow": {},
+          "raw_attention": {},
           "attcat": {}, "legrad": {}, "transformer_attribution": {}, "beyond_intuition": {"start_block": 1, "baseline": "black"},
           "tis": {"generator": torch.Generator().manual_seed(0)}, "atman": {}, "token_tm": {},
           "tam": {"start_block": 0, "baseline": "black"}}  # TAM: the same zero-baseline trouble as Beyond Intuition

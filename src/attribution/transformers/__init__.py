@@ -3,6 +3,7 @@ from .ag_cam import AGCAM
 from .atman import AtMan
 from .attcat import AttCAT
 from .attention import AttentionCapture
+from .attention_flow import AttentionFlow
 from .beyond_intuition import BeyondIntuition
 from .generic_attention import GenericAttention
 from .grad_sam import GradSAM
@@ -15,6 +16,6 @@ from .token_tm import TokenTM
 from .tokens import TokenLayout, token_layout, tokens_to_map
 from .transformer_attribution import TransformerAttribution
 
-__all__ = ["AGCAM", "AtMan", "AttCAT", "AttentionCapture", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
+__all__ = ["AGCAM", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
            "LeGrad", "RawAttention", "TAM", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
            "token_layout", "tokens_to_map"]

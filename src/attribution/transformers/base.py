@@ -25,6 +25,8 @@ class AttentionExplainer(Explainer):
     needs_gradients = False
     #: True when :meth:`_relevance` takes ``scores``, the attention scores before the softmax of every block
     needs_scores = False
+    #: True when :meth:`_relevance` takes ``layout``, the model's :class:`TokenLayout` (which rows the map reads)
+    needs_layout = False
 
     def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool,
                  **options) -> Tensor:
@@ -43,7 +45,9 @@ class AttentionExplainer(Explainer):
                 gradients = self._attention_gradients(scores, attention, create_graph)
                 gradients = tuple(_at_least_float32(g) for g in gradients)
             attention = [_at_least_float32(a) for a in attention]
-            extra = {"scores": self._scores(capture.scores, create_graph)} if self.needs_scores else {}
+            extra: Dict[str, Any] = {"scores": self._scores(capture.scores, create_graph)} if self.needs_scores else {}
+            if self.needs_layout:
+                extra["layout"] = layout
             with torch.set_grad_enabled(create_graph):
                 relevance = self._relevance(attention, gradients, **options, **extra)
             maps.append(self._to_image(relevance, layout, tuple(x.shape[-2:])))

@@ -36,10 +36,15 @@ class AttentionRollout(AttentionExplainer):
             fused = fuse_heads(block, head_fusion)
             if discard_ratio > 0:
                 fused = discard_lowest(fused, discard_ratio)
-            step = (fused + eye) / 2
-            step = step / step.sum(dim=-1, keepdim=True)
-            rollout = step @ rollout
+            rollout = with_residual(fused) @ rollout
         return rollout
+
+
+def with_residual(fused: Tensor) -> Tensor:
+    """``(A + I) / 2`` renormalised to rows summing to 1: a block's (..., N, N) fused attention with the residual
+    connection's identity (Abnar & Zuidema's augmented attention)."""
+    step = (fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)) / 2
+    return step / step.sum(dim=-1, keepdim=True)
 
 
 def discard_lowest(fused: Tensor, ratio: float) -> Tensor:
