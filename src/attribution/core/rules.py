@@ -107,6 +107,12 @@ class Operation:
                   create_graph: bool) -> Tuple[Optional[Tensor], ...]:
         raise NotImplementedError
 
+    def vector_jacobian(self, tensors: Sequence[Optional[Tensor]], needs: Sequence[bool],
+                        grad: Tensor) -> Optional[Tuple[Optional[Tensor], ...]]:
+        """The plain vector-Jacobian product written out (one entry per tensor, None where not ``needs``), or None
+        when the operation has no closed form here and :func:`_plain` recomputes its forward to differentiate it."""
+        return None
+
 
 class LinearCall(Operation):
     """One convolution or ``F.linear`` call of the forward: the function and its other arguments, the rule its
@@ -144,6 +150,19 @@ class LinearCall(Operation):
                   create_graph: bool) -> Tuple[Optional[Tensor], ...]:
         x, weight, bias = tensors
         return self.rule(self, x, *self.parameters(weight, bias), grad, create_graph), None, None
+
+    def vector_jacobian(self, tensors: Sequence[Optional[Tensor]], needs: Sequence[bool],
+                        grad: Tensor) -> Optional[Tuple[Optional[Tensor], ...]]:
+        """``F.linear``'s: ``g W``, ``g^T x`` and the sum of ``g`` over the leading dimensions (one product each,
+        where recomputing the forward to differentiate it costs one more); convolutions return None."""
+        if self.fn is not F.linear or self.rest or self.kwargs:
+            return None
+        x, weight, bias = tensors
+        grad = grad.to(x.dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        return (grad @ weight.to(x.dtype) if needs[0] else None,
+                (rows.T @ x.reshape(-1, x.shape[-1])).to(weight.dtype) if needs[1] else None,
+                rows.sum(dim=0).to(bias.dtype) if bias is not None and needs[2] else None)
 
 
 class Norm:
@@ -228,6 +247,9 @@ def _plain(operation: Operation, tensors: Sequence[Optional[Tensor]], needs: Seq
     create_graph = torch.is_grad_enabled()
     if not operation.state.parameters:
         needs = [need and not is_parameter(t) for t, need in zip(tensors, needs)]
+    direct = operation.vector_jacobian(tensors, needs, grad)
+    if direct is not None:
+        return direct
     with torch.enable_grad():
         inputs = [differentiable(t, create_graph) if t is not None and need else t for t, need in zip(tensors, needs)]
         out = operation.compute(*inputs)

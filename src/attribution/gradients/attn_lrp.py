@@ -129,6 +129,10 @@ class _LinearInGradientForm(Operation):
     def compute(self, *tensors: Optional[Tensor]) -> Tensor:
         return self.call.compute(*tensors)
 
+    def vector_jacobian(self, tensors: Sequence[Optional[Tensor]], needs: Sequence[bool],
+                        grad: Tensor) -> Optional[Tuple[Optional[Tensor], ...]]:
+        return self.call.vector_jacobian(tensors, needs, grad)
+
     def relevance(self, tensors: Sequence[Optional[Tensor]], grad: Tensor,
                   create_graph: bool) -> Tuple[Optional[Tensor], ...]:
         x, weight, bias = tensors
