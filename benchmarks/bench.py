@@ -210,6 +210,10 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         forward_passes(m, x, x.shape[0] * 36, chunk)
         guided_ig_floor(m, x, t, chunk, e)
 
+    def moxi_floor(m, x, t, chunk, e):  # greedy step k: the n - k patches left of every image (the last forced)
+        for left in range(MOXI_GRID ** 2, 1, -1):
+            forward_passes(m, x, x.shape[0] * left, chunk)
+
     def occlusion_floor(m, x, t, chunk, e):
         forward_passes(m, x, x.shape[0] * (positions + 1), chunk)
 
@@ -355,6 +359,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                                  {"captum ShapleyValueSampling": peer(captum_shapley)}),
         "hsic": Work({"n_designs": positions}, rise_floor),
         "sobol": Work({"grid": 4, "n_designs": SOBOL_DESIGNS}, sobol_floor),
+        "moxi": Work({"grid": MOXI_GRID}, moxi_floor),  # 135 forwards per image in 15 dependent steps
     }
 
 
@@ -737,6 +742,8 @@ def cam_work(size: int) -> Dict[str, Work]:
     }
 
 
+#: MoXI's patch grid in the benchmark (its default, 14 x 14, is 19,305 forwards per image)
+MOXI_GRID = 4
 #: Sobol attribution's designs in the benchmark, on a 4 x 4 grid (17 forwards per design; its default is 32 on 8 x 8)
 SOBOL_DESIGNS = 8
 #: Beyond Intuition's path points in the benchmark (its default is 20)

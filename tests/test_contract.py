@@ -40,6 +40,8 @@ FAST = {
     "smooth_taylor": {"samples": 3, "generator": torch.Generator().manual_seed(0)},
     "noise_grad": {"noisy_models": 2},
     "occlusion": {"window": 4, "stride": 4},
+    # the gain map (differentiable); the default rank map's order flips between near-ties of the flat toy net in bf16
+    "moxi": {"grid": 3, "heatmap": "gain"},
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},
     # three whole levels of the tree: no best-first choices that float32 rounding could flip
     "partition_shap": {"max_evals": 44, "evals_per_step": 64},

@@ -83,7 +83,7 @@ from .gradients import (
     XRAI,
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
-                           Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
+                           MoXI, Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
 from .transformers import (TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
                            RawAttention, TokenTM, TransformerAttribution)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
@@ -163,6 +163,7 @@ __all__ = [
     "MFABA",
     "NoiseGrad",
     "RectGrad",
+    "MoXI",
     "Occlusion",
     "PartitionSHAP",
     "OptiCAM",

@@ -35,7 +35,7 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4}, "xrai": {"steps": 2},
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4}, "iba": {"iterations": 2, "samples": 2},
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2}, "partition_shap": {"max_evals": 20},
-         "shapley_sampling": {"grid": 2, "samples": 2},
+         "shapley_sampling": {"grid": 2, "samples": 2}, "moxi": {"grid": 2},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4}, "idgi": {"steps": 4},
          "sess": {"num_scales": 2}, "agi": {"topk": 2, "max_iter": 2},
          "local_attribution": {"select_num": 2, "max_iter": 2}, "mfaba": {"steps": 4},
