@@ -4,6 +4,7 @@ from .bag_cam import BagCAM
 from .base import CAM
 from .cameras import CAMERAS
 from .decom_cam import DecomCAM, DecomCAMParts
+from .cf_cam import CFCAM
 from .eigen_cam import EigenCAM, EigenGradCAM, SegEigenCAM
 from .excitation_backprop import ExcitationBackprop
 from .expected_grad_cam import ExpectedGradCAM
@@ -51,6 +52,7 @@ __all__ = [
     "EigenGradCAM",
     "ExcitationBackprop",
     "ExpectedGradCAM",
+    "CFCAM",
     "FDCAM",
     "FEM",
     "FinerCAM",
