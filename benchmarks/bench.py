@@ -198,6 +198,10 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                 torch.autograd.grad(out.square().sum(), batch, retain_graph=True)
                 torch.autograd.grad(out.gather(1, t[start:start + chunk, None]).sum(), batch)
 
+    def isa_floor(m, x, t, chunk, e):  # 2 groups x steps/4 search steps one after another, 2 rows per image each
+        for _ in range(2 * max(2, steps // 4)):
+            input_gradient_passes(m, x, t, 2 * x.shape[0], chunk)
+
     def attexplore_floor(m, x, t, chunk, e):  # steps/4 attack steps one after another, 4 copies per image each
         for _ in range(max(1, steps // 4)):
             input_gradient_passes(m, x, t, 4 * x.shape[0], chunk)
@@ -300,6 +304,10 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                                    if importlib.util.find_spec("zennit") else None}),
         # every path taken to the end, so the floor is exact: steps x (forward + input gradient)
         "mfaba": Work({"steps": steps, "early_stop": False}, grads(steps)),
+        # two groups of half the features, each steps/4 search steps one after another (the ascent's and the
+        # descent's rows of every image in one pass)
+        "isa": Work({"group_size": -(-3 * size * size // 2), "ascent_steps": max(2, steps // 4),
+                     "descent_steps": max(2, steps // 4)}, isa_floor),
         # 4 classes x steps/4 points, each a forward and two input gradients (the floor counts one: ratio ~1.3+)
         "agi": Work({"topk": 4, "max_iter": max(1, steps // 4)}, grads(4 * max(1, steps // 4))),
         # 3 drawn classes + the untargeted walk x steps/4 points, every step taken: each a forward and two input
@@ -683,6 +691,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "ablation_cam": pgc_work(tail_floor(lambda acts: acts.shape[1]), "AblationCAM", batch_size="chunk"),
         # 2 C tail passes (the floor leaves out the forward and layer gradient for Grad-CAM's weights)
         "fd_cam": Work({}, tail_floor(lambda acts: 2 * acts.shape[1]), {}, "cnn"),
+        # Grad-CAM's passes; the rest is the (C, C) clustering of the channels in float64
+        "cf_cam": Work({}, layer_gradient_passes, {}, "all"),
         "smooth_grad_cam_plusplus": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),
         # the clean forward, then forward + layer gradient of every drawn path point
         "expected_grad_cam": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),

@@ -24,6 +24,7 @@ FAST = {
     "lrp": {},
     "attn_lrp": {},
     "mfaba": {"steps": 4},
+    "isa": {"group_size": 256, "ascent_steps": 2, "descent_steps": 2, "generator": torch.Generator().manual_seed(0)},
     "agi": {"topk": 2, "max_iter": 3},
     "local_attribution": {"select_num": 3, "max_iter": 2, "generator": torch.Generator().manual_seed(0)},
     "big": {"attack_steps": 3, "steps": 4},
@@ -98,6 +99,7 @@ FAST = {
     "expected_grad_cam": {"samples": 2, "generator": torch.Generator().manual_seed(0)},
     "ablation_cam": {},
     "fd_cam": {},
+    "cf_cam": {},
     "recipro_cam": {},
     "lift_cam": {},
     "excitation_backprop": {},
@@ -136,7 +138,7 @@ NEEDS_CLASSES = {name for name in list_methods() if attribution.get_method(name)
 RESNET_SIZED = {"iba": {"references": None}, "prediction_difference": {"references": None}}
 #: methods with random draws: their batch/batch_size checks run with the noise turned off
 #: (Guided AbsoluteGrad without noise has zero variance, so its guide zeroes the map: the guide is turned off too)
-RANDOM = {"smoothgrad": {"std": 0.0}, "igos": {"noise": 0.0}, "igos_pp": {"noise": 0.0}, "adapt_grad": {"confidence": 1.0}, "guided_absolute_grad": {"std": 0.0, "percentile": None}, "attexplore": {"sigma": 0.0, "rho": 0.0, "diversity_prob": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
+RANDOM = {"smoothgrad": {"std": 0.0}, "isa": {"sigma": 0.0}, "igos": {"noise": 0.0}, "igos_pp": {"noise": 0.0}, "adapt_grad": {"confidence": 1.0}, "guided_absolute_grad": {"std": 0.0, "percentile": None}, "attexplore": {"sigma": 0.0, "rho": 0.0, "diversity_prob": 0.0}, "noise_grad": {"weight_std": 0.0}, "smooth_grad_cam_plusplus": {"std": 0.0}, "ss_cam": {"std": 0.0}, "random_cam": {"seed": 2}, "vit_cx": {"noise": 0.0}}
 #: bf16 agreement floors below the default 0.9: Score-CAM-family weights are differences of the target's softmax
 #: probability between masked copies, about 1e-3 apart on this random net, which bf16's 8-bit mantissa blurs
 #: (the same holds with the bf16-rounded weights run in float32, so it is the model's precision, not ours)

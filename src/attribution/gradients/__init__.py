@@ -19,6 +19,7 @@ from .ig2 import IG2
 from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
 from .local_attribution import LocalAttribution
+from .isa import ISA
 from .lrp import LRP
 from .mfaba import MFABA
 from .noise_grad import NoiseGrad
@@ -45,6 +46,7 @@ __all__ = [
     "GuidedIG",
     "IDGI",
     "IG2",
+    "ISA",
     "InputXGradient",
     "IntegratedDecisionGradients",
     "IntegratedGradients",
