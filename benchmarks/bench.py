@@ -541,6 +541,12 @@ def cam_work(size: int) -> Dict[str, Work]:
         patches = (x.shape[-2] // height) * (x.shape[-1] // width)
         forward_passes(m, x, x.shape[0] * (patches + 1), chunk)
 
+    def value_zeroing_floor(m, x, t, chunk, e):  # the clean forward and a forward per token (class token too)
+        from attribution.core.spatial import patch_size
+
+        height, width = patch_size(m)
+        forward_passes(m, x, x.shape[0] * ((x.shape[-2] // height) * (x.shape[-1] // width) + 2), chunk)
+
     def score_floor(m, x, t, chunk, e):  # the clean forward and one masked forward per channel
         forward_passes(m, x, x.shape[0] * (1 + channels_at_layer(m, x, e)), chunk)
 
@@ -749,6 +755,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         # block that reads the embeddings is not in the floor); ours runs the attention as the explicit softmax(q k^T)
         # with per-row suppressed keys, the floor the model's own (fused) kernel
         "atman": Work({}, atman_floor, models="vit"),
+        # the clean forward, then every block once per token (L x N single-block forwards): about N + 1 forwards
+        "value_zeroing": Work({}, value_zeroing_floor, models="vit"),
     }
 
 
@@ -762,7 +770,8 @@ BEYOND_STEPS = 8
 OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards, or for AtMan one per patch token, per image): ask
 #: for them with --methods
-SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam", "atman", "fusion_cam"}
+SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam", "atman", "fusion_cam",
+               "value_zeroing"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

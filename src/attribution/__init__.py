@@ -87,7 +87,7 @@ from .gradients import (
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
                            MoXI, Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
 from .transformers import (TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
-                           RawAttention, TokenTM, TransformerAttribution)
+                           RawAttention, TokenTM, TransformerAttribution, ValueZeroing)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
@@ -194,6 +194,7 @@ __all__ = [
     "SobolAttribution",
     "TIS",
     "TransformerAttribution",
+    "ValueZeroing",
     "VanillaGradient",
     "ViTCX",
     "XGradCAM",

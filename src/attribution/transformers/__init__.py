@@ -15,7 +15,8 @@ from .tis import TIS
 from .token_tm import TokenTM
 from .tokens import TokenLayout, token_layout, tokens_to_map
 from .transformer_attribution import TransformerAttribution
+from .value_zeroing import ValueZeroing
 
 __all__ = ["AGCAM", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
            "LeGrad", "RawAttention", "TAM", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
-           "token_layout", "tokens_to_map"]
+           "ValueZeroing", "token_layout", "tokens_to_map"]
