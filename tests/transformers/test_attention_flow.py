@@ -19,11 +19,12 @@ pytest.importorskip("scipy")
 timm = pytest.importorskip("timm")
 
 
-def vit(depth: int, class_token: bool = True) -> torch.nn.Module:
+def vit(depth: int, class_token: bool = True, registers: int = 0) -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(3)
-    options = {} if class_token else {"class_token": False, "global_pool": "avg"}
+    options = {"reg_tokens": registers} if class_token else {"class_token": False, "global_pool": "avg",
+                                                              "reg_tokens": registers}
     return VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=depth, num_heads=2, mlp_ratio=2.0,
                              num_classes=5, **options).eval()
 
@@ -57,9 +58,9 @@ def captured(model: torch.nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
     return capture.maps
 
 
-@pytest.mark.parametrize("depth", [2, 3])
-def test_equals_the_authors_networkx_flows(depth):
-    model = vit(depth)
+@pytest.mark.parametrize("depth, registers", [(2, 0), (3, 0), (2, 2)])
+def test_equals_the_authors_networkx_flows(depth, registers):
+    model = vit(depth, registers=registers)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(depth))
     maps = captured(model, x)
     layout = token_layout(model, (16, 16), maps[0].shape[-1], "the attention maps")
@@ -69,14 +70,16 @@ def test_equals_the_authors_networkx_flows(depth):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_without_prefix_tokens_every_output_tokens_flows_are_averaged():
-    model = vit(2, class_token=False)
+@pytest.mark.parametrize("registers", [0, 3])
+def test_without_a_class_token_every_patch_tokens_flows_are_averaged(registers):
+    """A model that pools its patch tokens: the mean of the patch tokens' flows (register tokens are not read)."""
+    model = vit(2, class_token=False, registers=registers)
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     maps = captured(model, x)
     layout = token_layout(model, (16, 16), maps[0].shape[-1], "the attention maps")
-    assert layout.prefix == 0
+    assert (layout.prefix, layout.class_token) == (registers, False)
     tokens = maps[0].shape[-1]
-    expected = authors_flows([m[0] for m in maps], range(tokens)).mean(dim=0, keepdim=True)
+    expected = authors_flows([m[0] for m in maps], range(registers, tokens)).mean(dim=0, keepdim=True)
     expected = scores_to_image(expected.float(), layout, (16, 16))
     torch.testing.assert_close(attribution.AttentionFlow(model)(x), expected, rtol=1e-5, atol=1e-7)
 

@@ -29,11 +29,14 @@ from torch import Tensor, nn
 # --------------------------------------------------------------------------------------------------- tokens
 @dataclass(frozen=True)
 class TokenLayout:
-    """``prefix`` leading non-patch tokens, then ``height * width`` patch tokens in row-major order."""
+    """``prefix`` leading non-patch tokens, then ``height * width`` patch tokens in row-major order;
+    ``class_token``: the first prefix token is a class token (the head reads it), not a register token of a model
+    that pools its patch tokens."""
 
     prefix: int
     height: int
     width: int
+    class_token: bool = False
 
     @property
     def tokens(self) -> int:
@@ -62,6 +65,14 @@ def prefix_tokens(model: nn.Module) -> Optional[int]:
     return None
 
 
+def has_class_token(model: nn.Module) -> bool:
+    """Whether the model's first prefix token is a class token: not for timm models built with
+    ``class_token=False`` (``has_class_token`` False or ``cls_token`` None: their prefix, if any, is register
+    tokens, and the head pools the patch tokens)."""
+    return getattr(model, "has_class_token", True) is not False and \
+        not (hasattr(model, "cls_token") and getattr(model, "cls_token") is None)
+
+
 def _stride_grids(image_hw: Tuple[int, int], positions: int) -> set:
     """Grids ``(H // s, W // s)`` or ``(ceil(H / s), ceil(W / s))`` of ``positions`` cells, for integer strides s."""
     height, width = image_hw
@@ -86,7 +97,7 @@ def token_layout(model: nn.Module, image_hw: Tuple[int, int], tokens: int, where
         grid = (image_hw[0] // size[0], image_hw[1] // size[1])
         prefix = tokens - grid[0] * grid[1]
         if prefix >= 0 and (declared is None or prefix in (0, declared)):  # 0: before the prefix is prepended
-            return TokenLayout(prefix, *grid)
+            return TokenLayout(prefix, *grid, class_token=prefix > 0 and has_class_token(model))
     if not declared:
         grids = _stride_grids(image_hw, tokens)
         if len(grids) == 1:

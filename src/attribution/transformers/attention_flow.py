@@ -78,12 +78,12 @@ class AttentionFlow(AttentionExplainer):
     token ``j`` before the first, divided by the sum of those flows over ``j`` (the authors' normalisation); the map
     is its patch tokens, upsampled bilinearly.  Where rollout multiplies the blocks' matrices (a sum over paths of
     the products of their weights), flow lets each path carry up to its narrowest edge, all paths sharing the
-    capacities: with one block the two are equal.  Models without prefix tokens: the mean of every output token's
-    flows.  Class-agnostic: the target is accepted and ignored.
+    capacities: with one block the two are equal.  Models without a class token (their head pools the patch
+    tokens; register tokens are not read): the mean of every patch token's flows.  Class-agnostic: the target is accepted and ignored.
 
     Cost: one forward per image, then ``N`` maximum-flow problems per image on the host (N tokens, each a graph of
     ``(L + 1) N`` nodes and ``L N^2`` edges solved by scipy's Dinic algorithm: about 15 ms on ViT-B/16's 197 tokens
-    and 12 blocks, 3 s an image on one CPU core), ``N^2`` without prefix tokens.  The value of each flow is read
+    and 12 blocks, 3 s an image on one CPU core), ``N^2`` without a class token.  The value of each flow is read
     from its minimum cut as a sum of the attention's entries, so ``create_graph=True`` differentiates it (the flow's
     derivative: 1 on the cut's edges).  Needs scipy.
     """
@@ -95,7 +95,7 @@ class AttentionFlow(AttentionExplainer):
                    layout: TokenLayout) -> Tensor:
         capacities = torch.stack([with_residual(fuse_heads(block, head_fusion)) for block in attention], dim=1)
         tokens = capacities.shape[-1]
-        sources = [0] if layout.prefix > 0 else list(range(tokens))  # the rows that the map reads
+        sources = [0] if layout.class_token else list(range(layout.prefix, tokens))  # the rows that the map reads
         relevance = capacities.new_zeros(capacities.shape[0], tokens, tokens)
         for image, blocks in enumerate(capacities):
             flows = max_flows(blocks, sources)

@@ -17,8 +17,9 @@ from .tokens import TokenLayout, token_layout
 
 class AttentionExplainer(Explainer):
     """Runs the model with :class:`AttentionCapture`, checks the captured maps, and turns token relevance into a
-    (B, 1, H, W) map: the class token's row over the patch tokens (the mean over all rows for models without prefix
-    tokens), on the model's patch grid, upsampled bilinearly to the input size."""
+    (B, 1, H, W) map: the class token's row over the patch tokens (for models without a class token, which pool their
+    patch tokens, the mean of the patch tokens' rows), on the model's patch grid, upsampled bilinearly to the input
+    size."""
 
     kind = "attention"
     #: True when the method needs the gradient of the target score w.r.t. each attention map
@@ -153,7 +154,8 @@ class AttentionExplainer(Explainer):
 
     @staticmethod
     def _to_image(relevance: Tensor, layout: TokenLayout, size: Tuple[int, int]) -> Tensor:
-        return scores_to_image(relevance[:, 0] if layout.prefix > 0 else relevance.mean(dim=1), layout, size)
+        rows = relevance[:, 0] if layout.class_token else relevance[:, layout.prefix:].mean(dim=1)
+        return scores_to_image(rows, layout, size)
 
 
 def scores_to_image(scores: Tensor, layout: TokenLayout, size: Tuple[int, int]) -> Tensor:
