@@ -285,3 +285,26 @@ def test_bad_options_are_named(setup):
     for options, error, message in cases:
         with pytest.raises(error, match=message):
             explainer(x, 0, **options)
+
+
+@pytest.mark.parametrize("score", ["softmax", "rest"])
+def test_log_odds_need_logits(setup, score):
+    """log p / (1 - p) is computed from logits (or log-probabilities): other scores are refused, not misread."""
+    model, x = setup
+    with pytest.raises(ValueError, match="score"):
+        MoXI(model, grid=GRID)(x, 0, score=score)
+    MoXI(model, grid=GRID)(x, 0, score=score, log_odds=False)  # the score itself is v
+
+
+def test_gain_map_keeps_the_log_odds_precision_on_a_float32_model():
+    """The gains are differences of nearly equal log-odds (a flat prediction over many classes): the search's
+    prefix values stay in float64, so the map equals create_graph's, which recomputes every prefix."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 1000)).eval()
+    with torch.no_grad():
+        model[-1].weight.mul_(1e-3)
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    method = MoXI(model, grid=3, heatmap="gain")
+    torch.testing.assert_close(method(x, [3, 7]), method(x, [3, 7], create_graph=True).detach(), rtol=1e-5,
+                               atol=1e-9)

@@ -50,7 +50,9 @@ class MoXI(Explainer):
     are raw (the code divides by the maximum for display).  Output (B, 1, H, W).
 
     Defaults from the authors' code (``load_parser``): ``grid=14`` (``grid_num``), ``curve='insertion'``
-    (``curve_method``), ``interactions=True`` (``'MoXI'``), ``log_odds=True`` (``softmax_type='modified'``; with
+    (``curve_method``), ``interactions=True`` (the paper's method, the code's ``identify_method='MoXI'``; the
+    parser's default is ``'self-shapley'``, its ``online_identify.sh`` runs both), ``log_odds=True``
+    (``softmax_type='modified'``, from the logits: ``score`` must be ``'logit'`` or ``'log_softmax'``; with
     ``log_odds=False`` the ``score`` itself is ``v``: ``'logit'`` is the code's ``'yi'``, ``'log_softmax'`` its
     ``'normal'``), ``baseline='zero'`` (the model-agnostic ``'pixel_zero_values'`` masking: absent pixels are 0 in
     the model's input space), ``heatmap='group'``, ``upsample='bilinear'``.  The log-odds and the ``'group'`` map
@@ -123,6 +125,10 @@ def check_options(x: Tensor, target: Target, grid: int, curve: str, interactions
             "heatmap='group' cuts the order where the target becomes the model's arg-max class"
         raise ValueError(f"MoXI's {what}, so it needs class indices as the target, not a callable (pass "
                          "log_odds=False and heatmap='rank' or 'gain' for a callable)")
+    if log_odds and target.score not in ("logit", "log_softmax"):
+        raise ValueError(f"log_odds=True computes log p / (1 - p) from the model's logits, so it needs score='logit' "
+                         f"or 'log_softmax', got score={target.score!r} (pass log_odds=False to explain that score "
+                         "itself)")
     if create_graph and heatmap != "gain":
         raise ValueError(f"create_graph=True needs heatmap='gain': heatmap={heatmap!r} is a rank, piecewise "
                          "constant in the model's parameters")
@@ -193,7 +199,9 @@ def greedy_order(game: Game) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     rows = torch.arange(batch, device=device)
     chosen = torch.zeros(batch, n, dtype=torch.bool, device=device)
     order = torch.empty(batch, n, dtype=torch.long, device=device)
-    prefix_values = torch.empty(batch, n - 1, dtype=game.dtype, device=device)
+    # the log-odds' precision (float64) for the prefixes too: the gains are their differences
+    prefix_values = torch.empty(batch, n - 1, dtype=game.log_odds_dtype if game.log_odds else game.dtype,
+                                device=device)
     prefix_hits = torch.empty(batch, n - 1, dtype=torch.bool, device=device) if game.target.classes is not None \
         else None
     for step in range(n - 1):
