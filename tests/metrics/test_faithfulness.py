@@ -21,7 +21,7 @@ def test_exact_contributions_correlate_perfectly(setup):
     """f = sum(w x) and the zero baseline: removing S drops f by sum_S w x, the map's sum over S."""
     model, x = setup
     exact = model.contributions(x)
-    options = {"subset_size": 10, "runs": 20, "generator": torch.Generator().manual_seed(1)}
+    options = {"subset_size": 10, "runs": 20, "baseline": 0.0, "generator": torch.Generator().manual_seed(1)}
     perfect = faithfulness_correlation(model, x, exact, 0, **options)
     torch.testing.assert_close(perfect, torch.ones(3, dtype=torch.float64))
     reversed_ = faithfulness_correlation(model, x, -exact, 0, **options)
@@ -55,14 +55,15 @@ def test_evaluate_runs_it(setup):
     model, x = setup
     table = evaluate(lambda images, target: model.contributions(images), model, x, 0,
                      metrics=["faithfulness_correlation"],
-                     options={"faithfulness_correlation": {"subset_size": 10, "runs": 20}})
+                     options={"faithfulness_correlation": {"subset_size": 10, "runs": 20, "baseline": 0.0}})
     torch.testing.assert_close(table["faithfulness_correlation"], torch.ones(3, dtype=torch.float64))
 
 
 def test_bad_options_name_what_is_wrong(setup):
     model, x = setup
     for options, match in (({"subset_size": 0}, "subset_size"), ({"runs": 0}, "runs"),
-                           ({"subset_size": 65}, "subset_size")):
+                           ({"subset_size": 65}, "subset_size"), ({"features": "pixel"}, "features"),
+                           ({"subset_size": 193, "features": "entries"}, "subset_size")):
         with pytest.raises(ValueError, match=match):
             faithfulness_correlation(model, x, x, 0, **options)
 
@@ -93,5 +94,10 @@ def test_sensitivity_n_is_faithfulness_correlation_per_size(setup):
                 for n in (1, 6, 26)]  # at least one pixel; round(0.1 * 64) and round(0.4 * 64)
     torch.testing.assert_close(curve.y, torch.stack(expected, dim=1))
     table = evaluate(lambda images, target: maps, model, x, 1, metrics=["sensitivity_n"],
-                     options={"sensitivity_n": {"runs": 9, "fractions": (0.1, 0.4)}})
-    assert table["sensitivity_n"].shape == (3,) and "sensitivity_n" in table.curves
+                     options={"sensitivity_n": {"runs": 9, "fractions": (0.1, 0.4), "baseline": 0.5,
+                                                "generator": torch.Generator().manual_seed(6)}})
+    direct = sensitivity_n(model, x, maps, 1, fractions=(0.1, 0.4), runs=9, baseline=0.5,
+                           generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(table["sensitivity_n"], direct.auc)
+    torch.testing.assert_close(table.curves["sensitivity_n"][1], direct.y)
+    assert direct.y.abs().max() > 0.1  # numbers, not zeros

@@ -100,9 +100,18 @@ def test_evaluate_runs_both():
     model = tiny_cnn()
     torch.manual_seed(4)
     x = torch.randn(2, 3, 16, 16)
-    table = evaluate(attribution.VanillaGradient(model), model, x, [0, 1], ["infidelity", "max_sensitivity"],
-                     options={"infidelity": {"samples": 8}, "max_sensitivity": {"samples": 2}})
-    assert table["infidelity"].shape == (2,) and table["max_sensitivity"].shape == (2,)
+    explainer = attribution.VanillaGradient(model)
+
+    def options():
+        return {"infidelity": {"samples": 8, "generator": torch.Generator().manual_seed(1)},
+                "max_sensitivity": {"samples": 2, "generator": torch.Generator().manual_seed(2)}}
+
+    table = evaluate(explainer, model, x, [0, 1], ["infidelity", "max_sensitivity"], options=options())
+    maps = explainer(x, [0, 1])
+    torch.testing.assert_close(table["infidelity"], infidelity(model, x, maps, [0, 1], **options()["infidelity"]))
+    torch.testing.assert_close(table["max_sensitivity"],
+                               max_sensitivity(explainer, x, [0, 1], **options()["max_sensitivity"]))
+    assert (table["infidelity"] > 0).all() and (table["max_sensitivity"] > 0).all()
     assert "(lower is better)" in table.summary()
 
 

@@ -151,3 +151,14 @@ def test_gradcam_beats_a_random_map(efficientnet):
     d, d_random, i, i_random = _beats_random(efficientnet, x, maps, random_maps, 3)
     assert d < d_random, (d, d_random)
     assert i > i_random, (i, i_random)
+
+
+def test_a_substrate_of_the_wrong_shape_is_named():
+    """A substrate tensor that does not broadcast to the images gets an error naming it and both shapes (it was a
+    raw expand RuntimeError)."""
+    model = LinearModel()
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"substrate of shape \(3, 5, 5\).*\(2, 3, 8, 8\)"):
+        deletion(model, x, x, 0, substrate=torch.zeros(3, 5, 5))
+    with pytest.raises(ValueError, match="substrate"):
+        deletion(model, x, x, 0, substrate=lambda images: images[:, :, :4])

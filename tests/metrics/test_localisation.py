@@ -57,3 +57,50 @@ def test_localisation_on_the_composite(efficientnet, composite):
     halves = torch.tensor([[0, 0, 159, 159], [160, 0, 319, 159]])
     assert pointing_game(maps, halves).hit.all()
     assert (energy_pointing_game(maps, halves) > 0.55).all()
+
+
+def test_pointing_game_tolerance_zero_means_inside_and_bad_tolerances_are_refused():
+    """tolerance=0: a hit exactly when the maximum lies in the region (as tolerance=1 on the pixel grid); a
+    negative, NaN, boolean or non-numeric tolerance gets an error naming it (it used to be squared)."""
+    box = torch.tensor([[2, 2, 8, 8]])
+    assert pointing_game(peak(20, 20, 5, 5), box, tolerance=0).hit[0]
+    assert pointing_game(peak(20, 20, 8, 8), box, tolerance=0).hit[0]  # the box's corner (inclusive)
+    assert not pointing_game(peak(20, 20, 9, 8), box, tolerance=0).hit[0]  # one pixel outside
+    assert pointing_game(peak(20, 20, 5, 5), box, tolerance=0.5).hit[0]
+    for bad in (-1, -30, float("nan"), True, "15", None):
+        with pytest.raises(ValueError, match="tolerance"):
+            pointing_game(peak(20, 20, 5, 5), box, tolerance=bad)
+
+
+def test_numeric_zero_one_masks_are_masks():
+    """Float or uint8 masks of 0/1 (Quantus' s_batch) are taken as masks, as bool ones (they used to be read as
+    boxes: 'boxes must have shape (2, 4)'); other values get an error that says masks hold 0/1."""
+    from attribution.metrics import localisation_auc, pxap, relevance_rank_accuracy
+
+    maps = torch.rand(2, 1, 10, 14, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 10, 14, dtype=torch.bool)
+    mask[0, 2:6, 3:9] = True
+    mask[1, 5:, 7:] = True
+    for metric in (lambda r: pointing_game(maps, r, tolerance=2).hit, lambda r: attribution_localisation(maps, r),
+                   lambda r: relevance_rank_accuracy(maps, r), lambda r: localisation_auc(maps, r),
+                   lambda r: pxap(maps, r).value):
+        expected = metric(mask)
+        for numeric in (mask.float(), mask.to(torch.uint8), mask.double().unsqueeze(1)):
+            torch.testing.assert_close(metric(numeric), expected)
+    with pytest.raises(ValueError, match="0/1"):
+        attribution_localisation(maps, mask.float() * 0.5)
+
+
+def test_box_iou_names_a_bad_shape():
+    from attribution.metrics import box_iou
+
+    with pytest.raises(ValueError, match="4"):
+        box_iou(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1, 1]))
+
+
+def test_maps_without_a_batch_are_named():
+    """(H, W) maps get an error naming the accepted shapes (it was 'not enough values to unpack')."""
+    box = torch.tensor([[0, 0, 3, 3]])
+    for metric in (attribution_localisation, pointing_game, energy_pointing_game):
+        with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+            metric(torch.randn(10, 14), box)

@@ -426,3 +426,48 @@ def test_an_images_value_does_not_depend_on_the_batch(model, data):
         one = region_perturbation(model, x[i:i + 1], maps[i:i + 1], y[i:i + 1],
                                   generator=torch.Generator().manual_seed(4), **options)
         torch.testing.assert_close(one.y, batch.y[i:i + 1])
+
+
+# -------------------------------------------------------------------------------------- faithfulness correlation
+def test_faithfulness_correlation_defaults_are_quantus():
+    """Quantus 0.6.0 FaithfulnessCorrelation: nr_runs=100, subset_size=224, perturb_baseline='black' (each image's
+    minimum), raw scores."""
+    import inspect
+
+    from attribution.metrics import faithfulness_correlation
+
+    defaults = {k: p.default for k, p in inspect.signature(faithfulness_correlation).parameters.items()}
+    assert (defaults["runs"], defaults["subset_size"], defaults["baseline"], defaults["score"]) == \
+        (100, 224, "black", "logit")
+    theirs = inspect.signature(quantus.FaithfulnessCorrelation.__init__).parameters
+    assert (theirs["nr_runs"].default, theirs["subset_size"].default, theirs["perturb_baseline"].default) == \
+        (100, 224, "black")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_faithfulness_correlation_equals_quantus_with_the_same_subsets(model, data, channels, monkeypatch):
+    """Quantus' defaults (black baseline, entries of the (C, H, W) input, a one-channel map broadcast over the
+    channels) with the subsets our generator draws fed to Quantus' np.random.choice (one call per image and run);
+    on one-channel images the default whole-pixel subsets are the same thing."""
+    from attribution.metrics import faithfulness_correlation
+
+    x, y, maps = data
+    if channels == 1:
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), model).eval()
+        x = x[:, :1]
+    else:
+        net = model
+    runs, size, features = 12, 40, channels * 144
+    order = torch.rand(runs, features, generator=torch.Generator().manual_seed(7)).argsort(dim=1)[:, :size]
+    calls = iter([order[i].numpy() for i in range(runs) for _ in range(3)])
+    monkeypatch.setattr(np.random, "choice", lambda n, k, replace=False: next(calls))
+    theirs = run_quantus(quantus.FaithfulnessCorrelation(nr_runs=runs, subset_size=size, return_aggregate=False,
+                                                         **QUIET), net, x, y, maps)
+    monkeypatch.undo()
+    ours = faithfulness_correlation(net, x, maps, y, subset_size=size, runs=runs, features="entries",
+                                    generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours.double(), theirs, **CORRELATIONS)
+    if channels == 1:
+        pixels = faithfulness_correlation(net, x, maps, y, subset_size=size, runs=runs,
+                                          generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(pixels, ours)

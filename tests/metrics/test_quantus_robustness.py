@@ -418,3 +418,43 @@ def test_on_cuda_as_on_cpu(case):
             consistency(net, images, explainer(images, y)).cpu(),
         ]))
     torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-5, equal_nan=True)
+
+
+class SequenceFirst(torch.nn.Module):
+    """Patches -> tokens (T, B, D) through a sequence-first ``nn.TransformerEncoderLayer`` (16 tokens of 16 x 16
+    images), mean over tokens -> 4 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.encoder = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=False)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).permute(2, 0, 1)  # (T, B, D)
+        return self.head(self.encoder(tokens).mean(0))
+
+
+@pytest.mark.parametrize("batch_size", [None, 16, 6, 2])
+def test_representation_change_of_a_sequence_first_layer(batch_size):
+    """A layer whose output holds the batch in dim 1 (T, B, D): each image's change is its own tokens' change, the
+    same in any chunking.  (The split at dim 0 mixed tokens of clean and perturbed rows when T = 2 n, 16 rows of 8
+    images here, and failed with a raw size error otherwise.)"""
+    from attribution.metrics.robustness import _layer_change
+
+    model = SequenceFirst().double().eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 16, 16, generator=generator, dtype=torch.float64)
+    shifted = x + 0.05 * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    store = []
+    handle = model.encoder.register_forward_hook(lambda m, i, o: store.append(o.detach()))
+    with torch.no_grad():
+        model(x), model(shifted)
+    handle.remove()
+    before, after = (t.permute(1, 0, 2).reshape(8, -1) for t in store)
+    expected = ((before - after) / before).norm(dim=1)
+    outputs, change = _layer_change(model, x, shifted, [model.encoder], batch_size, 1e-6, True)
+    torch.testing.assert_close(change, expected, rtol=1e-10, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs, model(shifted), rtol=1e-10, atol=1e-12)

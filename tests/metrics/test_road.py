@@ -106,4 +106,55 @@ def test_road_defaults():
     torch.testing.assert_close(a.fractions, torch.arange(1, 10, dtype=torch.float32) / 10)
     torch.testing.assert_close(a.morf, b.morf)
     assert a.morf.shape == a.lerf.shape == (2, 9)
+    import inspect
 
+    defaults = {k: p.default for k, p in inspect.signature(road).parameters.items()}
+    assert (defaults["noise"], defaults["seed"], defaults["score"]) == (0.01, 0, "softmax")
+    clean = road(model, images, maps, 0, noise=0.0)
+    assert not torch.allclose(a.morf, clean.morf, rtol=0, atol=1e-9)  # the default does add noise
+    torch.testing.assert_close(a.morf, clean.morf, rtol=0, atol=0.05)  # of the stated small size
+
+
+
+def test_road_does_not_depend_on_the_batch():
+    """The noise of a step is one draw shared by the images (seeded by ``seed`` and the step alone): an image's
+    scores are the same whatever else is in the batch and whatever ``batch_size``."""
+    from conftest import tiny_cnn
+
+    model = tiny_cnn().double()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 10, 14, generator=generator, dtype=torch.float64)
+    maps = torch.randn(3, 1, 10, 14, generator=generator, dtype=torch.float64)
+    target = torch.tensor([1, 3, 0])
+    default = road(model, images, maps, target, fractions=(0.2, 0.5))
+    for batch_size in (1, 5):
+        other = road(model, images, maps, target, fractions=(0.2, 0.5), batch_size=batch_size)
+        torch.testing.assert_close(other.morf, default.morf, rtol=0, atol=1e-9)
+        torch.testing.assert_close(other.lerf, default.lerf, rtol=0, atol=1e-9)
+    alone = road(model, images[2:], maps[2:], target[2:], fractions=(0.2, 0.5))
+    torch.testing.assert_close(alone.combined, default.combined[2:], rtol=0, atol=1e-9)
+
+
+def test_road_noise_is_one_standard_normal_draw_per_step_times_noise():
+    """On a linear model the noise moves the logit by ``noise * sum(w * removed * z_k)``, ``z_k`` the step's
+    draw: (2 F, C, H, W) standard normals in float64 from a CPU generator seeded with ``seed`` (MoRF steps first)."""
+    from toy_models import PixelLinear
+
+    model = PixelLinear(shape=(3, 6, 6)).double()
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64)
+    maps = torch.randn(2, 1, 6, 6, generator=generator, dtype=torch.float64)
+    fractions = (0.25, 0.5)
+    noisy = road(model, images, maps, 0, fractions=fractions, score="logit", seed=7)
+    clean = road(model, images, maps, 0, fractions=fractions, score="logit", noise=0.0, seed=7)
+    bank = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    order = maps.flatten(1).argsort(dim=1, descending=True)  # distinct values: no ties
+    for i in range(2):
+        for k, fraction in enumerate(fractions * 2):
+            count = round(fraction * 36)
+            chosen = order[i, :count] if k < 2 else order[i, 36 - count:]
+            removed = torch.zeros(36, dtype=torch.float64)
+            removed[chosen] = 1.0
+            shift = 0.01 * (model.weight[0] * removed.view(1, 6, 6) * bank[k]).sum()
+            got = (noisy.morf if k < 2 else noisy.lerf)[i, k % 2] - (clean.morf if k < 2 else clean.lerf)[i, k % 2]
+            torch.testing.assert_close(got, shift.detach(), rtol=1e-7, atol=1e-10)

@@ -152,3 +152,73 @@ def test_the_cascade_ends_at_the_fully_random_model():
     for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "head.weight"):
         assert not torch.equal(last.state_dict()[name], before[name]), name
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- rebinding keeps constructor choices
+def _float64_cnn():
+    return tiny_cnn().double()
+
+
+REBIND_CASES = {
+    "smoothgrad_input_x_gradient": lambda m: attribution.SmoothGrad(m, method=attribution.InputXGradient, samples=2,
+                                                                    std=0.0),
+    "idgi_blur_ig": lambda m: attribution.IDGI(m, method=attribution.BlurIG, steps=4),
+    "gradcam_layer": lambda m: attribution.GradCAM(m, target_layer=m[2]),
+    "combined": lambda m: attribution.CombinedWrapper(m, gradient_method=attribution.InputXGradient,
+                                                      cam_method=attribution.GradCAMPlusPlus, target_layer=m[2]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REBIND_CASES))
+def test_rebind_keeps_every_constructor_choice(case):
+    """The rebound explainer equals the same construction on the other model: wrapped method, layer module and
+    options all follow, and the original explainer still explains its own model."""
+    from attribution.metrics.sanity import rebind
+
+    model = _float64_cnn()
+    other = _float64_cnn()
+    with torch.no_grad():  # a different model of the same architecture
+        for p in other.parameters():
+            p.mul_(1.5).add_(0.05)
+    x = images().double()
+    explainer = REBIND_CASES[case](model)
+    rebound = rebind(explainer, other)
+    assert rebound.model is other and explainer.model is model
+    torch.testing.assert_close(rebound(x, [0, 1]), REBIND_CASES[case](other)(x, [0, 1]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(explainer(x, [0, 1]), REBIND_CASES[case](model)(x, [0, 1]), rtol=1e-10, atol=1e-12)
+
+
+def test_randomising_nothing_keeps_a_wrapped_method():
+    """Re-drawing only a ReLU (no parameters) leaves the copy equal to the model: the maps of SmoothGrad around
+    Input x Gradient (std 0) must then equal the original's (rank correlation 1, eMPRT 0)."""
+    from attribution.metrics import efficient_mprt
+
+    explainer = attribution.SmoothGrad(_float64_cnn(), method=attribution.InputXGradient, samples=2, std=0.0)
+    x = images().double()
+    result = model_randomisation(explainer, x, [0, 1], layers=["1"])
+    torch.testing.assert_close(result.spearman_abs, torch.ones(1, 2, dtype=torch.float64))
+    torch.testing.assert_close(efficient_mprt(explainer, x, [0, 1], layers=["1"]),
+                               torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_input_invariance_keeps_a_wrapped_method():
+    """Guided Backprop is input invariant; SmoothGrad around it with std 0 is the same map, so it must be too."""
+    from attribution.metrics import input_invariance
+
+    explainer = attribution.SmoothGrad(_float64_cnn(), method=attribution.GuidedBackProp, samples=1, std=0.0)
+    assert input_invariance(explainer, images().double(), [0, 1]).invariant.all()
+
+
+# ------------------------------------------------------------------------------------ PAIR's visualisations
+@pytest.mark.parametrize("shift", [0.0, -0.8, -5.0])  # a random map, a mostly negative one, an all-negative one
+def test_visualisations_equal_pairs(shift):
+    """visualise_abs / visualise_signed are PAIR saliency's VisualizeImageGrayscale / VisualizeImageDiverging
+    (99th percentile; the diverging span is the magnitude of the signed map's 99th percentile), image by image."""
+    visualization = pytest.importorskip("saliency.core.visualization")
+    from attribution.metrics.sanity import visualise_abs, visualise_signed
+
+    maps = torch.randn(3, 3, 16, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + shift
+    for ours, theirs in ((visualise_abs, visualization.VisualizeImageGrayscale),
+                         (visualise_signed, visualization.VisualizeImageDiverging)):
+        expected = torch.stack([torch.from_numpy(theirs(m.permute(1, 2, 0).numpy())).flatten() for m in maps])
+        torch.testing.assert_close(ours(maps), expected, rtol=0, atol=1e-12)

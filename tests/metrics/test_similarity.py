@@ -67,3 +67,30 @@ def test_entropy_closed_forms():
     maps = torch.randn(3, 2, 5, 5, dtype=torch.float64)
     p = maps.flatten(1).abs() / maps.flatten(1).abs().sum(1, keepdim=True)
     torch.testing.assert_close(entropy(maps), -(p * p.log()).sum(1))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-7, 1e-20, 1e20])
+def test_pearson_matches_scipy_at_any_scale(scale):
+    """The test for a constant row is relative to the row's own scale: tiny or huge but varying rows correlate as
+    SciPy says (an absolute threshold on the product of norms scored tiny rows 0); constant rows give 0."""
+    from scipy.stats import pearsonr
+
+    from attribution.metrics.similarity import pearson
+
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 50, generator=generator, dtype=torch.float64) * scale
+    b = a * 3e-6 + 1e-9 * scale * torch.randn(3, 50, generator=generator, dtype=torch.float64)
+    expected = torch.tensor([pearsonr(a[i].numpy(), b[i].numpy())[0] for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(pearson(a, b), expected, rtol=1e-9, atol=1e-12)
+    constant = torch.full((3, 50), 0.1 * scale, dtype=torch.float64)
+    torch.testing.assert_close(pearson(constant, b), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(pearson(a, torch.zeros_like(a)), torch.zeros(3, dtype=torch.float64))
+
+
+def test_complexity_metrics_name_a_map_without_a_batch():
+    """A single map without its batch dimension gets an error naming the expected shape (gini raised IndexError)."""
+    from attribution.metrics import effective_complexity
+
+    for metric in (gini, entropy, effective_complexity):
+        with pytest.raises(ValueError, match=r"\(B, \.\.\.\)"):
+            metric(torch.randn(10))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.targets import TargetSpec
-from .common import SubstrateSpec, check_images, make_substrate, resolve_scorer, score_rows
+from .common import SubstrateSpec, check_finite, check_images, make_substrate, resolve_scorer, score_rows
 
 #: Quantus' default threshold of ``NonSensitivity`` (attributions after max-normalisation, and score changes)
 EPS = 1e-5
@@ -38,6 +38,7 @@ def _check(images: Tensor, maps: Tensor) -> Tensor:
     check_images(images)
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
         raise ValueError("maps must be a tensor of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)")
+    check_finite(maps)
     m = maps.detach().to(images.device)
     if m.dim() == 3:
         m = m.unsqueeze(1)

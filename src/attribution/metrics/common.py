@@ -65,7 +65,17 @@ def check_maps(images: Tensor, maps: Tensor) -> Tensor:
             f"maps of shape {tuple(maps.shape)} do not match images of shape {tuple(images.shape)} "
             "(same batch and height/width needed; resize the maps to the image first)"
         )
+    check_finite(maps)
     return pixel_map(maps.detach()).flatten(1).to(device=images.device)
+
+
+def check_finite(maps: Tensor, name: str = "maps") -> None:
+    """Raise a ValueError naming ``name`` unless every entry of ``maps`` is finite: a NaN or infinite map has no
+    ranking, mass or maximum to score (left as it is, it would score like a zero or constant map)."""
+    bad = ~torch.isfinite(maps.detach())
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite; got {int(bad.sum())} NaN or infinite entries of {maps.numel()} "
+                         f"(in image(s) {sorted(set(bad.flatten(1).any(dim=1).nonzero().flatten().tolist()))})")
 
 
 def pixel_map(maps: Tensor) -> Tensor:
@@ -130,10 +140,22 @@ def make_substrate(images: Tensor, substrate: SubstrateSpec) -> Tensor:
     if isinstance(substrate, (int, float)) and not isinstance(substrate, bool):
         return torch.full_like(images, float(substrate))
     if isinstance(substrate, Tensor):
-        return substrate.to(device=images.device, dtype=images.dtype).expand_as(images)
+        return _broadcast_substrate(substrate, images)
     if callable(substrate):
-        return substrate(images).to(device=images.device, dtype=images.dtype).expand_as(images)
+        return _broadcast_substrate(substrate(images), images)
     raise TypeError(f"substrate must be a string, a number, a tensor or a callable, got {type(substrate).__name__}")
+
+
+def _broadcast_substrate(substrate: Tensor, images: Tensor) -> Tensor:
+    """A substrate tensor on the images' device and dtype, broadcast to their shape; else a ValueError naming both
+    shapes."""
+    if not isinstance(substrate, Tensor):
+        raise TypeError(f"a substrate callable must return a tensor, got {type(substrate).__name__}")
+    try:
+        return substrate.to(device=images.device, dtype=images.dtype).expand_as(images)
+    except RuntimeError:
+        raise ValueError(f"substrate of shape {tuple(substrate.shape)} does not broadcast to the images' shape "
+                         f"{tuple(images.shape)}") from None
 
 
 # ------------------------------------------------------------------------------------------------ run order

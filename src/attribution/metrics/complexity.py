@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .common import check_finite
+
 EPS = 1e-12
+
+
+def _check(maps: Tensor) -> None:
+    """Raise a clear error unless ``maps`` is a finite tensor of one map per image, (B, ...)."""
+    if not isinstance(maps, Tensor) or maps.dim() < 2:
+        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"maps must be a tensor of shape (B, ...) (e.g. (B, C, H, W)), one map per image, got {shape}")
+    check_finite(maps)
 
 
 def gini(maps: Tensor) -> Tensor:
@@ -16,7 +26,8 @@ def gini(maps: Tensor) -> Tensor:
     ICML 2020, arXiv:1810.06583: with the n magnitudes sorted ascending, ``G = sum_k (2k - n - 1) a_k / (n sum_k a_k)``.
     Computed over every entry of each map (all channels).  An all-zero map scores 0.
     """
-    a = maps.flatten(1).abs().to(torch.float64).sort(dim=1).values
+    _check(maps)
+    a = maps.detach().flatten(1).abs().to(torch.float64).sort(dim=1).values
     n = a.shape[1]
     k = torch.arange(1, n + 1, dtype=torch.float64, device=a.device)
     total = a.sum(dim=1)
@@ -32,7 +43,8 @@ def entropy(maps: Tensor) -> Tensor:
     arXiv:2005.00631 (their "complexity"; Quantus' ``Complexity``), over every entry of each map (all channels).
     An all-zero map scores 0.
     """
-    a = maps.flatten(1).abs().to(torch.float64)
+    _check(maps)
+    a = maps.detach().flatten(1).abs().to(torch.float64)
     total = a.sum(dim=1, keepdim=True)
     p = a / total.clamp(min=EPS)
     value = -(p * torch.log(p.clamp(min=EPS))).sum(dim=1)
@@ -51,8 +63,7 @@ def effective_complexity(maps: Tensor, eps: float = 1e-5, normalise: bool = True
     there depends on the other images in the call; the two agree for a batch of one or maps of equal maxima.
     An all-zero map scores 0.
     """
-    if not isinstance(maps, Tensor) or maps.dim() < 2:
-        raise ValueError("maps must be a tensor of shape (B, ...) (e.g. (B, C, H, W)), one map per image")
+    _check(maps)
     if not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     dtype = torch.float64 if maps.dtype == torch.float64 else torch.float32

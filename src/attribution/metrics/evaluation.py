@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
@@ -140,6 +141,22 @@ class EvaluationTable(dict):
         return fig
 
 
+def _check_options(options: Optional[Mapping[str, Mapping[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """``options`` as a dict of dicts; a key that names no metric (a typo would silently drop its options) or a
+    value that is not a mapping gets an error naming it."""
+    options = {} if options is None else options
+    if not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict of per-metric keyword arguments, got {type(options).__name__}")
+    for key, value in options.items():
+        if key not in METRICS:
+            close = difflib.get_close_matches(str(key), METRICS, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; metrics are {list(METRICS)}"
+            raise ValueError(f"options names an unknown metric {key!r}{hint}")
+        if not isinstance(value, Mapping):
+            raise TypeError(f"options[{key!r}] must be a dict of keyword arguments, got {type(value).__name__}")
+    return {k: dict(v) for k, v in options.items()}
+
+
 def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: TargetSpec = None,
              metrics: Iterable[str] = ("deletion", "insertion"), *, regions: Optional[Regions] = None,
              maps: Optional[Tensor] = None, options: Optional[Mapping[str, Mapping[str, Any]]] = None,
@@ -150,7 +167,8 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
     model the perturbation metrics query (default: the explainer's).  ``targets`` is fixed once (``None``: the
     model's arg-max) and used by the explainer and by every metric.  ``regions``: ground-truth boxes or masks, for
     the localisation and WSOL metrics.  ``maps``: precomputed maps (then the explainer is only needed by
-    ``'model_randomisation'``).  ``options``: per-metric keyword arguments, e.g. ``{"deletion": {"step": 56}}``.
+    ``'model_randomisation'``).  ``options``: per-metric keyword arguments, e.g. ``{"deletion": {"step": 56}}``
+    (keys must be names of :data:`METRICS`; those of metrics not in ``metrics`` are not used).
     """
     model = model if model is not None else getattr(explainer, "model", None)
     if not isinstance(model, nn.Module):
@@ -159,7 +177,7 @@ def evaluate(explainer, model: Optional[nn.Module], images: Tensor, targets: Tar
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
-    options = {k: dict(v) for k, v in (options or {}).items()}
+    options = _check_options(options)
     resolved = resolve_scorer(model, images, targets, "logit", batch_size).target
     fixed = resolved.classes if resolved.classes is not None else targets
     if maps is None:

@@ -21,7 +21,7 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .common import pixel_map
+from .common import check_finite, pixel_map
 from .localisation import attribution_localisation
 from .regions import Regions, region_mask
 from .similarity import rank_data
@@ -34,6 +34,7 @@ def _pixels(maps: Tensor, regions: Regions) -> Tuple[Tensor, Tensor]:
     """The per-pixel map (B, N) and the region mask (B, N)."""
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
         raise ValueError("maps must be a tensor of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)")
+    check_finite(maps)
     m = pixel_map(maps.detach())
     batch, height, width = m.shape
     mask = region_mask(regions, (height, width), batch, m.device)
@@ -132,6 +133,7 @@ def focus(maps: Tensor, positions: Union[Tensor, Sequence[Sequence[int]]]) -> Te
     """
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4):
         raise ValueError("maps must be a tensor of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)")
+    check_finite(maps)
     m = pixel_map(maps.detach())
     batch, height, width = m.shape
     p = torch.as_tensor(positions, device=m.device)

@@ -31,7 +31,7 @@ from ..core.batching import RowPlanner
 from ..core.explainer import model_dtype
 from ..core.guard import preserve_model
 from ..core.targets import TargetSpec
-from .common import resolve_scorer
+from .common import check_finite, resolve_scorer
 
 Perturbation = Callable[[Tensor], Tensor]
 
@@ -55,6 +55,7 @@ def _check_maps(images: Tensor, maps: Tensor) -> Tensor:
             or maps.shape[-2:] != images.shape[-2:] or maps.shape[1] not in (1, images.shape[1]):
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
         raise ValueError(f"maps must have shape (B, C or 1, H, W) matching images {tuple(images.shape)}, got {shape}")
+    check_finite(maps)
     return maps.detach().to(device=images.device, dtype=torch.float64 if images.dtype == torch.float64
                             else torch.float32)
 

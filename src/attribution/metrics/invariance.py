@@ -24,7 +24,7 @@ from ..core.layers import layer_name, resolve_layer
 from ..core.targets import TargetSpec
 from .common import check_images, run_order
 from .robustness import _forward, prepare_maps
-from .sanity import _rebind
+from .sanity import rebind
 
 AFFINE = (nn.Linear, _ConvNd)
 
@@ -154,8 +154,8 @@ def input_invariance(explainer: Callable[..., Tensor], images: Tensor, target: T
                         "callable that takes a model= keyword")
     fixed = _forward(base, images, batch_size).argmax(dim=1) if target is None else target
     compensated = absorb_shift(base, shift, images, layer)
-    before = _rebind(explainer, base)(images, fixed).detach()
-    after = _rebind(explainer, compensated)(images + shift, fixed).detach()
+    before = rebind(explainer, base)(images, fixed).detach()
+    after = rebind(explainer, compensated)(images + shift, fixed).detach()
     if not isinstance(after, Tensor) or after.shape != before.shape or before.shape[0] != images.shape[0]:
         raise ValueError("the explainer must return maps of one shape, one per image, for both models")
     a, b = prepare_maps(before, normalise, absolute), prepare_maps(after, normalise, absolute)

@@ -3,7 +3,8 @@
 Boxes are ``(x0, y0, x1, y1)`` pixel coordinates with ``x1``, ``y1`` *inclusive* (the convention of Choe et al.'s
 WSOL evaluation: a box covers ``(x1 - x0 + 1) * (y1 - y0 + 1)`` pixels).  A batch of regions is given as
 
-* a bool tensor (B, H, W) or (B, 1, H, W): a mask per image;
+* a bool tensor (B, H, W) or (B, 1, H, W): a mask per image (a numeric tensor of that shape holding 0/1, such as
+  Quantus' ``s_batch``, is taken as one; a (B, H, 4) tensor is read as boxes);
 * a numeric tensor (B, 4) (one box per image) or (B, G, 4) (G boxes per image; rows of ``-1`` are padding);
 * a list of B box sets, each (G_i, 4) (a tensor, or nested lists).
 """
@@ -52,6 +53,11 @@ def boxes_to_mask(boxes: Regions, size: Tuple[int, int], batch: int, device: tor
 
 def region_mask(regions: Regions, size: Tuple[int, int], batch: int, device: torch.device) -> Tensor:
     """Any accepted form of regions (module docstring) as a (B, H, W) bool mask."""
+    if isinstance(regions, Tensor) and regions.dtype != torch.bool and _mask_shaped(regions, size, batch):
+        if not ((regions == 0) | (regions == 1)).all():
+            raise ValueError(f"a numeric region mask of shape {tuple(regions.shape)} must hold 0/1 values (or pass a "
+                             f"bool mask; boxes are ({batch}, 4) or ({batch}, G, 4))")
+        regions = regions != 0
     if isinstance(regions, Tensor) and regions.dtype == torch.bool:
         mask = regions.to(device)
         if mask.dim() == 4 and mask.shape[1] == 1:
@@ -62,8 +68,18 @@ def region_mask(regions: Regions, size: Tuple[int, int], batch: int, device: tor
     return boxes_to_mask(regions, size, batch, device)
 
 
+def _mask_shaped(regions: Tensor, size: Tuple[int, int], batch: int) -> bool:
+    """Whether a non-bool tensor has a mask's shape, (B, H, W) or (B, 1, H, W), and not a box tensor's (B, G, 4)."""
+    shape = tuple(regions.shape)
+    return shape == (batch, 1, *size) or (shape == (batch, *size) and size[1] != 4)
+
+
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of boxes ``a`` (..., 4) and ``b`` (..., 4) (broadcast), inclusive corners, degenerate unions give 0."""
+    for name, boxes in (("a", a), ("b", b)):
+        if not isinstance(boxes, Tensor) or boxes.dim() < 1 or boxes.shape[-1] != 4:
+            shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
+            raise ValueError(f"{name} must hold boxes (..., 4) as (x0, y0, x1, y1), got {shape}")
     ix = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0]) + 1).clamp(min=0)
     iy = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1]) + 1).clamp(min=0)
     inter = (ix * iy).to(torch.float64)

@@ -45,27 +45,38 @@ def road(model: nn.Module, images: Tensor, maps: Tensor, target: TargetSpec = No
 
     ``images`` (B, C, H, W) as the model takes them (imputation happens in that space, as in the reference);
     ``maps`` (B, C or 1, H, W); ``fractions`` the removal fractions (default 0.1, ..., 0.9); ``score`` the measured
-    value (default softmax probability of the target; ``'accuracy'`` for the paper's accuracy curves).  The noise is
-    drawn from a generator seeded with ``seed`` on the images' device; ``tol`` and ``max_iter`` go to the solver of
+    value (default softmax probability of the target; ``'accuracy'`` for the paper's accuracy curves).  The noise
+    (standard deviation ``noise``) is one draw per step, shared by the images: ``(2 F, C, H, W)`` standard normals
+    in float64 from a CPU generator seeded with ``seed`` (the F MoRF steps, then the F LeRF steps), so that an
+    image's scores depend neither on the other images of the batch nor on ``batch_size`` nor on the device (the
+    reference draws per image, from NumPy's global state).  ``tol`` and ``max_iter`` go to the solver of
     :func:`attribution.metrics.imputation.noisy_linear_impute`.  The imputations of a pass's rows run as one batch.
     """
     values = check_maps(images, maps)
-    batch, _, height, width = images.shape
+    batch, channels, height, width = images.shape
     n = height * width
     grid = as_fractions(fractions, images.device)
     counts = counts_for(grid, n)
     steps = grid.numel()
     ranks = salience_ranks(values, seed).view(batch, 1, height, width)
     scorer = resolve_scorer(model, images, target, score, batch_size)
-    generator = torch.Generator(device=images.device).manual_seed(seed)
+    bank = _noise_bank(2 * steps, (channels, height, width), seed, images)
 
     def rows(owners: Tensor, k: Tensor) -> Tensor:
         lerf = k >= steps
         count = counts[k % steps].view(-1, 1, 1, 1)
         rank = ranks[owners]
         removed = torch.where(lerf.view(-1, 1, 1, 1), rank >= n - count, rank < count)
-        return noisy_linear_impute(images[owners], removed, noise, generator, tol, max_iter)
+        imputed = noisy_linear_impute(images[owners], removed, 0.0, None, tol, max_iter)
+        return torch.where(removed, imputed + noise * bank[k].to(imputed.dtype), imputed) if noise else imputed
 
     y = score_rows(model, rows, batch, 2 * steps, scorer, batch_size, images.device, images.dtype)
     morf, lerf = y[:, :steps], y[:, steps:]
     return RoadResult(((lerf - morf) / 2).mean(dim=1), morf, lerf, grid.to(y.dtype))
+
+
+def _noise_bank(steps: int, shape: Sequence[int], seed: int, images: Tensor) -> Tensor:
+    """ROAD's noise, one standard-normal draw of ``shape`` per step: (steps, *shape), drawn in float64 on the CPU
+    from ``seed`` (the same on every device), kept on the images' device in the imputation's precision."""
+    draw = torch.randn(steps, *shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return draw.to(device=images.device, dtype=torch.float64 if images.dtype == torch.float64 else torch.float32)

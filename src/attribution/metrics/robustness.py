@@ -30,7 +30,7 @@ model state guard.  Every metric here is lower-is-better except :func:`consisten
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ from ..core.explainer import model_dtype
 from ..core.guard import preserve_model
 from ..core.layers import layer_name, resolve_layers
 from ..core.targets import TargetSpec
-from .common import SubstrateSpec, check_images, make_substrate
+from .common import SubstrateSpec, check_finite, check_images, make_substrate
 from .infidelity_sensitivity import _draw, _sample_seeds
 
 Perturbation = Callable[[Tensor], Tensor]
@@ -58,6 +58,7 @@ def check_model_and_maps(model: nn.Module, images: Tensor, maps: Tensor) -> None
     if not isinstance(maps, Tensor) or maps.dim() not in (3, 4) or maps.shape[0] != images.shape[0]:
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
         raise ValueError(f"maps must be a (B, C, H, W) or (B, H, W) tensor with B = {images.shape[0]}, got {shape}")
+    check_finite(maps)
 
 
 def _check_positive(value: float, name: str) -> None:
@@ -88,26 +89,40 @@ def _forward(model: nn.Module, x: Tensor, batch_size: Optional[int]) -> Tensor:
 
 
 def _layer_change(model: nn.Module, clean: Tensor, shifted: Tensor, layers: List[nn.Module],
-                  batch_size: Optional[int], eps: float, strict: bool) -> Tuple[Tensor, Tensor]:
+                  batch_size: Optional[int], eps: float, strict: bool,
+                  probe: Optional[Dict[int, List[torch.Size]]] = None) -> Tuple[Tensor, Tensor]:
     """The model's outputs on ``shifted`` (B, K) and ``|(L(x) - L(x')) / L(x)|_2`` per image (B,), ``L`` the
     concatenated, flattened outputs of ``layers`` in the order they run (a layer that runs twice counts twice; a
     zero entry of ``L(x)`` replaced by ``eps``).  Each chunk of images runs together with its perturbed copies, and
     each layer adds its share of the squared norm in its hook: no representation is stored (on ResNet-50 they are
-    37.6 M values per image).  A layer whose output is not a tensor raises when ``strict``, else it is left out."""
+    37.6 M values per image).  The batch dimension of each output is found from ``probe`` (:func:`_probe_shapes`,
+    computed here when not given), so sequence-first layers ((T, B, D), e.g. ``nn.TransformerEncoderLayer``
+    without ``batch_first``) are split by image too.  A layer whose output is not a tensor, or has no batch
+    dimension, raises when ``strict``, else it is left out."""
     dtype = model_dtype(model, clean.dtype)
+    probe = _probe_shapes(model, clean[:1], layers) if probe is None else probe
     outputs: List[Tensor] = []
     total = torch.zeros(clean.shape[0], dtype=torch.float64, device=clean.device)
     chunk: List[Tensor] = []
+    calls: Dict[int, int] = {}
 
     def hook(module: nn.Module, _inputs, output) -> None:
+        call = calls[id(module)] = calls.get(id(module), -1) + 1
         if not isinstance(output, Tensor):
             if not strict:
                 return
             raise TypeError(f"the layer {layer_name(model, module)!r} returns {type(output).__name__}, not a "
                             "tensor; name the layers= to compare")
-        rows = output.shape[0] // 2
-        before = output[:rows].detach().reshape(rows, -1).to(torch.float64)
-        after = output[rows:].detach().reshape(rows, -1).to(torch.float64)
+        rows = chunk[0].shape[0]
+        shapes = probe.get(id(module), [])
+        dim = _batch_dim(shapes[call] if call < len(shapes) else None, output.shape, 2 * rows)
+        if dim is None:
+            if not strict:
+                return
+            raise ValueError(f"the output of layer {layer_name(model, module)!r}, of shape {tuple(output.shape)}, "
+                             f"has no dimension of the batch's size {2 * rows}; name other layers= to compare")
+        split = output.detach().movedim(dim, 0).to(torch.float64)
+        before, after = split[:rows].reshape(rows, -1), split[rows:].reshape(rows, -1)
         chunk[0] += ((before - after) / torch.where(before == 0, torch.full_like(before, eps), before)).square().sum(1)
 
     handles = []
@@ -117,6 +132,7 @@ def _layer_change(model: nn.Module, clean: Tensor, shifted: Tensor, layers: List
             handles = [layer.register_forward_hook(hook) for layer in layers]
             for start, stop in RowPlanner(clean.shape[0], half, clean.device):
                 chunk[:] = [torch.zeros(stop - start, dtype=torch.float64, device=clean.device)]
+                calls.clear()
                 out = model(torch.cat([clean[start:stop], shifted[start:stop]]).to(dtype))
                 outputs.append(out[stop - start:])
                 total[start:stop] = chunk[0]
@@ -124,6 +140,35 @@ def _layer_change(model: nn.Module, clean: Tensor, shifted: Tensor, layers: List
         for handle in handles:
             handle.remove()
     return torch.cat(outputs), total.sqrt()
+
+
+def _probe_shapes(model: nn.Module, image: Tensor, layers: List[nn.Module]) -> Dict[int, List[torch.Size]]:
+    """The output shape of each of ``layers`` (by id) at each of its calls in a forward of one ``image`` (1, C, H, W)
+    (non-tensor outputs left out); one forward, without autograd, the model guarded."""
+    shapes: Dict[int, List[torch.Size]] = {}
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        shapes.setdefault(id(module), []).append(output.shape if isinstance(output, Tensor) else None)
+
+    handles = []
+    try:
+        with torch.no_grad(), preserve_model(model):
+            handles = [layer.register_forward_hook(record) for layer in layers]  # as _layer_change hooks them
+            model(image.to(model_dtype(model, image.dtype)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _batch_dim(one: Optional[torch.Size], shape: torch.Size, rows: int) -> Optional[int]:
+    """The dimension of an output of ``shape`` in a forward of ``rows`` images that holds them: of size 1 in the
+    forward of one image (shape ``one``) and ``rows`` here (dim 0 of batch-first layers, dim 1 of sequence-first
+    ones); without a probe, dim 0 if it has that size; None if no dimension does."""
+    if one is None or len(one) != len(shape):
+        return 0 if len(shape) > 0 and shape[0] == rows else None
+    found = [d for d in range(len(shape)) if one[d] == 1 and shape[d] == rows]
+    return found[0] if found else None
 
 
 def _default_layers(model: nn.Module) -> List[nn.Module]:
@@ -158,6 +203,7 @@ class _Neighbours:
         self.explainer, self.images, self.shift, self.perturbation = explainer, images, shift, perturbation
         self.same_prediction, self.batch_size = same_prediction, batch_size
         self.want_outputs, self.layers, self.strict, self.eps = outputs, layers, strict, eps
+        self.probe = _probe_shapes(self.model, images[:1], layers) if layers else None
         self.clean_outputs = _forward(self.model, images, batch_size) if wants_model else None
         self.clean_class = self.clean_outputs.argmax(dim=1) if self.clean_outputs is not None else None
         self.target = self.clean_class if target is None else target
@@ -180,7 +226,7 @@ class _Neighbours:
             kept = torch.ones(self.images.shape[0], dtype=torch.bool, device=self.images.device)
             if self.layers:
                 outputs, change = _layer_change(self.model, self.images, shifted, self.layers, self.batch_size,
-                                                self.eps, self.strict)
+                                                self.eps, self.strict, self.probe)
             elif self.same_prediction or self.want_outputs:
                 outputs = _forward(self.model, shifted, self.batch_size)
             if self.same_prediction:

@@ -11,10 +11,11 @@ touched), one more layer at each step, and compares each step's map with the ori
 * SSIM of the absolute maps,
 
 with the maps first put through PAIR saliency's visualisations, as the paper's code did: absolute maps summed over
-channels, clipped at their 99th percentile and scaled to [0, 1]; signed maps summed over channels and scaled by the
-99th percentile of their magnitude into [-1, 1].  A map whose absolute rank correlation with the original is still
-at least ``threshold`` (0.5) after every listed layer is re-initialised is *flagged*: it does not depend on the
-model (an edge detector gives 1.0).  The 0.5 cut-off is this library's choice; the paper reports the curves.
+channels, clipped at their 99th percentile and scaled to [0, 1]; signed maps summed over channels, shifted and
+scaled by the magnitude of their (signed) 99th percentile and clipped to [-1, 1] (:func:`visualise_signed`).  A
+map whose absolute rank correlation with the original is still at least ``threshold`` (0.5) after every listed
+layer is re-initialised is *flagged*: it does not depend on the model (an edge detector gives 1.0).  The 0.5
+cut-off is this library's choice; the paper reports the curves.
 
 Re-initialisation calls each module's own ``reset_parameters()`` (PyTorch's default initialiser for that layer,
 as the paper re-drew weights from their initialisers; batch norm returns to identity and its running statistics
@@ -66,9 +67,11 @@ def visualise_abs(maps: Tensor) -> Tensor:
 
 
 def visualise_signed(maps: Tensor) -> Tensor:
-    """PAIR's ``VisualizeImageDiverging``: channel sum, over the 99th percentile of its magnitude, in [-1, 1]."""
+    """PAIR's ``VisualizeImageDiverging``: the channel sum ``m``, ``span = |99th percentile of m|`` (of the signed
+    map, as PAIR: for a mostly negative map that is a small number), ``clip((m + span) / (2 span), -1, 1)``; a zero
+    span is taken as 1e-12 (PAIR divides by zero)."""
     m = maps.sum(dim=1).flatten(1).to(torch.float64) if maps.dim() == 4 else maps.flatten(1).double()
-    span = torch.quantile(m.abs(), PERCENTILE, dim=1, keepdim=True).clamp(min=1e-12)
+    span = torch.quantile(m, PERCENTILE, dim=1, keepdim=True).abs().clamp(min=1e-12)
     return ((m + span) / (2 * span)).clamp(-1, 1)
 
 
@@ -154,29 +157,63 @@ def _seed(seed: int, devices: Sequence[torch.device]) -> None:
         torch.cuda.default_generators[index].manual_seed(seed)
 
 
-def _rebind(explainer, model: nn.Module) -> Callable[[Tensor, TargetSpec], Tensor]:
-    """The same explanation method for another model (a copy of the explainer's)."""
-    if isinstance(explainer, Explainer) and explainer.model is model:
-        return explainer
+def rebind(explainer, model: nn.Module) -> Callable[[Tensor, TargetSpec], Tensor]:
+    """The same explanation method for another model of the same architecture (a copy of the explainer's, or
+    ``random_model``): every choice made at construction is kept.
+
+    An :class:`~attribution.Explainer` is deep-copied with the modules, parameters and buffers of its model mapped
+    by name to those of ``model`` (so wrapped methods -- SmoothGrad's or IDGI's ``method`` --, layers given as
+    modules, inner explainers and their options all follow) and any ``torch.Generator`` it holds shared, not
+    copied (its draws go on as with the original); everything else it holds is copied.  The explainer itself is
+    left as it is; ``model`` is returned as is when it is the explainer's own.  A callable that accepts a
+    ``model`` keyword is called with it; any other callable is returned unchanged (it cannot follow the model:
+    exactly what the checks expose).
+    """
     if isinstance(explainer, Explainer):
-        names = {id(m): n for n, m in explainer.model.named_modules()}
-        modules = dict(model.named_modules())
-
-        def move(value):
-            if isinstance(value, nn.Module) and id(value) in names:
-                return modules[names[id(value)]]
-            if isinstance(value, (list, tuple)):
-                return type(value)(move(v) for v in value)
-            return value
-
-        return type(explainer)(model, **{k: move(v) for k, v in explainer.options.items()})
+        return explainer if explainer.model is model else copy.deepcopy(explainer, _rebind_memo(explainer, model))
     try:
         takes_model = "model" in inspect.signature(explainer).parameters
     except (TypeError, ValueError):
         takes_model = False
     if takes_model:
         return lambda x, target: explainer(x, target, model=model)
-    return explainer  # a map that does not take the model cannot follow it: exactly what the check exposes
+    return explainer
+
+
+def _rebind_memo(explainer: Explainer, model: nn.Module) -> dict:
+    """The deep-copy memo of :func:`rebind`: each module, parameter and buffer of the explainer's model -> the one
+    of the same name in ``model``; each generator the explainer holds -> itself."""
+    memo: dict = {}
+    for listing in ("named_modules", "named_parameters", "named_buffers"):
+        new = dict(getattr(model, listing)(remove_duplicate=False))
+        for name, old in getattr(explainer.model, listing)(remove_duplicate=False):
+            if name not in new:
+                kind = listing[len("named_"):-1]
+                raise ValueError(f"cannot move the explainer to model: it has no {kind} named {name or '(root)'!r} "
+                                 f"(it must have the explainer's model's architecture)")
+            memo[id(old)] = new[name]
+    for generator in _generators(explainer):
+        memo[id(generator)] = generator
+    return memo
+
+
+def _generators(value, seen: Optional[set] = None) -> Iterator[torch.Generator]:
+    """The ``torch.Generator`` objects reachable from ``value`` through explainers' attributes, dicts, lists,
+    tuples and sets."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Generator):
+        yield value
+    elif isinstance(value, Explainer):
+        yield from _generators(vars(value), seen)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _generators(item, seen)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _generators(item, seen)
 
 
 def model_randomisation(explainer, images: Tensor, target: TargetSpec = None, *, model: Optional[nn.Module] = None,
@@ -184,9 +221,10 @@ def model_randomisation(explainer, images: Tensor, target: TargetSpec = None, *,
                         threshold: float = FLAG_THRESHOLD) -> RandomisationResult:
     """Run the cascading (or, with ``cascading=False``, independent) model-randomisation test.
 
-    ``explainer``: an :class:`attribution.Explainer` (rebuilt with the same options for each randomised copy), or
-    any callable ``f(x, target)`` with ``model=`` given; such a callable follows the copies only if it accepts a
-    ``model`` keyword.  ``layers``: dotted module names, top-down (default :func:`randomisation_layers`).
+    ``explainer``: an :class:`attribution.Explainer` (moved to each randomised copy by :func:`rebind`, every
+    construction choice kept), or any callable ``f(x, target)`` with ``model=`` given; such a callable follows the
+    copies only if it accepts a ``model`` keyword.  ``layers``: dotted module names, top-down (default
+    :func:`randomisation_layers`).
     """
     base = explainer.model if isinstance(explainer, Explainer) else model
     if not isinstance(base, nn.Module):
@@ -196,13 +234,13 @@ def model_randomisation(explainer, images: Tensor, target: TargetSpec = None, *,
     names = list(layers) if layers is not None else randomisation_layers(base, images)
     if not names:
         raise ValueError("no layers to randomise")
-    original = _rebind(explainer, base)(images, fixed).detach()
+    original = rebind(explainer, base)(images, fixed).detach()
     reference_abs, reference_signed = visualise_abs(original), visualise_signed(original)
     size = original.shape[-2:]
     rows = {"spearman_abs": [], "spearman": [], "ssim": []}
     devices = [images.device] if images.device.type == "cuda" else []
     for _, copy_model in randomised_copies(base, names, cascading, seed, devices):
-        maps = _rebind(explainer, copy_model)(images, fixed).detach()
+        maps = rebind(explainer, copy_model)(images, fixed).detach()
         for key, value in _similarities(reference_abs, reference_signed, maps, size).items():
             rows[key].append(value)
     table = {k: torch.stack(v) for k, v in rows.items()}
@@ -241,8 +279,8 @@ def data_randomisation(explainer, images: Tensor, target: TargetSpec = None, *, 
                         "both nn.Modules")
     resolved = resolve_scorer(base, images, target, "logit", None).target
     fixed = resolved.classes if resolved.classes is not None else target
-    original = _rebind(explainer, base)(images, fixed).detach()
-    maps = _rebind(explainer, random_model)(images, fixed).detach()
+    original = rebind(explainer, base)(images, fixed).detach()
+    maps = rebind(explainer, random_model)(images, fixed).detach()
     values = _similarities(visualise_abs(original), visualise_signed(original), maps, original.shape[-2:])
     return DataRandomisationResult(values["spearman_abs"], values["spearman"], values["ssim"],
                                    values["spearman_abs"] >= threshold)

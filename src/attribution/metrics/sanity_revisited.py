@@ -43,7 +43,7 @@ from .common import check_images, resolve_scorer
 from .complexity import discrete_entropy
 from .infidelity_sensitivity import _draw, _sample_seeds
 from .robustness import _result_dtype, prepare_maps
-from .sanity import _rebind, randomisation_layers, randomised_copies
+from .sanity import rebind, randomisation_layers, randomised_copies
 from .similarity import spearman
 
 ORDERS = ("bottom_up", "top_down", "independent")
@@ -77,7 +77,7 @@ def _setup(explainer, images: Tensor, target: TargetSpec, model: Optional[nn.Mod
 
 
 def _maps(explainer, model: nn.Module, images: Tensor, target: TargetSpec) -> Tensor:
-    maps = _rebind(explainer, model)(images, target)
+    maps = rebind(explainer, model)(images, target)
     if not isinstance(maps, Tensor) or maps.dim() < 2 or maps.shape[0] != images.shape[0]:
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
         raise ValueError(f"the explainer must return one map per image, (B, ...) with B = {images.shape[0]}, "

@@ -1,13 +1,15 @@
 """Similarity of maps, batched: Spearman rank correlation, SSIM, and the seed's class-specific rank correlation."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-12
+#: a row whose centred norm is at most this share of its scale counts as constant (see :func:`pearson`)
+RELATIVE = 1e-12
 
 
 def rank_data(values: Tensor) -> Tensor:
@@ -29,11 +31,19 @@ def rank_data(values: Tensor) -> Tensor:
 
 
 def pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation of the rows of ``a`` and ``b`` (B, N); 0 where a row is constant."""
-    a = a.to(torch.float64) - a.to(torch.float64).mean(dim=1, keepdim=True)
-    b = b.to(torch.float64) - b.to(torch.float64).mean(dim=1, keepdim=True)
-    denominator = a.norm(dim=1) * b.norm(dim=1)
-    return torch.where(denominator > EPS, (a * b).sum(dim=1) / denominator.clamp(min=EPS), torch.zeros_like(denominator))
+    """Pearson correlation of the rows of ``a`` and ``b`` (B, N), in float64; 0 where a row is constant.
+
+    A row counts as constant when its centred norm is at most ``RELATIVE`` (1e-12) times its own scale
+    (``sqrt(N) max |row|``): the rounding left by centring a constant row, whatever its magnitude, so that rows of
+    tiny or huge values still correlate as SciPy's ``pearsonr`` says."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    ca, cb = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    na, nb = ca.norm(dim=1), cb.norm(dim=1)
+    root = math.sqrt(a.shape[1])
+    varies = (na > RELATIVE * root * a.abs().amax(dim=1)) & (nb > RELATIVE * root * b.abs().amax(dim=1))
+    tiny = torch.finfo(torch.float64).tiny
+    value = ((ca / na.clamp(min=tiny)[:, None]) * (cb / nb.clamp(min=tiny)[:, None])).sum(dim=1)
+    return torch.where(varies, value, torch.zeros_like(value))
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
