@@ -239,3 +239,16 @@ def test_sequence_first_blocks_keep_images_apart():
                            for i in range(x.shape[0])])
         assert together.abs().sum() > 0
         torch.testing.assert_close(together, alone)
+
+
+def test_a_linear_output_changed_in_place_is_recomputed_for_its_rule():
+    """The rule reads the linear layer's own output, kept from the forward: a hook that doubles it in place (the
+    model downstream sees the doubled values) must give the maps of the same hook doubling it out of place."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    maps = []
+    for in_place in (True, False):
+        model = tiny_vit(seed=2)
+        double = (lambda m, args, out: out.mul_(2)) if in_place else (lambda m, args, out: out * 2)
+        model.blocks[0].mlp.fc2.register_forward_hook(double)
+        maps.append(attribution.TransformerAttribution(model)(x, [1, 3]))
+    torch.testing.assert_close(maps[0], maps[1])

@@ -96,7 +96,23 @@ class RuleState:
 
 class Operation:
     """One rerouted call: ``compute(*tensors)`` is the forward, ``relevance(tensors, grad, create_graph)`` the
-    rule's backward (one entry per tensor)."""
+    rule's backward (one entry per tensor).  An operation whose rule reads its forward's output sets
+    ``keeps_output``: :class:`_Routed` then keeps a detached alias of it (:meth:`kept_output`)."""
+
+    keeps_output = False
+    _output: Optional[Tensor] = None
+    _output_version = -1
+
+    def keep_output(self, out: Tensor) -> None:
+        """Keep a detached alias of the forward's output (it shares the output's storage and version counter, and
+        holds no graph: no reference cycle through the autograd node)."""
+        self._output, self._output_version = out.detach(), out._version
+
+    def kept_output(self) -> Optional[Tensor]:
+        """The forward's output as it was computed, or None when none was kept or it has since been changed in
+        place (its version moved): the caller recomputes it then."""
+        out = self._output
+        return out if out is not None and out._version == self._output_version else None
 
     state: RuleState
 
@@ -329,7 +345,10 @@ class _Routed(torch.autograd.Function):
         ctx.save_for_backward(*tensors)
         ctx.operation = operation
         out = operation.compute(*tensors)
-        return out.clone() if out._is_view() else out  # a view could not be changed in place (``h += x``)
+        out = out.clone() if out._is_view() else out  # a view could not be changed in place (``h += x``)
+        if operation.keeps_output:
+            operation.keep_output(out)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:

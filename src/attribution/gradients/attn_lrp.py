@@ -121,7 +121,11 @@ class _LinearInGradientForm(Operation):
     """A convolution or linear call whose backward applies an LRP rule written for relevance (``call.rule``) in the
     input x gradient form: the relevance at the output is the gradient reaching it times the output, and the
     gradient passed on is the rule's relevance at the input divided by the input (0 where the input is 0, as
-    Chefer et al.'s guarded division)."""
+    Chefer et al.'s guarded division).  The forward's output is kept for the rule (one product less per layer in
+    the relevance pass), recomputed under ``create_graph`` (where it must be in the graph) or when it was changed in
+    place."""
+
+    keeps_output = True
 
     def __init__(self, call: LinearCall) -> None:
         self.call = call
@@ -136,8 +140,10 @@ class _LinearInGradientForm(Operation):
     def relevance(self, tensors: Sequence[Optional[Tensor]], grad: Tensor,
                   create_graph: bool) -> Tuple[Optional[Tensor], ...]:
         x, weight, bias = tensors
-        with torch.set_grad_enabled(create_graph):
-            out = self.call(x, weight, bias)
+        out = None if create_graph else self.kept_output()
+        if out is None:
+            with torch.set_grad_enabled(create_graph):
+                out = self.call(x, weight, bias)
         relevance = self.call.rule(self.call, x, weight, bias, grad * out, create_graph)
         return _guarded(relevance, x), None, None
 
