@@ -103,15 +103,19 @@ class RowsSeen:
 # ------------------------------------------------------------------------------------------------------ floors
 
 
-def input_gradient_passes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, rows: int, chunk: int) -> None:
-    """``rows`` rows (copies of x) through forward + gradient w.r.t. the input, ``chunk`` rows per pass."""
+def input_gradient_passes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, rows: int, chunk: int,
+                          gradients: int = 1) -> None:
+    """``rows`` rows (copies of x) through forward + gradient w.r.t. the input (``gradients`` of them, of
+    different scores, from the one forward), ``chunk`` rows per pass."""
     done = 0
     while done < rows:
         n = min(chunk, rows - done)
         index = torch.arange(done, done + n, device=x.device) % x.shape[0]
         batch = x[index].detach().requires_grad_(True)
-        score = model(batch).gather(1, target[index, None]).sum()
-        torch.autograd.grad(score, batch)
+        out = model(batch)
+        for _ in range(gradients - 1):  # other scores' gradients first, keeping the graph
+            torch.autograd.grad(out.square().sum(), batch, retain_graph=True)
+        torch.autograd.grad(out.gather(1, target[index, None]).sum(), batch)
         done += n
 
 
@@ -192,11 +196,11 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
     def ig2_floor(m, x, t, chunk, e):  # the references' forward, then per step a forward and two input gradients
         forward_passes(m, x, x.shape[0], chunk)
         for _ in range(steps):
-            for start in range(0, x.shape[0], chunk):
-                batch = x[start:start + chunk].detach().requires_grad_(True)
-                out = m(batch)
-                torch.autograd.grad(out.square().sum(), batch, retain_graph=True)
-                torch.autograd.grad(out.gather(1, t[start:start + chunk, None]).sum(), batch)
+            input_gradient_passes(m, x, t, x.shape[0], chunk, gradients=2)
+
+    def agi_floor(m, x, t, chunk, e):  # 4 classes' paths, steps/4 points one after another: fwd + 2 input grads
+        for _ in range(max(1, steps // 4)):
+            input_gradient_passes(m, x, t, 4 * x.shape[0], chunk, gradients=2)
 
     def isa_floor(m, x, t, chunk, e):  # 2 groups x steps/4 search steps one after another, 2 rows per image each
         for _ in range(2 * max(2, steps // 4)):
@@ -308,8 +312,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         # descent's rows of every image in one pass)
         "isa": Work({"group_size": -(-3 * size * size // 2), "ascent_steps": max(2, steps // 4),
                      "descent_steps": max(2, steps // 4)}, isa_floor),
-        # 4 classes x steps/4 points, each a forward and two input gradients (the floor counts one: ratio ~1.3+)
-        "agi": Work({"topk": 4, "max_iter": max(1, steps // 4)}, grads(4 * max(1, steps // 4))),
+        # 4 classes x steps/4 points, each a forward and two input gradients (the ascent's class and the target)
+        "agi": Work({"topk": 4, "max_iter": max(1, steps // 4)}, agi_floor),
         # 3 drawn classes + the untargeted walk x steps/4 points, every step taken: each a forward and two input
         # gradients (the floor counts one: ratio ~1.3+)
         "local_attribution": Work({"select_num": 4, "max_iter": max(1, steps // 4)}, grads(4 * max(1, steps // 4))),
