@@ -109,13 +109,16 @@ def check_parameter_derivative(value, model: nn.Module, names, rtol: float = 1e-
         torch.testing.assert_close((grad * direction).sum(), numeric, rtol=rtol, atol=atol)
 
 
-def tiny_vit(seed: int = 0, classes: int = 5, fused: bool = True) -> nn.Module:
-    """A small timm ViT (class token, 4x4 patches on 16x16 inputs, 2 blocks), random, seeded, eval mode."""
+def tiny_vit(seed: int = 0, classes: int = 5, fused: bool = True, **options) -> nn.Module:
+    """A small timm ViT (class token, 4x4 patches on 16x16 inputs, 2 blocks of 2 heads, width 24), random, seeded,
+    eval mode; ``options`` replace or add timm ``VisionTransformer`` arguments (``depth``, ``reg_tokens``,
+    ``class_token=False`` with ``global_pool='avg'``, ...)."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
-    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, mlp_ratio=2.0,
-                              num_classes=classes)
+    arguments = {"img_size": 16, "patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0,
+                 "num_classes": classes, **options}
+    model = VisionTransformer(**arguments)
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused

@@ -20,13 +20,8 @@ timm = pytest.importorskip("timm")
 
 
 def vit(depth: int, class_token: bool = True, registers: int = 0) -> torch.nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(3)
-    options = {"reg_tokens": registers} if class_token else {"class_token": False, "global_pool": "avg",
-                                                              "reg_tokens": registers}
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=depth, num_heads=2, mlp_ratio=2.0,
-                             num_classes=5, **options).eval()
+    pooled = {} if class_token else {"class_token": False, "global_pool": "avg"}
+    return tiny_vit(seed=3, depth=depth, reg_tokens=registers, **pooled)
 
 
 def authors_flows(attention: List[torch.Tensor], outputs: Sequence[int]) -> torch.Tensor:

@@ -22,15 +22,7 @@ pytest.importorskip("timm")
 # ------------------------------------------------------------------------------------------------------ toy models
 def timm_vit(depth: int = 4, fused: bool = True, seed: int = 0) -> nn.Module:
     """timm's ViT: class token, 4x4 patches on 16x16 inputs (17 tokens), 2 heads, ``depth`` blocks."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(seed)
-    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=depth, num_heads=2, mlp_ratio=2.0,
-                              num_classes=5)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
-    return model.eval()
+    return tiny_vit(seed=seed, fused=fused, depth=depth)
 
 
 def torchvision_vit() -> nn.Module:

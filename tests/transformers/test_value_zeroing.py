@@ -72,18 +72,6 @@ def value_zeroing_written_out(model: nn.Module, parts, first: nn.Module, x: torc
     return F.interpolate(torch.stack(maps), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def timm_vit(fused: bool = True, **kwargs) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    options = {"depth": 2, "num_heads": 2, **kwargs}
-    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, mlp_ratio=2.0, num_classes=5, **options)
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
-    return model.eval()
-
-
 def torchvision_vit() -> nn.Module:
     torch.manual_seed(0)
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
@@ -93,8 +81,8 @@ def torchvision_vit() -> nn.Module:
 CASES = {
     "timm_fused": (lambda: tiny_vit(fused=True), 16),
     "timm_unfused": (lambda: tiny_vit(fused=False), 16),
-    "timm_registers": (lambda: timm_vit(reg_tokens=2), 16),
-    "timm_no_class_token": (lambda: timm_vit(fused=False, class_token=False, global_pool="avg"), 16),
+    "timm_registers": (lambda: tiny_vit(reg_tokens=2), 16),
+    "timm_no_class_token": (lambda: tiny_vit(fused=False, class_token=False, global_pool="avg"), 16),
     "torchvision": (torchvision_vit, 32),
 }
 
@@ -156,7 +144,7 @@ def test_a_block_whose_attention_is_the_identity_mixes_nothing(fused):
     token j's output alone: the mixing matrix is the identity, the rollout too, and the class token's row over the
     patches is 0 (the mean row, without a class token, 1/N everywhere)."""
     for class_token in (True, False):
-        model = timm_vit(fused=fused, depth=1, num_heads=1, class_token=class_token,
+        model = tiny_vit(fused=fused, depth=1, num_heads=1, class_token=class_token,
                          global_pool="token" if class_token else "avg").double()
         with torch.no_grad():
             qkv = model.blocks[0].attn.qkv
