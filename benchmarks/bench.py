@@ -701,6 +701,9 @@ def cam_work(size: int) -> Dict[str, Work]:
         "ablation_cam": pgc_work(tail_floor(lambda acts: acts.shape[1]), "AblationCAM", batch_size="chunk"),
         # 2 C tail passes (the floor leaves out the forward and layer gradient for Grad-CAM's weights)
         "fd_cam": Work({}, tail_floor(lambda acts: 2 * acts.shape[1]), {}, "cnn"),
+        # SHAP_CAM_SAMPLES orderings x (C - 1) prefixes + the empty coalition, tail passes per image
+        "shap_cam": Work({"samples": SHAP_CAM_SAMPLES},
+                         tail_floor(lambda acts: SHAP_CAM_SAMPLES * (acts.shape[1] - 1) + 1), {}, "cnn"),
         # Grad-CAM's passes; the rest is the (C, C) clustering of the channels in float64
         "cf_cam": Work({}, layer_gradient_passes, {}, "all"),
         "smooth_grad_cam_plusplus": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),
@@ -764,6 +767,8 @@ def cam_work(size: int) -> Dict[str, Work]:
     }
 
 
+#: Shap-CAM's orderings in the benchmark (its default, 200, is 409,401 tail passes per image on ResNet-50's layer4)
+SHAP_CAM_SAMPLES = 1
 #: MoXI's patch grid in the benchmark (its default, 14 x 14, is 19,305 forwards per image)
 MOXI_GRID = 4
 #: Sobol attribution's designs in the benchmark, on a 4 x 4 grid (17 forwards per design; its default is 32 on 8 x 8)

@@ -99,6 +99,7 @@ FAST = {
     "rsi_grad_cam": {"steps": 3},
     "expected_grad_cam": {"samples": 2, "generator": torch.Generator().manual_seed(0)},
     "ablation_cam": {},
+    "shap_cam": {"samples": 2, "generator": torch.Generator().manual_seed(0)},
     "fd_cam": {},
     "cf_cam": {},
     "recipro_cam": {},

@@ -26,7 +26,7 @@ torchvision = pytest.importorskip("torchvision")
 
 #: one forward per channel: run on the narrow build of each architecture
 PER_CHANNEL = ("score_cam", "ss_cam", "is_cam", "ablation_cam", "vit_cx", "sidu", "poly_cam", "fd_cam", "sise",
-               "fusion_cam")
+               "fusion_cam", "shap_cam")
 CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigma": 4.0}, "guided_ig": {"steps": 4},
          "smoothgrad": {"samples": 2}, "adapt_grad": {"samples": 2}, "smooth_taylor": {"samples": 2}, "guided_absolute_grad": {"samples": 2},
          "occlusion": {"window": 16, "stride": 16}, "ss_cam": {"samples": 1},
@@ -35,7 +35,7 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "is_cam": {"steps": 2}, "rise": {"n_masks": 8, "grid": 4}, "xrai": {"steps": 2},
          "opti_cam": {"iterations": 2}, "group_cam": {"groups": 4}, "iba": {"iterations": 2, "samples": 2},
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2}, "partition_shap": {"max_evals": 20},
-         "shapley_sampling": {"grid": 2, "samples": 2}, "moxi": {"grid": 2},
+         "shapley_sampling": {"grid": 2, "samples": 2}, "moxi": {"grid": 2}, "shap_cam": {"samples": 1},
          "isa": {"group_size": 10 ** 6, "ascent_steps": 2, "descent_steps": 2},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4}, "idgi": {"steps": 4},
          "sess": {"num_scales": 2}, "agi": {"topk": 2, "max_iter": 2},

@@ -33,6 +33,7 @@ from .relevance_cam import RelevanceCAM
 from .rsi_grad_cam import RSIGradCAM
 from .refine_cam import RefineCAM
 from .score_cam import ISCAM, SSCAM, ScoreCAM
+from .shap_cam import ShapCAM
 from .sess import SESS
 from .shapley_cam import ShapleyCAM
 from .sidu import SIDU
@@ -79,6 +80,7 @@ __all__ = [
     "RSIGradCAM",
     "RefineCAM",
     "SESS",
+    "ShapCAM",
     "SegEigenCAM",
     "SSCAM",
     "ScoreCAM",
