@@ -304,6 +304,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         # IG from two baselines (steps/2 each), then the segmentation and region growth on the CPU
         "xrai": Work({"steps": max(1, steps // 2)}, grads(2 * max(1, steps // 2))),
         "attn_lrp": Work({}, grads(1)),
+        # LRP's passes: the concept (the most relevant channel of the default layer) is read from the same pass
+        "crp": Work({}, grads(1), models="cnn"),
         "lrp": Work({}, grads(1), {"zennit Gradient(EpsilonPlusFlat)": zennit_lrp
                                    if importlib.util.find_spec("zennit") else None}),
         # every path taken to the end, so the floor is exact: steps x (forward + input gradient)

@@ -109,6 +109,24 @@ def check_parameter_derivative(value, model: nn.Module, names, rtol: float = 1e-
         torch.testing.assert_close((grad * direction).sum(), numeric, rtol=rtol, atol=atol)
 
 
+def lrp_resnet18(classes: int) -> nn.Module:
+    """torchvision's ResNet-18 in float64, random weights and batch-norm statistics, ``eps = 0`` (zennit's merged
+    batch norms then compute the identity, so that the LRP reference comparisons are exact)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=classes).double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eps = 0.0
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
 def tiny_vit(seed: int = 0, classes: int = 5, fused: bool = True, **options) -> nn.Module:
     """A small timm ViT (class token, 4x4 patches on 16x16 inputs, 2 blocks of 2 heads, width 24), random, seeded,
     eval mode; ``options`` replace or add timm ``VisionTransformer`` arguments (``depth``, ``reg_tokens``,

@@ -22,6 +22,7 @@ FAST = {
     "expected_gradients": {"samples": 6, "generator": torch.Generator().manual_seed(0)},  # reference sets: its tests
     "deeplift": {},
     "lrp": {},
+    "crp": {},
     "attn_lrp": {},
     "mfaba": {"steps": 4},
     "isa": {"group_size": 256, "ascent_steps": 2, "descent_steps": 2, "generator": torch.Generator().manual_seed(0)},

@@ -11,7 +11,7 @@ from torch import nn
 
 from attribution.gradients.input_x_gradient import InputXGradient
 from attribution.gradients.lrp import COMPOSITES, LRP
-from conftest import central_difference
+from conftest import central_difference, lrp_resnet18
 
 zennit = pytest.importorskip("zennit")
 torchvision = pytest.importorskip("torchvision")
@@ -163,17 +163,7 @@ def test_custom_composites_and_options_equal_zennits(x):
 @pytest.fixture(scope="module")
 def resnet():
     """torchvision's ResNet-18, random weights and batch-norm statistics (``eps = 0``, see :func:`vgg_like`)."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=7).double().eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eps = 0.0
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return model
+    return lrp_resnet18(7)
 
 
 @pytest.mark.parametrize("composite", sorted(COMPOSITES))

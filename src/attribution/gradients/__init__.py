@@ -7,6 +7,7 @@ from .attn_lrp import AttnLRP
 from .base import GradientExplainer
 from .big import BoundaryIG
 from .blur_ig import BlurIG
+from .crp import CRP
 from .deeplift import DeepLift, DeepLiftShap
 from .expected import ExpectedGradients
 from .forgrad import FORGrad
@@ -35,6 +36,7 @@ __all__ = [
     "AttnLRP",
     "BlurIG",
     "BoundaryIG",
+    "CRP",
     "Deconvnet",
     "DeepLift",
     "DeepLiftShap",
