@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,6 +86,31 @@ def test_on_a_linear_model_sampled_coalitions_recover_each_segments_contribution
     contribution = (model.linear.weight.detach()[[1, 3]].view(2, 3, 8, 8) * x).sum(1)
     per_segment = torch.zeros(2, 16, dtype=torch.float64).index_add_(1, labels.flatten(), contribution.flatten(1))
     torch.testing.assert_close(maps[:, 0], per_segment[:, labels], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_fewer_coalitions_than_segments_give_the_minimum_norm_fit(model_and_images, device):
+    """6 sampled coalitions of 16 segments: the efficiency constraint eliminates the last segment, and the other 15
+    are numpy's minimum-norm least-squares solution of the 6 equations, on every device."""
+    model, x = model_and_images
+    model, x = model.to(device), x[:1].to(device)
+    ours = attribution.KernelSHAP(model, grid=4, samples=6)(x, 2, generator=torch.Generator().manual_seed(0)).cpu()
+    coalitions, _ = shapley_design(16, 6, torch.Generator().manual_seed(0))
+    labels = grid_segments(16, 16, 4, torch.device("cpu"))
+    model, image = model.cpu(), x[0].cpu()
+
+    def score(keep):
+        with torch.no_grad():
+            return model(torch.where(keep[labels], image, 0.0)[None])[0, 2].item()
+
+    empty, full = score(torch.zeros(16, dtype=torch.bool)), score(torch.ones(16, dtype=torch.bool))
+    values = np.array([score(c) - empty for c in coalitions])
+    z = coalitions.double().numpy()
+    head = np.linalg.lstsq(z[:, :-1] - z[:, -1:], values - z[:, -1] * (full - empty), rcond=None)[0]
+    expected = torch.from_numpy(np.append(head, full - empty - head.sum()))
+    assert ours.isfinite().all()
+    torch.testing.assert_close(ours[0, 0], expected[labels], rtol=1e-9, atol=1e-12)
 
 
 def test_sampled_sizes_follow_the_shapley_kernel():

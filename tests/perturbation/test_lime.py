@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attribution
+from attribution.perturbation import lime as lime_module
 from attribution.perturbation.lime import lime_weights
 from attribution.perturbation.segments import grid_segments, segment_means
 from conftest import LinearModel, tiny_cnn
@@ -18,6 +19,36 @@ def coalitions_of(samples, features, seed):
     drawn = torch.rand((samples, features), generator=torch.Generator().manual_seed(seed)) < 0.5
     drawn[0] = True
     return drawn
+
+
+def test_equals_lime_image_end_to_end_on_its_own_draws(monkeypatch):
+    """lime_image's explain_instance (its defaults: segment-mean hiding, kernel width 0.25, Ridge(alpha=1), every
+    feature) on the same segments and model, its coalitions replayed from its RandomState (one randint(0, 1000)
+    for its random_seed, then the 0/1 draws) and fed to ours."""
+    lime_image = pytest.importorskip("lime.lime_image")
+    model = tiny_cnn().double()
+    x = torch.randn(1, 3, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = (torch.arange(12)[:, None] // 4) * 4 + torch.arange(16)[None, :] // 4  # 12 squares of 4 x 4
+    samples = 200
+
+    def classifier(batch):
+        with torch.no_grad():
+            return model(torch.from_numpy(batch).permute(0, 3, 1, 2)).softmax(1).numpy()
+
+    explanation = lime_image.LimeImageExplainer(random_state=3).explain_instance(
+        x[0].permute(1, 2, 0).numpy(), classifier, labels=(2,), top_labels=None, num_samples=samples,
+        segmentation_fn=lambda image: labels.numpy(), batch_size=50)
+    expected = torch.zeros(12, dtype=torch.float64)
+    for feature, value in explanation.local_exp[2]:
+        expected[feature] = value
+    state = np.random.RandomState(3)
+    state.randint(0, high=1000)
+    draws = torch.from_numpy(state.randint(0, 2, samples * 12).reshape(samples, 12) == 1)
+    draws[0] = True
+    monkeypatch.setattr(lime_module, "lime_coalitions", lambda s, m, generator: draws[:s, :m].clone())
+    ours = attribution.LIME(model, segments=labels, samples=samples)(x, 2)
+    assert expected.abs().max() > 1e-5
+    torch.testing.assert_close(ours[0, 0], expected[labels], rtol=1e-9, atol=1e-15)
 
 
 def test_segment_means_are_lime_images_fudged_image():
@@ -82,6 +113,8 @@ def test_on_a_linear_model_with_little_ridge_the_coefficients_are_the_segments_c
 @pytest.mark.parametrize("bad, message", [({"samples": 1}, "samples must be an int >= 2"),
                                           ({"kernel_width": 0}, "kernel_width must be a positive number"),
                                           ({"alpha": -1.0}, "alpha must be a positive number"),
+                                          ({"alpha": float("inf")}, "alpha must be a finite number, got inf"),
+                                          ({"alpha": float("nan")}, "alpha must be a finite number, got nan"),
                                           ({"hide": "grey"}, "baseline must be")])
 def test_bad_options_are_named(cnn, images, bad, message):
     with pytest.raises(ValueError, match=message):

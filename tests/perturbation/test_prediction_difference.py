@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import attribution
 from attribution.perturbation.prediction_difference import (FIT_PATCHES, TRAIN_SIZE, PredictionDifference,
                                                              conditional_gaussian, patch_gaussian, weight_of_evidence)
+from attribution.perturbation.occlusion import window_bands
 from conftest import RowCounter, tiny_cnn
 
 
@@ -375,3 +378,40 @@ def test_references_stay_where_they_are_and_only_the_draws_move():
         wide = explain(x, [0, 1], references=refs.double(), generator=torch.Generator().manual_seed(2))
         narrow = explain(x, [0, 1], references=refs, generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(wide, narrow, rtol=1e-4, atol=1e-6)
+
+
+class LargestMatrixStack(TorchDispatchMode):
+    """The most ``d`` x ``d`` matrices any op materialises (counted by the bytes of its output's storage, so
+    views such as ``expand`` count only what they hold)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.d, self.most = d, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (self.d, self.d):
+                self.most = max(self.most, t.untyped_storage().nbytes() // (t.element_size() * self.d ** 2))
+        return out
+
+
+def test_the_conditional_sampler_holds_no_d_by_d_matrix_per_row_or_per_sample():
+    """The conditionals are K * C matrices of D x D (D values in a patch); neither the set-up (with S samples of
+    noise) nor the copies (n rows) may expand them to K * S * C or n * C matrices."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    refs = torch.randn(30, 3, 12, 12, dtype=torch.float64)
+    in_rows, in_cols = window_bands(12, 12, (2, 2), (1, 1))
+    d = (2 + 2 * 1) ** 2
+    with LargestMatrixStack(d) as setup:
+        cond = PredictionDifference._conditional_setup(x, refs, in_rows, in_cols, (2, 2), 1, 10,
+                                                       torch.Generator().manual_seed(0))
+    k, channels = cond["gain"].shape[:2]
+    assert k == 9 and setup.most <= k * channels
+    n = 40
+    rows = torch.arange(n) % in_rows.shape[0]
+    with LargestMatrixStack(d) as copies:
+        PredictionDifference._conditional_copies(x, torch.arange(n) % 2, rows, rows.flip(0), torch.arange(n) % 10,
+                                                 **cond)
+    assert copies.most <= k * channels

@@ -14,20 +14,20 @@ skimage_transform = pytest.importorskip("skimage.transform")
 
 
 def test_masks_are_the_authors_upsampled_and_shifted_grids():
-    """Each mask is the grid resized bilinearly (scikit-image, order 1, no anti-aliasing, as the authors' code)
-    to (grid + 1) * cell pixels and cropped at the mask's shift; the edge mode is scikit-image's 'edge', the one
-    torch's bilinear upsampling has (the authors' 'reflect' differs only within half a cell of the border)."""
-    draws = MaskDraws(12, 5, 0.4, (23, 31), torch.device("cpu"), torch.Generator().manual_seed(3))
-    masks = draws.masks(0, 12, torch.float64).numpy()
+    """Each mask is the grid resized as the authors' ``generate_masks`` does (scikit-image, order 1,
+    mode='reflect', no anti-aliasing) to (grid + 1) * cell pixels and cropped at the mask's shift."""
+    draws = MaskDraws(40, 5, 0.4, (23, 31), torch.device("cpu"), torch.Generator().manual_seed(3))
+    masks = draws.masks(0, 40, torch.float64).numpy()
     assert draws.cell == (5, 7)
-    for i in range(12):
-        up = skimage_transform.resize(draws.cells[i, 0].double().numpy(), (6 * 5, 6 * 7), order=1, mode="edge",
+    for i in range(40):
+        up = skimage_transform.resize(draws.cells[i, 0].double().numpy(), (6 * 5, 6 * 7), order=1, mode="reflect",
                                       anti_aliasing=False)
         top, left = draws.shifts[i].tolist()
         assert 0 <= top < 5 and 0 <= left < 7
         np.testing.assert_allclose(masks[i], up[top:top + 23, left:left + 31], atol=1e-12)
     # any slice of the draws gives the same masks as the whole
     np.testing.assert_allclose(draws.masks(4, 9, torch.float64).numpy(), masks[4:9], atol=0)
+    np.testing.assert_allclose(draws.masks(0, 40, torch.float32).numpy(), masks, atol=1e-6)
 
 
 def test_masks_keep_a_fraction_p1_of_the_image_on_average():
@@ -36,6 +36,17 @@ def test_masks_keep_a_fraction_p1_of_the_image_on_average():
     assert masks.min() >= 0 and masks.max() <= 1
     assert abs(draws.cells.float().mean().item() - 0.3) < 0.01
     assert masks.mean().item() == pytest.approx(0.3, abs=0.01)
+
+
+def authors_masks(draws):
+    """The authors' ``generate_masks`` on the same cells and shifts: scikit-image resize, then the crop."""
+    (height, width), (ch, cw), grid = draws.size, draws.cell, draws.grid
+    masks = []
+    for cells, (top, left) in zip(draws.cells[:, 0].double().numpy(), draws.shifts.tolist()):
+        up = skimage_transform.resize(cells, ((grid + 1) * ch, (grid + 1) * cw), order=1, mode="reflect",
+                                      anti_aliasing=False)
+        masks.append(torch.from_numpy(up[top:top + height, left:left + width]))
+    return torch.stack(masks)
 
 
 def reference_rise(model, x, target, masks, p1, score):
@@ -61,7 +72,7 @@ def test_rise_equals_the_estimator_written_out(score):
     out = attribution.RISE(model, **options)(x, [0, 3, 1], score=score, generator=torch.Generator().manual_seed(5),
                                                batch_size=7)
     draws = MaskDraws(30, 4, 0.5, (16, 16), torch.device("cpu"), torch.Generator().manual_seed(5))
-    expected = reference_rise(model, x, [0, 3, 1], draws.masks(0, 30, torch.float32), 0.5, score)
+    expected = reference_rise(model, x, [0, 3, 1], authors_masks(draws).float(), 0.5, score)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..core.explainer import optional_generator
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
@@ -22,7 +23,8 @@ def shapley_design(features: int, samples: int, generator: Optional[torch.Genera
     With at most ``samples`` (and :data:`MAX_ENUMERATED`) proper non-empty coalitions, all of them, weighted by the
     Shapley kernel ``(M - 1) / (C(M, k) k (M - k))`` (the regression then returns the exact Shapley values);
     otherwise ``samples`` draws from that kernel (the size ``k`` with probability proportional to
-    ``(M - 1) / (k (M - k))``, then a uniform subset of that size), each weighted 1.
+    ``(M - 1) / (k (M - k))``, then a uniform subset of that size), each weighted 1, drawn on ``generator``'s device
+    (the CPU without one).
     """
     proper = (1 << features) - 2 if features < 63 else None
     if proper is not None and proper <= min(samples, MAX_ENUMERATED):
@@ -31,20 +33,24 @@ def shapley_design(features: int, samples: int, generator: Optional[torch.Genera
         sizes = coalitions.sum(1).double()
         binomial = torch.tensor([math.comb(features, int(k)) for k in sizes.tolist()], dtype=torch.float64)
         return coalitions, (features - 1) / (binomial * sizes * (features - sizes))
-    sizes = torch.arange(1, features, dtype=torch.float64)
+    device = generator.device if generator is not None else torch.device("cpu")
+    sizes = torch.arange(1, features, dtype=torch.float64, device=device)
     size_probability = (features - 1) / (sizes * (features - sizes))
     drawn = torch.multinomial(size_probability, samples, replacement=True, generator=generator) + 1
-    order = torch.rand((samples, features), generator=generator).argsort(dim=1)
-    coalitions = torch.zeros((samples, features), dtype=torch.bool)
-    coalitions.scatter_(1, order, torch.arange(features)[None, :] < drawn[:, None])
-    return coalitions, torch.ones(samples, dtype=torch.float64)
+    order = torch.rand((samples, features), generator=generator, device=device).argsort(dim=1)
+    coalitions = torch.zeros((samples, features), dtype=torch.bool, device=device)
+    coalitions.scatter_(1, order, torch.arange(features, device=device)[None, :] < drawn[:, None])
+    return coalitions, torch.ones(samples, dtype=torch.float64, device=device)
 
 
 def constrained_fit(coalitions: Tensor, weights: Tensor, values: Tensor, full: Tensor) -> Tensor:
     """Weighted least squares ``values ~ coalitions @ phi`` with ``sum phi = full``, for every image at once.
 
     ``coalitions`` (S, M), ``weights`` (S,), ``values`` (B, S) and ``full`` (B,) score changes relative to the
-    baseline; returns phi (B, M).  The constraint is kept exactly by eliminating the last feature.
+    baseline; returns phi (B, M).  The constraint is kept exactly by eliminating the last feature; the others are
+    the minimum-norm least-squares solution, by the pseudo-inverse, so that designs of deficient rank (fewer
+    independent coalitions than features) are solved alike on every device (``torch.linalg.lstsq`` has only the
+    full-rank 'gels' driver on CUDA; on the CPU its 'gelsy' gives the same solution).
     """
     features = coalitions.shape[1]
     if features == 1:
@@ -52,7 +58,7 @@ def constrained_fit(coalitions: Tensor, weights: Tensor, values: Tensor, full: T
     z = coalitions.to(values.dtype)
     design = (z[:, :-1] - z[:, -1:]) * weights.to(values.dtype).sqrt()[:, None]  # (S, M-1)
     rhs = (values - z[:, -1] * full[:, None]) * weights.to(values.dtype).sqrt()  # (B, S)
-    head = torch.linalg.lstsq(design, rhs.T).solution.T  # (B, M-1)
+    head = rhs @ torch.linalg.pinv(design).T  # (B, M-1)
     return torch.cat([head, full[:, None] - head.sum(1, keepdim=True)], dim=1)
 
 
@@ -79,6 +85,7 @@ class KernelSHAP(SegmentExplainer):
     def _explain_segments(self, x: Tensor, target: Target, labels: Tensor, *, samples: Optional[int],
                           baseline: BaselineSpec, generator: Optional[torch.Generator], batch_size: Optional[int],
                           create_graph: bool) -> Tensor:
+        generator = optional_generator(generator)
         features = int(labels.max()) + 1
         if samples is None:
             samples = 2 * features + 2048

@@ -6,10 +6,20 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..core.explainer import finite_number, optional_generator, positive_number
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
 from .segments import SegmentExplainer, coalition_scores, segment_means
+
+
+def lime_coalitions(samples: int, features: int, generator: Optional[torch.Generator]) -> Tensor:
+    """(S, M) bool coalitions as ``lime_image`` samples them: the first all ones (the image itself), every other
+    segment kept with probability 1/2, drawn on ``generator``'s device (the CPU without one)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    coalitions = torch.rand((samples, features), generator=generator, device=device) < 0.5
+    coalitions[0] = True
+    return coalitions
 
 
 def lime_weights(coalitions: Tensor, kernel_width: float) -> Tensor:
@@ -61,17 +71,13 @@ class LIME(SegmentExplainer):
                           create_graph: bool) -> Tensor:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
             raise ValueError(f"samples must be an int >= 2, got {samples!r}")
-        for name, value in (("kernel_width", kernel_width), ("alpha", alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        kernel_width = positive_number(kernel_width, "kernel_width")
+        alpha = positive_number(finite_number(alpha, "alpha"), "alpha")
         features = int(labels.max()) + 1
-        coalitions = torch.rand((samples, features), generator=generator) < 0.5
-        coalitions[0] = True
-        coalitions = coalitions.to(x.device)
+        coalitions = lime_coalitions(samples, features, optional_generator(generator)).to(x.device)
         fill = segment_means(x, labels) if isinstance(hide, str) and hide == "mean" else make_baseline(x, hide)
         with torch.set_grad_enabled(create_graph):
             values = coalition_scores(self, x, target, labels, coalitions, fill, batch_size)
             design = coalitions.to(values.dtype)
-            phi = weighted_ridge(design, lime_weights(coalitions, float(kernel_width)).to(values.dtype), values,
-                                 float(alpha))
+            phi = weighted_ridge(design, lime_weights(coalitions, kernel_width).to(values.dtype), values, alpha)
         return phi[:, labels].unsqueeze(1)

@@ -7,20 +7,36 @@ import torch
 from torch import Tensor
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, finite_number
 from ..core.registry import register
 from ..core.targets import Target
+from ..gradients.paths import make_baseline
 
 Size = Union[int, Tuple[int, int], None]
+Fill = Union[float, Tensor]
 
 
 def pair_option(value: Size, name: str) -> Optional[Tuple[int, int]]:
+    """``None``, or a size option as (rows, columns): a positive int (not a bool) for both or a pair of them; else
+    a ValueError naming ``name``."""
     if value is None:
         return None
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def fill_images(x: Tensor, fill: Fill) -> Tensor:
+    """(B, C, H, W): the values each image's occluded pixels take, as Captum's ``baselines``: a finite number
+    everywhere, or a tensor broadcast to ``x`` (one fill image per image, one for all, a (C, 1, 1) colour...)."""
+    if isinstance(fill, Tensor):
+        try:
+            return make_baseline(x, fill)
+        except ValueError:
+            raise ValueError(f"fill must be a finite number or a tensor that broadcasts to x's shape "
+                             f"{tuple(x.shape)}, got a tensor of shape {tuple(fill.shape)}") from None
+    return torch.full_like(x, finite_number(fill, "fill"))
 
 
 def window_bands(height: int, width: int, window: Tuple[int, int], stride: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
@@ -62,9 +78,11 @@ class Occlusion(Explainer):
     Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014, arXiv:1311.2901.
 
     For windows ``w`` (all channels, size ``window``, moved by ``stride``): ``A(p) = mean over windows w covering
-    pixel p of [f_t(x) - f_t(x with w set to fill)]``, windows placed as Captum's Occlusion places them (the last one cut
-    at the image edge).  Defaults scale with the image: window ``round(min(H, W) / 7)``, stride half of it (32 and
-    16 at 224x224: 169 forwards per image).  Occluded copies run ``batch_size`` at a time, without autograd unless ``create_graph=True`` (then the map is
+    pixel p of [f_t(x) - f_t(x with w set to fill)]``, windows placed as Captum's Occlusion places them (the last one
+    cut at the image edge).  ``fill`` as Captum's ``baselines``: a finite number (default 0, Captum's) or a tensor
+    broadcast to the images (a (B, C, H, W) one gives each image its own fill).  Defaults scale with the image:
+    window ``round(min(H, W) / 7)``, stride half of it (32 and 16 at 224x224: 169 forwards per image).  Occluded
+    copies run ``batch_size`` at a time, without autograd unless ``create_graph=True`` (then the map is
     differentiable w.r.t. the model's parameters).  Returns
     (B, 1, H, W).  Cost: one forward per window position per image, plus one for the unoccluded image.
     """
@@ -73,13 +91,14 @@ class Occlusion(Explainer):
     argmax_on_rows = False
     defaults = {"window": None, "stride": None, "fill": 0.0}
 
-    def _explain(self, x: Tensor, target: Target, *, window: Size, stride: Size, fill: float,
+    def _explain(self, x: Tensor, target: Target, *, window: Size, stride: Size, fill: Fill,
                  batch_size: Optional[int], create_graph: bool) -> Tensor:
         batch, _, height, width = x.shape
         side = max(1, round(min(height, width) / 7))
         window_hw = pair_option(window, "window") or (side, side)
         stride_hw = pair_option(stride, "stride") or (max(1, window_hw[0] // 2), max(1, window_hw[1] // 2))
         in_rows, in_cols = (band.to(x.device) for band in window_bands(height, width, window_hw, stride_hw))
+        filled = fill_images(x, fill)
         n = in_rows.shape[0] * in_cols.shape[0]
         owners = torch.arange(batch, device=x.device)
         with torch.set_grad_enabled(create_graph):
@@ -89,8 +108,7 @@ class Occlusion(Explainer):
             for start, stop in RowPlanner(batch * n, batch_size, x.device):
                 index = torch.arange(start, stop, device=x.device)
                 image, position = index // n, index % n
-                occluded = torch.where(window_masks(in_rows, in_cols, position).unsqueeze(1),
-                                       torch.as_tensor(fill, dtype=x.dtype, device=x.device), x[image])
+                occluded = torch.where(window_masks(in_rows, in_cols, position).unsqueeze(1), filled[image], x[image])
                 drops[image, position] = clean[image] - target(self._forward(occluded), image)
             saliency = window_mean(drops.view(batch, in_rows.shape[0], in_cols.shape[0]), in_rows, in_cols)
         return saliency.unsqueeze(1)

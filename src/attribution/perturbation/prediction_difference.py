@@ -243,12 +243,12 @@ class PredictionDifference(Explainer):
         left, col_kind, col_in = places(in_cols, patch[1], width)
         in_patch = (row_in[:, None, :, None] & col_in[None, :, None, :]).reshape(-1, patch[0] * patch[1])  # (K, D)
         gain, chol = conditional_gaussian(mean, cov, in_patch[:, None, :])  # (K, C, D, D)
-        shift = chol[:, None] @ noise[None, :, :, :, None]  # (K, S, C, D, 1): L z, the same z everywhere
+        shift = torch.einsum("kcij,scj->ksci", chol, noise)  # (K, S, C, D): L z, the same z everywhere
         # samples are clipped to the references' range at each pixel (taken where the references are)
         low, high = (bound.to(device=x.device, dtype=x.dtype) for bound in (refs.amin(0), refs.amax(0)))
         return {"top": top, "left": left, "kind": row_kind[:, None] * col_in.shape[0] + col_kind[None, :],
                 "in_patch": in_patch, "mean": mean.to(x.dtype), "gain": gain.to(x.dtype),
-                "shift": shift.squeeze(-1).to(x.dtype), "low": low, "high": high, "patch": patch}
+                "shift": shift.to(x.dtype), "low": low, "high": high, "patch": patch}
 
     @staticmethod
     def _conditional_copies(x: Tensor, image: Tensor, row: Tensor, col: Tensor, sample: Tensor, *, top: Tensor,
@@ -263,12 +263,12 @@ class PredictionDifference(Explainer):
         where = (image[:, None, None, None], chan, rows[:, None, :, None], cols[:, None, None, :])
         frame = x[where].reshape(n, channels, -1)  # (n, C, D): the image's patch around the window
         config = kind[row, col]
-        centred = (frame - mean).unsqueeze(-1)
+        centred = (frame - mean).permute(1, 2, 0)  # (C, D, n): one product per channel serves every row
         drawn = frame
         # every place of a window in its patch (25 at the defaults) for every row, selected per row: no host
         # synchronisation (a selection by index would wait for the device), a few M multiply-adds per row
         for k in range(gain.shape[0]):
-            candidate = mean + (gain[k] @ centred).squeeze(-1) + shift[k][sample]
+            candidate = mean + (gain[k] @ centred).permute(2, 0, 1) + shift[k][sample]
             drawn = torch.where((config == k)[:, None, None], candidate, drawn)
         low_f, high_f = (bound[where[1:]].reshape(n, channels, -1) for bound in (low, high))
         drawn = torch.maximum(torch.minimum(drawn, high_f), low_f)

@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import RowPlanner
-from ..core.explainer import Explainer
+from ..core.explainer import Explainer, optional_generator
 from ..core.registry import register
+from ..core.resize import linear_reflect_matrix
 from ..core.targets import Target
 
 
@@ -28,18 +28,20 @@ class MaskDraws:
         self.shifts = torch.stack([torch.randint(0, c, (n,), generator=generator, device=gen_device)
                                    for c in self.cell], dim=1)
         self.cells, self.shifts = self.cells.to(device), self.shifts.to(device)
+        # scikit-image's linear resize with reflected edges along each axis, (grid + 1) * cell by grid, float64
+        self.upsample = tuple(linear_reflect_matrix((grid + 1) * c, grid) for c in self.cell)
 
     def masks(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
-        """Masks ``start:stop`` as (n, H, W) values in [0, 1]: the cells upsampled bilinearly to
-        ``(grid + 1) * cell`` pixels a side and cropped to the image at the mask's shift."""
-        (height, width), (ch, cw) = self.size, self.cell
-        up = F.interpolate(self.cells[start:stop].to(dtype), size=((self.grid + 1) * ch, (self.grid + 1) * cw),
-                           mode="bilinear", align_corners=False)[:, 0]
+        """Masks ``start:stop`` as (n, H, W) values in [0, 1]: the cells upsampled to ``(grid + 1) * cell`` pixels
+        a side (scikit-image's ``resize(order=1, mode='reflect', anti_aliasing=False)``, as the authors' code) and
+        cropped to the image at the mask's shift; only the rows and columns of the crop are computed, as
+        ``R[rows] @ cells @ C[cols].T`` with ``R``, ``C`` the resize's matrices."""
+        (height, width), device = self.size, self.cells.device
+        rows_up, cols_up = (m.to(device=device, dtype=dtype) for m in self.upsample)
         shifts = self.shifts[start:stop]
-        rows = shifts[:, :1] + torch.arange(height, device=up.device)  # (n, H)
-        cols = shifts[:, 1:] + torch.arange(width, device=up.device)  # (n, W)
-        index = torch.arange(up.shape[0], device=up.device)[:, None, None]
-        return up[index, rows[:, :, None], cols[:, None, :]]
+        rows = rows_up[shifts[:, :1] + torch.arange(height, device=device)]  # (n, H, grid)
+        cols = cols_up[shifts[:, 1:] + torch.arange(width, device=device)]  # (n, W, grid)
+        return rows @ self.cells[start:stop, 0].to(dtype) @ cols.transpose(1, 2)
 
 
 @register("rise")
@@ -51,11 +53,11 @@ class RISE(Explainer):
 
     ``A(p) = 1 / (N * p1) * sum_i f_t(x * M_i) * M_i(p)``: the Monte-Carlo estimate of ``E[f_t(x * M) | M(p) = 1]``
     (up to the smooth masks' non-binary values).  Each mask is a ``grid`` x ``grid`` binary grid whose cells are
-    kept with probability ``p1``, upsampled bilinearly to ``(grid + 1) * ceil(H / grid)`` pixels and cropped at a
-    random shift of less than one cell, as the authors' code does (which upsamples with reflected edges, torch's
-    bilinear repeats the edge: the masks differ within half a cell of the upsampled border).  Defaults from the
-    authors' code: ``n_masks=6000``, ``grid=8``, ``p1=0.1``, scores the target's softmax probability (pass
-    ``score='logit'`` for logits).  The same masks serve every image of a call; ``generator`` makes them
+    kept with probability ``p1``, upsampled bilinearly to ``(grid + 1) * ceil(H / grid)`` pixels with reflected
+    edges and cropped at a random shift of less than one cell, as the authors' code (``generate_masks``:
+    scikit-image ``resize(order=1, mode='reflect', anti_aliasing=False)``).  Defaults from the authors' code:
+    ``n_masks=6000``, ``grid=8``, ``p1=0.1``, scores the target's softmax probability (pass ``score='logit'`` for
+    logits).  The same masks serve every image of a call; ``generator`` makes them
     reproducible.  Masked copies run ``batch_size`` at a time, without autograd unless ``create_graph=True``.
     Returns (B, 1, H, W).  Cost: ``n_masks`` forwards per image, no backward.
     """
@@ -70,6 +72,7 @@ class RISE(Explainer):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(p1, bool) or not isinstance(p1, (int, float)) or not 0 < p1 <= 1:
             raise ValueError(f"p1 must be a probability in (0, 1], got {p1!r}")
+        generator = optional_generator(generator)
         batch, _, height, width = x.shape
         draws = MaskDraws(n_masks, grid, float(p1), (height, width), x.device, generator)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..core.explainer import optional_generator
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.paths import BaselineSpec, make_baseline
@@ -16,10 +17,11 @@ from .segments import SegmentExplainer, coalition_scores
 
 def orderings(features: int, samples: int, generator: Optional[torch.Generator]) -> Tensor:
     """(P, M) orderings of the features: all ``M!`` of them when there are at most ``samples``, else ``samples``
-    draws of ``torch.randperm`` (one after another, from ``generator``)."""
+    draws of ``torch.randperm`` (one after another, from ``generator``, on its device: the CPU without one)."""
     if math.factorial(min(features, 20)) <= samples:
         return torch.tensor(list(itertools.permutations(range(features))), dtype=torch.long)
-    return torch.stack([torch.randperm(features, generator=generator) for _ in range(samples)])
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.stack([torch.randperm(features, generator=generator, device=device) for _ in range(samples)])
 
 
 @register("shapley_sampling")
@@ -49,6 +51,7 @@ class ShapleyValueSampling(SegmentExplainer):
                           create_graph: bool) -> Tensor:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}")
+        generator = optional_generator(generator)
         features = int(labels.max()) + 1
         order = orderings(features, samples, generator).to(x.device)  # (P, M)
         count = order.shape[0]
