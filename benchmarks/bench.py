@@ -214,6 +214,15 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         for _ in range(steps):
             input_gradient_passes(m, x, t, x.shape[0], chunk)
 
+    def geodesic_floor(m, x, t, chunk, e):  # per iteration every path point's input gradient and its backward
+        for _ in range(GEODESIC_ITERATIONS):
+            for start in range(0, steps * x.shape[0], chunk):
+                index = torch.arange(start, min(start + chunk, steps * x.shape[0]), device=x.device) % x.shape[0]
+                batch = x[index].detach().requires_grad_(True)
+                (gradient,) = torch.autograd.grad(m(batch).sum(), batch, create_graph=True)
+                torch.autograd.grad(gradient.flatten(1).norm(dim=1).sum(), batch)
+        guided_ig_floor(m, x, t, chunk, e)  # then the integral: steps x (forward + input gradient)
+
     def meaningful_floor(m, x, t, chunk, e):  # the circle start's 36 forwards per image, then steps x (fwd + grad)
         forward_passes(m, x, x.shape[0] * 36, chunk)
         guided_ig_floor(m, x, t, chunk, e)
@@ -299,6 +308,7 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                 x, target=t, n_steps=steps, internal_batch_size=c))}),
         "blur_ig": Work({"steps": steps}, grads(steps)),
         "guided_ig": Work({"steps": steps}, guided_ig_floor),
+        "geodesic_ig": Work({"steps": steps, "iterations": GEODESIC_ITERATIONS}, geodesic_floor),
         "idgi": Work({"steps": steps}, grads(steps)),
         "idg": Work({"steps": steps}, idg_floor),
         # IG from two baselines (steps/2 each), then the segmentation and region growth on the CPU
@@ -771,6 +781,8 @@ def cam_work(size: int) -> Dict[str, Work]:
 
 #: Shap-CAM's orderings in the benchmark (its default, 200, is 409,401 tail passes per image on ResNet-50's layer4)
 SHAP_CAM_SAMPLES = 1
+#: Geodesic IG's path optimisation steps in the benchmark (its default is 1000 with an early stop)
+GEODESIC_ITERATIONS = 2
 #: MoXI's patch grid in the benchmark (its default, 14 x 14, is 19,305 forwards per image)
 MOXI_GRID = 4
 #: Sobol attribution's designs in the benchmark, on a 4 x 4 grid (17 forwards per design; its default is 32 on 8 x 8)

@@ -37,6 +37,7 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "expected_gradients": {"samples": 2}, "kernel_shap": {"grid": 2}, "partition_shap": {"max_evals": 20},
          "shapley_sampling": {"grid": 2, "samples": 2}, "moxi": {"grid": 2}, "shap_cam": {"samples": 1},
          "isa": {"group_size": 10 ** 6, "ascent_steps": 2, "descent_steps": 2},
+         "geodesic_ig": {"steps": 2, "iterations": 1},
          "lime": {"grid": 2, "samples": 8}, "idg": {"steps": 4}, "idgi": {"steps": 4},
          "sess": {"num_scales": 2}, "agi": {"topk": 2, "max_iter": 2},
          "local_attribution": {"select_num": 2, "max_iter": 2}, "mfaba": {"steps": 4},

@@ -1,8 +1,7 @@
 """ShapleyCAM."""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, ContextManager, List, Optional
+from typing import Any, List, Optional
 
 from torch import Tensor
 
@@ -28,14 +27,12 @@ class ShapleyCAM(CAM):
     layer only.  Works with in-place ReLUs (autograd differentiates ``threshold_backward`` a second time; no
     backward hooks).  Same formula as pytorch-grad-cam's ``ShapleyCAM``; with a ``reshape_transform`` the product
     ``g . A`` is taken over the reshaped elements (pytorch-grad-cam takes it over the raw layer output, which
-    differs only for transforms that drop elements, such as a class token).  The forward runs
-    ``F.scaled_dot_product_attention`` with its math kernel: the fused kernels (vision transformers) have no
-    second derivative.
+    differs only for transforms that drop elements, such as a class token).  The passes run
+    ``F.scaled_dot_product_attention`` with its math kernel (``needs_second_derivative``): the fused kernels
+    (vision transformers) have no second derivative.
     """
 
-    def _forward(self, rows: Tensor) -> Tensor:
-        with _math_attention():
-            return super()._forward(rows)
+    needs_second_derivative = True
 
     def _layer_gradients(self, capture: LayerCapture, score: Tensor, create_graph: bool) -> List[Tensor]:
         grads = capture.gradients(score, create_graph=True)
@@ -48,12 +45,3 @@ class ShapleyCAM(CAM):
 
     def _weights(self, activations: Tensor, gradients: Optional[Tensor], **options: Any) -> Tensor:
         return gradients.mean(dim=(2, 3), keepdim=True)
-
-
-def _math_attention() -> ContextManager[Any]:
-    """Scaled dot-product attention restricted to its twice-differentiable math kernel (torch >= 2.3)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])

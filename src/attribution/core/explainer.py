@@ -60,6 +60,9 @@ class Explainer:
     #: True when the method needs class indices as the target (it reads other classes' scores or the prediction's
     #: class): a callable target gets a ValueError that says so
     needs_class_indices: ClassVar[bool] = False
+    #: True when the method differentiates the model twice even without ``create_graph`` (a Hessian-vector product,
+    #: a gradient-norm energy): its passes run attention with a twice-differentiable kernel, as create_graph's do
+    needs_second_derivative: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         if not isinstance(model, nn.Module):
@@ -111,7 +114,9 @@ class Explainer:
                     x = x.clone()
                 resolved = resolve_target(target, x.shape[0], x.device, opts.pop("score"))
                 self._resolve_argmax(x, resolved, opts["batch_size"])
-                saliency = self._explain(x, resolved, **opts)
+                twice = opts.get("create_graph") or self.needs_second_derivative
+                with math_attention() if twice else contextlib.nullcontext():
+                    saliency = self._explain(x, resolved, **opts)
         finally:
             _AMP_DTYPE.reset(token)
             _CHANNELS_LAST.reset(layout_token)
@@ -156,6 +161,17 @@ class Explainer:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({type(self.model).__name__}{', ' if opts else ''}{opts})"
+
+
+def math_attention() -> ContextManager[Any]:
+    """``F.scaled_dot_product_attention`` restricted to its math kernel (torch >= 2.3): the fused kernels (flash,
+    memory-efficient) have no second derivative, which ``create_graph=True`` (maps differentiated in training) and
+    the methods that differentiate twice need on vision transformers."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def model_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:

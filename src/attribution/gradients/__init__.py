@@ -11,6 +11,7 @@ from .crp import CRP
 from .deeplift import DeepLift, DeepLiftShap
 from .expected import ExpectedGradients
 from .forgrad import FORGrad
+from .geodesic_ig import GeodesicIG
 from .guided_absolute_grad import GuidedAbsoluteGrad
 from .guided_backprop import Deconvnet, GuidedBackProp, RectGrad
 from .guided_ig import GuidedIG
@@ -41,6 +42,7 @@ __all__ = [
     "DeepLift",
     "DeepLiftShap",
     "ExpectedGradients",
+    "GeodesicIG",
     "FORGrad",
     "GradientExplainer",
     "GuidedAbsoluteGrad",
