@@ -525,3 +525,59 @@ def test_create_graph_on_a_vit_with_fused_attention(name, images):
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     plain = explain(name, model, images, [0, 1, 2], **RANDOM.get(name, {}))
     torch.testing.assert_close(out.detach(), plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max()) + 1e-8)
+
+
+# ------------------------------------------------------------------------------------- core contract (review)
+class HeadFirst(nn.Module):
+    """Registers its head before its stem: the first registered convolution is not the first one run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(8, 5, 1)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x))).mean(dim=(2, 3))
+
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_cnn()
+
+    def forward(self, x):
+        return self.net(x), None
+
+
+def test_a_model_that_registers_its_head_first_is_explained():
+    x = torch.randn(2, 3, 8, 8)
+    assert attribution.VanillaGradient(HeadFirst())(x, 1).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="4 channels but the model's first convolution expects 8"):
+        attribution.VanillaGradient(HeadFirst())(torch.randn(2, 4, 8, 8), 1)
+
+
+@pytest.mark.parametrize("target", [1, None])
+def test_a_model_returning_a_tuple_gets_a_type_error_naming_it(target, images):
+    with pytest.raises(TypeError, match="tuple"):
+        attribution.VanillaGradient(TupleOut())(images, target)
+
+
+def test_a_module_objective_is_called_with_the_scores_alone(cnn, images):
+    class Objective(nn.Module):
+        def forward(self, scores):
+            return scores[:, 1]
+
+    explainer = attribution.VanillaGradient(cnn)
+    torch.testing.assert_close(explainer(images, Objective()), explainer(images, 1))
+
+
+@pytest.mark.parametrize("name, options", [("smoothgrad", {"method": "geodesic_ig", "samples": 1}),
+                                           ("combined", {"cam_method": "shapley_cam"}),
+                                           ("sess", {"base_method": "shapley_cam", "num_scales": 1})])
+def test_methods_running_a_twice_differentiating_method_on_a_fused_vit(name, options):
+    """The inner method's needs_second_derivative reaches the outer call (the fused kernels have no second
+    derivative)."""
+    model = tiny_vit(fused=True, global_pool="token")
+    inner = {"steps": 2, "iterations": 1} if name == "smoothgrad" else {}
+    maps = create(name, model, **options)(torch.randn(1, 3, 16, 16), 1, **inner)
+    assert torch.isfinite(maps).all()

@@ -143,3 +143,23 @@ def test_create_graph_differentiates_the_cut_values():
     method = attribution.AttentionFlow(model)
     check_parameter_derivative(lambda create_graph: method(x, create_graph=create_graph), model,
                                ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"], rtol=1e-4, atol=1e-9)
+
+
+def test_a_vit_pooling_its_patch_tokens_has_no_class_token_to_read():
+    """timm's global_pool='avg' (BEiT's default) pools the patch tokens: the attention maps read their mean row,
+    not the class token's (which the head never reads); 'token' pooling and torchvision's ViT read the class token."""
+    import torchvision
+
+    for options, reads_class_token in (({}, True), ({"global_pool": "avg"}, False)):
+        model = tiny_vit(**options)
+        assert token_layout(model, (16, 16), 17, "the attention maps").class_token is reads_class_token
+    vit_tv = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                                  hidden_dim=16, mlp_dim=16)
+    assert token_layout(vit_tv, (32, 32), 17, "the attention maps").class_token
+    model = tiny_vit(global_pool="avg")
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    maps = captured(model, x)
+    layout = token_layout(model, (16, 16), 17, "the attention maps")
+    expected = authors_flows([m[0] for m in maps], range(1, 17)).mean(dim=0, keepdim=True)
+    torch.testing.assert_close(attribution.AttentionFlow(model)(x), scores_to_image(expected.float(), layout,
+                                                                                     (16, 16)), rtol=1e-5, atol=1e-7)

@@ -112,9 +112,10 @@ class Explainer:
                 x = x.detach()
                 if x.is_inference():
                     x = x.clone()
+                self._check_input_channels(x)
                 resolved = resolve_target(target, x.shape[0], x.device, opts.pop("score"))
                 self._resolve_argmax(x, resolved, opts["batch_size"])
-                twice = opts.get("create_graph") or self.needs_second_derivative
+                twice = opts.get("create_graph") or self._differentiates_twice()
                 with math_attention() if twice else contextlib.nullcontext():
                     saliency = self._explain(x, resolved, **opts)
         finally:
@@ -124,6 +125,27 @@ class Explainer:
 
     def _explain(self, x: Tensor, target: Target, **options: Any) -> Tensor:
         raise NotImplementedError
+
+    def _differentiates_twice(self) -> bool:
+        """Whether this method, or an explainer it runs (a wrapper's method, a combined map's parts, a meta-CAM's
+        base), differentiates the model twice (``needs_second_derivative``)."""
+        return self.needs_second_derivative or any(
+            isinstance(value, Explainer) and value is not self and value._differentiates_twice()
+            for value in vars(self).values())
+
+    def _check_input_channels(self, x: Tensor) -> None:
+        """A clear error when ``x``'s channels do not fit the model: the first registered convolution's input
+        channels are a hint only (a model may register its head first, or expand grey images itself), so a
+        mismatch is confirmed by one forward of the first image before it is reported."""
+        channels = expected_channels(self.model)
+        if channels is None or x.shape[1] == channels:
+            return
+        try:
+            with torch.no_grad():
+                self._forward(x[:1])
+        except Exception as error:
+            raise ValueError(f"x has {x.shape[1]} channels but the model's first convolution expects {channels}") \
+                from error
 
     # ------------------------------------------------------------------------------------------ shared parts
     def _model_input(self, rows: Tensor) -> Tensor:
@@ -146,7 +168,11 @@ class Explainer:
     def _forward(self, rows: Tensor) -> Tensor:
         """The model's raw outputs for ``rows`` (cast to the model's dtype, under the call's autocast)."""
         with self._autocast():
-            return self.model(self._model_input(rows))
+            outputs = self.model(self._model_input(rows))
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"the model must return a (B, K) tensor of scores, got a {type(outputs).__name__}; wrap "
+                            "it in an nn.Module whose forward returns that tensor (e.g. its first output)")
+        return outputs
 
     def _resolve_argmax(self, x: Tensor, target: Target, batch_size: Optional[int]) -> None:
         """Fix ``target=None`` to each image's arg-max class, with forwards of ``x`` in chunks."""
@@ -211,9 +237,6 @@ def check_input(x: Tensor, model: nn.Module) -> None:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.shape[0] == 0:
         raise ValueError("x holds no images (batch size 0)")
-    channels = expected_channels(model)
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"x has {x.shape[1]} channels but the model's first convolution expects {channels}")
     device = model_device(model)
     if device is not None and device != x.device:
         raise ValueError(f"x is on {x.device} but the model is on {device}; move one of them")

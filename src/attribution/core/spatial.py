@@ -66,11 +66,14 @@ def prefix_tokens(model: nn.Module) -> Optional[int]:
 
 
 def has_class_token(model: nn.Module) -> bool:
-    """Whether the model's first prefix token is a class token: not for timm models built with
+    """Whether the model's head reads its first prefix token as a class token: not for timm models built with
     ``class_token=False`` (``has_class_token`` False or ``cls_token`` None: their prefix, if any, is register
-    tokens, and the head pools the patch tokens)."""
-    return getattr(model, "has_class_token", True) is not False and \
-        not (hasattr(model, "cls_token") and getattr(model, "cls_token") is None)
+    tokens), nor for those whose ``global_pool`` is not ``'token'`` (``'avg'``, BEiT's default, and ``'map'``: the
+    head pools the patch tokens).  torchvision's ViT reads its class token."""
+    if getattr(model, "has_class_token", True) is False or (hasattr(model, "cls_token") and model.cls_token is None):
+        return False
+    pool = getattr(model, "global_pool", "token")
+    return not isinstance(pool, str) or pool == "token"
 
 
 def _stride_grids(image_hw: Tuple[int, int], positions: int) -> set:

@@ -21,6 +21,8 @@ SCORES = ("logit", "softmax", "log_softmax", "rest")
 
 def apply_score(outputs: Tensor, score: str) -> Tensor:
     """Turn raw model outputs (N, K) into the scores an attribution explains, in at least float32."""
+    if not isinstance(outputs, Tensor):
+        raise TypeError(f"the model must return a (B, K) tensor of scores, got a {type(outputs).__name__}")
     if outputs.dim() != 2:
         raise ValueError(
             f"the model must return scores of shape (B, K); it returned shape {tuple(outputs.shape)}"
@@ -115,6 +117,8 @@ class Target:
 
 
 def _positional_arity(fn: Callable[..., Tensor]) -> int:
+    if isinstance(fn, torch.nn.Module):  # its __call__ takes (*args, **kwargs): the forward says what it takes
+        fn = fn.forward
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
