@@ -581,3 +581,18 @@ def test_methods_running_a_twice_differentiating_method_on_a_fused_vit(name, opt
     inner = {"steps": 2, "iterations": 1} if name == "smoothgrad" else {}
     maps = create(name, model, **options)(torch.randn(1, 3, 16, 16), 1, **inner)
     assert torch.isfinite(maps).all()
+
+
+def test_numpy_class_indices_are_targets(cnn, images):
+    """NumPy integers and integer arrays (numpy's argmax) are class indices like ints and LongTensors."""
+    import numpy as np
+
+    explainer = attribution.VanillaGradient(cnn)
+    expected = explainer(images, [1, 2, 0])
+    torch.testing.assert_close(explainer(images, np.array([1, 2, 0])), expected)
+    torch.testing.assert_close(explainer(images, [np.int64(1), np.int32(2), 0]), expected)
+    torch.testing.assert_close(explainer(images, np.int64(2)), explainer(images, 2))
+    with pytest.raises(TypeError, match="bool"):
+        explainer(images, np.bool_(True))
+    with pytest.raises(TypeError, match="integer class indices"):
+        explainer(images, np.array([0.5, 1.0, 2.0]))

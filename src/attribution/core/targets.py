@@ -9,12 +9,14 @@ image row ``r`` belongs to, so per-image targets follow their image through ever
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
-TargetSpec = Union[None, int, Sequence[int], Tensor, Callable[..., Tensor]]
+TargetSpec = Union[None, int, Sequence[int], Tensor, "np.ndarray", Callable[..., Tensor]]
 
 SCORES = ("logit", "softmax", "log_softmax", "rest")
 
@@ -141,11 +143,13 @@ def resolve_target(spec: TargetSpec, batch: int, device: torch.device, score: st
         return Target(batch, score)
     if callable(spec) and not isinstance(spec, Tensor):
         return Target(batch, score, objective=spec)
-    if isinstance(spec, bool):
+    if isinstance(spec, (bool, np.bool_)):
         raise TypeError("target must be a class index, not a bool")
-    if isinstance(spec, int):
-        classes = torch.full((batch,), spec, dtype=torch.long, device=device)
+    if isinstance(spec, numbers.Integral):  # int and NumPy integers (e.g. from numpy's argmax)
+        classes = torch.full((batch,), int(spec), dtype=torch.long, device=device)
         return Target(batch, score, classes=classes)
+    if isinstance(spec, np.ndarray):
+        spec = torch.from_numpy(np.ascontiguousarray(spec))
     if isinstance(spec, Tensor):
         if spec.is_floating_point() or spec.is_complex() or spec.dtype == torch.bool:
             raise TypeError(f"a target tensor must hold integer class indices, got dtype {spec.dtype}")
@@ -153,12 +157,12 @@ def resolve_target(spec: TargetSpec, batch: int, device: torch.device, score: st
         if spec.dim() == 0:
             classes = classes.expand(batch).clone()
     elif isinstance(spec, Sequence) and not isinstance(spec, str):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in spec):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in spec):
             raise TypeError("a target sequence must hold int class indices")
-        classes = torch.tensor(list(spec), dtype=torch.long, device=device)
+        classes = torch.tensor([int(t) for t in spec], dtype=torch.long, device=device)
     else:
         raise TypeError(
-            "target must be None, an int, a sequence or LongTensor of class indices, or a callable; "
+            "target must be None, an int, a sequence, LongTensor or NumPy array of class indices, or a callable; "
             f"got {type(spec).__name__}"
         )
     if classes.numel() != batch:
