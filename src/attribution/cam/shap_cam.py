@@ -12,7 +12,7 @@ from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
-from ..perturbation.shapley_sampling import orderings
+from ..perturbation.shapley_sampling import orderings, shapley_from_prefixes
 from .base import FUSIONS, channel_sum
 from .edited_layer import EditedLayerCAM
 
@@ -31,22 +31,6 @@ def coalition_rows(activations: Tensor, owners: Tensor, keep: Tensor, positions:
     spread = torch.ones_like(flat).scatter_(1, positions.flatten().expand(rows.shape[0], -1),
                                             factor.repeat_interleave(positions.shape[1], dim=1))
     return flat.mul_(spread).view(rows.shape)
-
-
-def shapley_from_prefixes(values: Tensor, full: Tensor, order: Tensor) -> Tensor:
-    """(B, C) mean marginal contributions along the orderings ``order`` (P, C).
-
-    ``values`` (B, 1 + P (C - 1)) holds the scores of the empty coalition (column 0), then, ordering by ordering,
-    those of its first 1, ..., C - 1 channels; ``full`` (B,) is the score with every channel.  Adding channel
-    ``order[p, j]`` moves ordering ``p`` from its prefix ``j`` to its prefix ``j + 1``."""
-    batch = values.shape[0]
-    count, channels = order.shape
-    chain = torch.cat([values[:, :1].expand(batch, count)[..., None],
-                       values[:, 1:].reshape(batch, count, channels - 1),
-                       full[:, None, None].expand(batch, count, 1)], dim=2)  # (B, P, C + 1)
-    gains = chain.diff(dim=2)  # (B, P, C)
-    phi = values.new_zeros(batch, channels).index_add(1, order.flatten(), gains.reshape(batch, -1))
-    return phi / count
 
 
 @register("shap_cam")

@@ -24,6 +24,23 @@ def orderings(features: int, samples: int, generator: Optional[torch.Generator])
     return torch.stack([torch.randperm(features, generator=generator, device=device) for _ in range(samples)])
 
 
+def shapley_from_prefixes(values: Tensor, full: Tensor, order: Tensor) -> Tensor:
+    """(B, C) mean marginal contributions along the orderings ``order`` (P, C).
+
+    ``values`` (B, 1 + P (C - 1)) holds the scores of the empty coalition (column 0), then, ordering by ordering,
+    those of its first 1, ..., C - 1 players (segments, channels); ``full`` (B,) is the score with every player.
+    Adding player ``order[p, j]`` moves ordering ``p`` from its prefix ``j`` to its prefix ``j + 1``.  Shared by
+    Shapley value sampling and Shap-CAM."""
+    batch = values.shape[0]
+    count, channels = order.shape
+    chain = torch.cat([values[:, :1].expand(batch, count)[..., None],
+                       values[:, 1:].reshape(batch, count, channels - 1),
+                       full[:, None, None].expand(batch, count, 1)], dim=2)  # (B, P, C + 1)
+    gains = chain.diff(dim=2)  # (B, P, C)
+    phi = values.new_zeros(batch, channels).index_add(1, order.flatten(), gains.reshape(batch, -1))
+    return phi / count
+
+
 @register("shapley_sampling")
 class ShapleyValueSampling(SegmentExplainer):
     """Shapley value sampling: each segment's mean marginal contribution over random orderings of the segments.
@@ -54,7 +71,6 @@ class ShapleyValueSampling(SegmentExplainer):
         generator = optional_generator(generator)
         features = int(labels.max()) + 1
         order = orderings(features, samples, generator).to(x.device)  # (P, M)
-        count = order.shape[0]
         position = torch.empty_like(order).scatter_(1, order, torch.arange(features, device=x.device).expand_as(order))
         steps = torch.arange(1, features, device=x.device)
         prefixes = position[:, None, :] < steps[None, :, None]  # (P, M - 1, M): the first k segments of each ordering
@@ -62,11 +78,5 @@ class ShapleyValueSampling(SegmentExplainer):
                           torch.ones(1, features, dtype=torch.bool, device=x.device)])
         with torch.set_grad_enabled(create_graph):
             values = coalition_scores(self, x, target, labels, plan, make_baseline(x, baseline), batch_size)
-            batch = x.shape[0]
-            empty, full = values[:, :1], values[:, -1:]
-            chain = torch.cat([empty.expand(batch, count)[..., None], values[:, 1:-1].reshape(batch, count, -1),
-                               full.expand(batch, count)[..., None]], dim=2)  # (B, P, M + 1)
-            gains = chain.diff(dim=2)  # (B, P, M): step k adds segment order[p, k]
-            phi = torch.zeros(batch, features, dtype=values.dtype, device=x.device)
-            phi = phi.index_add(1, order.flatten(), gains.reshape(batch, -1)) / count
+            phi = shapley_from_prefixes(values[:, :-1], values[:, -1], order)
         return phi[:, labels].unsqueeze(1)
