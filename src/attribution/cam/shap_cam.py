@@ -54,9 +54,10 @@ class ShapCAM(EditedLayerCAM):
     Defaults: ``samples=200`` orderings, ``score='logit'``, channels removed by zeroing them (the coalition game as
     stated above).  The paper's method section could not be read offline: the players follow its abstract (Shapley
     values in place of CAM's unfounded weights of the activation maps; LIFT-CAM's analytic approximation, Jung & Oh
-    2021, targets the same channel values), and the three defaults are not confirmed from it: 200 is the sample count of the one public student implementation (liuktc/ML4CV_XAI, ``my_shap.py``),
-    which also scores logits.  ``generator`` (a CPU ``torch.Generator``, default ``None``: torch's global one)
-    draws the orderings, per layer in the order of the layers, as ``samples`` successive ``torch.randperm(C)``
+    2021, targets the same channel values), and the three defaults are not confirmed from it: 200 is the sample
+    count of the one public student implementation (liuktc/ML4CV_XAI, ``my_shap.py``), which also scores logits.
+    ``generator`` (a ``torch.Generator`` on any device, default ``None``: torch's global CPU one) draws the orderings
+    on its device, per layer in the order of the layers, as ``samples`` successive ``torch.randperm(C)``
     (the draws of :class:`~attribution.perturbation.shapley_sampling.ShapleyValueSampling`); they are shared by the
     images of the call, so that a seeded generator gives an image the same map alone or in a batch.
 
@@ -86,9 +87,7 @@ class ShapCAM(EditedLayerCAM):
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
         positive_int(samples, "samples")
-        if optional_generator(generator) is not None and generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator (the orderings are drawn on the CPU), got one "
-                             f"on {generator.device}")
+        optional_generator(generator)
         layers = self.target_layers(x, target_layer, reshape_transform)
         results = [self._layer_shapley(x, target, layer, reshape_transform, samples, generator, use_tail, progress,
                                        batch_size, create_graph) for layer in layers]
