@@ -53,6 +53,31 @@ def test_guard_restores_everything_it_promises():
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks and not model[4]._backward_hooks
 
 
+class _AlwaysTrainingNorm(nn.BatchNorm2d):
+    """Batch norm whose ``train()`` keeps it training (test-time adaptation does this): eval() cannot stop its
+    forwards from updating the running statistics."""
+
+    def train(self, mode: bool = True) -> "_AlwaysTrainingNorm":
+        return super().train(True)
+
+
+def test_guard_restores_running_statistics_of_modules_that_stay_training():
+    import attribution
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _AlwaysTrainingNorm(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))
+    norm = model[1]
+    original = norm.running_mean
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    attribution.IntegratedGradients(model)(x, 0, steps=3)
+    with preserve_model(model):
+        norm.running_mean = torch.full((4,), 7.0)  # a buffer replaced, not written in place
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0, msg=name)
+    assert norm.training and norm.running_mean is original
+
+
 def test_threads_sharing_a_model_take_turns():
     """Two threads explaining with one model (one explainer shared, and two explainers that install hooks) give
     the sequential maps, and no hook is left on the model: the guard holds a per-model lock."""

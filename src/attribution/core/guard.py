@@ -64,10 +64,16 @@ def _preserved(model: nn.Module) -> Iterator[nn.Module]:
     params: List[Tuple[nn.Parameter, bool, object]] = [
         (p, p.requires_grad, p.grad) for p in model.parameters()
     ]
+    kept: List[Tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
     try:
         model.eval()
+        kept = _training_buffers(model)
         yield model
     finally:
+        with torch.no_grad():
+            for module, name, buffer, saved in kept:
+                module._buffers[name] = buffer
+                buffer.copy_(saved)
         for module, kids in zip(modules, children):
             if module._modules != kids:
                 module._modules.clear()
@@ -85,3 +91,12 @@ def _preserved(model: nn.Module) -> Iterator[nn.Module]:
                     p.requires_grad_(requires_grad)
                 if p.grad is not grad:
                     p.grad = grad
+
+
+def _training_buffers(model: nn.Module) -> List[Tuple[nn.Module, str, torch.Tensor, torch.Tensor]]:
+    """Copies of the buffers of modules that stay in training mode under ``model.eval()`` (a ``train()`` override
+    that keeps batch norm training, as test-time adaptation does): their forwards update running statistics, which
+    the guard puts back.  Modules that go to eval mode leave their buffers alone, so nothing else is copied."""
+    return [(module, name, buffer, buffer.detach().clone())
+            for module in model.modules() if module.training
+            for name, buffer in module._buffers.items() if buffer is not None]
