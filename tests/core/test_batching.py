@@ -18,14 +18,17 @@ def test_fixed_and_cpu_sizes():
 class FakeAllocator:
     """Peak memory rises by ``per_row`` bytes for each row of the probe pass."""
 
-    def __init__(self, monkeypatch, free: int, per_row: int, earlier_peak: int = 0) -> None:
+    def __init__(self, monkeypatch, free: int, per_row: int, earlier_peak: int = 0, counts: bool = True) -> None:
         self.peak = earlier_peak
         self.per_row = per_row
+        self.allocated_so_far = 0  # what a pass allocates in all: here twice its peak's rise
         for name, fn in {
             "memory_allocated": lambda device=None: 1000,
             "max_memory_allocated": lambda device=None: self.peak,
             "memory_reserved": lambda device=None: 1000,
             "mem_get_info": lambda device=None: (free, 10 * free),
+            "memory_stats": lambda device=None: {"allocated_bytes.all.allocated": self.allocated_so_far} if counts
+            else {},
         }.items():
             monkeypatch.setattr(torch.cuda, name, fn)
 
@@ -34,6 +37,7 @@ class FakeAllocator:
         for start, stop in planner:
             chunks.append((start, stop))
             self.peak = max(self.peak, 1000 + self.per_row * (stop - start))
+            self.allocated_so_far += 2 * self.per_row * (stop - start)
         return chunks
 
 
@@ -54,8 +58,13 @@ def test_cuda_probe_uses_the_reported_cost_when_an_earlier_peak_hides_it(monkeyp
     assert next(it) == (0, 8)
     planner.measure(500.0)  # a pass reports 500 bytes per row
     assert next(it) == (8, 28)  # 10000 // 500 = 20 rows
-    fallback = RowPlanner(500, None, torch.device("cuda"))
-    assert fake.run(fallback)[1] == (8, 8 + batching.FALLBACK_ROWS)
+    bounded = RowPlanner(500, None, torch.device("cuda"))
+    assert fake.run(bounded)[1] == (8, 58)  # nothing reported: all the probe allocated, 200 bytes a row, bounds it
+
+
+def test_cuda_probe_falls_back_to_a_fixed_size_without_any_measure(monkeypatch):
+    fake = FakeAllocator(monkeypatch, free=30_000, per_row=100, earlier_peak=10**9, counts=False)
+    assert fake.run(RowPlanner(500, None, torch.device("cuda")))[1] == (8, 8 + batching.FALLBACK_ROWS)
 
 
 def test_cuda_cap(monkeypatch):

@@ -5,7 +5,9 @@ stays bounded without tuning: on a CPU a fixed number of rows (throughput on a C
 CUDA device the first pass runs a small probe batch, its measured peak memory per row sets the size of the rest
 so that one pass uses at most about a third of the memory that is free (never more than ``MAX_ROWS`` rows).
 The probe's cost per row is the larger of what the pass reports through :meth:`RowPlanner.measure` and the rise
-of the device's peak memory (read, never reset: the user's own peak statistics stay as they were).
+of the device's peak memory (read, never reset: the user's own peak statistics stay as they were).  When an earlier
+peak hides the probe's and the pass reports nothing, all the bytes the probe allocated bound its cost from above
+(a smaller, safe size; ``FALLBACK_ROWS`` only when the allocator keeps no such count).
 """
 from __future__ import annotations
 
@@ -70,15 +72,26 @@ class RowPlanner:
             if size < self.total:
                 allocated = torch.cuda.memory_allocated(self.device)
                 peak_before = torch.cuda.max_memory_allocated(self.device)
+                total_before = _bytes_allocated_so_far(self.device)
                 yield 0, size
                 start = size
                 peak = torch.cuda.max_memory_allocated(self.device)
                 estimates = [self.measured_per_row] if self.measured_per_row else []
                 if peak > peak_before:  # the probe set a new peak, so the peak measures it
                     estimates.append((peak - allocated) / size)
+                elif not estimates:  # an earlier peak hides the probe's: bound it by all it allocated
+                    allocated_in_probe = _bytes_allocated_so_far(self.device) - total_before
+                    if allocated_in_probe > 0:
+                        estimates.append(allocated_in_probe / size)
                 size = self._rows_that_fit(max(estimates)) if estimates else FALLBACK_ROWS
                 self.size = size
         while start < self.total:
             stop = min(start + size, self.total)
             yield start, stop
             start = stop
+
+
+def _bytes_allocated_so_far(device: torch.device) -> int:
+    """The device's running total of bytes ever allocated (CUDA's cumulative ``allocated_bytes.all.allocated``):
+    what a pass allocates in all is an upper bound of the peak it adds, whatever peak came before."""
+    return int(torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0))
