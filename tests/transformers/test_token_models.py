@@ -157,6 +157,19 @@ def test_default_layer_and_the_grid_it_is_laid_out_on(spec, narrow):
     assert spatial_layout(model, x.shape[-2:], output.shape, expected, layer) == SPECS[spec].layout
 
 
+@pytest.mark.parametrize("pool, expected", [("avg", "blocks"), ("token", "blocks.2.norm1")])
+def test_default_layer_of_a_zero_head_follows_the_pooling(pool, expected):
+    """A head initialised to zeros (torchvision's ViT is built that way) makes every gradient of the outputs zero:
+    whether the patch tokens reach the output is then read at the head's input, so a ViT that averages its patch
+    tokens keeps the general rule (it got the class-token models' middle block)."""
+    model = _timm("vit_small_patch16_224", img_size=64, depth=4, embed_dim=32, num_heads=2, global_pool=pool)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert default_layer(model, x) == expected
+    nn.init.zeros_(model.head.weight)
+    nn.init.zeros_(model.head.bias)
+    assert default_layer(model, x) == expected
+
+
 def hand_written(layout: SpatialLayout):
     """The reshape a user would write knowing the model: the seed's helper with the prefix and grid spelled out."""
     if layout.kind == "nhwc":

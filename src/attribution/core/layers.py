@@ -87,7 +87,8 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
 
     Vision transformers that classify from their class token (timm ViT and DeiT with ``global_pool='token'``,
     register-token models, torchvision's ``VisionTransformer``) are detected by one backward from that last layer:
-    its patch tokens do not reach the output (only the class token does), so no CAM can be read there.  They get
+    its patch tokens do not reach the output (only the class token does; asked of the head's input when the head is
+    all zeros, as torchvision builds it), so no CAM can be read there.  They get
     :func:`class_token_layer` instead (see docs/transformers.md for the evidence behind it).  Transformers that
     pool their patch tokens (BEiT, EVA, ``global_pool='avg'``) keep the general rule, like CNNs.
     """
@@ -128,18 +129,35 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
 
 
 def _patches_reach_output(model: nn.Module, layer: nn.Module, x: Tensor, layout: SpatialLayout) -> bool:
-    """Whether the outputs depend on the patch tokens of ``layer``'s output (one forward and backward, 1 image)."""
+    """Whether the outputs depend on the patch tokens of ``layer``'s output (one forward and backward, 1 image).
+
+    A head that is all zeros (an untrained model initialised that way) makes every gradient of the outputs zero;
+    then the question is asked of the head's input instead: the input of the last module to finish with an output
+    shaped like the model's and an input shaped otherwise (the classifier, fed the pooled features)."""
     captured: List[Tensor] = []
+    head_inputs: List[Tuple[Tensor, torch.Size]] = []  # (input, output shape) of modules that change the shape
     handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(output))
+
+    def head_hook(module: nn.Module, inputs: Tuple[object, ...], output: object) -> None:
+        if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor) and inputs[0].shape != output.shape:
+            head_inputs.append((inputs[0], output.shape))
+
+    heads = [module.register_forward_hook(head_hook) for module in model.modules() if module is not model]
     try:
         with torch.enable_grad():
             outputs = model(x[:1].detach().clone().requires_grad_(x.is_floating_point()))
             tokens = captured[-1]
             if not tokens.requires_grad:
                 return False
-            (grad,) = torch.autograd.grad(outputs.float().pow(2).sum(), tokens, allow_unused=True)
+            (grad,) = torch.autograd.grad(outputs.float().pow(2).sum(), tokens, allow_unused=True, retain_graph=True)
+            if grad is None or not bool(grad.abs().sum() > 0):
+                features = [f for f, shape in head_inputs if shape == outputs.shape]
+                if features and features[-1].requires_grad:
+                    (grad,) = torch.autograd.grad(features[-1].float().pow(2).sum(), tokens, allow_unused=True)
     finally:
         handle.remove()
+        for head in heads:
+            head.remove()
     return grad is not None and bool(grad[:, layout.prefix:].abs().sum() > 0)
 
 
