@@ -255,9 +255,12 @@ def test_products_with_weights_and_output_softmaxes_are_not_attention():
         assert torch.isfinite(changed).all() and changed.abs().sum() > 0
 
 
-def test_gated_products_share_the_relevance():
+@pytest.mark.parametrize("split", [False, True])
+def test_gated_products_share_the_relevance(split):
     """A bias-free gated MLP, ``silu(W_g t) * (W_u t)`` (SwiGLU): the uniform rule halves the gradient to both
-    factors, so the relevance sums to the logit (each factor taking all of it would double it)."""
+    factors, so the relevance sums to the logit (each factor taking all of it would double it).  ``split``: the two
+    factors are the halves of one linear layer's output (timm's ``GluMlp``, EVA-02's SwiGLU: ``chunk(2)``), which
+    were taken for one tensor's entries."""
 
     class GatedNet(nn.Module):
         def __init__(self) -> None:
@@ -269,7 +272,11 @@ def test_gated_products_share_the_relevance():
 
         def forward(self, x):
             tokens = self.embed(x.flatten(2).transpose(1, 2))
-            tokens = tokens + self.down(torch.nn.functional.silu(self.gate(tokens)) * self.up(tokens))
+            if split:
+                gate, up = torch.cat([self.gate(tokens), self.up(tokens)], dim=-1).chunk(2, dim=-1)
+            else:
+                gate, up = self.gate(tokens), self.up(tokens)
+            tokens = tokens + self.down(torch.nn.functional.silu(gate) * up)
             return self.head(tokens.mean(dim=1))
 
     model = GatedNet().double().eval()

@@ -176,18 +176,24 @@ def _guarded(numerator: Tensor, denominator: Tensor) -> Tensor:
     return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0)
 
 
+#: autograd nodes whose outputs are distinct parts of one tensor (``chunk``, ``split``, ``unbind``)
+_SPLITS = ("Split", "Unbind")
+
+
 def _elementwise_sources(t: Tensor, limit: int = 32) -> set:
-    """The autograd nodes ``t`` was computed from through elementwise operations and views (the first mixing node of
-    each path included, see :data:`_MIXING`), at most ``limit`` of them."""
+    """The ``(autograd node, output)`` pairs ``t`` was computed from through elementwise operations and views, at
+    most ``limit`` of them: a path stops at its first node that mixes entries (see :data:`_MIXING`) and at the
+    outputs of splits, each output a source of its own (a GLU's ``act(x1) * x2`` from ``fc1(x).chunk(2)``
+    multiplies distinct parts of one tensor)."""
     seen: set = set()
-    stack = [t.grad_fn]
+    stack = [(t.grad_fn, t.output_nr)]
     while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or node in seen:
+        node, output = stack.pop()
+        if node is None or (node, output) in seen:
             continue
-        seen.add(node)
-        if not any(name in type(node).__name__ for name in _MIXING):
-            stack.extend(following for following, _ in node.next_functions)
+        seen.add((node, output))
+        if not any(name in type(node).__name__ for name in _MIXING + _SPLITS):
+            stack.extend(node.next_functions)
     return seen
 
 
