@@ -314,6 +314,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         # IG from two baselines (steps/2 each), then the segmentation and region growth on the CPU
         "xrai": Work({"steps": max(1, steps // 2)}, grads(2 * max(1, steps // 2))),
         "attn_lrp": Work({}, grads(1)),
+        # input x gradient under LibraGrad's rules: the rules add elementwise work only
+        "libragrad": Work({}, grads(1), models="vit"),
         # LRP's passes: the concept (the most relevant channel of the default layer) is read from the same pass
         "crp": Work({}, grads(1), models="cnn"),
         "lrp": Work({}, grads(1), {"zennit Gradient(EpsilonPlusFlat)": zennit_lrp

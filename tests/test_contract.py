@@ -134,7 +134,11 @@ FAST = {
     "vit_cx": {"generator": torch.Generator().manual_seed(0)},
     "guided_grad_cam": {},
     "combined": {},
+    "libragrad": {},
 }
+#: gradient methods whose rules change only transformer parts (on a ReLU CNN they are their wrapped method): checked
+#: on the tiny ViT, as the attention methods
+ON_VIT = {"libragrad"}
 #: methods that need class indices (``needs_class_indices``: their paths leave the target class, or step towards
 #: other classes): a callable target gets a clear error
 NEEDS_CLASSES = {name for name in list_methods() if attribution.get_method(name).needs_class_indices}
@@ -164,7 +168,7 @@ METHODS = list_methods()
 
 def toy_model(name: str, inplace: bool = False) -> nn.Module:
     """The toy model each method is checked on: a tiny ViT for attention methods, a tiny CNN for the rest."""
-    if attribution.get_method(name).kind == "attention":
+    if attribution.get_method(name).kind == "attention" or name in ON_VIT:
         return tiny_vit()
     return tiny_cnn(inplace=inplace)
 

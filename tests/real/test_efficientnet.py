@@ -25,6 +25,7 @@ GRADIENT_METHODS = {
     "lrp": {},
     "crp": {},  # each class's most relevant channel of the head: 0.84 against 0.03
     "attn_lrp": {},  # on a CNN: input x gradient with the identity rule on ReLU6 (f(x)/x past the clip)
+    "libragrad": {},  # on a CNN: the same identity rule on ReLU6, explaining the softmax probability
     "mfaba": {},
     # four groups of a quarter of the features, two ascent and two descent steps each: 0.45 against 0.37
     "isa": {"group_size": 38400, "ascent_steps": 2, "descent_steps": 2, "generator": torch.Generator().manual_seed(0)},

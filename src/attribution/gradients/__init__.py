@@ -20,6 +20,7 @@ from .idgi import IDGI
 from .ig2 import IG2
 from .input_x_gradient import InputXGradient
 from .integrated import IntegratedGradients
+from .libragrad import LibraGrad
 from .local_attribution import LocalAttribution
 from .isa import ISA
 from .lrp import LRP
@@ -54,6 +55,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedDecisionGradients",
     "IntegratedGradients",
+    "LibraGrad",
     "LocalAttribution",
     "LRP",
     "MFABA",
