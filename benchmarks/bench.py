@@ -318,6 +318,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
         "libragrad": Work({}, grads(1), models="vit"),
         # LRP's passes: the concept (the most relevant channel of the default layer) is read from the same pass
         "crp": Work({}, grads(1), models="cnn"),
+        # one forward and one backward with the sharing rule at each activation and pooling
+        "srd": Work({}, grads(1), models="cnn"),
         "lrp": Work({}, grads(1), {"zennit Gradient(EpsilonPlusFlat)": zennit_lrp
                                    if importlib.util.find_spec("zennit") else None}),
         # every path taken to the end, so the floor is exact: steps x (forward + input gradient)

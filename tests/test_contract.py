@@ -135,6 +135,7 @@ FAST = {
     "guided_grad_cam": {},
     "combined": {},
     "libragrad": {},
+    "srd": {},
 }
 #: gradient methods whose rules change only transformer parts (on a ReLU CNN they are their wrapped method): checked
 #: on the tiny ViT, as the attention methods

@@ -85,6 +85,7 @@ from .gradients import (
     RectGrad,
     SmoothGrad,
     SmoothTaylor,
+    SRD,
     VanillaGradient,
     XRAI,
 )
@@ -198,6 +199,7 @@ __all__ = [
     "ShapleyValueSampling",
     "SmoothGrad",
     "SmoothTaylor",
+    "SRD",
     "SmoothGradCAMPlusPlus",
     "SobolAttribution",
     "TIS",

@@ -53,8 +53,11 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          # random weights: every masked copy's logit may be negative (BEiT's are), or its probability (1000 classes)
          # below the authors' threshold of 0.001: probabilities, none dropped
          "decom_cam": {"components": 3, "score": "softmax", "threshold": 0.0}}  # fixed-size position embeddings: the image's own resolution only
+#: methods for CNNs alone (SRD decomposes affine blocks between elementwise activations: layer norms and attention
+#: below its layer are refused by name, see test_cnn_only_methods_refuse_token_models)
+CNN_ONLY = ("srd",)
 METHODS = sorted(n for n in A.list_methods() if A.get_method(n).kind in ("cam", "gradient", "perturbation", "region",
-                                                                                 "magnitude"))
+                                                                                 "magnitude") and n not in CNN_ONLY)
 
 
 def _timm(name: str, **options) -> nn.Module:
@@ -206,6 +209,13 @@ def test_every_method_runs_without_a_user_reshape(spec, name):
     assert out.abs().sum() > 0 or (name == "fem" and SPECS[spec].layout.height * SPECS[spec].layout.width <= 4)
 
 
+@pytest.mark.parametrize("name", CNN_ONLY)
+@pytest.mark.parametrize("spec", ["vit_small_patch16_224", "torchvision.vit_b_16"])
+def test_cnn_only_methods_refuse_token_models(spec, name):
+    with pytest.raises(ValueError, match="norm|attention"):
+        A.create(name, model_for(spec, False))(images(spec), [1, 2])
+
+
 def test_ablation_cam_ablates_one_channel_of_every_patch_token():
     """Reference: a forward hook zeroes feature k of the patch tokens (the class token is not part of the map and
     keeps its value); w_k = (y - y_k) / y; map = ReLU(sum_k w_k A_k) on the 4x4 patch grid."""
@@ -240,7 +250,7 @@ def test_ablation_cam_ablates_one_channel_of_every_patch_token():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", sorted(set(A.list_methods("cam")) | {"guided_grad_cam"}))
+@pytest.mark.parametrize("name", sorted((set(A.list_methods("cam")) | {"guided_grad_cam"}) - set(CNN_ONLY)))
 def test_cams_on_token_models_on_cuda_match_cpu(name):
     from conftest import tiny_vit
 

@@ -62,7 +62,7 @@ _NOT_FEATURE_LAYERS = (
 )
 
 
-def _is_feature_layer(module: nn.Module) -> bool:
+def is_feature_layer(module: nn.Module) -> bool:
     if isinstance(module, _NOT_FEATURE_LAYERS):
         return False
     kind = type(module).__name__
@@ -109,7 +109,7 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
     modules = dict(model.named_modules())
     candidates: List[Tuple[str, SpatialLayout]] = []
     for name, shape in finished:
-        if not _is_feature_layer(modules[name]):
+        if not is_feature_layer(modules[name]):
             continue
         try:
             layout = spatial_layout(model, x.shape[-2:], shape, name, modules[name])

@@ -211,7 +211,7 @@ class _Pool(Operation):
         return (self.rule(self.compute, tensors[0], grad, create_graph),)
 
 
-class _Pass(Operation):
+class PassThrough(Operation):
     """A call (batch norm, an activation) whose relevance passes unchanged to its first argument; its tensor
     arguments, positional or keyword, are the routed function's inputs (so that its plain derivative reaches a
     batch norm's parameters), the others are kept as they are.  ``copy``: the call would work in place, it runs on
@@ -415,12 +415,12 @@ class RuleMode(TorchFunctionMode):
         if func is F.batch_norm:
             if self.fold_batch_norm:
                 self._fold(args, kwargs)
-            operation = _Pass(func, args, kwargs, copy=False)
+            operation = PassThrough(func, args, kwargs, copy=False)
             return self._route(operation, *operation.tensors())
         if self.pass_activations and func in ACTIVATION_FUNCTIONS and args and isinstance(args[0], Tensor) \
                 and args[0].is_floating_point():
-            plain = _OUT_OF_PLACE.get(func, func)
-            operation = _Pass(plain, args, kwargs, copy=_in_place(func, args, kwargs))
+            plain = OUT_OF_PLACE.get(func, func)
+            operation = PassThrough(plain, args, kwargs, copy=in_place_call(func, args, kwargs))
             return self._route(operation, *operation.tensors())
         if (func in SUM_FUNCTIONS or func in IN_PLACE_SUM_FUNCTIONS) and len(args) == 2 and not kwargs \
                 and all(_activation(a) for a in args) and args[0].shape == args[1].shape \
@@ -455,11 +455,11 @@ def _activation(t: Any) -> bool:
 
 
 #: in-place activations and the out-of-place functions they are computed by
-_OUT_OF_PLACE = {F.relu_: F.relu, torch.relu_: torch.relu, Tensor.relu_: torch.relu, F.hardtanh_: F.hardtanh,
+OUT_OF_PLACE = {F.relu_: F.relu, torch.relu_: torch.relu, Tensor.relu_: torch.relu, F.hardtanh_: F.hardtanh,
                  F.leaky_relu_: F.leaky_relu, F.elu_: F.elu, F.threshold_: F.threshold, F.rrelu_: F.rrelu}
 
 
-def _in_place(func: Callable[..., Tensor], args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+def in_place_call(func: Callable[..., Tensor], args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
     """Whether a call of an out-of-place activation asks to work in place (its ``inplace`` argument)."""
     position = _INPLACE_POSITION.get(func)
     if bool(kwargs.get("inplace", False)):

@@ -27,6 +27,7 @@ from .lrp import LRP
 from .mfaba import MFABA
 from .noise_grad import NoiseGrad
 from .smooth_taylor import SmoothTaylor
+from .srd import SRD
 from .smoothgrad import SmoothGrad
 from .vanilla import VanillaGradient
 from .xrai import XRAI
@@ -63,6 +64,7 @@ __all__ = [
     "RectGrad",
     "SmoothGrad",
     "SmoothTaylor",
+    "SRD",
     "VanillaGradient",
     "XRAI",
 ]
