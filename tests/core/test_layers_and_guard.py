@@ -53,6 +53,20 @@ def test_guard_restores_everything_it_promises():
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks and not model[4]._backward_hooks
 
 
+def test_guard_turns_timms_gradient_checkpointing_off_and_back_on():
+    """timm models checkpoint their blocks whenever ``grad_checkpointing`` is set, eval mode or not."""
+    model = tiny_cnn()
+    model.grad_checkpointing = True
+    model[0].grad_checkpointing = 1  # what ``set_grad_checkpointing(1)`` leaves
+    model[2].grad_checkpointing = False
+    with pytest.raises(RuntimeError, match="boom"):
+        with preserve_model(model):
+            assert [m.grad_checkpointing for m in (model, model[0], model[2])] == [False, False, False]
+            raise RuntimeError("boom")
+    assert model.grad_checkpointing is True and model[2].grad_checkpointing is False
+    assert model[0].grad_checkpointing == 1 and type(model[0].grad_checkpointing) is int
+
+
 class _AlwaysTrainingNorm(nn.BatchNorm2d):
     """Batch norm whose ``train()`` keeps it training (test-time adaptation does this): eval() cannot stop its
     forwards from updating the running statistics."""

@@ -226,6 +226,27 @@ def test_half_models_and_exact_zeros_stay_finite():
     assert torch.isfinite(half).all() and half.abs().sum() > 0
 
 
+@pytest.mark.parametrize("function", ["layer_norm", "softmax"])
+def test_chefer_identity_rule_passes_nothing_through_an_exact_zero(function):
+    """Chefer et al.'s layer norms and softmaxes pass the relevance unchanged: ``d out / d x := f(x) / (x + eps)``,
+    and 0 where ``x`` is exactly 0 (their guarded division; ``f(0) / eps`` is about 1e9 here, which overflowed
+    float16 models' gradients into NaN maps)."""
+    from attribution.gradients.attn_lrp import TransformerLRPRules
+
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    x[0, 1, 2] = x[1, 2, 0] = 0.0
+    x.requires_grad_(True)
+    g = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
+    f = (lambda t: F.layer_norm(t, (8,))) if function == "layer_norm" else (lambda t: t.softmax(dim=-1))
+    with TransformerLRPRules("chefer", eps=1e-10):
+        out = f(x)
+    (grad,) = torch.autograd.grad(out, x, g)
+    with torch.no_grad():
+        expected = torch.where(x == 0, 0.0, g * f(x) / (x + 1e-10))
+    torch.testing.assert_close(grad, expected)
+    assert grad[0, 1, 2] == 0 and grad[1, 2, 0] == 0
+
+
 def test_products_with_weights_and_output_softmaxes_are_not_attention():
     """x @ W.T (a view of a parameter) keeps its gradient; a softmax over the classes is no attention map, even for
     CP-LRP: on this ReLU network the map is input x gradient.  And a model may change a rule's output in place."""

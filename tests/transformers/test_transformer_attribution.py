@@ -252,3 +252,55 @@ def test_a_linear_output_changed_in_place_is_recomputed_for_its_rule():
         model.blocks[0].mlp.fc2.register_forward_hook(double)
         maps.append(attribution.TransformerAttribution(model)(x, [1, 3]))
     torch.testing.assert_close(maps[0], maps[1])
+
+
+def cancelling_residual(model: nn.Module, x: Tensor, token: int, channel: int) -> nn.Module:
+    """Block 0's attention projection made to output the constant ``-v`` in ``channel`` (its weights' row zeroed,
+    its bias ``-v``), ``v`` the first image's block input at (``token``, ``channel``): the residual stream after the
+    attention, ``v + (-v)``, is exactly 0 there."""
+    tokens = first_block_inputs(model, model.blocks[0], x.to(model.head.weight.dtype))
+    with torch.no_grad():
+        proj = model.blocks[0].attn.proj
+        proj.weight[channel] = 0
+        proj.bias[channel] = -tokens[0, token, channel]
+    middle = []
+    handle = model.blocks[0].norm2.register_forward_pre_hook(lambda m, args: middle.append(args[0]))
+    with torch.no_grad():
+        model(x.to(model.head.weight.dtype))
+    handle.remove()
+    assert middle[0][0, token, channel] == 0 and middle[0][0, token].abs().amin() < middle[0][0, token].abs().amax()
+    return model
+
+
+def test_a_residual_sum_of_exactly_zero_passes_no_relevance():
+    """The authors divide by the sum's output guarded (0 where it is 0): nothing passes there, neither through the
+    sum nor through the layer norm after it (whose identity rule gave ``f(0) / 1e-10``, a gradient of about 1e9
+    that the sum's rule then spread as relevance)."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = cancelling_residual(tiny_vit(), x, token=5, channel=7)
+    targets = [1, 3]
+    tokens = first_block_inputs(model, model.blocks[0], x)
+    expected = torch.cat([written_out(tokens[i:i + 1], timm_blocks(model), model.norm, model.head, t, (4, 4),
+                                      (16, 16)) for i, t in enumerate(targets)])
+    ours = attribution.TransformerAttribution(model)(x, targets)
+    assert float(expected.abs().max()) > 0
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_float16_models_give_finite_maps():
+    """float16 rounds some residual sums to exactly 0 (here one entry entering block 1's first layer norm); their
+    layer norms' ``f(0) / 1e-10`` overflowed float16's gradients (inf, then NaN in the sums before: half the map)."""
+    model = tiny_vit(depth=3).half()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(10))
+    entering = []
+    handle = model.blocks[1].norm1.register_forward_pre_hook(lambda m, args: entering.append(args[0]))
+    with torch.no_grad():
+        model(x.half())
+    handle.remove()
+    assert (entering[0] == 0).any()  # the case in point
+    maps = attribution.TransformerAttribution(model)(x, [1, 3])
+    assert torch.isfinite(maps).all() and maps.abs().amax() > 0
+    reference = attribution.TransformerAttribution(tiny_vit(depth=3))(x, [1, 3])
+    # the rules divide relevance by activations, so float16's rounding of near-cancelling sums shows (a float32
+    # model under amp, whose residual sums stay float32, keeps more of the float32 map)
+    assert torch.corrcoef(torch.stack([maps.flatten(), reference.flatten()]))[0, 1] > 0.7

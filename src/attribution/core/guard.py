@@ -1,8 +1,11 @@
 """The state guard: every explainer call leaves the user's model exactly as it found it.
 
 Inside the guard the model runs in eval mode (dropout off, batch-norm on running statistics, so that each image's
-attribution is independent of the batch it came in).  On exit, normal or not, every module's training flag, every
-parameter's ``requires_grad`` and ``.grad``, every module's children and hook dictionaries are put back.
+attribution is independent of the batch it came in) and without timm's gradient checkpointing (the modules'
+``grad_checkpointing`` flags, set by ``set_grad_checkpointing``, which timm honours in eval mode too: the backward
+would recompute the blocks outside the explainer's hooks and attention capture, and torch's checkpoint then refuses
+tensors that differ from the forward's).  On exit, normal or not, every module's training flag and checkpointing
+flag, every parameter's ``requires_grad`` and ``.grad``, every module's children and hook dictionaries are put back.
 
 Calls on one model are serialised by a per-model reentrant lock held for the whole guarded body: explainers
 install hooks, modes and per-call state while they run, so two threads explaining with the same model (through
@@ -65,11 +68,16 @@ def _preserved(model: nn.Module) -> Iterator[nn.Module]:
         (p, p.requires_grad, p.grad) for p in model.parameters()
     ]
     kept: List[Tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+    checkpointed = [(m, m.grad_checkpointing) for m in modules if _checkpointing(m)]
     try:
         model.eval()
+        for module, _ in checkpointed:
+            module.grad_checkpointing = False
         kept = _training_buffers(model)
         yield model
     finally:
+        for module, flag in checkpointed:
+            module.grad_checkpointing = flag
         with torch.no_grad():
             for module, name, buffer, saved in kept:
                 module._buffers[name] = buffer
@@ -91,6 +99,13 @@ def _preserved(model: nn.Module) -> Iterator[nn.Module]:
                     p.requires_grad_(requires_grad)
                 if p.grad is not grad:
                     p.grad = grad
+
+
+def _checkpointing(module: nn.Module) -> bool:
+    """Whether ``module`` has timm's gradient checkpointing on (its ``grad_checkpointing`` flag, a bool or an int,
+    set: timm's models and stages run ``checkpoint_seq`` then, whatever their training flag)."""
+    flag = module.__dict__.get("grad_checkpointing", False)
+    return isinstance(flag, (bool, int)) and bool(flag)
 
 
 def _training_buffers(model: nn.Module) -> List[Tuple[nn.Module, str, torch.Tensor, torch.Tensor]]:

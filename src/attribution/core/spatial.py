@@ -7,9 +7,10 @@ from the output's shape, the input image's size and what the model declares, and
 :class:`SpatialLayout` that turns the output (and, alike, its gradient) into (B, C, h, w):
 
 - (B, N, C): tokens.  The prefix comes from the model (timm's ``num_prefix_tokens``, torchvision's class token)
-  and the patch grid from its patch size and the *actual* input size (``(H // p, W // p)``, non-square inputs
-  included); models that declare neither get the grid ``(H // s, W // s)`` of the one stride ``s`` whose grid
-  holds all N tokens (hierarchical token models, token stages of hybrid nets).
+  and the patch grid from timm's patch embedding (``dynamic_feat_size``: padded inputs, hybrid backbones) or its
+  patch size and the *actual* input size (``(H // p, W // p)``, non-square inputs included); models that declare
+  neither get the grid ``(H // s, W // s)`` of the one stride ``s`` whose grid holds all N tokens (hierarchical
+  token models, token stages of hybrid nets).
 - (B, a, b, c): ``(B, C, h, w)`` or ``(B, h, w, C)``, whichever puts a grid of the input's proportions at the
   spatial positions (``h = H / s`` and ``w = W / s`` for one stride ``s``, up to rounding).  When both do (the
   channel count equals a spatial size), the layer decides: convolutions and batch norms are channels-first,
@@ -21,7 +22,7 @@ from the output's shape, the input image's size and what the model declares, and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -31,12 +32,17 @@ from torch import Tensor, nn
 class TokenLayout:
     """``prefix`` leading non-patch tokens, then ``height * width`` patch tokens in row-major order;
     ``class_token``: the first prefix token is a class token (the head reads it), not a register token of a model
-    that pools its patch tokens."""
+    that pools its patch tokens; ``readout``: how many leading prefix tokens the head reads and averages (2 for
+    timm's distilled DeiT, whose prediction is the mean of its class and distillation tokens' heads);
+    ``extent``: the (height, width) in pixels the patch grid covers when the model pads the image to whole patches
+    (timm's ``dynamic_img_pad``, at the bottom and right), None when the grid spans the input."""
 
     prefix: int
     height: int
     width: int
     class_token: bool = False
+    readout: int = 1
+    extent: Optional[Tuple[int, int]] = None
 
     @property
     def tokens(self) -> int:
@@ -87,28 +93,67 @@ def _stride_grids(image_hw: Tuple[int, int], positions: int) -> set:
     return grids
 
 
-def token_layout(model: nn.Module, image_hw: Tuple[int, int], tokens: int, where: str = "the model") -> TokenLayout:
+def readout_tokens(model: nn.Module) -> int:
+    """How many leading prefix tokens a class-token model's head reads (and averages): 2 for timm's distilled DeiT
+    (``dist_token`` and ``head_dist``: the eval-mode prediction is ``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``),
+    else 1."""
+    return 2 if getattr(model, "dist_token", None) is not None and hasattr(model, "head_dist") else 1
+
+
+#: a patch grid (height, width) and the extent in pixels it covers (None: the input's size)
+_Grid = Tuple[Tuple[int, int], Optional[Tuple[int, int]]]
+
+
+def _embedding_grid(model: nn.Module, image_hw: Tuple[int, int]) -> Optional[_Grid]:
+    """The patch grid timm's patch embedding reports for the input (``dynamic_feat_size``: padding to whole
+    patches, hybrid embeddings' backbone strides) and, when it pads, the extent in pixels the grid covers."""
+    embed = getattr(model, "patch_embed", None)
+    feat_size = getattr(embed, "dynamic_feat_size", None)
+    if not callable(feat_size):
+        return None
+    grid = tuple(int(g) for g in feat_size(tuple(image_hw)))
+    extent = None
+    if getattr(embed, "dynamic_img_pad", False) and getattr(embed, "patch_size", None) is not None:
+        ratio = getattr(embed, "feature_ratio", (1, 1))
+        ratio = (ratio, ratio) if isinstance(ratio, int) else ratio
+        size = embed.patch_size if not isinstance(embed.patch_size, int) else (embed.patch_size,) * 2
+        extent = tuple(max(g * int(p) * int(r), i) for g, p, r, i in zip(grid, size, ratio, image_hw))
+        extent = None if extent == tuple(image_hw) else extent
+    return grid, extent  # type: ignore[return-value]
+
+
+def token_layout(model: nn.Module, image_hw: Tuple[int, int], tokens: int, where: str = "the model",
+                 hint: str = "") -> TokenLayout:
     """The layout of a sequence of ``tokens`` tokens that ``model`` makes from an image of size ``image_hw``.
 
-    The patch grid of the model's patch size comes first, after the declared prefix tokens or with none (the
-    patch embedding's output, before they are prepended); a model that declares no prefix tokens (or none) may
-    also have its tokens on a coarser grid of the input's proportions (a later stage of a hierarchical model).
+    The grid timm's patch embedding reports for the input comes first (``dynamic_feat_size``: images padded to
+    whole patches, hybrid backbones), then the patch grid of the model's patch size, after the declared prefix
+    tokens or with none (the patch embedding's output, before they are prepended); a model that declares no prefix
+    tokens (or none) may also have its tokens on a coarser grid of the input's proportions (a later stage of a
+    hierarchical model).  ``hint`` ends the error message (what the caller can do instead).
     """
+    image_hw = (int(image_hw[0]), int(image_hw[1]))
     size = patch_size(model)
     declared = prefix_tokens(model)
+    candidates: List[_Grid] = []
+    reported = _embedding_grid(model, image_hw)
+    if reported is not None:
+        candidates.append(reported)
     if size is not None:
-        grid = (image_hw[0] // size[0], image_hw[1] // size[1])
+        candidates.append(((image_hw[0] // size[0], image_hw[1] // size[1]), None))
+    for grid, extent in candidates:
         prefix = tokens - grid[0] * grid[1]
         if prefix >= 0 and (declared is None or prefix in (0, declared)):  # 0: before the prefix is prepended
-            return TokenLayout(prefix, *grid, class_token=prefix > 0 and has_class_token(model))
+            class_token = prefix > 0 and has_class_token(model)
+            readout = min(readout_tokens(model), prefix) if class_token else 1
+            return TokenLayout(prefix, *grid, class_token=class_token, readout=readout, extent=extent)
     if not declared:
         grids = _stride_grids(image_hw, tokens)
         if len(grids) == 1:
             return TokenLayout(0, *grids.pop())
     raise ValueError(
         f"cannot lay out the {tokens} tokens of {where} on a patch grid: patch size {size}, input "
-        f"{tuple(image_hw)}, {declared if declared is not None else 'unknown'} prefix tokens; pass a "
-        "reshape_transform"
+        f"{image_hw}, {declared if declared is not None else 'unknown'} prefix tokens" + (f"; {hint}" if hint else "")
     )
 
 
@@ -177,7 +222,8 @@ def spatial_layout(model: nn.Module, image_hw: Sequence[int], shape: Sequence[in
             return SpatialLayout("nhwc", shape[1], shape[2])
         return SpatialLayout("nchw", shape[2], shape[3])
     if len(shape) == 3:
-        tokens = token_layout(model, image_hw, shape[1], f"layer {where!r} (output shape {shape})")
+        tokens = token_layout(model, image_hw, shape[1], f"layer {where!r} (output shape {shape})",
+                              hint="pass a reshape_transform")
         return SpatialLayout("tokens", tokens.height, tokens.width, tokens.prefix)
     raise ValueError(
         f"the output of layer {where!r} has shape {shape}; CAMs need (B, C, h, w) feature maps, (B, h, w, C) "

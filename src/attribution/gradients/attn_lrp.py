@@ -152,7 +152,8 @@ class _ConservingSum(Operation):
     """A residual sum ``a + b`` with Chefer et al.'s rule, in the input x gradient form: each summand's relevance
     ``a * g`` is rescaled so that the summands share the output's total relevance in proportion to the absolute
     totals of their own, ``|sum a g| / (|sum a g| + |sum b g|)`` (totals per image: over all dimensions but
-    ``batch_dim``)."""
+    ``batch_dim``).  Where the sum is exactly 0 nothing passes (their ``safe_divide(R, a + b)``: the relevance
+    there, ``(a + b) g``, is 0, whatever gradient its consumers sent)."""
 
     def __init__(self, batch_dim: int = 0) -> None:
         self.batch_dim = batch_dim
@@ -163,6 +164,7 @@ class _ConservingSum(Operation):
     def relevance(self, tensors: Sequence[Optional[Tensor]], grad: Tensor,
                   create_graph: bool) -> Tuple[Optional[Tensor], ...]:
         a, b = tensors
+        grad = torch.where(a + b == 0, 0.0, grad)
         dims = tuple(d for d in range(grad.dim()) if d != self.batch_dim)
         totals = [(t * grad).sum(dim=dims, keepdim=True) for t in (a, b)]
         both = totals[0] + totals[1]
@@ -321,7 +323,11 @@ class TransformerLRPRules(TorchFunctionMode):
         x = args[0].clone() if in_place else args[0]
         out = plain(x, *args_out[1:], **kwargs_out)
         wide = torch.promote_types(x.dtype, torch.float32)  # 1e-10 vanishes in float16
-        ratio = out.to(wide) / (x.to(wide) + self.eps)
+        # 0 where the input is exactly 0 (Chefer et al.'s safe_divide): its relevance ``x g`` is 0 whatever ``g``,
+        # and ``f(0) / eps`` (f(0) != 0 for the layer norms and softmaxes of the Chefer rules) would only carry a
+        # gradient of about 1e9 into the sums before it, beyond float16's range (inf, then NaN); unchanged
+        # elsewhere (the activations of AttnLRP's rules go through the origin: their ratio at 0 was 0 already)
+        ratio = torch.where(x == 0, 0.0, out.to(wide) / (x.to(wide) + self.eps))
         result = _IdentityRule.apply(x, out, ratio, self.state)
         return args[0].copy_(result) if in_place else result
 

@@ -33,11 +33,13 @@ class AGCAM(AttentionExplainer):
     needs_scores = True
     defaults = {"head_fusion": "sum", "layer_fusion": "sum"}
 
+    def _check_options(self, *, head_fusion: str, layer_fusion: str) -> None:
+        for name, value in (("head_fusion", head_fusion), ("layer_fusion", layer_fusion)):
+            if not isinstance(value, str) or value not in FUSIONS:
+                raise ValueError(f"{name} must be one of {FUSIONS}, got {value!r}")
+
     def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], *, head_fusion: str,
                    layer_fusion: str, scores: List[Tensor]) -> Tensor:
-        for name, value in (("head_fusion", head_fusion), ("layer_fusion", layer_fusion)):
-            if value not in FUSIONS:
-                raise ValueError(f"{name} must be one of {FUSIONS}, got {value!r}")
         blocks = [_reduce(torch.sigmoid(score) * grad.clamp(min=0), 1, head_fusion)
                   for score, grad in zip(scores, gradients)]
         return _reduce(torch.stack(blocks), 0, layer_fusion)

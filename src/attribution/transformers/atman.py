@@ -15,7 +15,7 @@ from ..core.registry import register
 from ..core.targets import Target
 from .attcat import attention_blocks
 from .attention import _SOFTMAX, explicit_attention, multi_head_attention, unfused_attention_modules
-from .base import scores_to_image
+from .base import batch_first_tokens, scores_to_image
 from .tokens import token_layout
 
 #: the floor of the norms in the cosine similarity (the authors' ``get_similarity_matrix``)
@@ -168,7 +168,9 @@ class AtMan(Explainer):
     of the target (``score='log_softmax'``; ``'logit'`` gives the logit differences of their ``get_delta_logits``).
     Cost: a forward up to the first block per image (the embeddings), then ``P + 1`` forwards per image for ``P``
     patch tokens (the unsuppressed one through the same computation with all factors 1); one more forward per image
-    when ``target=None`` (the suppressed rows are not the image).
+    when ``target=None`` (the suppressed rows are not the image).  Each relevance is a difference of two forwards'
+    scores, often far below a half-precision model's (or ``amp``'s) resolution for one patch: there the maps are
+    mostly rounding noise (correlation 0.2 to 0.6 with the float32 map on a toy ViT), so run AtMan in float32.
 
     Deliberate differences: the sign, positive where the token supports the target (the authors' code stores
     ``clean - suppressed`` cross-entropies and squares them for its figures and evaluation);
@@ -246,9 +248,11 @@ class AtMan(Explainer):
             finally:
                 handle.remove()
             tokens = captured[0] if captured else None
+            if isinstance(tokens, Tensor) and tokens.dim() == 3:
+                tokens = batch_first_tokens(tokens, stop - start, first)  # a sequence-first block's (N, B, D)
             if not isinstance(tokens, Tensor) or tokens.dim() != 3 or tokens.shape[0] != stop - start:
                 shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
                 raise ValueError(f"AtMan needs the first block of {type(self.model).__name__} to take one (B, N, D) "
-                                 f"token tensor; it got {shape}")
+                                 f"or sequence-first (N, B, D) token tensor; it got {shape}")
             chunks.append(tokens)
         return torch.cat(chunks)

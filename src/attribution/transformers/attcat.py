@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
-from .attention import AttentionCapture
-from .base import AttentionExplainer, _at_least_float32, scores_to_image
+from .attention import AttentionCapture, block_attention
+from .base import AttentionExplainer, _at_least_float32, batch_first_tokens, scores_to_image
 from .tokens import token_layout
 
 
@@ -58,21 +58,23 @@ class _CallStacks(AttentionCapture):
 def attention_blocks(model: nn.Module, x: Tensor, forward: Optional[Callable[[Tensor], Tensor]] = None) -> List[str]:
     """The blocks of a transformer, one per attention call, in order: the children of one ``Sequential`` or
     ``ModuleList`` among which the attention calls of a forward of ``x[:1]`` fall one per child.  ``forward`` runs
-    the model (default: the model itself; an explainer passes its own, which applies the call's precision)."""
+    the model (default: the model itself; an explainer passes its own, which applies the call's precision).  The
+    calls of an attention-pooling head after the blocks (timm's ``global_pool='map'``) are left out."""
     containers = {name for name, module in model.named_modules() if isinstance(module, (nn.Sequential, nn.ModuleList))}
     with torch.no_grad(), _CallStacks(model) as capture:
         (forward or model)(x[:1])
     if not capture.stacks:
         raise ValueError(f"found no attention in {type(model).__name__}'s forward pass")
-    for depth_name in capture.stacks[0]:
+    stacks = capture.stacks[:len(block_attention(capture.maps))]  # an attention-pooling head's calls are no block's
+    for depth_name in stacks[0]:
         parent = depth_name.rpartition(".")[0]
         if parent not in containers:
             continue
-        blocks = [next((n for n in stack if n.rpartition(".")[0] == parent), None) for stack in capture.stacks]
+        blocks = [next((n for n in stack if n.rpartition(".")[0] == parent), None) for stack in stacks]
         if None not in blocks and len(set(blocks)) == len(blocks):
             return blocks  # type: ignore[return-value]
     raise ValueError(
-        f"cannot find the blocks of {type(model).__name__}: its {len(capture.stacks)} attention calls do not fall "
+        f"cannot find the blocks of {type(model).__name__}: its {len(stacks)} attention calls do not fall "
         "one per child of one Sequential or ModuleList"
     )
 
@@ -90,8 +92,9 @@ class AttCAT(AttentionExplainer):
     the patch tokens on the model's patch grid, upsampled bilinearly.  Signed and class-discriminative.  As the
     reference code shared by the AttCAT and Contrast-CAT evaluations: the hidden states entering each block and
     the attention averaged over heads and query tokens.  The blocks are found once per input size: the children
-    of one ``Sequential``/``ModuleList`` that hold one attention call each.  Cost: one forward and one backward
-    (to the block inputs) per image.
+    of one ``Sequential``/``ModuleList`` that hold one attention call each; sequence-first blocks
+    (``nn.TransformerEncoderLayer``'s default) have their (N, B, D) tokens read as (B, N, D).  Cost: one forward
+    and one backward (to the block inputs) per image.
     """
 
     needs_gradients = True
@@ -105,11 +108,20 @@ class AttCAT(AttentionExplainer):
             tokens: List[Tensor] = []
             handles = [block.register_forward_pre_hook(lambda m, args: tokens.append(args[0])) for block in blocks]
             outputs, capture = self._forward_capturing(x[start:stop], handles)
-            attention = self._checked(capture.maps, stop - start)
+            rows = stop - start
+            attention = self._checked(capture.maps, rows)
             if len(tokens) != len(attention):
                 raise ValueError(f"AttCAT found {len(attention)} attention maps but {len(tokens)} block inputs")
             scores = target(outputs, owners[start:stop])
             grads = torch.autograd.grad(scores.sum(), tokens, create_graph=create_graph)
+            # sequence-first blocks (nn.TransformerEncoderLayer's default) take (N, B, D) tokens
+            tokens = [batch_first_tokens(t, rows, b) for t, b in zip(tokens, blocks)]
+            grads = tuple(batch_first_tokens(g, rows, b) for g, b in zip(grads, blocks))
+            shape = (rows, attention[0].shape[-1])
+            if any(t.dim() != 3 or tuple(t.shape[:2]) != shape for t in tokens):
+                raise ValueError(f"AttCAT needs each block of {type(self.model).__name__} to take one (B, N, D) or "
+                                 f"sequence-first (N, B, D) token tensor of the attention's {shape[1]} tokens; they "
+                                 f"take {sorted({tuple(t.shape) for t in tokens})} for {rows} images")
             with torch.set_grad_enabled(create_graph):
                 relevance = attentive_class_activation_tokens(attention, grads, tokens)
             layout = token_layout(self.model, tuple(x.shape[-2:]), relevance.shape[-1], "the block inputs")

@@ -44,6 +44,19 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
     return probs @ v, probs, logits
 
 
+def block_attention(maps: List[Tensor]) -> List[Tensor]:
+    """The blocks' self-attention among captured ``maps`` (..., L, S) in forward order: without the trailing calls
+    of an attention-pooling head (timm's ``AttentionPoolLatent``, ``global_pool='map'``: learned queries, fewer
+    than the keys, which are the tokens of the blocks' square self-attention).  Other calls are kept, so that a
+    model with cross-attention inside its blocks still gets the explainers' errors."""
+    count = len(maps)
+    square = [m.shape[-2] == m.shape[-1] for m in maps]
+    while count > 1 and not square[count - 1] and any(square[:count - 1]) \
+            and maps[count - 1].shape[-2] < maps[count - 1].shape[-1] == maps[count - 2].shape[-1]:
+        count -= 1
+    return maps[:count]
+
+
 def unfused_attention_modules(model: nn.Module) -> List[nn.Module]:
     """The model's timm attention modules that compute ``softmax(q k^T)`` explicitly (``fused_attn`` False),
     their probabilities passing through their ``attn_drop`` module."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..core.registry import register
-from .base import AttentionExplainer, fuse_heads
+from .base import AttentionExplainer, check_head_fusion, fuse_heads
 from .rollout import with_residual
 from .tokens import TokenLayout
 
@@ -91,11 +91,15 @@ class AttentionFlow(AttentionExplainer):
     needs_layout = True
     defaults = {"head_fusion": "mean"}
 
+    def _check_options(self, *, head_fusion: str) -> None:
+        check_head_fusion(head_fusion)
+
     def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], *, head_fusion: str,
                    layout: TokenLayout) -> Tensor:
         capacities = torch.stack([with_residual(fuse_heads(block, head_fusion)) for block in attention], dim=1)
         tokens = capacities.shape[-1]
-        sources = [0] if layout.class_token else list(range(layout.prefix, tokens))  # the rows that the map reads
+        # the rows that the map reads: the class token's (and a distilled DeiT's distillation token's), or the patches'
+        sources = list(range(layout.readout)) if layout.class_token else list(range(layout.prefix, tokens))
         relevance = capacities.new_zeros(capacities.shape[0], tokens, tokens)
         for image, blocks in enumerate(capacities):
             flows = max_flows(blocks, sources)

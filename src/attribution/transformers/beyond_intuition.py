@@ -44,11 +44,13 @@ class BeyondIntuition(AttentionExplainer):
     ``steps=20``, the zero baseline, and its ``start_layer=4`` (blocks from the fourth on), here ``start_block=3``
     counted from 0.  The token-wise variant (value-norm ratios instead of head importances) needs each block's value
     projections and is not included.  Class-discriminative.
-    Cost: ``steps`` forwards and backwards (to the attention maps) per image; the last path point is the image
-    itself, so it also gives the perception's maps.
+    Cost: ``steps`` forwards and backwards per image: the last path point is the image itself, whose backward
+    reaches every block's attention (it also gives the perception's maps); the ``steps - 1`` other points' backwards
+    stop at the last block's attention.
     """
 
     needs_gradients = True
+    argmax_on_rows = False  # the path points are not the image: None is resolved to the image's arg-max first
     defaults = {"steps": 20, "start_block": 3, "baseline": "zero"}
 
     def _explain(self, x: Tensor, target: Target, *, steps: int, start_block: int, baseline: BaselineSpec,
@@ -57,13 +59,16 @@ class BeyondIntuition(AttentionExplainer):
             raise ValueError(f"steps must be an int >= 2 (the path's two ends are both points), got {steps!r}")
         if isinstance(start_block, bool) or not isinstance(start_block, int) or start_block < 0:
             raise ValueError(f"start_block must be a non-negative int, got {start_block!r}")
+
+        def check_blocks(blocks: int) -> None:
+            if start_block >= blocks:
+                raise ValueError(f"start_block={start_block} but the model has {blocks} attention blocks")
+
         def perception(attention: List[Tensor], gradients: List[Tensor]) -> Tensor:
-            if start_block >= len(attention):
-                raise ValueError(f"start_block={start_block} but the model has {len(attention)} attention blocks")
             return attention_perception(attention[start_block:], gradients[start_block:])
 
         weights, kept = self._integrated_last_attention(x, target, steps, baseline, batch_size, create_graph,
-                                                        True, perception)
+                                                        True, perception, check_blocks)
         relevance = weights * kept
         layout = token_layout(self.model, tuple(x.shape[-2:]), relevance.shape[-1], "the attention maps")
         return self._to_image(relevance, layout, tuple(x.shape[-2:]))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
-from .base import AttentionExplainer, _at_least_float32, scores_to_image
+from .base import AttentionExplainer, _at_least_float32, batch_dim, scores_to_image
 from .tokens import token_layout
 
 
@@ -33,6 +33,7 @@ class LeGrad(AttentionExplainer):
     """
 
     needs_gradients = True
+    argmax_on_rows = False  # the rows are every chosen block's prediction: None is resolved to the image's arg-max
     defaults = {"start_block": -2}
 
     def _explain(self, x: Tensor, target: Target, *, start_block: int, batch_size: Optional[int],
@@ -55,7 +56,9 @@ class LeGrad(AttentionExplainer):
                 earlier.append(output)
 
             def stack(module: nn.Module, args, output: Tensor) -> Tensor:
-                return torch.cat([output] + earlier, dim=0)  # the tail then predicts from every chosen block
+                # along the batch (the second dimension of sequence-first blocks' (N, B, D) tokens): the tail then
+                # predicts from every chosen block
+                return torch.cat([output] + earlier, dim=batch_dim(output, rows, module))
 
             handles = [block.register_forward_hook(keep) for block in chosen[:-1]]
             handles.append(chosen[-1].register_forward_hook(stack))

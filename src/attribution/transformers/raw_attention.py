@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 from torch import Tensor
 
 from ..core.registry import register
-from .base import AttentionExplainer, fuse_heads
+from .base import AttentionExplainer, check_head_fusion, fuse_heads
 
 
 @register("raw_attention")
@@ -23,6 +23,11 @@ class RawAttention(AttentionExplainer):
     """
 
     defaults = {"block": -1, "head_fusion": "mean"}
+
+    def _check_options(self, *, block: int, head_fusion: str) -> None:
+        check_head_fusion(head_fusion)
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise ValueError(f"block must be an int index into the model's attention blocks, got {block!r}")
 
     def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], *, block: int,
                    head_fusion: str) -> Tensor:

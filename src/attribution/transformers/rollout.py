@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..core.registry import register
-from .base import AttentionExplainer, fuse_heads
+from .base import AttentionExplainer, check_head_fusion, fuse_heads
 
 
 @register("attention_rollout")
@@ -25,10 +25,14 @@ class AttentionRollout(AttentionExplainer):
 
     defaults = {"head_fusion": "mean", "discard_ratio": 0.0}
 
+    def _check_options(self, *, head_fusion: str, discard_ratio: float) -> None:
+        check_head_fusion(head_fusion)
+        if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) \
+                or not 0.0 <= discard_ratio < 1.0:
+            raise ValueError(f"discard_ratio must lie in [0, 1), got {discard_ratio!r}")
+
     def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], *, head_fusion: str,
                    discard_ratio: float) -> Tensor:
-        if not 0.0 <= discard_ratio < 1.0:
-            raise ValueError(f"discard_ratio must lie in [0, 1), got {discard_ratio!r}")
         tokens = attention[0].shape[-1]
         eye = torch.eye(tokens, dtype=attention[0].dtype, device=attention[0].device)
         rollout = eye.expand(attention[0].shape[0], tokens, tokens)

@@ -53,6 +53,7 @@ class TAM(AttentionExplainer):
     (``start_block=-1`` is the chain of one block); ``baseline`` generalises their zero baseline.
     """
 
+    argmax_on_rows = False  # the path points are not the image: None is resolved to the image's arg-max first
     defaults = {"steps": 20, "start_block": 4, "baseline": "zero"}
 
     def _explain(self, x: Tensor, target: Target, *, steps: int, start_block: int, baseline: BaselineSpec,
@@ -61,11 +62,15 @@ class TAM(AttentionExplainer):
             raise ValueError(f"steps must be an int >= 2 (the path's two ends are both points), got {steps!r}")
         if isinstance(start_block, bool) or not isinstance(start_block, int):
             raise ValueError(f"start_block must be an int, got {start_block!r}")
+
         def chain(attention: List[Tensor], gradients: List[Tensor]) -> Tensor:
             return transition_states(attention[_first_block(start_block, len(attention)):])
 
+        def check_blocks(blocks: int) -> None:
+            _first_block(start_block, blocks)
+
         weights, states = self._integrated_last_attention(x, target, steps, baseline, batch_size, create_graph,
-                                                          False, chain)
+                                                          False, chain, check_blocks)
         relevance = weights * states
         layout = token_layout(self.model, tuple(x.shape[-2:]), relevance.shape[-1], "the attention maps")
         return self._to_image(relevance, layout, tuple(x.shape[-2:]))

@@ -11,7 +11,7 @@ from ..core.explainer import Explainer, fraction_list
 from ..core.registry import register
 from ..core.targets import Target
 from .attcat import attention_blocks
-from .base import scores_to_image
+from .base import batch_dim, batch_first_tokens, scores_to_image
 from .tokens import token_layout
 
 #: k-means stops when the squared shift of an image's centroids falls to this (fast_pytorch_kmeans' default)
@@ -64,8 +64,10 @@ class TIS(Explainer):
     Defaults from the authors' evaluation configuration: ``n_masks=2048``, ``tokens_ratio=0.25`` (their class
     defaults to 1024 and 0.5), the softmax probability (``score``); k-means as fast_pytorch_kmeans (random
     distinct points as initial centroids, at most ``kmeans_iterations=100`` Lloyd steps, tolerance 1e-4), its
-    draws shared by the images of a call (``generator`` fixes them).  Maps are raw
-    (the authors min-max scale them: ``attribution.utils.normalize_saliency``).  The model must accept a shorter
+    draws shared by the images of a call (``generator`` fixes them), except that an empty cluster keeps its
+    centroid (fast_pytorch_kmeans sets it to the origin, whose top-k mask is then arbitrary).  Maps are raw
+    (the authors min-max scale them: ``attribution.utils.normalize_saliency``).  Sequence-first blocks
+    (``nn.TransformerEncoderLayer``'s default, (N, B, D) tokens) are supported.  The model must accept a shorter
     token sequence in its blocks: vision transformers whose position embedding is added before the blocks (ViT,
     DeiT; not windowed or relative-position models such as Swin or BEiT, which raise an error).
     Cost: one forward, k-means, and ``n_masks * len(tokens_ratio)`` forwards with a fraction r of the patch tokens
@@ -126,9 +128,15 @@ class TIS(Explainer):
             finally:
                 for handle in handles:
                     handle.remove()
+            rows = stop - start
             if len(outputs) != len(blocks) or any(not isinstance(o, Tensor) or o.dim() != 3 for o in outputs):
                 raise ValueError(f"TIS needs every block of {type(self.model).__name__} to return one (B, N, D) "
                                  "token tensor")
+            outputs = [batch_first_tokens(o, rows, b) for o, b in zip(outputs, blocks)]  # sequence-first blocks
+            if any(o.shape[:2] != outputs[0].shape[:2] or o.shape[0] != rows for o in outputs):
+                raise ValueError(f"TIS needs every block of {type(self.model).__name__} to return one (B, N, D) or "
+                                 f"sequence-first (N, B, D) token tensor; they return "
+                                 f"{sorted({tuple(o.shape) for o in outputs})} for {rows} images")
             chunks.append(torch.cat(outputs, dim=2))
         return torch.cat(chunks)
 
@@ -146,7 +154,10 @@ class TIS(Explainer):
 
             def sample(module: nn.Module, args: tuple) -> tuple:
                 tokens = args[0]
-                chosen = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+                if batch_dim(tokens, index.shape[0], module) == 1:  # a sequence-first block's (N, B, D) tokens
+                    chosen = tokens.gather(0, index.t()[..., None].expand(-1, -1, tokens.shape[-1]))
+                else:
+                    chosen = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
                 return (chosen,) + tuple(args[1:])
 
             handle = first.register_forward_pre_hook(sample)

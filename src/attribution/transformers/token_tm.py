@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
-from .base import AttentionExplainer, _at_least_float32
+from .base import AttentionExplainer, _at_least_float32, batch_first_tokens
 from .tokens import token_layout
 
 #: one block's tokens: entering it, after its attention sublayer's residual sum, leaving it (each (B, N, D))
@@ -54,6 +54,7 @@ class _BlockRecorder:
     children (for a pre-norm block the second is the residual stream after the attention sublayer) and leaving it."""
 
     def __init__(self, blocks: Sequence[nn.Module], names: Sequence[str]) -> None:
+        self.blocks = list(blocks)
         self.names = list(names)
         self.entering: List[List[Optional[Tensor]]] = [[] for _ in blocks]
         self.norms: List[List[Optional[Tensor]]] = [[] for _ in blocks]
@@ -77,7 +78,8 @@ class _BlockRecorder:
     def tokens(self, model: nn.Module, rows: int) -> List[BlockTokens]:
         """Each block's (entering, after attention, leaving) tokens, checked to come from pre-norm blocks."""
         found = []
-        for name, entering, norms, leaving in zip(self.names, self.entering, self.norms, self.leaving):
+        for block, name, entering, norms, leaving in zip(self.blocks, self.names, self.entering, self.norms,
+                                                         self.leaving):
             if len(entering) != 1 or len(leaving) != 1 or entering[0] is None:
                 raise ValueError(f"TokenTM needs each block to run once on a token tensor; block {name!r} of "
                                  f"{type(model).__name__} ran {len(entering)} times")
@@ -89,8 +91,10 @@ class _BlockRecorder:
                     f"{len(norms)} such layers{where}"
                 )
             states = (entering[0], norms[1], leaving[0])
+            if all(isinstance(s, Tensor) and s.dim() == 3 for s in states):  # sequence-first blocks' (N, B, D)
+                states = tuple(batch_first_tokens(s, rows, block) for s in states)
             if any(s.dim() != 3 or s.shape != states[0].shape or s.shape[0] != rows for s in states):
-                raise ValueError(f"TokenTM needs batch-first (B, N, D) tokens of one shape in block {name!r} of "
+                raise ValueError(f"TokenTM needs (B, N, D) tokens of one shape in block {name!r} of "
                                  f"{type(model).__name__}, got {[tuple(s.shape) for s in states]} for {rows} images")
             found.append(states)
         return found

@@ -12,7 +12,7 @@ from ..core.registry import register
 from ..core.targets import Target
 from .atman import COSINE_EPS, KeySuppression
 from .attention import _SOFTMAX, explicit_attention
-from .base import AttentionExplainer, _at_least_float32
+from .base import AttentionExplainer, _at_least_float32, batch_dim
 from .tokens import token_layout
 
 
@@ -146,19 +146,21 @@ class ValueZeroing(AttentionExplainer):
         the zeroed tokens ``j``)."""
         modules = dict(self.model.named_modules())
         blocks = [modules[name] for name in self._block_names(x)]
-        inputs, outputs = self._clean_blocks(x, target, blocks, batch_size, create_graph)
+        inputs, outputs, sequence_first = self._clean_blocks(x, target, blocks, batch_size, create_graph)
         batch, tokens = inputs[0].shape[:2]
         planner = RowPlanner(batch * tokens, batch_size, x.device)
         mixing = []
-        for block, clean_in, clean_out in zip(blocks, inputs, outputs):
+        for block, clean_in, clean_out, seq_first in zip(blocks, inputs, outputs, sequence_first):
             distances = []
             for start, stop in planner:
                 rows = torch.arange(start, stop, device=x.device)
                 owners, zeroed = rows // tokens, rows % tokens
                 keep = torch.ones(stop - start, tokens, dtype=clean_in.dtype, device=x.device)
                 keep[torch.arange(stop - start, device=x.device), zeroed] = 0
+                given = clean_in[owners]
                 with torch.set_grad_enabled(create_graph), self._autocast(), ZeroValues(block, keep) as mode:
-                    changed = block(clean_in[owners])
+                    changed = block(given.transpose(0, 1) if seq_first else given)
+                changed = changed.transpose(0, 1) if seq_first else changed
                 if mode.calls == 0:
                     raise ValueError(f"Value Zeroing found no attention to manipulate in block {type(block).__name__}"
                                      f" of {type(self.model).__name__}")
@@ -170,12 +172,14 @@ class ValueZeroing(AttentionExplainer):
         return mixing
 
     def _clean_blocks(self, x: Tensor, target: Target, blocks: List[nn.Module], batch_size: Optional[int],
-                      create_graph: bool) -> Tuple[List[Tensor], List[Tensor]]:
+                      create_graph: bool) -> Tuple[List[Tensor], List[Tensor], List[bool]]:
         """Each block's clean input and output (B, N, D), from forwards of the images in chunks (the target is
-        evaluated on them: validated, and ``None`` resolved, though the map ignores it)."""
+        evaluated on them: validated, and ``None`` resolved, though the map ignores it), and whether the block is
+        sequence-first (its tokens (N, B, D), read as (B, N, D) here)."""
         inputs: List[List[Tensor]] = [[] for _ in blocks]
         outputs: List[List[Tensor]] = [[] for _ in blocks]
         owners = torch.arange(x.shape[0], device=x.device)
+        seq_first = [False] * len(blocks)
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
             seen: List[List[Tuple[tuple, object]]] = [[] for _ in blocks]
             handles = [block.register_forward_hook(lambda m, args, out, calls=calls: calls.append((args, out)))
@@ -187,24 +191,29 @@ class ValueZeroing(AttentionExplainer):
                 for handle in handles:
                     handle.remove()
             for index, (block, calls) in enumerate(zip(blocks, seen)):
-                args, out = _one_call(block, calls, stop - start)
-                inputs[index].append(args[0])
+                given, out, seq_first[index] = _one_call(block, calls, stop - start)
+                inputs[index].append(given)
                 outputs[index].append(out)
-        return [torch.cat(chunks) for chunks in inputs], [torch.cat(chunks) for chunks in outputs]
+        return [torch.cat(chunks) for chunks in inputs], [torch.cat(chunks) for chunks in outputs], seq_first
 
 
-def _one_call(block: nn.Module, calls: List[Tuple[tuple, object]], rows: int) -> Tuple[tuple, Tensor]:
-    """The one call of a block in a forward: it must map one (B, N, D) token tensor to one of the same shape (the
-    block is rerun on its input alone)."""
+def _one_call(block: nn.Module, calls: List[Tuple[tuple, object]], rows: int) -> Tuple[Tensor, Tensor, bool]:
+    """The one call of a block in a forward: it must map one (B, N, D) token tensor, or a sequence-first block's
+    (N, B, D) one, to one of the same shape (the block is rerun on its input alone).  Returns its input and output
+    as (B, N, D) and whether the block is sequence-first."""
     if len(calls) != 1:
         raise ValueError(f"Value Zeroing needs each block ({type(block).__name__}) to run once per forward; it ran "
                          f"{len(calls)} times")
     args, out = calls[0]
     given = args[0] if len(args) == 1 else None
-    if not isinstance(given, Tensor) or given.dim() != 3 or given.shape[0] != rows \
+    seq_first = isinstance(given, Tensor) and given.dim() == 3 and batch_dim(given, rows, block) == 1
+    if not isinstance(given, Tensor) or given.dim() != 3 or given.shape[1 if seq_first else 0] != rows \
             or not isinstance(out, Tensor) or out.shape != given.shape:
         shapes = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in args]
         result = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"Value Zeroing needs each block ({type(block).__name__}) to map one (B, N, D) token tensor "
-                         f"to one of the same shape; it got inputs {shapes} and returned {result}")
-    return args, out
+                         f"(or a sequence-first block's (N, B, D)) to one of the same shape; it got inputs {shapes} "
+                         f"and returned {result}")
+    if seq_first:
+        return given.transpose(0, 1), out.transpose(0, 1), True
+    return given, out, False
