@@ -561,6 +561,14 @@ def cam_work(size: int) -> Dict[str, Work]:
         patches = (x.shape[-2] // height) * (x.shape[-1] // width)
         forward_passes(m, x, x.shape[0] * (patches + 1), chunk)
 
+    def mda_floor(m, x, t, chunk, e):  # Bi-Attn's path points, then forwards only (subsearch=1, a fixed blur):
+        from attribution.core.spatial import patch_size  # image, black, blur, each patch once, the two curves
+
+        height, width = patch_size(m)
+        patches = (x.shape[-2] // height) * (x.shape[-1] // width)
+        input_gradient_passes(m, x, t, x.shape[0] * BEYOND_STEPS, chunk)
+        forward_passes(m, x, x.shape[0] * (3 + patches + 2 * x.shape[-2]), chunk)
+
     def value_zeroing_floor(m, x, t, chunk, e):  # the clean forward and a forward per token (class token too)
         from attribution.core.spatial import patch_size
 
@@ -727,6 +735,9 @@ def cam_work(size: int) -> Dict[str, Work]:
         "expected_grad_cam": Work({"samples": SMOOTH_CAM_SAMPLES}, smooth_floor, {}, "all"),
         "integrated_grad_cam": Work({"steps": PATH_CAM_STEPS}, path_floor(lambda steps: steps), {}, "all"),
         "rsi_grad_cam": Work({"steps": PATH_CAM_STEPS}, path_floor(lambda steps: steps + 1), {}, "all"),
+        # the activations' integral: steps + 1 path points, each a forward and a gradient to the layer
+        "iia": Work({"steps": PATH_CAM_STEPS, "representation": "activations"}, path_floor(lambda steps: steps + 1),
+                    {}, "cnn"),
         "cameras": Work({"resolutions": CAMERAS_RESOLUTIONS}, cameras_floor, {}, "cnn"),
         "recipro_cam": Work({}, tail_floor(lambda acts: acts.shape[-2] * acts.shape[-1]), {}, "cnn"),
         "lift_cam": Work({}, lift_floor, {}, "cnn"),
@@ -756,6 +767,9 @@ def cam_work(size: int) -> Dict[str, Work]:
         "random_cam": pgc_work(forward_floor, "RandomCAM", "all"),
         "guided_grad_cam": Work({}, two_pass_floor, models="cnn"),
         "attention_rollout": Work({}, forward_floor, models="vit"),
+        "grad_rollout": Work({}, input_floor, models="vit"),
+        # subsearch=1: both searches together insert each patch once; the curves step one image row at a time
+        "mda": Work({"subsearch": 1, "blur": 31, "base_options": {"steps": BEYOND_STEPS}}, mda_floor, models="vit"),
         # one forward; the N maximum flows per image run on the host (scipy's Dinic): most of its time
         "attention_flow": Work({}, forward_floor, models="vit"),
         "generic_attention": Work({}, input_floor, models="vit"),
@@ -798,7 +812,7 @@ OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards, or for AtMan one per patch token, per image): ask
 #: for them with --methods
 SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam", "atman", "fusion_cam",
-               "value_zeroing"}
+               "value_zeroing", "mda"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

@@ -136,6 +136,9 @@ FAST = {
     "combined": {},
     "libragrad": {},
     "srd": {},
+    "grad_rollout": {},
+    "iia": {"steps": 2},
+    "mda": {"subsearch": 2, "blur": 31, "step": 64, "base_options": {"steps": 3, "start_block": 0}},
 }
 #: gradient methods whose rules change only transformer parts (on a ReLU CNN they are their wrapped method): checked
 #: on the tiny ViT, as the attention methods

@@ -26,6 +26,7 @@ from .cam import (
     GroupCAM,
     HiResCAM,
     IBA,
+    IIA,
     ISCAM,
     IntegratedGradCAM,
     KPCACAM,
@@ -91,8 +92,8 @@ from .gradients import (
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
                            MoXI, Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
-from .transformers import (TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionRollout, BeyondIntuition, GenericAttention, GradSAM, LeGrad,
-                           RawAttention, TokenTM, TransformerAttribution, ValueZeroing)
+from .transformers import (MDA, TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionRollout, BeyondIntuition, GenericAttention,
+                           GradientRollout, GradSAM, LeGrad, RawAttention, TokenTM, TransformerAttribution, ValueZeroing)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
 __version__ = "0.1.0"
@@ -137,6 +138,7 @@ __all__ = [
     "FusionCAM",
     "GenericAttention",
     "GradSAM",
+    "GradientRollout",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
@@ -154,6 +156,7 @@ __all__ = [
     "HSICAttribution",
     "HiResCAM",
     "IBA",
+    "IIA",
     "ISCAM",
     "IntegratedGradCAM",
     "InputXGradient",
@@ -171,6 +174,7 @@ __all__ = [
     "LIFTCAM",
     "NormGrad",
     "LRP",
+    "MDA",
     "MeaningfulPerturbation",
     "MFABA",
     "NoiseGrad",

@@ -36,7 +36,8 @@ DISCRIMINATIVE = {
     "lift_cam": {},
     "excitation_backprop": {},
     "relevance_cam": {},
-    "srd": {},  # from the default layer (the head's ReLU6): 0.83 against 0.03 when written
+    "srd": {},
+    "iia": {},  # the activations' path, 11 points  # from the default layer (the head's ReLU6): 0.83 against 0.03 when written
     # the paper's combined NormGrad: at the last layer before the pooled head the gradient is the same everywhere
     # (the identity map is then ||a|| scaled: 0.44 on the cat half for both classes); two middle stages multiplied
     "norm_grad": {"target_layer": ["_blocks.10", "_blocks.14"], "layer_fusion": "product"},

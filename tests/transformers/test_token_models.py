@@ -48,7 +48,7 @@ CHEAP = {"integrated_gradients": {"steps": 4}, "blur_ig": {"steps": 4, "max_sigm
          "igos": {"iterations": 1, "steps": 2}, "igos_pp": {"iterations": 1, "steps": 2},
          "hsic": {"grid": 4, "n_designs": 8},
          "sobol": {"grid": 2, "n_designs": 4},
-         "integrated_grad_cam": {"steps": 2}, "rsi_grad_cam": {"steps": 2},
+         "integrated_grad_cam": {"steps": 2}, "rsi_grad_cam": {"steps": 2}, "iia": {"steps": 2},
          "cameras": {"resolutions": [224]}, "smooth_grad_cam_plusplus": {"samples": 2},
          # random weights: every masked copy's logit may be negative (BEiT's are), or its probability (1000 classes)
          # below the authors' threshold of 0.001: probabilities, none dropped

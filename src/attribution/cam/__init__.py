@@ -19,6 +19,7 @@ from .grad_cam_plusplus import GradCAMPlusPlus
 from .group_cam import GroupCAM
 from .hires_cam import HiResCAM
 from .iba import IBA
+from .iia import IIA
 from .integrated_grad_cam import IntegratedGradCAM
 from .kpca_cam import KPCACAM
 from .layer_cam import LayerCAM
@@ -65,6 +66,7 @@ __all__ = [
     "GroupCAM",
     "HiResCAM",
     "IBA",
+    "IIA",
     "ISCAM",
     "IntegratedGradCAM",
     "KPCACAM",

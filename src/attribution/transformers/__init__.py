@@ -6,8 +6,10 @@ from .attention import AttentionCapture
 from .attention_flow import AttentionFlow
 from .beyond_intuition import BeyondIntuition
 from .generic_attention import GenericAttention
+from .grad_rollout import GradientRollout
 from .grad_sam import GradSAM
 from .legrad import LeGrad
+from .mda import MDA
 from .raw_attention import RawAttention
 from .rollout import AttentionRollout
 from .tam import TAM
@@ -17,6 +19,6 @@ from .tokens import TokenLayout, token_layout, tokens_to_map
 from .transformer_attribution import TransformerAttribution
 from .value_zeroing import ValueZeroing
 
-__all__ = ["AGCAM", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradSAM",
-           "LeGrad", "RawAttention", "TAM", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
+__all__ = ["AGCAM", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradientRollout",
+           "GradSAM", "LeGrad", "MDA", "RawAttention", "TAM", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
            "ValueZeroing", "token_layout", "tokens_to_map"]

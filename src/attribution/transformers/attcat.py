@@ -52,7 +52,7 @@ class _CallStacks(AttentionCapture):
 
     def _record_output(self, module, inputs, output):
         self.stacks.append(tuple(self.running))
-        super()._record_output(module, inputs, output)
+        return super()._record_output(module, inputs, output)
 
 
 def attention_blocks(model: nn.Module, x: Tensor, forward: Optional[Callable[[Tensor], Tensor]] = None) -> List[str]:

@@ -90,11 +90,21 @@ class AttentionCapture(TorchFunctionMode):
         self._handles = []
         return super().__exit__(*exc)
 
-    def _record_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+    def _used(self, probs: Tensor) -> Tensor:
+        """The attention probabilities the model goes on with, given those it computed: themselves (a subclass may
+        hand the model others, e.g. scaled ones; what it returns is what is recorded)."""
+        return probs
+
+    def _softmax(self, logits: Tensor) -> Tensor:
+        return self._used(logits.softmax(dim=-1))
+
+    def _record_output(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        output = self._used(output)  # timm's unfused path: the attn_drop module's output, handed on in its place
         self.maps.append(output)
         # timm's unfused path: the scores are the input of the softmax that ran just before
         self.scores.append(self._softmax_inputs[-1] if self._softmax_inputs else None)
         self._softmax_inputs = []
+        return output
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -108,7 +118,7 @@ class AttentionCapture(TorchFunctionMode):
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
-        out, probs, logits = explicit_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        out, probs, logits = explicit_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, self._softmax)
         self.maps.append(probs)
         self.scores.append(logits)
         return out
@@ -118,7 +128,7 @@ class AttentionCapture(TorchFunctionMode):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                 is_causal: bool) -> tuple[Tensor, Tensor]:
-        out, probs, logits = explicit_attention(q, k, v, attn_mask, is_causal)
+        out, probs, logits = explicit_attention(q, k, v, attn_mask, is_causal, softmax=self._softmax)
         self.maps.append(probs)
         self.scores.append(logits)
         return out, probs

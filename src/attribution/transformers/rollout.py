@@ -1,7 +1,7 @@
 """Attention rollout."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -27,21 +27,35 @@ class AttentionRollout(AttentionExplainer):
 
     def _check_options(self, *, head_fusion: str, discard_ratio: float) -> None:
         check_head_fusion(head_fusion)
-        if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) \
-                or not 0.0 <= discard_ratio < 1.0:
-            raise ValueError(f"discard_ratio must lie in [0, 1), got {discard_ratio!r}")
+        check_discard_ratio(discard_ratio)
 
     def _relevance(self, attention: List[Tensor], gradients: Optional[Tuple[Tensor, ...]], *, head_fusion: str,
                    discard_ratio: float) -> Tensor:
-        tokens = attention[0].shape[-1]
-        eye = torch.eye(tokens, dtype=attention[0].dtype, device=attention[0].device)
-        rollout = eye.expand(attention[0].shape[0], tokens, tokens)
-        for block in attention:
-            fused = fuse_heads(block, head_fusion)
-            if discard_ratio > 0:
-                fused = discard_lowest(fused, discard_ratio)
-            rollout = with_residual(fused) @ rollout
-        return rollout
+        return residual_rollout([fuse_heads(block, head_fusion) for block in attention], discard_ratio)
+
+
+def check_discard_ratio(value: object) -> float:
+    """The ``discard_ratio`` option: a number in [0, 1) (not a bool), as a float; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"discard_ratio must lie in [0, 1), got {value!r}")
+    return float(value)
+
+
+def residual_rollout(fused: Sequence[Tensor], discard_ratio: float = 0.0) -> Tensor:
+    """``R = A'_L ... A'_1`` (B, N, N) from per-block fused (B, N, N) matrices ``A_l``, first block first:
+    ``A'_l = with_residual(discard_lowest(A_l, discard_ratio))`` (the lowest ``discard_ratio`` of each matrix's
+    entries zeroed, never entry (0, 0); nothing zeroed at 0), i.e. ``(A_l + I) / 2`` renormalised to rows summing
+    to 1."""
+    discard_ratio = check_discard_ratio(discard_ratio)
+    rollout: Optional[Tensor] = None
+    for block in fused:
+        if discard_ratio > 0:
+            block = discard_lowest(block, discard_ratio)
+        step = with_residual(block)
+        rollout = step if rollout is None else step @ rollout
+    if rollout is None:
+        raise ValueError("a rollout needs at least one block")
+    return rollout
 
 
 def with_residual(fused: Tensor) -> Tensor:
