@@ -1,6 +1,8 @@
 """CAM formulas against closed forms and plain re-computations written independently of the library's code."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,6 +189,35 @@ def test_ss_cam_smooths_score_cam(x):
     assert not torch.allclose(first, plain)
 
 
+def test_ss_cam_draws_its_noise_from_the_generator(x):
+    """SS-CAM written out with the noise drawn from a CPU generator as the method draws it (one standard-normal
+    tensor per pass, rows image-major then channel then sample); the global seed plays no part."""
+    model = tiny_cnn()
+    image, cls, samples, std = x[:1], 3, 2, 0.5
+    with torch.no_grad():
+        acts = model[:6](image)[0]  # (16, 8, 8)
+        masks = upsample(acts[:, None], image.shape[-2:])  # (16, 1, 16, 16)
+        low, high = masks.flatten(1).amin(1), masks.flatten(1).amax(1)
+        spread = (high - low)[:, None, None, None]
+        masks = torch.where(spread > 0, (masks - low[:, None, None, None]) / spread, torch.zeros_like(masks))
+        noise = torch.randn((16 * samples, 1, 16, 16), generator=torch.Generator().manual_seed(5))
+        baseline = model(torch.zeros_like(image)).softmax(1)[0, cls]
+        weights = torch.zeros(16)
+        for row in range(16 * samples):
+            channel = row // samples
+            masked = image * (masks[channel] + std * noise[row])
+            weights[channel] += model(masked).softmax(1)[0, cls] / samples
+        weights = weights - baseline
+    expected = upsample(F.relu((weights[:, None, None] * acts).sum(0, keepdim=True))[None], image.shape[-2:])
+    torch.manual_seed(123)
+    ours = A.SSCAM(model, "5")(image, cls, samples=samples, std=std, batch_size=64,
+                               generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-7)
+    torch.manual_seed(321)
+    torch.testing.assert_close(A.SSCAM(model, "5")(image, cls, samples=samples, std=std, batch_size=64,
+                                                   generator=torch.Generator().manual_seed(5)), ours)
+
+
 def test_score_cam_family_defaults():
     assert A.ScoreCAM.defaults["score"] == "softmax" and A.ScoreCAM.defaults["baseline"] is True
     assert A.SSCAM.defaults["samples"] == 35 and A.SSCAM.defaults["std"] == 2.0
@@ -227,10 +258,11 @@ def count_calls(module: nn.Module):
     return calls, module.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
 
 
-@pytest.mark.parametrize("layer", ["layer3", "layer3.1.conv2", "layer3.1.relu"])
+@pytest.mark.parametrize("layer", ["layer3", "layer3.1.conv2", "layer3.1.relu", "layer3.1.bn1"])
 def test_ablation_cam_tail_equals_full_forwards_on_a_resnet(layer):
     """The tail (after the layer, with the cached skip connection where the cut is inside a block) gives the same
-    map as full forwards with the layer's output replaced, while the layers before the cut run only once."""
+    map as full forwards with the layer's output replaced, while the layers before the cut run only once.
+    ``layer3.1.bn1`` is followed by ReLU(inplace=True): the tail's clean run must not rectify the activations."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=5).eval()
@@ -248,6 +280,71 @@ def test_ablation_cam_tail_equals_full_forwards_on_a_resnet(layer):
     # two scores by the score, so kernels that round differently per batch size move the map by ~1e-4 relative)
     torch.testing.assert_close(explainer(x, [1, 3], batch_size=1), tail, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(explainer(x, [1, 3], batch_size=3), tail, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [(A.AblationCAM, {}), (A.FDCAM, {}), (A.LIFTCAM, {}),
+                                             (A.ShapCAM, {"samples": 2, "generator": None}),
+                                             (A.ReciproCAM, {"gaussian": True})])
+def test_edited_layer_cams_tail_equals_full_with_an_in_place_op_after_the_layer(method, options):
+    """VGG's pattern, a convolution followed by ReLU(inplace=True): the tail's clean run gets a copy of the layer's
+    output, so the maps (which read the activations) equal those of full forwards."""
+    model = tiny_cnn(inplace=True)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    if "generator" in options:
+        options = {**options, "generator": torch.Generator().manual_seed(0)}
+    explainer = method(model, "4", score="logit", **options)
+    tail = explainer(x, [0, 1])
+    assert explainer.last_mode == "tail"
+    if "generator" in options:
+        options["generator"].manual_seed(0)
+    full = explainer(x, [0, 1], use_tail=False)
+    assert explainer.last_mode == "full"
+    assert float(full.abs().max()) > 0
+    torch.testing.assert_close(tail, full, rtol=1e-4, atol=1e-7)
+
+
+def test_ablation_cam_weights_the_layers_own_output_when_an_in_place_relu_follows():
+    """The Ablation-CAM formula written out on a conv -> ReLU(inplace=True) net at the convolution: the channel
+    sum uses the convolution's (signed) output, the ablated copies start from it too."""
+    model = tiny_cnn(inplace=True)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    classes = torch.tensor([0, 1])
+    with torch.no_grad():
+        acts = model[:5](x).clone()
+        assert float(acts.min()) < 0
+        clean = model[5:](acts.clone())[torch.arange(2), classes]
+        weights = torch.empty(2, acts.shape[1])
+        for k in range(acts.shape[1]):
+            ablated = acts.clone()
+            ablated[:, k] = 0
+            weights[:, k] = (clean - model[5:](ablated)[torch.arange(2), classes]) / clean
+    expected = upsample(F.relu((weights[:, :, None, None] * acts).sum(1, keepdim=True)), x.shape[-2:])
+    explainer = A.AblationCAM(model, "4", score="logit")
+    torch.testing.assert_close(explainer(x, classes), expected, rtol=1e-4, atol=1e-7)
+    assert explainer.last_mode == "tail"
+
+
+@pytest.mark.parametrize("use_tail", [True, False])
+def test_edited_copies_on_a_cpu_run_in_passes_sized_for_their_mode(use_tail):
+    """batch_size=None on a CPU: tail passes take as many copies as fit in 64 MiB of layer output (here all 32 at
+    once), full forwards RowPlanner's 16 rows (each row is a whole image's forward, not a layer output's)."""
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    stem, handle_stem = count_calls(model[0])
+    head, handle_head = count_calls(model[6])  # the pooling after the layer: runs in tails and full forwards
+    explainer = A.AblationCAM(model, "5")
+    try:
+        explainer(x, [0, 1], use_tail=use_tail)
+    finally:
+        handle_stem.remove()
+        handle_head.remove()
+    assert explainer.last_mode == ("tail" if use_tail else "full")
+    if use_tail:
+        assert stem == [2] and head == [2, 32]  # one head pass, the clean tail, then all 2 x 16 copies in one pass
+    else:
+        assert stem == head == [2, 16, 16]  # the clean forward, then full forwards 16 rows at a time
 
 
 class Untraceable(nn.Module):
@@ -341,6 +438,43 @@ def test_fullgrad_target_layer_restricts_the_bias_layers():
     torch.testing.assert_close(last_block, fullgrad_by_hand(model, x, [2, 7], within=model[3]), rtol=1e-4,
                                atol=1e-5)
     assert not torch.allclose(A.FullGrad(model)(x, [2, 7]), last_block)
+
+
+class SharedConv(nn.Module):
+    """A convolution called twice in one forward (shared weights), or, with ``split``, a copy for the second call:
+    both networks compute the same function."""
+
+    def __init__(self, split: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.again = copy.deepcopy(self.conv) if split else self.conv
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 1.5)
+        self.eval()
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.bn(self.conv(h)))
+        h = torch.relu(self.again(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_fullgrad_counts_every_call_of_a_shared_module():
+    """One bias term per call: a shared convolution gives the map of the network with the module duplicated, which
+    is the authors' formula written out (fullgrad_by_hand's hooks see every call)."""
+    shared, split = SharedConv(), SharedConv(split=True)
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(shared(x), split(x))
+    expected = A.FullGrad(split)(x, [0, 3])
+    torch.testing.assert_close(A.FullGrad(shared)(x, [0, 3]), expected)
+    torch.testing.assert_close(expected, fullgrad_by_hand(split, x, [0, 3]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(A.FullGrad(shared)(x, [0, 3], per_channel=True),
+                               A.FullGrad(split)(x, [0, 3], per_channel=True))
 
 
 def test_score_cam_shares_masked_forwards_between_copies_of_an_image(x):

@@ -9,7 +9,7 @@ from torch import nn
 import attribution as A
 from attribution.cam.base import upsample
 from attribution.core.targets import apply_score
-from conftest import cam_cnn, tiny_cnn
+from conftest import cam_cnn, check_parameter_derivative, tiny_cnn
 
 
 @pytest.fixture
@@ -93,6 +93,40 @@ def test_shapley_cam_double_backward_through_in_place_relus():
             m.inplace = False
     torch.testing.assert_close(A.ShapleyCAM(model, "layer3", score="rest")(x, [1, 2]), inplace)
     assert not torch.allclose(inplace, A.GradCAM(model, "layer3", score="rest")(x, [1, 2]), rtol=1e-3)
+
+
+def smooth_double_cnn():
+    """tiny_cnn with SiLU in float64: the Hessian term is large at every layer, finite differences are exact."""
+    return tiny_cnn(activation=nn.SiLU).double()
+
+
+def test_shapley_cam_create_graph_equals_finite_differences_below_and_above_the_layer():
+    """``d map / d theta`` keeps ``H dA/d theta`` (the vector of the Hessian product depends on the parameters below
+    the layer): central differences agree for parameters below the layer ("0", "2") and above it ("4")."""
+    model = smooth_double_cnn()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+    def value(create_graph):
+        return A.ShapleyCAM(model, "3", score="rest")(x, [1, 2], create_graph=create_graph)
+
+    check_parameter_derivative(value, model, ["0.weight", "2.weight", "2.bias", "4.weight"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["rest", "logit"])
+def test_shapley_cam_layers_together_equal_each_layer_alone(score):
+    """Each layer's Hessian product is its own: with several layers each layer's map equals that layer explained
+    alone (no cross-layer terms from one backward of the summed products)."""
+    model = smooth_double_cnn()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    alone = [A.ShapleyCAM(model, layer, score=score)(x, [1, 2]) for layer in ("1", "3")]
+    both = A.ShapleyCAM(model, ["1", "3"], score=score)
+    torch.testing.assert_close(both(x, [1, 2]), (alone[0] + alone[1]) / 2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(both(x, [1, 2], layer_fusion="max"), torch.maximum(*alone), rtol=1e-10, atol=1e-12)
+    expected, hvp = shapley_by_hand(model, 1, x, torch.tensor([1, 2]), score)  # layer "1" against the formula
+    assert hvp.abs().amax() > 1e-2 * expected.abs().amax()
+    torch.testing.assert_close(alone[0], expected, rtol=1e-8, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------- RandomCAM

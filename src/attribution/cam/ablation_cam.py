@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.capture import ReshapeTransform
+from ..core.explainer import finite_number
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
@@ -32,9 +33,9 @@ class AblationCAM(EditedLayerCAM):
     layer, AblationCAM falls back to C full forwards per image with a forward hook that replaces the layer's
     output by the ablated copies (``self.last_mode`` says ``'tail'`` or ``'full'``; ``use_tail=False`` forces full
     forwards).  Ablated copies run
-    ``batch_size`` rows at a time (``None``: on a CPU, as many rows as fit in 64 MiB of layer output, at least 16;
-    on CUDA, sized by the memory probe), without autograd unless ``create_graph=True``; ``progress=True`` shows a
-    bar.
+    ``batch_size`` rows at a time (``None``: on a CPU, as many tail rows as fit in 64 MiB of layer output, at least
+    16, or 16 full forwards; on CUDA, sized by the memory probe), without autograd unless ``create_graph=True``;
+    ``progress=True`` shows a bar.
 
     Layers whose output is not (B, C, h, w) are read through the same layout as every CAM's (token sequences,
     channels-last maps; see :mod:`attribution.core.spatial`) or through ``reshape_transform``: channel ``k`` is
@@ -55,8 +56,9 @@ class AblationCAM(EditedLayerCAM):
                  batch_size: Optional[int], create_graph: bool) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
+        value = finite_number(ablation_value, "ablation_value")
         layers = self.target_layers(x, target_layer, reshape_transform)
-        maps = [self._layer_ablation(x, target, layer, reshape_transform, float(ablation_value), use_tail, progress,
+        maps = [self._layer_ablation(x, target, layer, reshape_transform, value, use_tail, progress,
                                      batch_size, create_graph) for layer in layers]
         return self._fuse(maps, x.shape[-2:], layer_fusion)
 

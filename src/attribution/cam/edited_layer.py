@@ -20,7 +20,8 @@ from ..core.targets import Target
 from .base import CAM
 from .tail import SplitModel, Unsplittable
 
-#: on a CPU with ``batch_size=None``, edited copies run as many rows as fit in this many bytes of layer output
+#: on a CPU with ``batch_size=None``, tail passes run as many edited copies as fit in this many bytes of layer
+#: output (full forwards run RowPlanner's ``CPU_ROWS``: each of their rows is a whole image's forward)
 TAIL_CHUNK_BYTES = 1 << 26
 
 
@@ -44,7 +45,8 @@ class EditedLayerCAM(CAM):
 
     Options shared by the subclasses: ``use_tail`` (default True; False forces full forwards), ``progress`` (a bar
     over the copies), ``batch_size`` (copies per pass; ``None``: on a CPU, as many as fit in 64 MiB of layer
-    output, at least 16; on CUDA, sized by the memory probe).  ``self.last_mode`` says ``'tail'`` or ``'full'``.
+    output, at least 16, for tail passes, and RowPlanner's 16 rows for full forwards; on CUDA, sized by the memory
+    probe).  ``self.last_mode`` says ``'tail'`` or ``'full'``.
     Copies run without autograd unless ``create_graph=True``.
     """
 
@@ -97,7 +99,10 @@ class EditedLayerCAM(CAM):
                   and kept[0][node].dim() > 0 else kept[0][node] for node in plan[1]}
         tail = split.tail(merged, x.shape[0], plan)
         acts = merged[split.cut]
-        return LayerRunner(acts, tail(acts, torch.arange(x.shape[0], device=x.device)), tail, "tail")
+        # the tail may change its layer input in place (a ReLU(inplace=True) after a convolution or batch norm):
+        # the clean run gets a copy, so the activations stay the layer's output (edited rows are new tensors)
+        clean = tail(acts.clone(), torch.arange(x.shape[0], device=x.device))
+        return LayerRunner(acts, clean, tail, "tail")
 
     def _full_runner(self, layer: nn.Module, x: Tensor, batch_size: Optional[int]) -> LayerRunner:
         acts, outputs = [], []
@@ -149,7 +154,7 @@ class EditedLayerCAM(CAM):
         if target.pending:
             target.classes = run.clean_outputs.argmax(dim=1)
         rows = batch_size
-        if rows is None and acts.device.type == "cpu":
+        if rows is None and acts.device.type == "cpu" and run.mode == "tail":  # full forwards: RowPlanner's rows
             rows = int(max(CPU_ROWS, min(MAX_ROWS * 16, TAIL_CHUNK_BYTES // max(1, acts[0].numel()
                                                                              * acts.element_size()))))
         bar = progress_bar(progress, batch * copies, f"{type(self).__name__} copies")

@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
+from ..core.explainer import finite_number
 from ..core.registry import register
 from .base import CAM
 
@@ -27,6 +28,7 @@ class FEM(CAM):
     defaults = {**CAM.defaults, "k": 2.0}
 
     def _weights(self, activations: Tensor, gradients: Optional[Tensor], *, k: float, **options: Any) -> Tensor:
+        k = finite_number(k, "k")
         mean = activations.mean(dim=(2, 3), keepdim=True)
         std = activations.std(dim=(2, 3), keepdim=True, correction=0)
         return (activations > mean + k * std).to(activations.dtype).mean(dim=(2, 3), keepdim=True)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..core.batching import RowPlanner
+from ..core.explainer import finite_number
 from ..core.registry import register
 from ..core.targets import Target, apply_score
 from .base import safe_divide
@@ -83,9 +84,10 @@ class FinerCAM(MetaCAM):
 
     def _explain(self, x: Tensor, target: Target, *, alpha: float, comparisons: Sequence[int],
                  batch_size: Optional[int], **options: Any) -> Tensor:
+        alpha = finite_number(alpha, "alpha")
         ranks = comparison_ranks(comparisons)
         fixed = None if rows_are_images(self.base) else self._comparisons(x, target, ranks, batch_size)
-        finer = finer_target(target, float(alpha), ranks, fixed)
+        finer = finer_target(target, alpha, ranks, fixed)
         return self.base._explain(x, finer, batch_size=batch_size, **options)
 
     def _comparisons(self, x: Tensor, target: Target, ranks: Tuple[int, ...], batch_size: Optional[int]) -> Tensor:

@@ -83,8 +83,9 @@ class FullGrad(CAM):
     ``beta - mean * gamma / sqrt(var + eps)``), ``z`` their outputs, ``U`` bilinear upsampling to the input and
     ``psi`` the absolute value min-max scaled to [0, 1] per image over all channels of the term, as in the
     authors' code; layers whose output has a single position (squeeze-excitation convolutions) would add only a
-    constant and are skipped.  ``target_layer`` (optional) restricts the bias layers to those inside the given
-    modules.
+    constant and are skipped.  A module the forward runs more than once (shared weights) adds one bias term per
+    call, so the map equals that of the same network with a copy of the module for each call.  ``target_layer``
+    (optional) restricts the bias layers to those inside the given modules.
     Cost: one forward and one full backward (to the input and every bias layer) per image.
 
     Differences from pytorch-grad-cam (and the seed library): they min-max scale every channel separately
@@ -98,6 +99,8 @@ class FullGrad(CAM):
 
     def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, per_channel: bool,
                  batch_size: Optional[int], create_graph: bool) -> Tensor:
+        if not isinstance(per_channel, bool):
+            raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
         within = None if target_layer is None else resolve_layers(self.model, target_layer)
         layers = bias_layers(self.model, within)
         modules = [module for module, _ in layers]
@@ -110,22 +113,23 @@ class FullGrad(CAM):
                 outputs = self._forward(rows)
             scores = target(outputs, owners)
             if not modules:
-                grads = [torch.autograd.grad(scores.sum(), rows, create_graph=create_graph)[0]]
-            else:
-                grads = capture.gradients(scores.sum(), create_graph, extra=[rows])
-                grads = grads[-1:] + grads[:-1]
+                per_call: List[List[Tensor]] = []
+                (input_grad,) = torch.autograd.grad(scores.sum(), rows, create_graph=create_graph)
+            else:  # a module the forward runs more than once has one bias-gradient per call
+                per_call, (input_grad,) = capture.call_gradients(scores.sum(), create_graph, extra=[rows])
             # in_place overwrites the returned gradients with their absolute values: safe although one gradient
             # tensor may be returned for two layers (a residual add hands both the same one), since |.| is idempotent
-            total = rescaled_sum((grads[0] * rows).to(dtype), None, per_channel, in_place=not create_graph)
+            total = rescaled_sum((input_grad * rows).to(dtype), None, per_channel, in_place=not create_graph)
             # upsampling is linear, so the channels and all layers of one resolution are summed first and each
             # resolution is upsampled once: the same map for far less work
             by_size: Dict[Tuple[int, int], Tensor] = {}
-            for (_, bias), grad in zip(layers, grads[1:]):
-                size = (grad.shape[-2], grad.shape[-1])
-                if size[0] * size[1] == 1:
-                    continue  # one position (a squeeze-excitation convolution): only a constant offset
-                term = rescaled_sum(grad.to(dtype), bias.to(dtype), per_channel, in_place=not create_graph)
-                by_size[size] = by_size[size] + term if size in by_size else term
+            for (_, bias), grads in zip(layers, per_call):
+                for grad in grads:
+                    size = (grad.shape[-2], grad.shape[-1])
+                    if size[0] * size[1] == 1:
+                        continue  # one position (a squeeze-excitation convolution): only a constant offset
+                    term = rescaled_sum(grad.to(dtype), bias.to(dtype), per_channel, in_place=not create_graph)
+                    by_size[size] = by_size[size] + term if size in by_size else term
             for summed in by_size.values():
                 total = total + upsample(summed, x.shape[-2:])
             chunks.append(total if create_graph else total.detach())

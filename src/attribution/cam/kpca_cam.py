@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.explainer import finite_number, positive_int, positive_number
 from ..core.registry import register
 from .base import CAM
 from .eigen_cam import orient, top_eigenpair
@@ -69,4 +70,7 @@ class KPCACAM(CAM):
 
     def _layer_map(self, activations: Tensor, gradients: Optional[Tensor], *, kernel: str, gamma: Optional[float],
                    coef0: float, degree: int) -> Tensor:
+        positive_int(degree, "degree")
+        gamma = None if gamma is None else positive_number(gamma, "gamma")
+        coef0 = finite_number(coef0, "coef0")
         return F.relu(kernel_first_component(activations, kernel, gamma, coef0, degree))

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
-from ..core.explainer import positive_int
+from ..core.explainer import non_negative_number, optional_generator, positive_int
 from ..core.layers import LayerSpec
 from ..core.progress import progress_bar
 from ..core.registry import register
@@ -36,6 +36,10 @@ class _ScoreWeightedCAM(CAM):
     def _samples(self, options: Dict[str, Any]) -> int:
         return 1
 
+    def _check_options(self, options: Dict[str, Any]) -> None:
+        """Check a subclass's own options before any pass runs (ValueError/TypeError naming the option)."""
+        self._samples(options)
+
     def _perturb(self, masks: Tensor, sample: Tensor, samples: int, options: Dict[str, Any]) -> Tensor:
         return masks
 
@@ -44,6 +48,10 @@ class _ScoreWeightedCAM(CAM):
                  batch_size: Optional[int], create_graph: bool, **options: Any) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
+        for name, flag in (("baseline", baseline), ("channel_softmax", channel_softmax)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        self._check_options(options)
         layers = self.target_layers(x, target_layer, reshape_transform)
         activations = self._capture_all(x, target, layers, reshape_transform, batch_size, create_graph)
         offset = self._baseline_scores(x, target, create_graph) if baseline else None
@@ -161,11 +169,19 @@ class SSCAM(_ScoreWeightedCAM):
     def _samples(self, options: Dict[str, Any]) -> int:
         return positive_int(options["samples"], "samples")
 
+    def _check_options(self, options: Dict[str, Any]) -> None:
+        super()._check_options(options)
+        non_negative_number(options["std"], "std")
+        optional_generator(options["generator"])
+
     def _perturb(self, masks: Tensor, sample: Tensor, samples: int, options: Dict[str, Any]) -> Tensor:
-        if not options["std"]:
+        std, generator = float(options["std"]), options["generator"]  # checked by _check_options
+        if not std:
             return masks
-        noise = torch.randn(masks.shape, generator=options["generator"], device=masks.device, dtype=masks.dtype)
-        return masks + options["std"] * noise
+        # drawn on the generator's device (a CPU generator with CUDA masks works), then moved, as SmoothGrad
+        noise = torch.randn(masks.shape, generator=generator, dtype=masks.dtype,
+                            device=generator.device if generator is not None else masks.device).to(masks.device)
+        return masks + std * noise
 
 
 @register("is_cam")

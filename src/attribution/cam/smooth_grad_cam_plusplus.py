@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..core.batching import RowPlanner
 from ..core.capture import ReshapeTransform
-from ..core.explainer import non_negative_number
+from ..core.explainer import non_negative_number, optional_generator, positive_int
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
@@ -40,9 +40,10 @@ class SmoothGradCAMPlusPlus(CAM):
                  batch_size: Optional[int], create_graph: bool) -> Tensor:
         if layer_fusion not in FUSIONS:
             raise ValueError(f"layer_fusion must be one of {FUSIONS}, got {layer_fusion!r}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive int, got {samples!r}")
+        positive_int(samples, "samples")
         non_negative_number(std, "std")
+        optional_generator(generator)
+        draw_device = generator.device if generator is not None else x.device  # then moved, as SmoothGrad
         layers = self.target_layers(x, target_layer, reshape_transform)
         clean = self._capture_all(x, target, layers, reshape_transform, batch_size, create_graph)
         batch = x.shape[0]
@@ -52,7 +53,8 @@ class SmoothGradCAMPlusPlus(CAM):
         moments: List[List[Tensor]] = [[torch.zeros_like(a) for _ in range(3)] for a in clean]
         for start, stop in RowPlanner(batch * samples, batch_size, x.device):
             owners = torch.arange(start, stop, device=x.device) // samples  # rows image-major
-            noise = torch.randn((stop - start,) + tuple(x.shape[1:]), generator=generator, device=x.device)
+            noise = torch.randn((stop - start,) + tuple(x.shape[1:]), generator=generator,
+                                device=draw_device).to(x.device)
             noisy = (x[owners] + sigma[owners] * noise).to(x.dtype)
             _, _, grads = self._capture(noisy, owners, target, layers, reshape_transform, create_graph, True)
             for sums, grad in zip(moments, grads):

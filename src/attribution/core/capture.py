@@ -23,16 +23,20 @@ last call.
 With ``keep_values=False`` only gradients are asked for: the hook records the output's place in the autograd graph
 (``torch.autograd.graph.get_gradient_edge``) and hands the output on uncopied, so an in-place operation after the
 layer cannot change which gradient is taken, and no copy is made (FullGrad captures every batch norm this way).
+Such a capture keeps every call's place: :meth:`LayerCapture.call_gradients` gives one gradient per call of a
+module that runs more than once.
 
 With ``record_from_layer=True`` (the caller runs the forward under ``torch.no_grad()``), the first captured layer
 to run turns gradient recording on and hands the rest of the network a leaf copy of its output: nothing below the
 layer is recorded for backward (less memory, a cheaper forward).  Maps are then differentiable w.r.t. the layer's
-output but not w.r.t. parameters below it, so callers use it only when ``create_graph`` is off.  Hooks are removed
-on exit, also when the body raises.
+output but not w.r.t. parameters below it, so callers use it only when ``create_graph`` is off.  A captured output
+that needs no gradient although recording is on (its inputs were computed before recording started, in a branch
+beside the first layer, or every parameter below it is frozen) is made a leaf in the same way, so its gradient is
+there to take.  Hooks are removed on exit, also when the body raises.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -64,8 +68,12 @@ class LayerCapture:
         self.model = model
         # without gradient edges (older torch) the outputs are copied, as when values are kept
         self.keep_values = keep_values or not hasattr(torch.autograd.graph, "get_gradient_edge")
+        self._every_call = not keep_values  # gradients only: every call's place is kept (call_gradients)
         self.outputs: List[Optional[Tensor]] = [None] * len(self.layers)
         self.edges: List[Any] = [None] * len(self.layers)
+        #: keep_values=False: every call's (gradient edge, or the output itself on older torch, or None when it needs
+        #: no gradient; shape, dtype, device), in call order
+        self.call_edges: List[List[Tuple[Any, torch.Size, torch.dtype, torch.device]]] = [[] for _ in self.layers]
         self.calls: List[int] = [0] * len(self.layers)
         self._handles: List[Any] = []
         self._recording = False
@@ -95,16 +103,30 @@ class LayerCapture:
                     f"the layer {where!r} returns {type(output).__name__}, not a tensor; pick a layer whose "
                     "output is a tensor (e.g. a submodule of it)"
                 )
+            leaf = False
             if self.record_from_layer and not self._recording:
                 torch.set_grad_enabled(True)  # undone when the caller's no_grad block exits
                 self._recording = True
                 output = output.detach().requires_grad_(output.is_floating_point())
+                leaf = output.requires_grad
+            elif torch.is_grad_enabled() and output.is_floating_point() and not output.requires_grad:
+                # computed from nothing recorded (frozen parameters, a branch beside the first captured layer):
+                # its gradient is still asked for, and as a leaf of the graph it has one
+                output = output.detach().requires_grad_(True)
+                leaf = True
             self.outputs[index] = output
             self.calls[index] += 1
             if self.keep_values:
+                if self._every_call:
+                    self.call_edges[index].append((output if output.requires_grad else None, output.shape,
+                                                   output.dtype, output.device))
                 return output.clone()
-            self.edges[index] = torch.autograd.graph.get_gradient_edge(output) if output.requires_grad else None
-            return output
+            edge = torch.autograd.graph.get_gradient_edge(output) if output.requires_grad else None
+            self.edges[index] = edge
+            self.call_edges[index].append((edge, output.shape, output.dtype, output.device))
+            # a leaf that requires grad cannot take an in-place op (a ReLU(inplace=True) after the layer): hand on
+            # a copy of it then; other outputs go on uncopied
+            return output.clone() if leaf else output
 
         return hook
 
@@ -143,6 +165,30 @@ class LayerCapture:
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, list(self.outputs) + list(extra))]
         count = len(self.outputs)
         return [self.transform(i)(g) for i, g in enumerate(grads[:count])] + grads[count:]
+
+    def call_gradients(self, score: Tensor, create_graph: bool = False, extra: Sequence[Tensor] = ()
+                       ) -> Tuple[List[List[Tensor]], List[Tensor]]:
+        """``d score / d output`` at *every* call of each captured layer (a module the forward runs more than once
+        has one gradient per call, in call order), as the layer output them (no transform), and ``d score / d t``
+        for each ``t`` of ``extra``.  Needs ``keep_values=False``."""
+        self._check_ran()
+        if not self._every_call:
+            raise RuntimeError("call_gradients needs a capture made with keep_values=False")
+        calls = [call for layer_calls in self.call_edges for call in layer_calls]
+        wanted = [i for i, (edge, *_) in enumerate(calls) if edge is not None]
+        found = torch.autograd.grad(score, [calls[i][0] for i in wanted] + list(extra), create_graph=create_graph,
+                                    allow_unused=True)
+        flat: List[Optional[Tensor]] = [None] * len(calls)
+        for i, grad in zip(wanted, found):
+            flat[i] = grad
+        flat = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                for g, (_, shape, dtype, device) in zip(flat, calls)]
+        per_layer: List[List[Tensor]] = []
+        for layer_calls in self.call_edges:
+            per_layer.append(flat[:len(layer_calls)])
+            flat = flat[len(layer_calls):]
+        rest = [torch.zeros_like(t) if g is None else g for g, t in zip(found[len(wanted):], extra)]
+        return per_layer, rest
 
 
 def _identity(tensor: Tensor) -> Tensor:

@@ -34,6 +34,9 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> List[nn.Module]:
     """Resolve one layer or a list of layers to a list of modules."""
     if isinstance(layers, (str, nn.Module)):
         return [resolve_layer(model, layers)]
+    if not isinstance(layers, (list, tuple)):
+        raise TypeError("target_layer must be a dotted name, a module or a list of them, got "
+                        f"{type(layers).__name__}")
     resolved = [resolve_layer(model, layer) for layer in layers]
     if not resolved:
         raise ValueError("an empty list of layers was given")
