@@ -182,7 +182,7 @@ def test_bad_options_name_what_is_wrong(x):
              ({"samples": True}, ValueError, "samples"), ({"std": -0.1}, ValueError, "std"),
              ({"std": "high"}, ValueError, "std"), ({"std": True}, ValueError, "std"),
              ({"std": float("nan")}, ValueError, "std"), ({"generator": 3}, TypeError, "generator"),
-             ({"references": "grey"}, ValueError, "baseline"), ({"references": [0.0]}, TypeError, "baseline"),
+             ({"references": "grey"}, ValueError, "references"), ({"references": [0.0]}, TypeError, "references"),
              ({"references": torch.zeros(2, 3, 16, 16)}, ValueError, "references"),
              ({"layer_fusion": "sum"}, ValueError, "layer_fusion"))
     for options, error, match in cases:

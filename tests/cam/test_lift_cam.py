@@ -106,7 +106,7 @@ def test_token_outputs_get_the_zero_reference_on_their_patch_tokens_only():
 
     handle = model.blocks[0].register_forward_hook(pair)
     try:
-        with RescaleRules(1e-10):
+        with RescaleRules(1e-10, rows=4):
             logits = model(torch.cat([x, x]))
     finally:
         handle.remove()

@@ -1,6 +1,7 @@
 """The row planner's sizing rules (the CUDA memory probe is exercised with a simulated allocator)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from attribution.core.batching import RowPlanner
 def test_fixed_and_cpu_sizes():
     assert list(RowPlanner(10, 4, torch.device("cpu"))) == [(0, 4), (4, 8), (8, 10)]
     assert list(RowPlanner(40, None, torch.device("cpu")))[0] == (0, batching.CPU_ROWS)
+    assert list(RowPlanner(10, np.int64(4), torch.device("cpu"))) == [(0, 4), (4, 8), (8, 10)]  # numpy's integers
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         RowPlanner(3, 0, torch.device("cpu"))
 

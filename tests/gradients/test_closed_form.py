@@ -216,3 +216,24 @@ def test_occlusion_default_window_scales_with_the_image():
     model = CountingModel()
     attribution.Occlusion(model)(torch.randn(1, 3, 224, 224), 0, batch_size=1000)
     assert sum(model.calls) == 1 + 13 * 13  # window 32, stride 16: ceil((224 - 32) / 16) + 1 = 13 positions a side
+
+
+def test_blur_ig_builds_the_blur_matrices_once_per_step_in_a_pass(monkeypatch):
+    """A pass of 3 images x 4 steps builds each blur matrix for the 4 steps, not for each of the 12 rows (they
+    depend on the step only), and gives the map of passes of one row."""
+    from attribution.gradients import blur_ig
+
+    built = []
+    original = blur_ig.gaussian_matrices
+
+    def counting(size, sigmas, dtype):
+        built.append(sigmas.numel())
+        return original(size, sigmas, dtype)
+
+    model = tiny_cnn().double()
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    explain = attribution.BlurIG(model, steps=4, max_sigma=3.0)
+    monkeypatch.setattr(blur_ig, "gaussian_matrices", counting)
+    together = explain(x, [0, 1, 2], batch_size=12)
+    assert built == [4, 4, 4, 4]
+    torch.testing.assert_close(together, explain(x, [0, 1, 2], batch_size=1))

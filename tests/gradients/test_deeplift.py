@@ -1,9 +1,12 @@
 """DeepLIFT (Rescale) against Captum's DeepLift, summation to delta, and a linear closed form."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attribution as A
 from conftest import LinearModel, cam_cnn
@@ -130,3 +133,161 @@ def test_deeplift_shap_with_one_reference_per_image_is_deeplift():
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(A.DeepLiftShap(model)(x, [0, 1], references="black"),
                                A.DeepLift(model)(x, [0, 1], baseline="black"))
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def score_difference(model, x, baseline, classes):
+    with torch.no_grad():
+        rows = torch.arange(x.shape[0])
+        return model(x)[rows, classes] - model(baseline)[rows, classes]
+
+
+def test_float16_model_and_amp_give_finite_maps_where_image_and_baseline_tie():
+    """Exact ties between image and baseline (a zero patch against the zero baseline: there every activation is
+    the bias' response on both) take the plain derivative; eps=1e-10 is 0 in float16, so it is compared in float32
+    (the map was NaN there)."""
+    model = cam_cnn()
+    torch.manual_seed(6)
+    x = torch.rand(2, 3, 16, 16)
+    x[:, :, 4:12, 4:12] = 0.0
+    reference = A.DeepLift(model)(x, [0, 3])
+    for maps in (A.DeepLift(copy.deepcopy(model).half())(x, [0, 3]),
+                 A.DeepLift(model)(x, [0, 3], amp=torch.float16)):
+        assert torch.isfinite(maps).all()
+        torch.testing.assert_close(maps, reference, rtol=0, atol=1e-2 * float(reference.abs().max()))
+
+
+def softplus_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Softplus(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(6 * 2 * 2, 3)).double().eval()
+
+
+@pytest.mark.parametrize("score", ["logit", "softmax"])
+def test_create_graph_parameter_gradients_match_finite_differences(score):
+    """With create_graph the map's derivative w.r.t. the parameters is the true one: the multipliers (and the
+    softmax's saved outputs) are differentiated through the true forward, not through the rules' own backward
+    (which had the wrong sign here)."""
+    model = softplus_net()
+    torch.manual_seed(7)
+    x, baseline = torch.rand(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    weights = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    explainer = A.DeepLift(model, baseline=baseline, score=score)
+    params = [model[0].weight, model[0].bias, model[3].weight, model[6].weight]
+    grads = torch.autograd.grad((explainer(x, [0, 2], create_graph=True) * weights).sum(), params)
+    step = 1e-6
+    for param, grad in zip(params, grads):
+        for index in [(0,) * param.dim(), tuple(s - 1 for s in param.shape)]:
+            with torch.no_grad():
+                param[index] += step
+                up = (explainer(x, [0, 2]) * weights).sum()
+                param[index] -= 2 * step
+                down = (explainer(x, [0, 2]) * weights).sum()
+                param[index] += step
+            torch.testing.assert_close(grad[index], (up - down) / (2 * step), rtol=1e-5, atol=1e-9)
+
+
+class SequenceFirst(nn.Module):
+    """Image -> (L, N, D) sequence-first tokens -> ReLU MLP -> mean over tokens -> classes."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens = tokens
+        self.embed = nn.Linear(3 * 12 * 12 // tokens, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.GELU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        tokens = x.reshape(x.shape[0], self.tokens, -1).transpose(0, 1)
+        return self.head(self.mlp(torch.relu(self.embed(tokens))).mean(0))
+
+
+@pytest.mark.parametrize("tokens", [3, 6, 9])
+def test_sequence_first_tokens_keep_summation_to_delta(tokens):
+    """(L, 2n, D) tensors are split into images and baselines along their second dimension (the first split the
+    tokens when L was even, and odd L skipped the rule)."""
+    model = SequenceFirst(tokens).double().eval()
+    torch.manual_seed(8)
+    x, baseline = torch.rand(2, 3, 12, 12, dtype=torch.float64), torch.rand(2, 3, 12, 12, dtype=torch.float64)
+    maps = A.DeepLift(model)(x, [0, 2], baseline=baseline)
+    torch.testing.assert_close(maps.sum((1, 2, 3)), score_difference(model, x, baseline, torch.tensor([0, 2])),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_a_nonlinearity_without_the_batch_in_its_first_two_dimensions_is_named():
+    class BatchLast(nn.Module):
+        def forward(self, x):
+            return torch.relu(x.permute(1, 2, 3, 0) - 0.5).sum((0, 1, 2))[:, None].repeat(1, 2)
+
+    with pytest.warns(UserWarning, match="1 nonlinearity call"):
+        A.DeepLift(BatchLast())(torch.rand(2, 3, 5, 5), 0)
+
+
+class InPlaceStatements(nn.Module):
+    """In-place rectifiers whose return value is dropped (``h.relu_()``, ``F.relu_``) and modules whose in-place
+    flag is positional (``nn.ReLU6`` and ``nn.LeakyReLU`` pass it to ``F.hardtanh``/``F.leaky_relu`` by position)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.ModuleList(nn.Conv2d(c, 8, 3, padding=1) for c in (3, 8, 8, 8))
+        self.relu6, self.leaky = nn.ReLU6(inplace=True), nn.LeakyReLU(0.1, inplace=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.convs[0](x)
+        h.relu_()
+        h = self.convs[1](h)
+        torch.nn.functional.relu_(h)
+        h = self.relu6(self.convs[2](h) * 4)
+        h = self.leaky(self.convs[3](h))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_in_place_statements_keep_summation_to_delta(create_graph):
+    """The explained function is the model itself: in-place calls write their result back into their argument."""
+    model = InPlaceStatements().double().eval()
+    torch.manual_seed(9)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
+    maps = A.DeepLift(model)(x, [0, 2], create_graph=create_graph)
+    torch.testing.assert_close(maps.sum((1, 2, 3)).detach(),
+                               score_difference(model, x, torch.zeros_like(x), torch.tensor([0, 2])),
+                               rtol=1e-10, atol=1e-12)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest number of elements of any tensor an operation returns while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_deeplift_shap_builds_its_pairs_pass_by_pass():
+    """The B x N (image, reference) pairs are made batch_size // 2 at a time (all B x N copies were made first, and
+    several more of them), and the map is the mean of DeepLIFT against each reference."""
+    model = cam_cnn()
+    torch.manual_seed(10)
+    x, references = torch.randn(3, 3, 16, 16), torch.randn(24, 3, 16, 16)
+    explainer = A.DeepLiftShap(model, references=references)
+    with LargestTensor() as small:
+        maps = explainer(x, [1, 5, 8], batch_size=4)
+    with LargestTensor() as large:
+        explainer(x, [1, 5, 8], batch_size=64)
+    assert small.largest <= references.numel() < 3 * references.numel() <= large.largest
+    one_by_one = sum(A.DeepLift(model)(x, [1, 5, 8], baseline=references[j:j + 1]) for j in range(24)) / 24
+    torch.testing.assert_close(maps, one_by_one, rtol=1e-5, atol=1e-6 * float(one_by_one.abs().max()))
+
+
+def test_bad_references_name_the_option():
+    with pytest.raises(ValueError, match="references must be 'black'"):
+        A.DeepLiftShap(cam_cnn())(torch.randn(1, 3, 16, 16), 1, references="blak")

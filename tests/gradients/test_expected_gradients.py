@@ -119,7 +119,7 @@ def test_draws_are_shared_by_the_batch_so_maps_do_not_depend_on_it(cnn, images):
 
 @pytest.mark.parametrize("references, message", [(torch.zeros(2, 3, 8, 8), "references must be a"),
                                                  (torch.zeros(0, 3, 16, 16), "references must be a"),
-                                                 ("grey", "baseline must be")])
+                                                 ("grey", "references must be 'black'")])
 def test_bad_references_are_named(cnn, images, references, message):
     with pytest.raises(ValueError, match=message):
         attribution.ExpectedGradients(cnn, samples=2)(images, 0, references=references)

@@ -46,14 +46,10 @@ def authors_algorithm(model, x, targets, noise, std, percentile, map_of=gradient
     return torch.stack(maps).unsqueeze(1)
 
 
-def drawn_noise(seed, batch, samples, shape, group=None):
-    """The standard-normal draws of ``samples`` copies of ``batch`` images, made in groups of ``group`` copies as
-    SmoothGrad draws them: (batch, samples, *shape)."""
-    generator = torch.Generator().manual_seed(seed)
-    group = group or samples
-    parts = [torch.randn((batch, min(group, samples - done)) + shape, generator=generator)
-             for done in range(0, samples, group)]
-    return torch.cat(parts, dim=1)
+def drawn_noise(seed, batch, samples, shape):
+    """The standard-normal draws of ``samples`` copies of ``batch`` images as SmoothGrad draws them (one draw,
+    image-major, also when the copies come in groups): (batch, samples, *shape)."""
+    return torch.randn((batch, samples) + shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("percentile", [85.0, 40.0, None])
@@ -87,12 +83,13 @@ def test_wrapped_method_inside_the_noise():
 
 
 def test_noise_groups_are_smoothgrads(monkeypatch):
-    """Under a small byte budget the copies come in groups (two copies of each image per group here), drawn as
-    SmoothGrad draws them: without the guide the map is SmoothGrad(process=abs) summed over channels, min-max."""
+    """Under a small byte budget the copies come in groups (two copies of each image per group here), with the
+    noise SmoothGrad draws (one draw for all groups): without the guide the map is SmoothGrad(process=abs) summed
+    over channels, min-max."""
     model = tiny_cnn()
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     monkeypatch.setattr(smoothgrad, "NOISY_COPY_BYTES", 2 * 3 * x[0].numel() * x.element_size())
-    expected = authors_algorithm(model, x, [1, 0, 2], drawn_noise(6, 3, 5, (3, 16, 16), group=2), 0.15, 85.0)
+    expected = authors_algorithm(model, x, [1, 0, 2], drawn_noise(6, 3, 5, (3, 16, 16)), 0.15, 85.0)
     ours = GuidedAbsoluteGrad(model)(x, [1, 0, 2], samples=5, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 

@@ -105,3 +105,28 @@ def test_only_path_methods_and_their_options_are_taken(cnn, images):
         attribution.IDGI(cnn, method="integrated_gradients", max_sigma=2.0)
     with pytest.raises(ValueError, match="IDGI on the straight line needs steps >= 2"):
         attribution.IDGI(cnn, steps=1)(images, 0)
+
+
+def test_a_step_that_starts_where_the_gradient_vanishes_contributes_nothing():
+    """As the docstring states: f = relu(<w, x> - 2) is flat near the black baseline, so on the straight line only
+    the steps from the points past the kink share out their change: sum A = f(x) - f(p_k), p_k the first point
+    with a non-zero gradient (not f(x) - f(0))."""
+
+    class Hinge(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.rand(48, generator=torch.Generator().manual_seed(0)).double())
+
+        def forward(self, x):
+            s = torch.relu(x.flatten(1) @ self.w - 2.0)
+            return torch.stack([s, -s], 1)
+
+    model = Hinge()
+    x = torch.full((1, 3, 4, 4), 0.5, dtype=torch.float64)
+    for steps in (2, 4, 16):
+        alphas = torch.linspace(0, 1, steps, dtype=torch.float64)
+        first_active = next(a for a in alphas if scores(model, a * x, [0])[0] > 0)
+        maps = attribution.IDGI(model, steps=steps, baseline="zero")(x, 0)
+        expected = scores(model, x, [0]) - scores(model, first_active * x, [0])
+        torch.testing.assert_close(maps.sum().view(1), expected, rtol=1e-10, atol=1e-12)
+    assert maps.sum() < scores(model, x, [0])[0]  # the change before the kink is missed

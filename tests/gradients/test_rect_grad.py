@@ -134,3 +134,40 @@ def test_batch_first_layers_before_a_sequence_first_block_keep_their_batch_dimen
                        for i, label in enumerate([0, 1, 2, 0])])
     assert together.abs().sum() > 0
     torch.testing.assert_close(together, alone)
+
+
+class Rectified(nn.Module):
+    """Convolutions with rectifiers called in place as statements (``h.relu_()``, ``F.relu_(h)``), through modules
+    whose in-place flag is positional (``nn.ReLU6``, ``nn.LeakyReLU``), or, with ``inplace=False``, out of place."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inplace = inplace
+        self.convs = nn.ModuleList(nn.Conv2d(c, 8, 3, padding=1) for c in (3, 8, 8, 8))
+        self.relu6, self.leaky = nn.ReLU6(inplace=inplace), nn.LeakyReLU(0.1, inplace=inplace)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.convs[0](x)
+        if self.inplace:
+            h.relu_()
+        else:
+            h = h.relu()
+        h = self.convs[1](h)
+        if self.inplace:
+            torch.nn.functional.relu_(h)
+        else:
+            h = torch.nn.functional.relu(h)
+        h = self.leaky(self.relu6(self.convs[3](self.convs[2](h) * 4)))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvnet", "rect_grad"])
+def test_in_place_statements_are_the_model_they_stand_for(name):
+    """A rectifier called in place whose result is not used (``h.relu_()``) still rectifies ``h`` for the rest of
+    the forward (it was computed out of place and dropped), so the map equals the out-of-place model's."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 8, 8)
+    explain = attribution.create(name, Rectified(inplace=True))
+    torch.testing.assert_close(explain(x, [0, 3]), attribution.create(name, Rectified(inplace=False))(x, [0, 3]))

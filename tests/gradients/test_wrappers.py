@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attribution import create
+from attribution.gradients import smoothgrad
 from attribution.gradients.attexplore import AttEXplore
 from attribution.gradients.base import WrappingExplainer
 from attribution.core.registry import get_method, list_methods
@@ -13,7 +14,7 @@ from conftest import RowCounter, tiny_cnn
 
 WRAPPERS = {"smoothgrad": {"samples": 2, "std": 0.1}, "adapt_grad": {"samples": 2},
             "guided_absolute_grad": {"samples": 2}, "noise_grad": {"noisy_models": 2, "weight_std": 0.05},
-            "forgrad": {"sigma": 4}}
+            "forgrad": {"sigma": 4}, "libragrad": {}}
 
 
 def test_every_wrapper_is_listed():
@@ -121,3 +122,52 @@ def test_bad_smoothgrad_options_are_named(options, error, message):
 def test_a_bad_generator_is_named(name):
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         create(name, tiny_cnn(), generator=1, **WRAPPERS[name])(torch.randn(1, 3, 16, 16), 0)
+
+
+@pytest.mark.parametrize("name, options", [("integrated_gradients", {"steps": 4}), ("idg", {"steps": 4}),
+                                           ("guided_ig", {"steps": 4}), ("deeplift", {}),
+                                           ("idgi", {"steps": 4})])
+def test_smoothgrad_around_a_per_image_baseline_equals_each_image_alone(name, options):
+    """A (B, C, H, W) baseline is repeated with the noisy copies (it was broadcast to B * samples rows and failed):
+    with the noise each image gets in the batch, each image alone with its own baseline gives the same map."""
+    model = tiny_cnn().double()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    baseline = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    samples, targets = 3, [0, 3]
+    ours = create("smoothgrad", model, method=name, samples=samples, **options)(
+        x, targets, baseline=baseline, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn((2, samples, 3, 16, 16), generator=torch.Generator().manual_seed(2)).double()
+    sigma = 0.15 * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+    inner = create(name, model, **options)
+    alone = torch.cat([sum(inner(x[i:i + 1] + sigma[i] * noise[i, s:s + 1], targets[i], baseline=baseline[i:i + 1])
+                           for s in range(samples)) / samples for i in range(2)])
+    torch.testing.assert_close(ours, alone)
+    # get_smoothed_mask runs the same path (with its default squaring)
+    smoothed = inner.get_smoothed_mask(x, targets, samples=1, std=0.0, baseline=baseline)
+    torch.testing.assert_close(smoothed, torch.cat([inner(x[i:i + 1], targets[i], baseline=baseline[i:i + 1])
+                                                    for i in range(2)]).square())
+
+
+def test_smoothgrad_noise_does_not_depend_on_the_grouping_of_the_copies(monkeypatch):
+    """The noise is one image-major (B, samples, C, H, W) draw however many groups the noisy copies are made in
+    (it was drawn group by group, so an image's noise depended on the group size and so on the batch size)."""
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    explain = create("smoothgrad", model, samples=5)
+    whole = explain(x, [0, 1], generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(smoothgrad, "NOISY_COPY_BYTES", 2 * x[0].numel() * x.element_size() * 2)  # groups of 2
+    counter = RowCounter(model)
+    try:
+        grouped = explain(x, [0, 1], generator=torch.Generator().manual_seed(3))
+    finally:
+        counter.close()
+    assert counter.rows == [4, 4, 2]
+    torch.testing.assert_close(grouped, whole)
+    # beyond NOISE_BYTES the noise is drawn group by group, (B, k, C, H, W) per group, as documented
+    monkeypatch.setattr(smoothgrad, "NOISE_BYTES", 0)
+    generator = torch.Generator().manual_seed(3)
+    noise = [torch.randn((2, k, 3, 16, 16), generator=generator) for k in (2, 2, 1)]
+    sigma = (0.15 * (x.flatten(1).amax(1) - x.flatten(1).amin(1))).view(2, 1, 1, 1)
+    vanilla = create("vanilla_gradient", model)
+    expected = sum(vanilla(x + sigma * n[:, j], [0, 1]) for n in noise for j in range(n.shape[1])) / 5
+    torch.testing.assert_close(explain(x, [0, 1], generator=torch.Generator().manual_seed(3)), expected)

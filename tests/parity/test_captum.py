@@ -91,3 +91,18 @@ def test_noise_tunnel_with_the_same_noise(model, x, variant):
     torch.manual_seed(11)  # Captum draws (B * samples) image-major normals at once; so does SmoothGrad
     ours = attribution.SmoothGrad(model, samples=samples, std=0.1, variant=variant)(x, TARGETS)
     close(ours, theirs)
+
+
+def test_noise_tunnel_with_the_same_noise_when_the_copies_come_in_groups(model, x, monkeypatch):
+    """Noisy copies made in several groups (a large batch) still get Captum's noise for the same seed."""
+    from attribution.gradients import smoothgrad
+
+    x = x.clamp(-3, 3)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = -3.0, 3.0
+    monkeypatch.setattr(smoothgrad, "NOISY_COPY_BYTES", x[0].numel() * x.element_size() * 2 * 2)  # 2 per group
+    torch.manual_seed(11)
+    theirs = captum_attr.NoiseTunnel(captum_attr.Saliency(model)).attribute(
+        x, nt_type="smoothgrad", nt_samples=5, stdevs=0.6, target=TARGETS, abs=False
+    )
+    torch.manual_seed(11)
+    close(attribution.SmoothGrad(model, samples=5, std=0.1)(x, TARGETS), theirs)

@@ -75,7 +75,7 @@ class LIFTCAM(EditedLayerCAM):
         for start, stop in RowPlanner(acts.shape[0], rows, acts.device):
             owners = torch.arange(start, stop, device=acts.device)
             kept = acts[start:stop] if create_graph else acts[start:stop].detach().requires_grad_(True)
-            with torch.enable_grad(), self._autocast(), RescaleRules(eps):
+            with torch.enable_grad(), self._autocast(), RescaleRules(eps, rows=2 * (stop - start)):
                 both = torch.cat([owners, owners])
                 scores = target(run(torch.cat([kept, reference[start:stop]]), both), both)
             (grads,) = torch.autograd.grad(scores.sum(), kept, create_graph=create_graph)

@@ -12,6 +12,7 @@ peak hides the probe's and the pass reports nothing, all the bytes the probe all
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterator, Optional
 
 import torch
@@ -25,7 +26,7 @@ FALLBACK_ROWS = 64
 
 def check_batch_size(batch_size: Optional[int]) -> None:
     if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
     ):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
 
@@ -37,10 +38,10 @@ class RowPlanner:
         check_batch_size(batch_size)
         self.total = total
         self.device = device
-        self.fixed = batch_size
+        self.fixed = None if batch_size is None else int(batch_size)
         self.adaptive = batch_size is None and device.type == "cuda"
         self.measured_per_row: Optional[float] = None
-        self.size: Optional[int] = batch_size  # rows per pass, known after the first full iteration
+        self.size: Optional[int] = self.fixed  # rows per pass, known after the first full iteration
 
     def measure(self, bytes_per_row: float) -> None:
         """Let a pass report the memory one row holds (e.g. the activations a forward keeps for backward)."""

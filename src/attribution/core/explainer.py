@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import numbers
 from typing import Any, ClassVar, ContextManager, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -243,10 +244,11 @@ def check_input(x: Tensor, model: nn.Module) -> None:
 
 
 def positive_int(value: Any, name: str) -> int:
-    """An option that must be a positive int (not a bool); else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """An option that must be a positive integer (an int or a NumPy integer, not a bool), as an int; else a
+    ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def non_negative_number(value: Any, name: str) -> float:

@@ -42,6 +42,10 @@ class GradientExplainer(Explainer):
     """Base class of methods built from input gradients; returns (B, C, H, W) signed attributions."""
 
     kind = "gradient"
+    #: the options that may hold one tensor per image (leading dimension B, e.g. a (B, C, H, W) baseline): a
+    #: method run on copies of the images (SmoothGrad's noisy rows) gets them repeated with the images, see
+    #: :func:`per_image_rows`
+    per_image_options: Tuple[str, ...] = ()
 
     def _backward_rules(self) -> ContextManager[Any]:
         """Context that changes how gradients flow through the model (guided backprop); none by default."""
@@ -132,6 +136,18 @@ class GradientExplainer(Explainer):
         return smooth.get_mask(x, target, inner_options=mine)
 
 
+def per_image_rows(explainer: GradientExplainer, options: Dict[str, Any], batch: int, copies: int) -> Dict[str, Any]:
+    """``options`` for a run of ``explainer`` on ``copies`` consecutive copies of each of ``batch`` images (rows
+    image-major, ``batch * copies`` in all): each of its :attr:`~GradientExplainer.per_image_options` that holds a
+    tensor with one entry per image (leading dimension ``batch`` > 1) is repeated the same way."""
+    if copies == 1 or batch == 1:
+        return options
+    return {key: value.repeat_interleave(copies, dim=0)
+            if key in explainer.per_image_options and isinstance(value, Tensor) and value.dim() == 4
+            and value.shape[0] == batch else value
+            for key, value in options.items()}
+
+
 class WrappingExplainer(GradientExplainer):
     """A gradient method that runs another one (``method``: a gradient explainer class or registry name; the class's
     ``defaults['method']`` when None) on changed inputs or a changed model (:meth:`_inner_model`).
@@ -146,6 +162,7 @@ class WrappingExplainer(GradientExplainer):
         spec = self.defaults["method"] if method is None else method
         self.inner_class = resolve_method(spec, GradientExplainer, f"{type(self).__name__}'s method")
         self.inner = self.inner_class(self._inner_model(model))
+        self.per_image_options = self.inner.per_image_options  # its options pass through
         super().__init__(model, **options)
 
     def _inner_model(self, model: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..core.explainer import finite_number, positive_int, positive_number
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer, accumulation_dtype
@@ -74,10 +75,11 @@ class BlurIG(GradientExplainer):
     ) -> Tensor:
         """With ``idgi`` (set by :class:`~attribution.gradients.idgi.IDGI`): IDGI on the ``steps + 1`` blurred images
         from ``max_sigma`` down to the image itself (sigma 0)."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if max_sigma <= 0 or grad_step <= 0:
-            raise ValueError(f"max_sigma and grad_step must be positive, got {max_sigma!r} and {grad_step!r}")
+        steps = positive_int(steps, "steps")
+        max_sigma, grad_step = (positive_number(finite_number(value, name), name)
+                                for name, value in (("max_sigma", max_sigma), ("grad_step", grad_step)))
+        if not isinstance(sqrt, bool):
+            raise TypeError(f"sqrt must be a bool, got {sqrt!r}")
         fractions = [i * float(max_sigma) / steps for i in range(steps + 1)]
         sigmas = torch.tensor([math.sqrt(f) for f in fractions] if sqrt else fractions, dtype=torch.float64)
         sigmas = sigmas.to(x.device)
@@ -90,11 +92,13 @@ class BlurIG(GradientExplainer):
                 gaussian_blur(images[owners], sigmas[steps - step]), None), batch_size, create_graph, idgi=True)
 
         def points(owners: Tensor, step: Tensor):
-            s, s2 = sigmas[step], sigmas[step] + grad_step
+            # the matrices depend on the step only: built once per step in the pass, then picked for each row
+            distinct, which = step.unique(return_inverse=True)
+            s, s2 = sigmas[distinct], sigmas[distinct] + grad_step
             gh, gh2, gw, gw2 = (gaussian_matrices(n, v, torch.float64) for n, v in
                                 ((height, s), (height, s2), (width, s), (width, s2)))
             dh, dw = (gh2 - gh) / grad_step, (gw2 - gw) / grad_step
-            gh, gh2, dh, gw, dw = (m.to(dtype).unsqueeze(1) for m in (gh, gh2, dh, gw, dw))
+            gh, gh2, dh, gw, dw = (m.to(dtype)[which].unsqueeze(1) for m in (gh, gh2, dh, gw, dw))
             rows = images[owners]
             along_w, diff_w = rows @ gw.transpose(-1, -2), rows @ dw.transpose(-1, -2)
             blurred = gh @ along_w

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..core.explainer import non_negative_number
+from ..core.explainer import non_negative_number, positive_int
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer, accumulation_dtype
@@ -35,7 +35,7 @@ def expected_paths(x: Tensor, references: BaselineSpec, samples: int, noise_scal
     it times the owner's scale."""
     dtype = accumulation_dtype(x)
     refs = reference_set(x, references)
-    own = make_baseline(x, references).to(dtype) if refs is None else None
+    own = make_baseline(x, references, "references").to(dtype) if refs is None else None
     draw_device = generator.device if generator is not None else torch.device("cpu")
     count = 1 if refs is None else refs.shape[0]
     chosen = torch.randint(0, count, (samples,), generator=generator, device=draw_device).to(x.device)
@@ -82,8 +82,7 @@ class ExpectedGradients(GradientExplainer):
 
     def _explain(self, x: Tensor, target: Target, *, references: BaselineSpec, samples: int, stdevs: float,
                  generator: Optional[torch.Generator], batch_size: Optional[int], create_graph: bool) -> Tensor:
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive int, got {samples!r}")
+        samples = positive_int(samples, "samples")
         non_negative_number(stdevs, "stdevs")
         scale = torch.full((x.shape[0],), float(stdevs), dtype=accumulation_dtype(x), device=x.device)
         paths = expected_paths(x, references, samples, scale if stdevs > 0 else None, generator)

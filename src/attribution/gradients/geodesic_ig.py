@@ -84,6 +84,7 @@ class GeodesicIG(GradientExplainer):
     """
 
     needs_second_derivative = True  # the energy differentiates the gradient's norm
+    per_image_options = ("baseline",)
     defaults = {"baseline": "zero", "steps": 50, "method": "gausslegendre", "beta": 0.3, "iterations": 1000,
                 "learning_rate": 1e-3, "linear_interp": True, "endpoint_matching": True, "metric": "outputs",
                 "generator": None}

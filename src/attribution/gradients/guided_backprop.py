@@ -4,7 +4,8 @@ The "where" is separate from the "what": a :class:`torch.overrides.TorchFunction
 model's forward inside the call, reroutes every rectifier the model evaluates (``nn.ReLU``, ``nn.ReLU6``,
 ``nn.Hardtanh``, ``nn.LeakyReLU`` modules, their functional forms and ``Tensor.relu``) through an autograd
 function with the rule's backward.  No module is replaced, no hook is registered, in-place activations are
-handled (the rerouted activation is computed out of place), and nothing of it outlives the call.
+handled (computed out of place on a copy, then written back into their argument, so that a model that calls
+``h.relu_()`` as a statement sees its rectified ``h``), and nothing of it outlives the call.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..core.registry import register
-from ..core.rules import SequenceFirstScope, batch_dimension
+from ..core.rules import OUT_OF_PLACE, SequenceFirstScope, batch_dimension, in_place_call
 from ..core.targets import Target
 from .base import GradientExplainer
 
@@ -117,8 +118,12 @@ class RectifierRules(TorchFunctionMode):
             return func(*args, **kwargs)
         self.calls += 1
         x = args[0]
-        return _Rectifier.apply(x, *bounds, self.rule, self.percentile,
-                                batch_dimension(x, self.rows, self.scope.active))
+        # an in-place call (also ``h.relu_()`` as a statement) is computed on a copy and written back, so that the
+        # model goes on with the rectified values, as it does without the rule
+        inplace = func in OUT_OF_PLACE or in_place_call(func, args, kwargs)
+        out = _Rectifier.apply(x.clone() if inplace else x, *bounds, self.rule, self.percentile,
+                               batch_dimension(x, self.rows, self.scope.active))
+        return x.copy_(out) if inplace else out
 
     def __enter__(self) -> "RectifierRules":
         self.scope.__enter__()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.batching import RowPlanner
+from ..core.explainer import positive_int
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer, important_direction
@@ -35,6 +36,7 @@ class GuidedIG(GradientExplainer):
     """
 
     defaults = {"baseline": "zero", "steps": 200, "fraction": 0.25, "max_dist": 0.02}
+    per_image_options = ("baseline",)
 
     def _explain(
         self,
@@ -51,10 +53,11 @@ class GuidedIG(GradientExplainer):
     ) -> Tensor:
         """With ``idgi`` (set by :class:`~attribution.gradients.idgi.IDGI`): IDGI on the points where each step
         takes its gradient, then the image."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if not 0 < fraction <= 1 or not 0 <= max_dist <= 1:
-            raise ValueError(f"fraction must lie in (0, 1] and max_dist in [0, 1], got {fraction!r}, {max_dist!r}")
+        steps = positive_int(steps, "steps")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        if isinstance(max_dist, bool) or not isinstance(max_dist, (int, float)) or not 0 <= max_dist <= 1:
+            raise ValueError(f"max_dist must be a number in [0, 1], got {max_dist!r}")
         batch = x.shape[0]
         shape = (batch,) + (1,) * (x.dim() - 1)
         x_in = x.to(torch.float64)

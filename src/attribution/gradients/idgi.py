@@ -1,6 +1,8 @@
 """IDGI: Important Direction Gradient Integration, on the path of Integrated Gradients, Blur IG or Guided IG."""
 from __future__ import annotations
 
+import numbers
+
 from typing import Any, Type, Union
 
 from torch import Tensor, nn
@@ -27,8 +29,11 @@ class IDGI(GradientExplainer):
 
     On the points ``p_0, ..., p_K`` of a path method's path (``p_0`` its start, ``p_K`` the image) with gradients
     ``g_k = grad f_t(p_k)``: ``A = sum_{k<K} g_k^2 / |g_k|^2 * (f_t(p_{k+1}) - f_t(p_k))``.  Each step's score change
-    is shared out in proportion to the squared gradient, so ``sum A = f_t(x) - f_t(p_0)`` exactly, whatever the
-    number of steps (the authors' formula, as their reference code computes it).  ``method`` picks the path and
+    is shared out in proportion to the squared gradient (the authors' formula, as their reference code computes
+    it), so ``sum A = f_t(x) - f_t(p_0)`` exactly, whatever the number of steps, as long as no step starts at a
+    point where the gradient is zero.  A step that does (``g_k = 0``, e.g. every ReLU dead near a black baseline)
+    has no direction to share its change along and contributes nothing here (the authors' code divides 0 by 0
+    there and returns NaN), so ``sum A`` then misses that step's score change.  ``method`` picks the path and
     its options pass through: Integrated Gradients' straight line (``steps`` evenly spaced points, baseline and
     image included; the quadrature rule does not apply), Blur IG's ``steps + 1`` blurred images from
     ``max_sigma`` down to the image, or Guided IG's adaptive path (the points where it takes its gradients, then
@@ -44,6 +49,7 @@ class IDGI(GradientExplainer):
             names = ", ".join(cls.name for cls in PATH_METHODS)
             raise TypeError(f"IDGI integrates along a path method's path ({names}); got {self.inner_class.__name__}")
         self.inner = self.inner_class(model)
+        self.per_image_options = self.inner.per_image_options  # its options pass through
         super().__init__(model, **options)
 
     def option_names(self) -> set:
@@ -53,8 +59,8 @@ class IDGI(GradientExplainer):
         # ``method`` here is the wrapped class; Integrated Gradients' own (its quadrature rule) keeps its default,
         # which IDGI does not use
         inner = {**self.inner.defaults, **options}
-        if self.inner_class is IntegratedGradients and (isinstance(inner["steps"], bool) or
-                                                          not isinstance(inner["steps"], int) or inner["steps"] < 2):
+        if self.inner_class is IntegratedGradients and (isinstance(inner["steps"], bool) or not isinstance(
+                inner["steps"], numbers.Integral) or inner["steps"] < 2):
             raise ValueError(f"IDGI on the straight line needs steps >= 2 (the baseline and the image), "
                              f"got {inner['steps']!r}")
         return self.inner._explain(x, target, idgi=True, **inner)

@@ -5,6 +5,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from ..core.explainer import positive_int
 from ..core.registry import register
 from ..core.targets import Target
 from .base import GradientExplainer, accumulation_dtype
@@ -27,6 +28,7 @@ class IntegratedGradients(GradientExplainer):
     """
 
     defaults = {"baseline": "black", "steps": 128, "method": "linspace"}
+    per_image_options = ("baseline",)
 
     def _explain(
         self,
@@ -42,6 +44,7 @@ class IntegratedGradients(GradientExplainer):
     ) -> Tensor:
         """With ``idgi`` (set by :class:`~attribution.gradients.idgi.IDGI`): IDGI on ``steps`` evenly spaced points
         from the baseline to the image, both included, whatever ``method``."""
+        steps = positive_int(steps, "steps")
         dtype = accumulation_dtype(x)
         rule = "linspace" if idgi else method
         alphas, weights = (t.to(device=x.device, dtype=dtype) for t in quadrature(rule, steps))

@@ -7,15 +7,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.explainer import finite_number, positive_int
+
 BaselineSpec = Union[str, float, int, Tensor]
 RULES = ("linspace", "left", "right", "middle", "trapezoid", "gausslegendre")
 
 
-def make_baseline(x: Tensor, baseline: BaselineSpec) -> Tensor:
+def make_baseline(x: Tensor, baseline: BaselineSpec, name: str = "baseline") -> Tensor:
     """The baseline image for each image of ``x`` (B, C, H, W), in ``x``'s dtype.
 
     ``'black'``: each image's minimum value, ``'white'``: each image's maximum (so both are right whatever the
-    input normalisation), ``'zero'``: zeros, a number: that constant, a tensor: broadcast to ``x``.
+    input normalisation), ``'zero'``: zeros, a finite number: that constant, a tensor: broadcast to ``x``.  ``name``
+    is the option that holds it, for the error messages.
     """
     if isinstance(baseline, str):
         flat = x.reshape(x.shape[0], -1)
@@ -25,17 +28,17 @@ def make_baseline(x: Tensor, baseline: BaselineSpec) -> Tensor:
             return flat.amax(dim=1).view(-1, 1, 1, 1).expand_as(x).clone()
         if baseline == "zero":
             return torch.zeros_like(x)
-        raise ValueError(f"baseline must be 'black', 'white', 'zero', a number or a tensor, got {baseline!r}")
+        raise ValueError(f"{name} must be 'black', 'white', 'zero', a number or a tensor, got {baseline!r}")
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
+        return torch.full_like(x, finite_number(baseline, name))
     if isinstance(baseline, Tensor):
         try:
             return baseline.to(device=x.device, dtype=x.dtype).expand_as(x).clone()
         except RuntimeError:
             raise ValueError(
-                f"a baseline tensor of shape {tuple(baseline.shape)} does not broadcast to x's shape {tuple(x.shape)}"
+                f"{name} of shape {tuple(baseline.shape)} does not broadcast to x's shape {tuple(x.shape)}"
             ) from None
-    raise TypeError(f"baseline must be 'black', 'white', 'zero', a number or a tensor, got {type(baseline).__name__}")
+    raise TypeError(f"{name} must be 'black', 'white', 'zero', a number or a tensor, got {type(baseline).__name__}")
 
 
 def quadrature(rule: str, steps: int) -> Tuple[Tensor, Tensor]:
@@ -47,9 +50,7 @@ def quadrature(rule: str, steps: int) -> Tuple[Tensor, Tensor]:
     that ``'trapezoid'`` is the composite trapezoid rule (weights ``1/(steps-1)``, ends halved, summing to 1);
     Captum's ``'riemann_trapezoid'`` uses ``1/steps`` and so returns ``(steps-1)/steps`` times this.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    n = steps
+    n = positive_int(steps, "steps")
     if rule == "linspace":
         alphas, weights = np.linspace(0.0, 1.0, n), np.full(n, 1.0 / n)
     elif rule == "left":

@@ -9,12 +9,14 @@ from torch import Tensor
 from ..core.explainer import non_negative_number, positive_int
 from ..core.registry import register
 from ..core.targets import Target
-from .base import GradientExplainer, WrappingExplainer, accumulation_dtype
+from .base import GradientExplainer, WrappingExplainer, accumulation_dtype, per_image_rows
 from .vanilla import VanillaGradient
 
 VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 #: at most this many bytes of noisy copies are held at once (copies are made in groups of samples)
 NOISY_COPY_BYTES = 1 << 28
+#: the noise of all samples of all images is drawn in one go when it takes at most this many bytes (float32)
+NOISE_BYTES = 1 << 30
 
 
 @register("smoothgrad")
@@ -30,8 +32,12 @@ class SmoothGrad(WrappingExplainer):
     ``'smoothgrad'``: ``mean_s M(x + e_s)``; ``'smoothgrad_sq'``: ``mean_s M(x + e_s)^2``; ``'vargrad'``:
     ``var_s M(x + e_s)`` (population variance).  ``process`` (the seed's option), a callable applied to each map
     before averaging, generalises the first two.  Defaults samples=25, std=0.15 as PAIR and the seed.  Options of
-    the wrapped method pass through.  Standard-normal float32 noise is drawn image-major, ``(B, samples, C, H, W)``, from ``generator`` if
-    given (as Captum's NoiseTunnel draws it), then scaled per image.
+    the wrapped method pass through; one that holds a tensor per image (a (B, C, H, W) ``baseline``) is repeated
+    with the noisy copies.  The noise is drawn as :func:`noisy_map_groups` says: standard-normal float32 noise,
+    image-major, ``(B, samples, C, H, W)`` in one draw from ``generator`` (or the default generator of ``x``'s
+    device), as Captum's NoiseTunnel draws it (the same seed gives the same noise), then scaled per image; only
+    when that draw would exceed ``NOISE_BYTES`` (1 GiB: up to 55 samples of 32 images of 3 x 224 x 224) and the
+    noisy copies come in several groups is it drawn group by group, and then depends on the group size.
     Cost: ``samples`` times the wrapped method's.
     """
 
@@ -60,21 +66,33 @@ def noisy_map_groups(inner: GradientExplainer, x: Tensor, target: Target, sample
     by group.
 
     ``sigma`` (B, ...) broadcasts to ``x`` (B, C, H, W) image by image (SmoothGrad: (B, 1, 1, 1), AdaptGrad: (B, C,
-    H, W)); ``n`` is standard-normal float32 noise drawn image-major, ``(B, k, C, H, W)`` per group, from
-    ``generator`` if given; a group holds at most ``NOISY_COPY_BYTES`` of noisy copies.  Yields (B, k, ...) maps in
-    the accumulation dtype (float64 for float64 input, float32 otherwise), ``k`` summing to ``samples``.
+    H, W)).  ``n`` is standard-normal float32 noise from ``generator`` if given (else the default generator of
+    ``x``'s device): one draw of ``(B, samples, C, H, W)`` (image-major, as Captum's NoiseTunnel draws it), so that
+    it does not depend on how the copies are grouped, when that takes at most ``NOISE_BYTES`` (it is then held until
+    the last group is made); beyond, one draw of ``(B, k, C, H, W)`` per group (then the noise depends on the
+    group size, and so on ``B``).  A group holds at most
+    ``NOISY_COPY_BYTES`` of noisy copies: ``k = min(samples, NOISY_COPY_BYTES // (B * bytes of one image))``, at
+    least 1.  ``inner``'s per-image options (:func:`~attribution.gradients.base.per_image_rows`) are repeated with
+    the copies.  Yields (B, k, ...) maps in the accumulation dtype (float64 for float64 input, float32 otherwise),
+    ``k`` summing to ``samples``.
     """
     batch, shape = x.shape[0], tuple(x.shape[1:])
     scale = sigma.to(accumulation_dtype(x)).unsqueeze(1)  # (B, 1, ...) against the noise's (B, k, C, H, W)
     per_image = x[0].numel() * x.element_size()
     group = max(1, min(samples, NOISY_COPY_BYTES // max(1, batch * per_image)))
+    device = generator.device if generator is not None else x.device
+    at_once = group == samples or batch * samples * x[0].numel() * 4 <= NOISE_BYTES
+    drawn = torch.randn((batch, samples) + shape, generator=generator, device=device) if at_once else None
     done = 0
     while done < samples:
         k = min(group, samples - done)
-        noise = torch.randn((batch, k) + shape, generator=generator,
-                            device=generator.device if generator is not None else x.device).to(x.device)
+        if drawn is not None:
+            noise = drawn[:, done:done + k].to(x.device)
+        else:
+            noise = torch.randn((batch, k) + shape, generator=generator, device=device).to(x.device)
         noisy = (x.unsqueeze(1) + scale * noise).to(x.dtype).reshape((batch * k,) + shape)
-        maps = inner._explain(noisy, target.repeat(k), **options).to(accumulation_dtype(x))
+        maps = inner._explain(noisy, target.repeat(k), **per_image_rows(inner, options, batch, k))
+        maps = maps.to(accumulation_dtype(x))
         yield maps.view((batch, k) + tuple(maps.shape[1:]))
         done += k
 
