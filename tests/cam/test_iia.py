@@ -1,6 +1,7 @@
 """IIA against the authors' code (github.com/iia-iccv23/iia) written out one image at a time, for CNNs (activations)
-and ViTs (the last block's attention), its closed form on a net that is linear above the layer, its defaults and
-passes, the choice of representation, batch independence, its parameter derivative and its argument checks."""
+and ViTs (the last block's attention), and for its three-integral variant (``integrals=3``, the code's
+``'iia-triple'``), its closed form on a net that is linear above the layer, its defaults and passes, the choice of
+representation, batch independence, its parameter derivative and its argument checks."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attribution as A
-from attribution.cam.iia import DEFAULT_STEPS, IIA
+from attribution.cam.iia import DEFAULT_STEPS, IIA, INTEGRALS
 from conftest import RowCounter, cam_cnn, check_parameter_derivative, tiny_cnn, tiny_vit
 
 pytest.importorskip("timm")
@@ -111,6 +112,174 @@ def test_cnn_with_both_ends_at_the_image_is_twice_the_gradient_times_activation(
     model = cam_cnn()
     ours = IIA(model, "0")(x, [1, 4, 7], steps=1, baseline=x)
     torch.testing.assert_close((ours / 2).clamp(min=0), A.HiResCAM(model, "0")(x, [1, 4, 7]), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- three integrals
+def iia_triple_written_out(model, layer, image, cls, steps, base):
+    """The authors' ``heatmap_of_triple_layers`` for one image, ``model[layer]`` in the place of their ``layer4``
+    (their ``post_features``) and ``model[:layer]`` of their ``features`` up to ``layer3``: the image path; its
+    activations and their reference, the minimum over the path's points (``torch.min`` over axis 0); the middle path
+    from it; for each of its steps the layer's outputs of all the points, their minimum over the points, the inner
+    path from it, the gradient at every inner point from the rest of the net (their ``is_middle`` head) times the
+    point's ReLU; all stacked, rectified (``F.relu(igrads.squeeze())``) and summed over the three paths and the
+    channels."""
+    images = interpolated(base, image, steps)
+    with torch.no_grad():
+        activations = model[:layer](images).unsqueeze(1)  # (points, 1, C, h, w)
+    reference, _ = torch.min(activations, dim=0)
+    middle = interpolated(torch.ones_like(activations) * reference.unsqueeze(0), activations, steps)
+    grads = []
+    for act in middle:  # (points, 1, C, h, w): one step of the middle path, every point of the image path
+        with torch.no_grad():
+            following = model[layer](act.squeeze(1)).unsqueeze(1)
+        reference2, _ = torch.min(following, dim=0)
+        inner = interpolated(torch.ones_like(following) * reference2.unsqueeze(0), following, steps)
+        inside = []
+        for act2 in inner:
+            rows = act2.squeeze(1).detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(model[layer + 1:](rows)[:, cls].sum(), rows)
+            inside.append(grad.unsqueeze(1) * F.relu(act2))
+        grads.append(torch.stack(inside))
+    products = F.relu(torch.stack(grads).squeeze())  # (middle, inner, points, C, h, w)
+    return products.sum(dim=(0, 1, 2)).sum(dim=0, keepdim=True)
+
+
+def unsplittable(model):
+    """A no-op forward hook on the model itself: torch.fx cannot cut it (IIA runs full forwards), while it computes
+    the same."""
+    return model.register_forward_hook(lambda module, inputs, output: None)
+
+
+@pytest.mark.parametrize("layer,baseline,full", [(3, "zero", False), (3, "zero", True), (2, 0.3, False),
+                                                 (2, 0.3, True)])
+def test_three_integrals_equal_the_authors_triple_procedure(x, layer, baseline, full):
+    """Layer 3 is the code's setting (the last block, then pooling and the classifier: their ``layer4``); layer 2
+    has a block after it, so the gradient varies along the inner path."""
+    model = cam_cnn()
+    start = torch.zeros_like(x[0]) if baseline == "zero" else torch.full_like(x[0], baseline)
+    maps = torch.stack([iia_triple_written_out(model, layer, image, cls, 2, start)
+                        for image, cls in zip(x, [1, 4, 7])])
+    expected = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    handle = unsplittable(model) if full else None
+    try:
+        ours = IIA(model, str(layer), integrals=3, steps=2, baseline=baseline)(x, [1, 4, 7], batch_size=5)
+    finally:
+        if handle is not None:
+            handle.remove()
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert ours.amin() >= 0 and expected.std() > 1e-2 * expected.abs().max()  # rectified, and not flat
+    two = IIA(model, str(layer), steps=2, baseline=baseline)(x, [1, 4, 7])
+    assert not torch.allclose(ours, two, rtol=1e-2)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_three_integrals_run_the_passes_of_the_docstring(x, full):
+    """Per image, steps + 1 points up to the layer, (steps + 1)^2 runs of the layer alone and (steps + 1)^3 of the
+    modules after it: where the model is cut (tail) the first convolution sees only the points; full forwards run
+    it, and the layer, on every inner point too."""
+    model, steps, images = cam_cnn(), 2, x[:2]
+    points = 2 * (steps + 1)
+    counters = {name: RowCounter(module) for name, module in (("conv", model[0][0]), ("layer", model[3]),
+                                                               ("head", model[6]))}
+    handle = unsplittable(model) if full else None
+    try:
+        IIA(model, "3", integrals=3, steps=steps)(images, [1, 2])
+    finally:
+        for counter in counters.values():
+            counter.close()
+        if handle is not None:
+            handle.remove()
+    rows = {name: sum(counter.rows) for name, counter in counters.items()}
+    inner = points * (steps + 1) ** 2
+    if full:
+        assert rows == {"conv": points + inner, "layer": points + points * (steps + 1) + inner, "head": points + inner}
+    else:
+        assert rows == {"conv": points, "layer": points + points * (steps + 1), "head": inner}
+
+
+def test_three_integrals_on_a_transformer_block(small):
+    """Not in the authors' code (their ViT IIA is over attention): a block's tokens, as the two-integral variant
+    takes them; the cut model and full forwards agree."""
+    model = vit()
+    explainer = IIA(model, "blocks.0", integrals=3, steps=2)
+    maps = explainer(small, [3, 1, 4])
+    assert maps.abs().amax(dim=(1, 2, 3)).min() > 0
+    handle = unsplittable(model)
+    try:
+        torch.testing.assert_close(IIA(model, "blocks.0", integrals=3, steps=2)(small, [3, 1, 4]), maps,
+                                   rtol=1e-5, atol=1e-7 * float(maps.abs().max()))
+    finally:
+        handle.remove()
+
+
+def test_three_integrals_batch_independence_and_target_none(x):
+    model = cam_cnn()
+    explainer = IIA(model, integrals=3, steps=2)
+    together = explainer(x, [3, 1, 4], batch_size=7)
+    for i, cls in enumerate([3, 1, 4]):
+        torch.testing.assert_close(together[i:i + 1], explainer(x[i:i + 1], cls), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        classes = model(x).argmax(dim=1)
+    torch.testing.assert_close(explainer(x), explainer(x, classes))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_create_graph_gives_the_three_integral_maps_true_parameter_derivative(x, full):
+    """Through the layer's input and the minimum over the path (blocks 0 and 2), the layer (3) and the gradient
+    (the classifier); at the code's layer, where the gradient is smooth along the inner path."""
+    model = cam_cnn().double()
+    images = x[1:].double()
+    explainer = IIA(model, "3", integrals=3, steps=2, batch_size=4)
+
+    def value(create_graph):
+        return explainer(images, [4, 7], create_graph=create_graph)
+
+    handle = unsplittable(model) if full else None
+    try:
+        torch.testing.assert_close(value(True).detach(), value(False))
+        names = ["0.0.weight", "2.0.weight", "3.0.weight", "6.weight"] if not full else ["2.0.weight", "6.weight"]
+        check_parameter_derivative(value, model, names, rtol=1e-5, atol=1e-9)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+class Mixed(nn.Module):
+    """Its forward takes two tensors."""
+
+    def forward(self, features, image):
+        return features + image.mean(dim=1, keepdim=True)
+
+
+class TwoInputNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.mix, self.fc = nn.Conv2d(3, 4, 3, padding=1), Mixed(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.mix(self.conv(x), x).mean(dim=(2, 3)))
+
+
+def test_three_integrals_bad_options_name_what_is_wrong(x, small):
+    explainer = IIA(cam_cnn(), "2", steps=1)
+    for integrals in (1, 4, 2.5, 3.0, True, "3", None):
+        with pytest.raises(ValueError, match=r"integrals must be 2 or 3, got "):
+            explainer(x, 1, integrals=integrals)
+    with pytest.raises(ValueError, match="integrals=3 .* no such variant over attention"):
+        IIA(vit(), integrals=3)(small, 1)
+    with pytest.raises(ValueError, match="integrals=3 .* no such variant over attention"):
+        IIA(vit(), integrals=3, representation="attention")(small, 1)
+    model = TwoInputNet()
+    for full in (False, True):
+        handle = unsplittable(model) if full else None
+        try:
+            with pytest.raises(ValueError, match="target_layer 'mix' .* must take one tensor"):
+                IIA(model, "mix", integrals=3, steps=1)(x, 0)
+        finally:
+            if handle is not None:
+                handle.remove()
+    IIA(model, "mix", steps=1)(x, 0)  # two integrals capture its output only
 
 
 # ------------------------------------------------------------------------------------------------------- ViT
@@ -236,6 +405,7 @@ def test_defaults_are_the_authors_and_set_the_number_of_passes(x, small):
     assert IIA.defaults["steps"] is None and IIA.defaults["baseline"] == "zero"
     assert IIA.defaults["representation"] is None and "score" not in IIA.defaults  # the logit, as the code
     assert DEFAULT_STEPS == {"activations": 10, "attention": 5}
+    assert IIA.defaults["integrals"] == 2 and INTEGRALS == (2, 3)  # the code's 'iia' and 'iia-triple'
     assert A.create("iia", tiny_cnn()).__class__ is IIA
     # rows per image; once per input shape: the probe for attention and, for the CNN, the default layer's search
     for model, images, rows, once in ((cam_cnn(), x[:2], 11, 2), (vit(), small[:2], 36, 1)):
@@ -247,7 +417,7 @@ def test_defaults_are_the_authors_and_set_the_number_of_passes(x, small):
         counter.close()
         assert (first, sum(counter.rows) - first) == (once + 2 * rows, 2 * rows)
         steps = 10 if rows == 11 else 5
-        torch.testing.assert_close(explainer(images, [1, 2]), explainer(images, [1, 2], steps=steps))
+        torch.testing.assert_close(explainer(images, [1, 2]), explainer(images, [1, 2], steps=steps, integrals=2))
 
 
 def test_representation_is_attention_for_transformers_and_activations_otherwise(small):
