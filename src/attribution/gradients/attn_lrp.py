@@ -373,6 +373,7 @@ class AttnLRP(GradientExplainer):
     """
 
     argmax_on_rows = True
+    plain_after_rules = True
     defaults = {"variant": "attnlrp", "eps": 1e-10}
 
     def _explain(self, x: Tensor, target: Target, *, variant: str, eps: float, batch_size: Optional[int],
@@ -391,11 +392,3 @@ class AttnLRP(GradientExplainer):
     def _backward_rules(self) -> TransformerLRPRules:
         self._mode = TransformerLRPRules(*self._rules)
         return self._mode
-
-    def _scores_and_input_gradients(self, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-        """The chunk's gradient under the rules; afterwards its recorded operations differentiate plainly."""
-        try:
-            return super()._scores_and_input_gradients(*args, **kwargs)
-        finally:
-            if "_mode" in self.__dict__:
-                self._mode.state.plain = True

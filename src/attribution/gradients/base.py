@@ -12,7 +12,7 @@ the B x K rows in chunks of ``batch_size`` with one forward and one input-gradie
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,11 @@ class GradientExplainer(Explainer):
     #: :func:`per_image_rows`
     per_image_options: Tuple[str, ...] = ()
 
+    #: True when :meth:`_backward_rules` gives a rule mode (:mod:`attribution.core.rules`) whose operations should
+    #: differentiate plainly once the input gradient is taken (relevance methods: a map made with ``create_graph``
+    #: then has the true derivative w.r.t. the parameters)
+    plain_after_rules: ClassVar[bool] = False
+
     def _backward_rules(self) -> ContextManager[Any]:
         """Context that changes how gradients flow through the model (guided backprop); none by default."""
         return contextlib.nullcontext()
@@ -59,12 +64,18 @@ class GradientExplainer(Explainer):
         create_graph: bool = False,
         planner: Optional[RowPlanner] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """Each row's target score (float32 or float64) and its gradient w.r.t. the row (the rows' dtype)."""
+        """Each row's target score (float32 or float64) and its gradient w.r.t. the row (the rows' dtype).  With
+        :attr:`plain_after_rules`, the rules' operations differentiate plainly once the gradient is taken."""
         rows = self._model_input(rows.detach()).requires_grad_(True)
-        with planner.recording(rows) if planner is not None else contextlib.nullcontext(), self._backward_rules():
-            outputs = self._forward(rows)
-        scores = target(outputs, owners)
-        (grads,) = torch.autograd.grad(scores.sum(), rows, create_graph=create_graph, allow_unused=True)
+        rules = self._backward_rules()
+        try:
+            with planner.recording(rows) if planner is not None else contextlib.nullcontext(), rules:
+                outputs = self._forward(rows)
+            scores = target(outputs, owners)
+            (grads,) = torch.autograd.grad(scores.sum(), rows, create_graph=create_graph, allow_unused=True)
+        finally:
+            if self.plain_after_rules:
+                rules.state.plain = True
         return scores if create_graph else scores.detach(), torch.zeros_like(rows) if grads is None else grads
 
     def _integrate(

@@ -313,6 +313,7 @@ class LRP(GradientExplainer):
     """
 
     argmax_on_rows = True
+    plain_after_rules = True
     defaults = {"composite": "epsilon_plus_flat", "eps": 1e-6, "stabilizer": 1e-6, "gamma": 0.25, "alpha": 2.0,
                 "beta": 1.0, "low": None, "high": None}
 
@@ -345,15 +346,6 @@ class LRP(GradientExplainer):
     def _backward_rules(self) -> LRPRules:
         self._mode = LRPRules(*self._mode_args)
         return self._mode
-
-    def _scores_and_input_gradients(self, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-        """The chunk's relevance; afterwards its recorded operations differentiate plainly, so that a map made
-        with ``create_graph`` has the true derivative w.r.t. the parameters."""
-        try:
-            return super()._scores_and_input_gradients(*args, **kwargs)
-        finally:
-            if self._mode is not None:
-                self._mode.state.plain = True
 
     def _box(self, inputs: Tensor, value: Bound, batch: int, reduce: Callable[..., Tensor]) -> Tensor:
         """A bound of z^B for the first layer's ``inputs`` (the rows of the current chunk)."""

@@ -330,6 +330,7 @@ class SRD(GradientExplainer):
 
     kind = "cam"
     argmax_on_rows = True
+    plain_after_rules = True
     defaults = {"target_layer": None}
 
     def __init__(self, model: nn.Module, target_layer: LayerSpec = None, **options: Any) -> None:
@@ -366,12 +367,3 @@ class SRD(GradientExplainer):
     def _backward_rules(self) -> SRDRules:
         self._mode = SRDRules(self.model, self._layer)
         return self._mode
-
-    def _scores_and_input_gradients(self, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
-        """The chunk's SRD gradient; afterwards its recorded operations differentiate plainly, so that a map made
-        with ``create_graph`` has the true derivative w.r.t. the parameters."""
-        try:
-            return super()._scores_and_input_gradients(*args, **kwargs)
-        finally:
-            if "_mode" in self.__dict__:
-                self._mode.state.plain = True
