@@ -8,6 +8,7 @@ from torch import nn
 import attribution
 from attribution.transformers import AttentionCapture, token_layout, tokens_to_map
 from conftest import tiny_cnn, tiny_vit
+from vit_parts import hooked_attention
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -17,18 +18,6 @@ def torchvision_vit() -> nn.Module:
     torch.manual_seed(0)
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
                                                 hidden_dim=32, mlp_dim=64, num_classes=5).eval()
-
-
-def hooked_attention(model: nn.Module, x: torch.Tensor):
-    """Reference capture: timm's unfused path, probabilities read from each block's attn_drop output."""
-    maps = []
-    handles = [blk.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o)) for blk in model.blocks]
-    try:
-        out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, maps
 
 
 @pytest.fixture

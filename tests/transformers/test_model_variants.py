@@ -21,6 +21,7 @@ from attribution.transformers.attention_flow import max_flows
 from attribution.transformers.rollout import with_residual
 from attribution.transformers.tokens import TokenLayout, token_layout
 from conftest import tiny_vit
+from vit_parts import hooked_attention
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("scipy")
@@ -43,18 +44,6 @@ def timm_vit(cls=None, fused: bool = True, **options) -> nn.Module:
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused
     return model.eval()
-
-
-def block_maps(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Reference capture on timm's unfused blocks: the probabilities leaving each block's ``attn_drop``."""
-    maps: List[torch.Tensor] = []
-    handles = [b.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o)) for b in model.blocks]
-    try:
-        out = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, maps
 
 
 def rollout_written_out(maps: List[torch.Tensor]) -> torch.Tensor:
@@ -163,7 +152,7 @@ def test_attention_pooled_vits_are_explained_through_their_blocks(x):
     model = timm_vit(class_token=False, global_pool="map")  # the pool's attention runs through F.sdpa: captured
     unfused = timm_vit(class_token=False, global_pool="map", fused=False)  # same weights: blocks hooked by hand
     assert attention_blocks(model, x[:1]) == ["blocks.0", "blocks.1"]
-    out, maps = block_maps(unfused, x)
+    out, maps = hooked_attention(unfused, x)
     rollout = rollout_written_out([m.detach() for m in maps])
     torch.testing.assert_close(A.AttentionRollout(model)(x), upsampled(rollout.mean(dim=1), (4, 4), (16, 16)))
     targets = torch.tensor([1, 3])
@@ -176,7 +165,7 @@ def test_attention_pooled_vits_are_explained_through_their_blocks(x):
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().amax()))
     tokens: List[torch.Tensor] = []  # AttCAT written out: the tokens entering each block and their gradients
     handles = [b.register_forward_pre_hook(lambda m, args: tokens.append(args[0])) for b in unfused.blocks]
-    out, maps = block_maps(unfused, x)
+    out, maps = hooked_attention(unfused, x)
     for handle in handles:
         handle.remove()
     grads = torch.autograd.grad(out[torch.arange(2), targets].sum(), tokens)
@@ -195,7 +184,7 @@ def test_padded_inputs_are_laid_out_on_the_padded_grid_and_cropped():
     x = torch.randn(2, 3, 18, 22, generator=torch.Generator().manual_seed(6))
     layout = token_layout(model, (18, 22), 31)
     assert (layout.prefix, layout.height, layout.width, layout.extent) == (1, 5, 6, (20, 24))
-    _, maps = block_maps(unfused, x)
+    _, maps = hooked_attention(unfused, x)
     rows = rollout_written_out([m.detach() for m in maps])[:, 0, 1:]
     expected = upsampled(rows, (5, 6), (20, 24))[..., :18, :22]
     torch.testing.assert_close(A.AttentionRollout(model)(x), expected)
@@ -214,7 +203,7 @@ def test_hybrid_embeddings_give_the_backbones_grid():
     model = timm_vit(fused=False, patch_size=2, embed_layer=partial(HybridEmbed, backbone=backbone))
     assert token_layout(model, (16, 16), 5) == TokenLayout(1, 2, 2, class_token=True)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
-    _, maps = block_maps(model, x)
+    _, maps = hooked_attention(model, x)
     expected = upsampled(rollout_written_out([m.detach() for m in maps])[:, 0, 1:], (2, 2), (16, 16))
     torch.testing.assert_close(A.AttentionRollout(model)(x), expected)
 
@@ -239,7 +228,7 @@ def test_distilled_deit_maps_average_the_class_and_distillation_rows(x):
     layout = token_layout(model, (16, 16), 18)
     assert (layout.prefix, layout.class_token, layout.readout) == (2, True, 2)
     targets = torch.tensor([1, 3])
-    out, maps = block_maps(unfused, x)
+    out, maps = hooked_attention(unfused, x)
     rollout = rollout_written_out([m.detach() for m in maps])
     torch.testing.assert_close(A.AttentionRollout(model)(x), upsampled(rollout[:, :2, 2:].mean(dim=1), (4, 4),
                                                                        (16, 16)))

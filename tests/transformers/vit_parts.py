@@ -2,10 +2,23 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
+
+
+def hooked_attention(model: nn.Module, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+    """Reference capture on timm's unfused blocks: the model's output and the probabilities leaving each block's
+    ``attn_drop``."""
+    maps: List[Tensor] = []
+    handles = [block.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o)) for block in model.blocks]
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, maps
 
 
 def first_block_inputs(model: nn.Module, first: nn.Module, x: Tensor) -> Tensor:

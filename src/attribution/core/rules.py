@@ -336,6 +336,25 @@ def is_parameter(t: Any) -> bool:
     return False
 
 
+class ScopedRules(TorchFunctionMode):
+    """A function mode whose rules need to know where the batch lies: ``scope`` (a :class:`SequenceFirstScope`,
+    by default one that never activates) runs for as long as the mode does."""
+
+    def __init__(self, scope: Optional[SequenceFirstScope] = None) -> None:
+        super().__init__()
+        self.scope = scope if scope is not None else SequenceFirstScope(None)
+
+    def __enter__(self) -> "ScopedRules":
+        self.scope.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self.scope.__exit__(*exc)
+
+
 class _Routed(torch.autograd.Function):
     """``operation.compute(*tensors)`` whose backward is the operation's rule (its true derivative once its
     state is ``plain``)."""

@@ -24,12 +24,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ..core.batching import RowPlanner
 from ..core.explainer import non_negative_number
 from ..core.registry import register
-from ..core.rules import SequenceFirstScope, batch_dimension, inplace_position, widened
+from ..core.rules import ScopedRules, SequenceFirstScope, batch_dimension, inplace_position, widened
 from ..core.targets import Target
 from .base import GradientExplainer, accumulation_dtype
 from .expected import reference_set
@@ -214,7 +213,7 @@ def _route(values: Tensor, indices: Tensor, x: Tensor) -> Tensor:
     return flat.scatter_add(2, indices.flatten(2), values.flatten(2)).view_as(x)
 
 
-class RescaleRules(TorchFunctionMode):
+class RescaleRules(ScopedRules):
     """While active, elementwise nonlinearities and 2-D max pooling get DeepLIFT's backward (the batch must hold
     the images, then their baselines, along its batch dimension).
 
@@ -226,9 +225,8 @@ class RescaleRules(TorchFunctionMode):
     """
 
     def __init__(self, eps: float, scope: Optional[SequenceFirstScope] = None, rows: Optional[int] = None) -> None:
-        super().__init__()
+        super().__init__(scope)
         self.eps = eps
-        self.scope = scope if scope is not None else SequenceFirstScope(None)
         self.rows = rows
         self.calls = 0
         self.skipped = 0
@@ -245,15 +243,8 @@ class RescaleRules(TorchFunctionMode):
     def single(self) -> None:
         self.state, self.records, self.position = "rule", [], 0
 
-    def __enter__(self) -> "RescaleRules":
-        self.scope.__enter__()
-        return super().__enter__()
-
     def __exit__(self, *exc: Any) -> None:
-        try:
-            super().__exit__(*exc)
-        finally:
-            self.scope.__exit__(*exc)
+        super().__exit__(*exc)
         if exc[0] is None and self.state == "replay" and self.position != len(self.records):
             raise RuntimeError(self._mismatch())
 

@@ -16,10 +16,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ..core.registry import register
-from ..core.rules import OUT_OF_PLACE, SequenceFirstScope, batch_dimension, in_place_call
+from ..core.rules import OUT_OF_PLACE, ScopedRules, SequenceFirstScope, batch_dimension, in_place_call
 from ..core.targets import Target
 from .base import GradientExplainer
 
@@ -97,14 +96,13 @@ class _Rectifier(torch.autograd.Function):
         return guided, *none
 
 
-class RectifierRules(TorchFunctionMode):
+class RectifierRules(ScopedRules):
     """While active, rectifier calls get the backward of ``rule`` (see :data:`RULES`; ``percentile``: RectGrad's)."""
 
     def __init__(self, rule: str = "guided", percentile: float = 98.0,
                  scope: Optional[SequenceFirstScope] = None) -> None:
-        super().__init__()
+        super().__init__(scope)
         self.rule, self.percentile = rule, percentile
-        self.scope = scope if scope is not None else SequenceFirstScope(None)
         self.calls = 0
         #: the rows of the pass running (set by the explainer): the dimension of that size is the batch
         #: (the first, or the second for sequence-first layers such as nn.TransformerEncoder's default; ``scope``
@@ -124,16 +122,6 @@ class RectifierRules(TorchFunctionMode):
         out = _Rectifier.apply(x.clone() if inplace else x, *bounds, self.rule, self.percentile,
                                batch_dimension(x, self.rows, self.scope.active))
         return x.copy_(out) if inplace else out
-
-    def __enter__(self) -> "RectifierRules":
-        self.scope.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            super().__exit__(*exc)
-        finally:
-            self.scope.__exit__(*exc)
 
 
 class _RectifiedGradient(GradientExplainer):
