@@ -104,20 +104,22 @@ def _plain_derivative(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor) -
 
 
 def rescale_backward(grad: Tensor, x: Tensor, fn: Callable[[Tensor], Tensor], eps: float, dim: int,
-                     autocast: Autocast) -> Tensor:
+                     autocast: Autocast, y: Optional[Tensor] = None) -> Tensor:
     """The Rescale rule: ``grad`` times ``(f(x) - f(x')) / (x - x')`` in both halves (``x``: the function's input,
-    images then baselines along ``dim``; ``f(x)`` is computed again, under the forward's ``autocast``, rather than
-    kept, so that an in-place change of the output later in the forward does not matter), the plain derivative
-    where ``|x - x'| < eps`` (compared in float32 at least: 1e-10 is 0 in float16)."""
-    y = _again(fn, x, autocast)
+    images then baselines along ``dim``; ``y``: ``f(x)`` as the forward computed it, or None when the forward
+    changed it in place since, and then ``f(x)`` is computed again under the forward's ``autocast``), the plain
+    derivative where ``|x - x'| < eps`` (compared in float32 at least: 1e-10 is 0 in float16)."""
+    y = _again(fn, x, autocast) if y is None else y
     (x_in, x_ref), (y_in, y_ref) = x.chunk(2, dim), y.chunk(2, dim)
     delta_in = x_in - x_ref
     small = widened(delta_in.abs()) < eps
     rescaled = _halves_times(grad, (y_in - y_ref) / delta_in.masked_fill(small, 1.0), dim)
-    if not bool(small.any()):  # the usual case: no derivative needed (it costs a forward and a backward)
+    if not bool(small.any()):  # the usual case: no derivative needed
         return rescaled
-    plain = _plain_derivative(lambda t: _again(fn, t, autocast), x, grad)
-    return torch.where(torch.cat([small, small], dim), plain.to(rescaled.dtype), rescaled)
+    # the function is elementwise: its derivative is taken at the tied entries alone
+    tied = torch.cat([small, small], dim)
+    plain = _plain_derivative(lambda t: _again(fn, t, autocast), x[tied], grad[tied])
+    return rescaled.masked_scatter(tied, plain.to(rescaled.dtype))
 
 
 def _pooled(x: Tensor, indices: Tensor) -> Tensor:
@@ -145,12 +147,16 @@ class _Rescale(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], eps: float, dim: int) -> Tensor:
         ctx.fn, ctx.eps, ctx.dim, ctx.autocast = fn, eps, dim, autocast_of(x)
         ctx.save_for_backward(x)
-        return fn(x)
+        y = fn(x)
+        # a detached alias (no reference cycle through the output's graph) whose version tells an in-place change
+        ctx.kept, ctx.kept_version = y.detach(), y._version
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         (x,) = ctx.saved_tensors
-        return rescale_backward(grad, x, ctx.fn, ctx.eps, ctx.dim, ctx.autocast), None, None, None
+        kept = ctx.kept if ctx.kept._version == ctx.kept_version else None
+        return rescale_backward(grad, x, ctx.fn, ctx.eps, ctx.dim, ctx.autocast, kept), None, None, None
 
 
 class _RescaleTerm(torch.autograd.Function):
