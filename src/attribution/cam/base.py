@@ -84,7 +84,6 @@ class CAM(Explainer):
         if target_layer is not None:
             options["target_layer"] = target_layer
         super().__init__(model, **options)
-        self._default_layer_names: Dict[Tuple[int, ...], str] = {}
 
     # ------------------------------------------------------------------------------------------------- layers
     def target_layers(self, x: Tensor, target_layer: LayerSpec = None,
@@ -94,14 +93,7 @@ class CAM(Explainer):
             return resolve_layers(self.model, target_layer)
         if reshape_transform is not None:
             raise ValueError("with a reshape_transform, name the layer to capture: pass target_layer")
-        modules = dict(self.model.named_modules())
-        key = tuple(x.shape[1:])
-        name = self._default_layer_names.get(key)
-        if name not in modules:
-            with self._autocast():
-                name = default_layer(self.model, self._model_input(x[:1]))
-            self._default_layer_names[key] = name
-        return [modules[name]]
+        return [self._default_module(x, default_layer)]
 
     # ---------------------------------------------------------------------------------------------- capture
     def _capture(self, rows: Tensor, owners: Tensor, target: Target, layers: Sequence[nn.Module],

@@ -27,7 +27,7 @@ import contextlib
 import contextvars
 import difflib
 import numbers
-from typing import Any, ClassVar, ContextManager, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -156,6 +156,19 @@ class Explainer:
         if _CHANNELS_LAST.get() and rows.dim() == 4:
             rows = rows.contiguous(memory_format=torch.channels_last)
         return rows
+
+    def _default_module(self, x: Tensor, search: Callable[[nn.Module, Tensor], str]) -> nn.Module:
+        """The module ``search(model, first image)`` names for inputs shaped like ``x``: searched once per input
+        shape (under the call's precision) and kept by name, so a module renamed or removed since is searched again."""
+        names: Dict[Tuple[int, ...], str] = self.__dict__.setdefault("_default_layer_names", {})
+        modules = dict(self.model.named_modules())
+        key = tuple(x.shape[1:])
+        name = names.get(key)
+        if name not in modules:
+            with self._autocast():
+                name = search(self.model, self._model_input(x[:1]))
+            names[key] = name
+        return modules[name]
 
     def _autocast(self) -> ContextManager[Any]:
         """``torch.autocast`` in the call's ``amp`` precision, or nothing when ``amp`` is off.  The precision is

@@ -337,7 +337,6 @@ class SRD(GradientExplainer):
         if target_layer is not None:
             options["target_layer"] = target_layer
         super().__init__(model, **options)
-        self._default_layer_names: Dict[Tuple[int, ...], str] = {}
 
     def _target_layer(self, x: Tensor, target_layer: LayerSpec) -> nn.Module:
         if target_layer is not None:
@@ -345,14 +344,7 @@ class SRD(GradientExplainer):
             if len(layers) != 1:
                 raise ValueError(f"SRD decomposes from one target_layer, got {len(layers)} layers")
             return layers[0]
-        modules = dict(self.model.named_modules())
-        key = tuple(x.shape[1:])
-        name = self._default_layer_names.get(key)
-        if name not in modules:
-            with self._autocast():
-                name = srd_default_layer(self.model, self._model_input(x[:1]))
-            self._default_layer_names[key] = name
-        return modules[name]
+        return self._default_module(x, srd_default_layer)
 
     def _explain(self, x: Tensor, target: Target, *, target_layer: LayerSpec, batch_size: Optional[int],
                  create_graph: bool) -> Tensor:
