@@ -18,7 +18,7 @@ from ..core.layers import LayerSpec
 from ..core.progress import progress_bar
 from ..core.targets import Target
 from .base import CAM
-from .tail import SplitModel, Unsplittable
+from .tail import SplitModel, Unsplittable, cached_split
 
 #: on a CPU with ``batch_size=None``, tail passes run as many edited copies as fit in this many bytes of layer
 #: output (full forwards run RowPlanner's ``CPU_ROWS``: each of their rows is a whole image's forward)
@@ -61,15 +61,7 @@ class EditedLayerCAM(CAM):
     # -------------------------------------------------------------------------------------------- the runner
     def _split(self, layer: nn.Module) -> Optional[SplitModel]:
         """The model traced and cut after ``layer`` (cached while the model's modules stay the same), or None."""
-        cached = self._splits.get(id(layer))
-        if cached is not None and cached[0] is layer and cached[1].still_valid():
-            return cached[1]
-        try:
-            split = SplitModel(self.model, layer)
-        except Unsplittable:
-            return None  # not cached: the reason (a hook, say) may be gone next time
-        self._splits[id(layer)] = (layer, split)
-        return split
+        return cached_split(self._splits, self.model, layer)
 
     def _layer_runner(self, layer: nn.Module, x: Tensor, batch_size: Optional[int], use_tail: bool) -> LayerRunner:
         """The runner of ``layer`` for the images ``x``: tail passes where the model can be cut, else full ones."""
@@ -94,9 +86,7 @@ class EditedLayerCAM(CAM):
             values = split.head(self._model_input(x[a:b]))
             plan = plan or split.plan(values)
             kept.append({node: values[node] for node in plan[1]})  # drop the rest of the head's values
-        merged = {node: torch.cat([k[node] for k in kept])
-                  if len(kept) > 1 and node in split.on_images and isinstance(kept[0][node], Tensor)
-                  and kept[0][node].dim() > 0 else kept[0][node] for node in plan[1]}
+        merged = split.merged(kept, plan)
         tail = split.tail(merged, x.shape[0], plan)
         acts = merged[split.cut]
         # the tail may change its layer input in place (a ReLU(inplace=True) after a convolution or batch norm):

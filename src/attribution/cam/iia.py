@@ -23,7 +23,7 @@ from ..transformers.rollout import residual_rollout
 from ..transformers.tokens import token_layout
 from .base import CAM, FUSIONS
 from .integrated_grad_cam import path_rows
-from .tail import SplitModel, Unsplittable
+from .tail import SplitModel, Unsplittable, cached_split
 
 #: the number of intervals of each path when ``steps`` is None: the authors' scripts (``INTERPOLATION_STEPS`` of
 #: ``cnn_saliency_map_generator.py``, ``ITERATION_STEPS`` of ``vit_saliency_map_generator.py``)
@@ -321,16 +321,7 @@ class IIA(CAM, AttentionExplainer):
 
     def _split(self, layer: nn.Module) -> Optional[SplitModel]:
         """The model traced and cut after ``layer`` (cached while the model's modules stay the same), or None."""
-        cache: Dict[int, Tuple[nn.Module, SplitModel]] = self.__dict__.setdefault("_splits", {})
-        cached = cache.get(id(layer))
-        if cached is not None and cached[0] is layer and cached[1].still_valid():
-            return cached[1]
-        try:
-            split = SplitModel(self.model, layer)
-        except Unsplittable:
-            return None
-        cache[id(layer)] = (layer, split)
-        return split
+        return cached_split(self.__dict__.setdefault("_splits", {}), self.model, layer)
 
     def _tail_runs(self, split: SplitModel, layer: nn.Module, point_rows: Callable[[Tensor], Tensor], count: int,
                    batch_size: Optional[int], device: torch.device) -> LayerRuns:
@@ -344,10 +335,7 @@ class IIA(CAM, AttentionExplainer):
             extras = extras or layer_call(self._name(layer), args, kwargs)
             inputs.append(args[0])
             kept.append({node: values[node] for node in plan[1]})  # what the tail takes
-        merged = {node: torch.cat([k[node] for k in kept])
-                  if len(kept) > 1 and node in split.on_images and isinstance(kept[0][node], Tensor)
-                  and kept[0][node].dim() > 0 else kept[0][node] for node in plan[1]}  # type: ignore[index]
-        tail = split.tail(merged, count, plan)  # type: ignore[arg-type]
+        tail = split.tail(split.merged(kept, plan), count, plan)  # type: ignore[arg-type]
 
         def outputs(layer_rows: Tensor, points: Tensor) -> Tensor:
             with torch.enable_grad(), self._autocast():  # the tail may change its input in place: it gets a copy

@@ -135,6 +135,14 @@ class SplitModel:
                 return inside, frontier
             inside.update(recompute)
 
+    def merged(self, chunks: Sequence[Dict[fx.Node, Any]], plan: Tuple[Set[fx.Node], List[fx.Node]]
+               ) -> Dict[fx.Node, Any]:
+        """The values the tail of ``plan`` takes, from the head runs of consecutive chunks of rows: per-image
+        tensors concatenated, the rest (the same for every chunk) taken from the first."""
+        return {node: torch.cat([chunk[node] for chunk in chunks])
+                if len(chunks) > 1 and node in self.on_images and isinstance(chunks[0][node], Tensor)
+                and chunks[0][node].dim() > 0 else chunks[0][node] for node in plan[1]}
+
     def tail(self, values: Dict[fx.Node, Any], batch: int, plan: Tuple[Set[fx.Node], List[fx.Node]]) -> "Tail":
         """The tail of :meth:`plan` for the head ``values`` (at least the plan's inputs) of ``batch`` images."""
         inside, frontier = plan
@@ -156,6 +164,21 @@ class SplitModel:
                 raise Unsplittable(f"the tail needs {node.name!r}, which is not a per-image tensor")
             inputs.append((node is self.cut, per_image, value))
         return Tail(fx.GraphModule(self.module, graph), inputs)
+
+
+def cached_split(cache: Dict[int, Tuple[nn.Module, SplitModel]], model: nn.Module,
+                 layer: nn.Module) -> Optional[SplitModel]:
+    """``model`` traced and cut after ``layer``, kept in ``cache`` while the model's modules stay the same; None
+    when it cannot be cut (not cached: the reason, a hook say, may be gone next time)."""
+    cached = cache.get(id(layer))
+    if cached is not None and cached[0] is layer and cached[1].still_valid():
+        return cached[1]
+    try:
+        split = SplitModel(model, layer)
+    except Unsplittable:
+        return None
+    cache[id(layer)] = (layer, split)
+    return split
 
 
 class Tail:
