@@ -111,7 +111,8 @@ class GuidedIG(GradientExplainer):
                 point = torch.where(chosen, torch.where(full, x_max, partial_step), point)
                 if not idgi:
                     attribution = attribution + (point - old) * grad
-                active = moving_now & (gamma > 1)
+                # l1_chosen == 0: every feature already sits at x_max, nothing is left to move this step
+                active = moving_now & (gamma > 1) & (l1_chosen > 0)
         if idgi and before is not None:  # the path ends at the image
             with torch.set_grad_enabled(create_graph):
                 end = torch.cat([target(self._forward(x[a:b]), owners[a:b]) for a, b in planner]).to(torch.float64)
