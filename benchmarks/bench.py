@@ -794,6 +794,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "atman": Work({}, atman_floor, models="vit"),
         # the clean forward, then every block once per token (L x N single-block forwards): about N + 1 forwards
         "value_zeroing": Work({}, value_zeroing_floor, models="vit"),
+        # one forward; then per block N^2 x D x H multiply-adds and N^2 x D distances (memory-bound, above the floor)
+        "alti": Work({}, forward_floor, models="vit"),
     }
 
 

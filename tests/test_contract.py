@@ -78,6 +78,7 @@ FAST = {
     "tis": {"n_masks": 8, "generator": torch.Generator().manual_seed(0)},
     "atman": {},
     "value_zeroing": {},
+    "alti": {},
     "token_tm": {},
     "tam": {"steps": 3, "start_block": 0},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)

@@ -92,7 +92,7 @@ from .gradients import (
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
                            MoXI, Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
-from .transformers import (MDA, TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionRollout, BeyondIntuition, GenericAttention,
+from .transformers import (ALTI, MDA, TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionRollout, BeyondIntuition, GenericAttention,
                            GradientRollout, GradSAM, LeGrad, RawAttention, TokenTM, TransformerAttribution, ValueZeroing)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -100,6 +100,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGCAM",
+    "ALTI",
     "AdaptGrad",
     "AGI",
     "AttEXplore",

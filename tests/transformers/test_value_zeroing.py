@@ -14,7 +14,8 @@ from torch import nn
 import attribution as A
 from attribution.core.targets import resolve_target
 from attribution.transformers.attention import AttentionCapture
-from attribution.transformers.value_zeroing import ValueZeroing, cosine_distance, row_normalised
+from attribution.transformers.rollout import row_normalised
+from attribution.transformers.value_zeroing import ValueZeroing, cosine_distance
 from conftest import check_parameter_derivative, tiny_cnn, tiny_vit
 from vit_parts import first_block_inputs, timm_blocks, torchvision_blocks
 

@@ -1,5 +1,6 @@
 """Transformers: token layouts, attention capture, and transformer-native methods."""
 from .ag_cam import AGCAM
+from .alti import ALTI
 from .atman import AtMan
 from .attcat import AttCAT
 from .attention import AttentionCapture
@@ -19,6 +20,6 @@ from .tokens import TokenLayout, token_layout, tokens_to_map
 from .transformer_attribution import TransformerAttribution
 from .value_zeroing import ValueZeroing
 
-__all__ = ["AGCAM", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradientRollout",
+__all__ = ["AGCAM", "ALTI", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradientRollout",
            "GradSAM", "LeGrad", "MDA", "RawAttention", "TAM", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
            "ValueZeroing", "token_layout", "tokens_to_map"]

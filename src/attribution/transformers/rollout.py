@@ -47,15 +47,30 @@ def residual_rollout(fused: Sequence[Tensor], discard_ratio: float = 0.0) -> Ten
     entries zeroed, never entry (0, 0); nothing zeroed at 0), i.e. ``(A_l + I) / 2`` renormalised to rows summing
     to 1."""
     discard_ratio = check_discard_ratio(discard_ratio)
-    rollout: Optional[Tensor] = None
-    for block in fused:
-        if discard_ratio > 0:
-            block = discard_lowest(block, discard_ratio)
-        step = with_residual(block)
-        rollout = step if rollout is None else step @ rollout
-    if rollout is None:
+    return rollout_product([with_residual(discard_lowest(block, discard_ratio) if discard_ratio > 0 else block)
+                            for block in fused])
+
+
+def rollout_product(mixing: Sequence[Tensor]) -> Tensor:
+    """``M_L ... M_2 M_1`` of the blocks' (B, N, N) mixing matrices, first block first, with no identity added (for
+    mixing matrices that already hold the residual stream, e.g. Value Zeroing's and ALTI's; the authors'
+    ``compute_joint_attention`` with ``res=False``)."""
+    if not mixing:
         raise ValueError("a rollout needs at least one block")
+    rollout = mixing[0]
+    for matrix in mixing[1:]:
+        rollout = matrix @ rollout
     return rollout
+
+
+def row_normalised(contributions: Tensor) -> Tensor:
+    """(B, N, N) non-negative contributions divided by their row sums; a row of zeros (nothing reaches that token)
+    becomes the identity's row: the token mixes nothing."""
+    total = contributions.sum(dim=-1, keepdim=True)
+    eye = torch.eye(contributions.shape[-1], dtype=contributions.dtype, device=contributions.device)
+    positive = total > 0
+    return torch.where(positive, contributions / torch.where(positive, total, torch.ones_like(total)),
+                       eye.expand_as(contributions))
 
 
 def with_residual(fused: Tensor) -> Tensor:

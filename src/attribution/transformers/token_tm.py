@@ -49,7 +49,7 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__
 
 
-class _BlockRecorder:
+class BlockRecorder:
     """Hooks that record, per block, the tokens entering it, entering each normalisation layer among its direct
     children (for a pre-norm block the second is the residual stream after the attention sublayer) and leaving it."""
 
@@ -75,18 +75,19 @@ class _BlockRecorder:
     def _output(store: list, module: nn.Module, args: tuple, output) -> None:
         store.append(output[0] if isinstance(output, (tuple, list)) else output)
 
-    def tokens(self, model: nn.Module, rows: int) -> List[BlockTokens]:
-        """Each block's (entering, after attention, leaving) tokens, checked to come from pre-norm blocks."""
+    def tokens(self, model: nn.Module, rows: int, method: str = "TokenTM") -> List[BlockTokens]:
+        """Each block's (entering, after attention, leaving) tokens, checked to come from pre-norm blocks (``method``
+        names the caller in the errors)."""
         found = []
         for block, name, entering, norms, leaving in zip(self.blocks, self.names, self.entering, self.norms,
                                                          self.leaving):
             if len(entering) != 1 or len(leaving) != 1 or entering[0] is None:
-                raise ValueError(f"TokenTM needs each block to run once on a token tensor; block {name!r} of "
+                raise ValueError(f"{method} needs each block to run once on a token tensor; block {name!r} of "
                                  f"{type(model).__name__} ran {len(entering)} times")
             if len(norms) != 2 or norms[0] is not entering[0] or norms[1] is None:
                 where = "" if not norms or norms[0] is entering[0] else ", the first not on the block input"
                 raise ValueError(
-                    f"TokenTM needs pre-norm blocks (x + attention(norm(x)), then + mlp(norm(...))) whose two "
+                    f"{method} needs pre-norm blocks (x + attention(norm(x)), then + mlp(norm(...))) whose two "
                     f"normalisation layers are direct children; block {name!r} of {type(model).__name__} ran "
                     f"{len(norms)} such layers{where}"
                 )
@@ -94,7 +95,7 @@ class _BlockRecorder:
             if all(isinstance(s, Tensor) and s.dim() == 3 for s in states):  # sequence-first blocks' (N, B, D)
                 states = tuple(batch_first_tokens(s, rows, block) for s in states)
             if any(s.dim() != 3 or s.shape != states[0].shape or s.shape[0] != rows for s in states):
-                raise ValueError(f"TokenTM needs (B, N, D) tokens of one shape in block {name!r} of "
+                raise ValueError(f"{method} needs (B, N, D) tokens of one shape in block {name!r} of "
                                  f"{type(model).__name__}, got {[tuple(s.shape) for s in states]} for {rows} images")
             found.append(states)
         return found
@@ -142,7 +143,7 @@ class TokenTM(AttentionExplainer):
         size = tuple(x.shape[-2:])
         maps = []
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
-            recorder = _BlockRecorder(blocks, names)
+            recorder = BlockRecorder(blocks, names)
             outputs, capture = self._forward_capturing(x[start:stop], recorder.handles)
             attention = self._checked(capture.maps, stop - start)
             tokens = recorder.tokens(self.model, stop - start)

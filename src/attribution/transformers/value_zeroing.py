@@ -13,6 +13,7 @@ from ..core.targets import Target
 from .atman import COSINE_EPS, KeySuppression
 from .attention import _SOFTMAX, explicit_attention
 from .base import AttentionExplainer, _at_least_float32, batch_dim
+from .rollout import rollout_product, row_normalised
 from .tokens import token_layout
 
 
@@ -69,24 +70,6 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     return apart / 2 + lone
 
 
-def row_normalised(distances: Tensor) -> Tensor:
-    """(B, N, N) distances divided by their row sums; a row of zeros (no token's zeroing moves that token)
-    becomes the identity's row: the token mixes nothing."""
-    total = distances.sum(dim=-1, keepdim=True)
-    eye = torch.eye(distances.shape[-1], dtype=distances.dtype, device=distances.device).expand_as(distances)
-    positive = total > 0
-    return torch.where(positive, distances / torch.where(positive, total, torch.ones_like(total)), eye)
-
-
-def value_zeroing_rollout(mixing: List[Tensor]) -> Tensor:
-    """``M_L ... M_2 M_1`` of the blocks' (B, N, N) mixing matrices (the authors' ``compute_joint_attention`` with
-    ``res=False``: no identity added, the residual stream is already in each block's output)."""
-    rollout = mixing[0]
-    for matrix in mixing[1:]:
-        rollout = matrix @ rollout
-    return rollout
-
-
 @register("value_zeroing")
 class ValueZeroing(AttentionExplainer):
     """Value Zeroing: the rolled-out context mixing of a ViT's blocks, each block's mixing measured by how far
@@ -137,7 +120,7 @@ class ValueZeroing(AttentionExplainer):
             raise TypeError(f"rollout must be a bool, got {rollout!r}")
         mixing = self._mixing(x, target, batch_size, create_graph)
         with torch.set_grad_enabled(create_graph):
-            relevance = value_zeroing_rollout(mixing) if rollout else mixing[-1]
+            relevance = rollout_product(mixing) if rollout else mixing[-1]
         layout = token_layout(self.model, tuple(x.shape[-2:]), relevance.shape[-1], "the block inputs")
         return self._to_image(relevance, layout, tuple(x.shape[-2:]))
 
