@@ -124,8 +124,9 @@ class CRP(LRP):
 
     * ``layer``: the condition layer, a dotted name or a module (``None``, the default: the last spatial feature
       block, :func:`attribution.core.layers.default_layer`, e.g. ``layer4`` of a ResNet at 224 x 224); its channels
-      are the second dimension of its output (zennit-crp's ``ChannelConcept``: CNN channels, dense-layer neurons;
-      for a token layer (B, N, C) that would be the tokens: pick a layer with (B, C, ...) outputs);
+      are the second dimension of a (B, C, ...) output (zennit-crp's ``ChannelConcept``: CNN channels, dense-layer
+      neurons), the last of a channels-last (B, h, w, C) map, and the features of (B, N, D) tokens (a concept is one
+      feature of every token);
     * ``channels``: the concept ``theta``, an int, a list of ints (the same channels for every image) or a (B, k)
       LongTensor (k channels per image); several channels are joined (their union: each keeps its relevance, as
       zennit-crp's mask of a list of ids); ``None``, the default: each image's most relevant channel at the layer.

@@ -81,7 +81,7 @@ class Occlusion(Explainer):
     pixel p of [f_t(x) - f_t(x with w set to fill)]``, windows placed as Captum's Occlusion places them (the last one
     cut at the image edge).  ``fill`` as Captum's ``baselines``: a finite number (default 0, Captum's) or a tensor
     broadcast to the images (a (B, C, H, W) one gives each image its own fill).  Defaults scale with the image:
-    window ``round(min(H, W) / 7)``, stride half of it (32 and 16 at 224x224: 169 forwards per image).  Occluded
+    window ``round(min(H, W) / 7)``, stride half of it (32 and 16 at 224x224: 169 windows, 170 forwards per image).  Occluded
     copies run ``batch_size`` at a time, without autograd unless ``create_graph=True`` (then the map is
     differentiable w.r.t. the model's parameters).  Returns
     (B, 1, H, W).  Cost: one forward per window position per image, plus one for the unoccluded image.
