@@ -796,6 +796,8 @@ def cam_work(size: int) -> Dict[str, Work]:
         "value_zeroing": Work({}, value_zeroing_floor, models="vit"),
         # one forward; then per block N^2 x D x H multiply-adds and N^2 x D distances (memory-bound, above the floor)
         "alti": Work({}, forward_floor, models="vit"),
+        "attention_norm": Work({}, forward_floor, models="vit"),  # the last block's norms only (rollout=False)
+        "globenc": Work({}, forward_floor, models="vit"),
     }
 
 

@@ -79,6 +79,8 @@ FAST = {
     "atman": {},
     "value_zeroing": {},
     "alti": {},
+    "attention_norm": {},
+    "globenc": {},
     "token_tm": {},
     "tam": {"steps": 3, "start_block": 0},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)

@@ -92,7 +92,7 @@ from .gradients import (
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
                            MoXI, Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
-from .transformers import (ALTI, MDA, TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionRollout, BeyondIntuition, GenericAttention,
+from .transformers import (ALTI, MDA, TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionNorm, GlobEnc, AttentionRollout, BeyondIntuition, GenericAttention,
                            GradientRollout, GradSAM, LeGrad, RawAttention, TokenTM, TransformerAttribution, ValueZeroing)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -109,6 +109,7 @@ __all__ = [
     "AtMan",
     "AttCAT",
     "AttentionFlow",
+    "AttentionNorm",
     "AttentionRollout",
     "BagCAM",
     "BeyondIntuition",
@@ -138,6 +139,7 @@ __all__ = [
     "FullGrad",
     "FusionCAM",
     "GenericAttention",
+    "GlobEnc",
     "GradSAM",
     "GradientRollout",
     "GradCAM",

@@ -115,7 +115,7 @@ def seeded(name: str) -> dict:
 
 
 @pytest.mark.parametrize("name, options", [
-    ("attcat", {}), ("legrad", {}), ("token_tm", {}), ("value_zeroing", {}), ("alti", {}), ("atman", {}), ("tis", {"n_masks": 6}),
+    ("attcat", {}), ("legrad", {}), ("token_tm", {}), ("value_zeroing", {}), ("alti", {}), ("attention_norm", {}), ("globenc", {}), ("atman", {}), ("tis", {"n_masks": 6}),
     ("attention_rollout", {}), ("transformer_attribution", {})])
 def test_sequence_first_encoders_give_their_batch_first_twins_maps(name, options):
     """17 images of 17 tokens: the batch and the token dimensions of the layers' (N, B, D) tokens have one size,

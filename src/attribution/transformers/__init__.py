@@ -11,6 +11,7 @@ from .grad_rollout import GradientRollout
 from .grad_sam import GradSAM
 from .legrad import LeGrad
 from .mda import MDA
+from .norm_based import AttentionNorm, GlobEnc
 from .raw_attention import RawAttention
 from .rollout import AttentionRollout
 from .tam import TAM
@@ -20,6 +21,6 @@ from .tokens import TokenLayout, token_layout, tokens_to_map
 from .transformer_attribution import TransformerAttribution
 from .value_zeroing import ValueZeroing
 
-__all__ = ["AGCAM", "ALTI", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GradientRollout",
+__all__ = ["AGCAM", "ALTI", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionNorm", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GlobEnc", "GradientRollout",
            "GradSAM", "LeGrad", "MDA", "RawAttention", "TAM", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
            "ValueZeroing", "token_layout", "tokens_to_map"]

@@ -1,9 +1,11 @@
 """ALTI: the attention sublayer of every block decomposed into one vector per source token, each token's share
-measured by how close its vector lies to the sublayer's output (Manhattan distance), rolled out over the blocks."""
+measured by how close its vector lies to the sublayer's output (Manhattan distance), rolled out over the blocks.
+The decomposition (:class:`BlockTerms`, :class:`BlockDecompositionExplainer`) is shared with the norm-based
+methods of :mod:`.norm_based`."""
 from __future__ import annotations
 
 import inspect
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -111,20 +113,38 @@ def sublayer_output(terms: BlockTerms) -> Tensor:
     return terms.tokens + torch.einsum("bhij,bhjd->bid", terms.attention, terms.heads) + terms.bias
 
 
-def transformed_vectors(terms: BlockTerms, start: int = 0, stop: Optional[int] = None) -> Tensor:
+def transformed_vectors(terms: BlockTerms, start: int = 0, stop: Optional[int] = None,
+                        residual: bool = True) -> Tensor:
     """(B, stop - start, N, D) ``T_i(x_j) = sum_h A_h[i, j] f_h(x_j) + [i == j] x_i`` for the query tokens
-    ``i`` from ``start`` to ``stop`` and every source token ``j``."""
+    ``i`` from ``start`` to ``stop`` and every source token ``j`` (``residual=False``: without the ``x_i``)."""
     stop = terms.tokens.shape[1] if stop is None else stop
-    return _sources_first(terms, terms.heads.transpose(1, 2), start, stop).transpose(1, 2)
+    return _sources_first(terms, terms.heads.transpose(1, 2), start, stop, residual).transpose(1, 2)
 
 
-def _sources_first(terms: BlockTerms, heads: Tensor, start: int, stop: int) -> Tensor:
+def _sources_first(terms: BlockTerms, heads: Tensor, start: int, stop: int, residual: bool = True) -> Tensor:
     """(B, N, stop - start, D) ``T_i(x_j)`` at ``[b, j, i - start]``: one (queries x heads) @ (heads x width)
-    product per image and source token, ``heads`` the (B, N, H, D) head vectors by source token."""
+    product per image and source token, ``heads`` the (B, N, H, D) head vectors by source token; ``residual=False``
+    leaves out the ``x_i`` of the entries ``j == i``."""
     vectors = terms.attention[:, :, start:stop].permute(0, 3, 2, 1) @ heads
-    # the entries j == i, (B, D, stop - start): the residual added in place (the product is a fresh tensor)
-    vectors.diagonal(offset=start, dim1=2, dim2=1).add_(terms.tokens[:, start:stop].transpose(1, 2))
+    if residual:  # the entries j == i, (B, D, stop - start): the residual added in place (a fresh product)
+        vectors.diagonal(offset=start, dim1=2, dim2=1).add_(terms.tokens[:, start:stop].transpose(1, 2))
     return vectors
+
+
+def pair_measures(terms: BlockTerms, measure: Callable[[Tensor, int, int], Tensor], residual: bool = True,
+                  chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+    """(B, N, N) ``measure`` of the transformed vectors, rows the outputs ``i`` and columns the source tokens ``j``:
+    the query tokens are taken in slices of at most ``chunk_elements`` vector entries, and ``measure(vectors, start,
+    stop)`` maps each slice's (B, N, stop - start, D) ``T_i(x_j)`` at ``[b, j, i - start]`` (a fresh tensor it may
+    change in place; without the residual for ``residual=False``) to its (B, stop - start, N) rows."""
+    batch, tokens, width = terms.tokens.shape
+    heads = terms.heads.transpose(1, 2).contiguous()  # (B, N, H, D), once for every slice
+    step = max(1, chunk_elements // max(1, batch * tokens * width))
+    rows = []
+    for start in range(0, tokens, step):
+        stop = min(tokens, start + step)
+        rows.append(measure(_sources_first(terms, heads, start, stop, residual), start, stop))
+    return torch.cat(rows, dim=1)
 
 
 def alti_contributions(terms: BlockTerms, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
@@ -133,16 +153,21 @@ def alti_contributions(terms: BlockTerms, chunk_elements: int = CHUNK_ELEMENTS) 
     ``chunk_elements`` transformed-vector entries."""
     output = sublayer_output(terms)
     length = torch.linalg.vector_norm(output, ord=1, dim=-1)  # ||y_i||_1 (B, N)
-    batch, tokens, width = output.shape
-    heads = terms.heads.transpose(1, 2).contiguous()  # (B, N, H, D), once for every slice
-    step = max(1, chunk_elements // max(1, batch * tokens * width))
-    rows = []
-    for start in range(0, tokens, step):
-        stop = min(tokens, start + step)
-        apart = _sources_first(terms, heads, start, stop).sub_(output[:, None, start:stop])  # T_i(x_j) - y_i
+
+    def closeness(vectors: Tensor, start: int, stop: int) -> Tensor:
+        apart = vectors.sub_(output[:, None, start:stop])  # T_i(x_j) - y_i
         distance = torch.linalg.vector_norm(apart, ord=1, dim=-1).transpose(1, 2)  # (B, stop - start, N)
-        rows.append((length[:, start:stop, None] - distance).clamp(min=0))
-    return torch.cat(rows, dim=1)
+        return (length[:, start:stop, None] - distance).clamp(min=0)
+
+    return pair_measures(terms, closeness, chunk_elements=chunk_elements)
+
+
+def vector_norms(terms: BlockTerms, residual: bool, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+    """(B, N, N) Euclidean norms ``||T_i(x_j)||_2`` (``residual=True``) or ``||sum_h A_h[i, j] f_h(x_j)||_2``
+    (``residual=False``), rows the outputs ``i``, columns the source tokens ``j``, in query slices as
+    :func:`pair_measures`."""
+    return pair_measures(terms, lambda vectors, start, stop: torch.linalg.vector_norm(vectors, dim=-1).transpose(1, 2),
+                         residual, chunk_elements)
 
 
 def layer_scale(block: nn.Module) -> Optional[Tensor]:
@@ -156,8 +181,119 @@ def layer_scale(block: nn.Module) -> Optional[Tensor]:
     return scale if isinstance(scale, Tensor) else None
 
 
+class BlockDecompositionExplainer(AttentionExplainer):
+    """Base of the methods that decompose each pre-norm block's attention sublayer into one vector per source token
+    (:class:`BlockTerms`, from one forward, checked to rebuild the model's residual stream) and measure each token's
+    share in each output: ALTI, the attention norm, GlobEnc.  A subclass gives :meth:`_contributions` (one block's
+    (B, N, N) shares, rows the outputs, columns the source tokens) and, where it aggregates the blocks otherwise
+    than ALTI, :meth:`_aggregate`; with ``rollout=False`` only the last block's shares are computed."""
+
+    defaults = {"rollout": True}
+    argmax_on_rows = True
+    #: names the method in its errors
+    label = "ALTI"
+
+    def _explain(self, x: Tensor, target: Target, *, rollout: bool, batch_size: Optional[int],
+                 create_graph: bool) -> Tensor:
+        if not isinstance(rollout, bool):
+            raise TypeError(f"rollout must be a bool, got {rollout!r}")
+        names = self._block_names(x)
+        modules = dict(self.model.named_modules())
+        blocks = [modules[name] for name in names]
+        owners = torch.arange(x.shape[0], device=x.device)
+        size = tuple(x.shape[-2:])
+        maps = []
+        for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
+            terms = self._block_terms(x[start:stop], target, owners[start:stop], blocks, names, create_graph)
+            with torch.set_grad_enabled(create_graph):
+                shares = [self._contributions(t) for t in (terms if rollout else terms[-1:])]
+                relevance = self._aggregate(shares, rollout)
+            layout = token_layout(self.model, size, relevance.shape[-1], "the attention maps")
+            maps.append(self._to_image(relevance, layout, size))
+        return torch.cat(maps)
+
+    def _contributions(self, terms: BlockTerms) -> Tensor:
+        """(B, N, N) one block's shares: rows the outputs ``i``, columns the source tokens ``j``."""
+        raise NotImplementedError
+
+    def _aggregate(self, shares: List[Tensor], rollout: bool) -> Tensor:
+        """(B, N, N) token relevance from the blocks' shares (every block's, first first, for ``rollout=True``; the
+        last block's alone otherwise): ALTI's, each block's rows divided by their sums, rolled out without an added
+        identity (or the last block's alone)."""
+        mixing = [row_normalised(block) for block in shares]
+        return rollout_product(mixing) if rollout else mixing[-1]
+
+    def _block_terms(self, rows: Tensor, target: Target, owners: Tensor, blocks: Sequence[nn.Module],
+                     names: Sequence[str], create_graph: bool) -> List[BlockTerms]:
+        """Every block's :class:`BlockTerms` for ``rows`` images, from one forward (the target is evaluated on it:
+        validated, and ``None`` resolved, though the map ignores it), each checked to rebuild the block's
+        residual stream after its attention sublayer."""
+        recorder = BlockRecorder(blocks, names)
+        try:
+            with torch.set_grad_enabled(create_graph), ValueCapture(self.model) as capture:
+                outputs = self._forward(rows)
+        finally:
+            for handle in recorder.handles:
+                handle.remove()
+        target(outputs, owners)
+        count = rows.shape[0]
+        attention = self._checked(capture.maps, count)
+        states = recorder.tokens(self.model, count, self.label)
+        if len(states) != len(attention) or len(capture.values) < len(attention):
+            raise ValueError(f"{self.label} found {len(attention)} attention maps, {len(capture.values)} sets of value "
+                             f"vectors and {len(states)} blocks in {type(self.model).__name__}'s forward")
+        projections = capture.projections + [None] * (len(attention) - len(capture.projections))
+        terms = []
+        for name, block, probs, values, projection, (entering, middle, _) in zip(
+                names, blocks, attention, capture.values, projections, states):
+            with torch.set_grad_enabled(create_graph):
+                found = self._terms(name, block, probs, values, projection, entering)
+            self._check_decomposition(name, found, middle, (probs, values, middle))
+            terms.append(found)
+        return terms
+
+    def _terms(self, name: str, block: nn.Module, probs: Tensor, values: Tensor,
+               projection: Optional[Tuple[Tensor, Optional[Tensor]]], entering: Tensor) -> BlockTerms:
+        """One block's terms in the working precision (float64 for float64 tokens, else float32)."""
+        dtype = torch.float64 if entering.dtype == torch.float64 else torch.float32
+        heads_dim = values.shape[1] * values.shape[3]
+        if projection is None or projection[0].dim() != 2 or tuple(projection[0].shape) != (entering.shape[-1],
+                                                                                             heads_dim):
+            shape = None if projection is None else tuple(projection[0].shape)
+            raise ValueError(
+                f"{self.label} needs each attention call's concatenated heads ({heads_dim} channels) to reach a linear "
+                f"output projection to the token width ({entering.shape[-1]}) unchanged; in block {name!r} of "
+                f"{type(self.model).__name__} the heads "
+                + ("are normalised (or never projected) first" if shape is None else f"meet a linear of weight {shape}")
+            )
+        weight, bias = (t.to(dtype) if t is not None else None for t in projection)
+        scale = layer_scale(block)
+        scale = None if scale is None else scale.to(dtype)
+        bias = torch.zeros_like(weight[:, 0]) if bias is None else bias
+        return BlockTerms(entering.to(dtype), probs.to(dtype), head_vectors(values.to(dtype), weight, scale),
+                          bias if scale is None else bias * scale)
+
+    def _check_decomposition(self, name: str, terms: BlockTerms, middle: Tensor, pieces: Sequence[Tensor]) -> None:
+        """A ValueError unless ``x + sum_j T_i(x_j) + s b_O`` equals the model's own stream after the attention
+        sublayer (up to :data:`DECOMPOSITION_TOLERANCE`)."""
+        with torch.no_grad():
+            rebuilt = sublayer_output(terms)
+            actual = middle.to(rebuilt.dtype)
+            error = float((rebuilt - actual).abs().amax())
+            scale = max(float(actual.abs().amax()), float(terms.tokens.abs().amax()), 1e-30)
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in pieces)
+        if not error <= DECOMPOSITION_TOLERANCE["half" if half else "full"] * scale:
+            raise ValueError(
+                f"{self.label}'s decomposition of block {name!r} of {type(self.model).__name__} does not rebuild the "
+                f"residual stream after its attention sublayer (largest difference {error:.3g}, entries up to "
+                f"{scale:.3g}): it "
+                "needs pre-norm blocks x + s * proj(attention(norm(x))), s a layer scale (timm's ls1, BEiT/EVA's "
+                "gamma_1) or 1, with no normalisation or gate between the heads and the projection"
+            )
+
+
 @register("alti")
-class ALTI(AttentionExplainer):
+class ALTI(BlockDecompositionExplainer):
     """ALTI (Aggregation of Layer-wise Token-to-token Interactions): each block's attention sublayer, residual
     included, written as one vector per source token; token ``j``'s share in output ``i`` is how close its vector
     lies to the output in Manhattan distance; the blocks' shares rolled out.
@@ -194,9 +330,9 @@ class ALTI(AttentionExplainer):
     between the heads and the projection) raises a ValueError rather than giving a wrong map.  Cost: one forward
     per image, then per block ``N^2 D H`` multiply-adds and ``N^2 D`` entries written and read for the transformed
     vectors and their distances (held for at most ``CHUNK_ELEMENTS`` entries at a time; with ``create_graph=True``
-    every slice's graph is kept): for ViT-B/16 at 224 a quarter of a forward's multiply-adds, but memory-bound,
-    about 2-3 forwards' time on a 2-core CPU.  ``create_graph=True`` keeps the map differentiable in the model's
-    parameters (the absolute values and the clip have kinks at 0).
+    every slice's graph is kept; the last block's alone with ``rollout=False``): for ViT-B/16 at 224 a quarter of a
+    forward's multiply-adds, but memory-bound, about 2-3 forwards' time on a 2-core CPU.  ``create_graph=True``
+    keeps the map differentiable in the model's parameters (the absolute values and the clip have kinks at 0).
 
     Deliberate differences: a row of ``c`` that is all zero (every transformed vector at least as far from ``y_i``
     as ``y_i`` is long, e.g. ``y_i = 0``) becomes the identity's row instead of the authors' 0/0; the map reads the
@@ -204,91 +340,5 @@ class ALTI(AttentionExplainer):
     layer's rows).
     """
 
-    defaults = {"rollout": True}
-    argmax_on_rows = True
-
-    def _explain(self, x: Tensor, target: Target, *, rollout: bool, batch_size: Optional[int],
-                 create_graph: bool) -> Tensor:
-        if not isinstance(rollout, bool):
-            raise TypeError(f"rollout must be a bool, got {rollout!r}")
-        names = self._block_names(x)
-        modules = dict(self.model.named_modules())
-        blocks = [modules[name] for name in names]
-        owners = torch.arange(x.shape[0], device=x.device)
-        size = tuple(x.shape[-2:])
-        maps = []
-        for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
-            terms = self._block_terms(x[start:stop], target, owners[start:stop], blocks, names, create_graph)
-            with torch.set_grad_enabled(create_graph):
-                mixing = [row_normalised(alti_contributions(t)) for t in terms]
-                relevance = rollout_product(mixing) if rollout else mixing[-1]
-            layout = token_layout(self.model, size, relevance.shape[-1], "the attention maps")
-            maps.append(self._to_image(relevance, layout, size))
-        return torch.cat(maps)
-
-    def _block_terms(self, rows: Tensor, target: Target, owners: Tensor, blocks: Sequence[nn.Module],
-                     names: Sequence[str], create_graph: bool) -> List[BlockTerms]:
-        """Every block's :class:`BlockTerms` for ``rows`` images, from one forward (the target is evaluated on it:
-        validated, and ``None`` resolved, though the map ignores it), each checked to rebuild the block's
-        residual stream after its attention sublayer."""
-        recorder = BlockRecorder(blocks, names)
-        try:
-            with torch.set_grad_enabled(create_graph), ValueCapture(self.model) as capture:
-                outputs = self._forward(rows)
-        finally:
-            for handle in recorder.handles:
-                handle.remove()
-        target(outputs, owners)
-        count = rows.shape[0]
-        attention = self._checked(capture.maps, count)
-        states = recorder.tokens(self.model, count, "ALTI")
-        if len(states) != len(attention) or len(capture.values) < len(attention):
-            raise ValueError(f"ALTI found {len(attention)} attention maps, {len(capture.values)} sets of value vectors "
-                             f"and {len(states)} blocks in {type(self.model).__name__}'s forward")
-        projections = capture.projections + [None] * (len(attention) - len(capture.projections))
-        terms = []
-        for name, block, probs, values, projection, (entering, middle, _) in zip(
-                names, blocks, attention, capture.values, projections, states):
-            with torch.set_grad_enabled(create_graph):
-                found = self._terms(name, block, probs, values, projection, entering)
-            self._check_decomposition(name, found, middle, (probs, values, middle))
-            terms.append(found)
-        return terms
-
-    def _terms(self, name: str, block: nn.Module, probs: Tensor, values: Tensor,
-               projection: Optional[Tuple[Tensor, Optional[Tensor]]], entering: Tensor) -> BlockTerms:
-        """One block's terms in the working precision (float64 for float64 tokens, else float32)."""
-        dtype = torch.float64 if entering.dtype == torch.float64 else torch.float32
-        heads_dim = values.shape[1] * values.shape[3]
-        if projection is None or projection[0].dim() != 2 or tuple(projection[0].shape) != (entering.shape[-1],
-                                                                                             heads_dim):
-            shape = None if projection is None else tuple(projection[0].shape)
-            raise ValueError(
-                f"ALTI needs each attention call's concatenated heads ({heads_dim} channels) to reach a linear output "
-                f"projection to the token width ({entering.shape[-1]}) unchanged; in block {name!r} of "
-                f"{type(self.model).__name__} the heads "
-                + ("are normalised (or never projected) first" if shape is None else f"meet a linear of weight {shape}")
-            )
-        weight, bias = (t.to(dtype) if t is not None else None for t in projection)
-        scale = layer_scale(block)
-        scale = None if scale is None else scale.to(dtype)
-        bias = torch.zeros_like(weight[:, 0]) if bias is None else bias
-        return BlockTerms(entering.to(dtype), probs.to(dtype), head_vectors(values.to(dtype), weight, scale),
-                          bias if scale is None else bias * scale)
-
-    def _check_decomposition(self, name: str, terms: BlockTerms, middle: Tensor, pieces: Sequence[Tensor]) -> None:
-        """A ValueError unless ``x + sum_j T_i(x_j) + s b_O`` equals the model's own stream after the attention
-        sublayer (up to :data:`DECOMPOSITION_TOLERANCE`)."""
-        with torch.no_grad():
-            rebuilt = sublayer_output(terms)
-            actual = middle.to(rebuilt.dtype)
-            error = float((rebuilt - actual).abs().amax())
-            scale = max(float(actual.abs().amax()), float(terms.tokens.abs().amax()), 1e-30)
-        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in pieces)
-        if not error <= DECOMPOSITION_TOLERANCE["half" if half else "full"] * scale:
-            raise ValueError(
-                f"ALTI's decomposition of block {name!r} of {type(self.model).__name__} does not rebuild the residual "
-                f"stream after its attention sublayer (largest difference {error:.3g}, entries up to {scale:.3g}): it "
-                "needs pre-norm blocks x + s * proj(attention(norm(x))), s a layer scale (timm's ls1, BEiT/EVA's "
-                "gamma_1) or 1, with no normalisation or gate between the heads and the projection"
-            )
+    def _contributions(self, terms: BlockTerms) -> Tensor:
+        return alti_contributions(terms)
