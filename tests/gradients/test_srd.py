@@ -1,8 +1,13 @@
-"""SRD against the paper's decomposition written out one image at a time with plain loops (sharing ratios of every
-pair of pointwise feature vectors) on a small CNN with batch norm, max and average pooling, and on torchvision's
-ResNet-18 with its residual connections; conservation on a bias-free net, the default layers, a shared activation
-module, batch independence, create_graph against central differences, and errors for layers SRD cannot decompose."""
+"""SRD against the authors' algorithm written out one image at a time with plain loops (their ``cal_simmap_*``: every
+contribution of one PFV to one pre-activation PFV along one path, its share of the branch's bias in proportion to
+the contributions' norms, its sharing ratio, the relevances summed), on a small CNN with batch norm, max and average
+pooling (pooling inside the blocks, not layers) and on torchvision's ResNet-18 with its residual and downsampling
+branches; the start (gradient x activation at the target layer, centred); conservation layer by layer; closed forms;
+the default layers, a shared activation module, batch independence, create_graph against central differences, and
+errors for blocks SRD cannot decompose."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -16,72 +21,107 @@ torchvision = pytest.importorskip("torchvision")
 
 
 # ------------------------------------------------------------------------------------ the written-out reference
-def share(contribution: torch.Tensor, pre_activation: torch.Tensor) -> torch.Tensor:
-    """The sharing ratio ``<c_ij, z_j> / |z_j|^2`` of a contribution in a pre-activation PFV (0 for z_j = 0)."""
-    norm = pre_activation.dot(pre_activation)
-    return contribution.dot(pre_activation) / norm if norm > 0 else torch.zeros((), dtype=norm.dtype)
+def inside(shape, y, x):
+    return 0 <= y < shape[-2] and 0 <= x < shape[-1]
 
 
-def conv_shares(x, weight, stride, padding, z, relevance):
-    """``R_i = sum_j mu_ij R_j`` through a convolution ``weight`` (a batch norm after it folded in) from the PFVs
-    ``x`` (C, H, W) of one image to the pre-activation PFVs ``z`` (C', H', W') whose relevance is ``relevance``."""
-    out = torch.zeros(x.shape[1:], dtype=x.dtype)
-    kh, kw = weight.shape[-2:]
-    for oy in range(z.shape[1]):
-        for ox in range(z.shape[2]):
-            for ky in range(kh):
-                for kx in range(kw):
-                    iy, ix = oy * stride - padding + ky, ox * stride - padding + kx
-                    if 0 <= iy < x.shape[1] and 0 <= ix < x.shape[2]:
-                        contribution = weight[:, :, ky, kx] @ x[:, iy, ix]
-                        out[iy, ix] += share(contribution, z[:, oy, ox]) * relevance[oy, ox]
-    return out
+def conv_paths(name, v, weight, stride, padding):
+    """A convolution's paths into pre-activation position (y, x): one per kernel offset, from the layer ``name``'s
+    PFV ``v[:, iy, ix]`` (``weight`` with the batch norm's scale merged in)."""
+    def paths(y, x):
+        for ky in range(weight.shape[2]):
+            for kx in range(weight.shape[3]):
+                iy, ix = y * stride - padding + ky, x * stride - padding + kx
+                if inside(v.shape, iy, ix):
+                    yield name, (iy, ix), weight[:, :, ky, kx] @ v[:, iy, ix]
+    return paths
 
 
-def identity_shares(x, z, relevance):
-    """A residual connection's identity path: PFV ``x_j`` adds itself to ``z_j``."""
-    out = torch.zeros(x.shape[1:], dtype=x.dtype)
-    for y in range(x.shape[1]):
-        for w in range(x.shape[2]):
-            out[y, w] = share(x[:, y, w], z[:, y, w]) * relevance[y, w]
-    return out
+def window(shape, py, px, kernel, stride, padding):
+    cells = [(py * stride - padding + ky, px * stride - padding + kx) for ky in range(kernel) for kx in range(kernel)]
+    return [(iy, ix) for iy, ix in cells if inside(shape, iy, ix)]
 
 
-def max_pool_shares(v, kernel, stride, padding, pooled, relevance):
-    """Max pooling as a layer: PFV ``v_i`` contributes the channels where it is its window's maximum to the pooled
-    PFV ``p_j``, which is its own pre-activation."""
-    out = torch.zeros(v.shape[1:], dtype=v.dtype)
-    for oy in range(pooled.shape[1]):
-        for ox in range(pooled.shape[2]):
-            window = [(oy * stride - padding + ky, ox * stride - padding + kx)
-                      for ky in range(kernel) for kx in range(kernel)]
-            window = [(iy, ix) for iy, ix in window if 0 <= iy < v.shape[1] and 0 <= ix < v.shape[2]]
-            p = pooled[:, oy, ox]
-            for i, (iy, ix) in enumerate(window):
-                winner = torch.stack([v[:, y, w] for y, w in window]).argmax(dim=0) == i
-                out[iy, ix] += share(torch.where(winner, v[:, iy, ix], 0), p) * relevance[oy, ox]
-    return out
+def max_pool_paths(name, v, kernel, stride, padding, then=None):
+    """Max pooling of the layer ``name`` (then, optionally, a convolution ``then = (weight, stride, padding)``): one
+    path per (convolution offset, window cell); the cell passes the channels where it is its window's maximum."""
+    def taken(py, px):
+        cells = window(v.shape, py, px, kernel, stride, padding)
+        winner = torch.stack([v[:, iy, ix] for iy, ix in cells]).argmax(dim=0)
+        return [((iy, ix), torch.where(winner == n, v[:, iy, ix], 0)) for n, (iy, ix) in enumerate(cells)]
+
+    pooled = (v.shape[1] + 2 * padding - kernel) // stride + 1
+
+    def paths(y, x):
+        if then is None:
+            for cell, c in taken(y, x):
+                yield name, cell, c
+            return
+        weight, cstride, cpad = then
+        for ky in range(weight.shape[2]):
+            for kx in range(weight.shape[3]):
+                py, px = y * cstride - cpad + ky, x * cstride - cpad + kx
+                if 0 <= py < pooled and 0 <= px < pooled:
+                    for cell, c in taken(py, px):
+                        yield name, cell, weight[:, :, ky, kx] @ c
+    return paths
 
 
-def avg_pool_shares(v, kernel, pooled, relevance):
-    out = torch.zeros(v.shape[1:], dtype=v.dtype)
-    for oy in range(pooled.shape[1]):
-        for ox in range(pooled.shape[2]):
-            for iy in range(oy * kernel, oy * kernel + kernel):
-                for ix in range(ox * kernel, ox * kernel + kernel):
-                    out[iy, ix] += share(v[:, iy, ix] / kernel ** 2, pooled[:, oy, ox]) * relevance[oy, ox]
-    return out
+def avg_pool_conv_paths(name, v, kernel, weight, padding):
+    """Average pooling (kernel = stride) of the layer ``name``, then a stride-1 convolution."""
+    def paths(y, x):
+        for ky in range(weight.shape[2]):
+            for kx in range(weight.shape[3]):
+                py, px = y - padding + ky, x - padding + kx
+                if 0 <= py < v.shape[1] // kernel and 0 <= px < v.shape[2] // kernel:
+                    for iy, ix in window(v.shape, py, px, kernel, kernel, 0):
+                        yield name, (iy, ix), weight[:, :, ky, kx] @ (v[:, iy, ix] / kernel ** 2)
+    return paths
 
 
-def folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> torch.Tensor:
-    """The convolution's weight with the batch norm's scale merged in (its shift is a bias: no PFV's share)."""
-    return conv.weight * (norm.weight / (norm.running_var + norm.eps).sqrt())[:, None, None, None]
+def identity_paths(name, v):
+    def paths(y, x):
+        yield name, (y, x), v[:, y, x]
+    return paths
 
 
-def start_relevance(activation: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """``R_j = <A_j, dy/dA_j>`` at the target layer (the head differentiated plainly)."""
+def decompose(z, relevance, branches, layers):
+    """SRD through one block: ``z`` (C, H, W) the pre-activation whose PFVs have ``relevance`` (H, W); ``branches``
+    a list of (paths, bias (C,) or None).  A contribution ``c`` gets ``bias * |c| / sum |c'|`` of its branch's bias
+    and the sharing ratio ``<c + that, z_j> / |z_j|^2``; the relevances go to ``layers`` (name -> map), added."""
+    for y in range(z.shape[1]):
+        for x in range(z.shape[2]):
+            zj = z[:, y, x]
+            norm = zj.dot(zj)
+            if norm == 0:
+                continue
+            for paths, bias in branches:
+                found = list(paths(y, x))
+                total = sum(c.norm() for _, _, c in found)
+                for name, (iy, ix), c in found:
+                    share = c if bias is None or total == 0 else c + bias * c.norm() / total
+                    layers[name][iy, ix] += share.dot(zj) / norm * relevance[y, x]
+
+
+def folded(conv: nn.Conv2d, norm: nn.BatchNorm2d = None):
+    """The convolution's weight and bias with the batch norm after it merged in (``None`` bias when there is none)."""
+    weight, bias = conv.weight, conv.bias
+    if norm is None:
+        return weight, bias
+    scale = norm.weight / (norm.running_var + norm.eps).sqrt()
+    shift = norm.bias - norm.running_mean * scale + (0 if bias is None else bias * scale)
+    return weight * scale[:, None, None, None], shift
+
+
+def start_relevance(activation: torch.Tensor, score: torch.Tensor, contrastive: bool) -> torch.Tensor:
+    """``R_j = <A_j, dy/dA_j>`` at the target layer (the head differentiated plainly), centred when contrastive."""
     (grad,) = torch.autograd.grad(score, activation)
-    return (activation * grad).sum(0)
+    relevance = (activation * grad).sum(0).detach()
+    return relevance - relevance.mean() if contrastive else relevance
+
+
+def zeros_like_maps(**maps):
+    return {name: torch.zeros(t.shape[-2:], dtype=t.dtype) for name, t in maps.items()}
 
 
 # ------------------------------------------------------------------------------------------------- small CNN
@@ -107,26 +147,26 @@ def small_cnn(bias: bool = True, seed: int = 0) -> nn.Sequential:
     return model
 
 
-def small_cnn_reference(model: nn.Sequential, image: torch.Tensor, target: int) -> torch.Tensor:
-    """SRD of one image (C, H, W) from the last ReLU, written out layer by layer."""
+def small_cnn_reference(model: nn.Sequential, image: torch.Tensor, target: int, contrastive: bool = True):
+    """SRD of one image (C, H, W) from the last ReLU: three blocks (conv-BN; max pooling-conv; average pooling-conv)
+    between the layers x, v1, v2, v3."""
     x = image.detach()
     with torch.no_grad():
         z1 = model[1](model[0](x[None]))[0]
         v1 = z1.relu()
-        p1 = F.max_pool2d(v1[None], 2)[0]
-        z2 = model[4](p1[None])[0]
+        z2 = model[4](model[3](v1[None]))[0]
         v2 = z2.relu()
-        q = F.avg_pool2d(v2[None], 2)[0]
-        z3 = model[7](q[None])[0]
-    activation = z3.relu().requires_grad_(True)
-    score = model[11](activation.mean((1, 2)))[target]
-    relevance = start_relevance(activation, score)                     # PFVs of the last ReLU
-    relevance = conv_shares(q, model[7].weight, 1, 1, z3, relevance)   # into the average pooling's PFVs
-    relevance = avg_pool_shares(v2, 2, q, relevance)                   # into the second ReLU's
-    relevance = conv_shares(p1, model[4].weight, 1, 1, z2, relevance)  # into the max pooling's
-    relevance = max_pool_shares(v1, 2, 2, 0, p1, relevance)            # into the first ReLU's
-    relevance = conv_shares(x, folded(model[0], model[1]), 1, 1, z1, relevance)  # into the pixels
-    return relevance[None]
+        z3 = model[7](model[6](v2[None]))[0]
+    v3 = z3.relu().requires_grad_(True)
+    relevance = start_relevance(v3, model[11](v3.mean((1, 2)))[target], contrastive)
+    layers = zeros_like_maps(x=x[None], v1=v1[None], v2=v2[None])
+    with torch.no_grad():
+        decompose(z3, relevance, [(avg_pool_conv_paths("v2", v2, 2, model[7].weight, 1), model[7].bias)], layers)
+        decompose(z2, layers["v2"], [(max_pool_paths("v1", v1, 2, 2, 0, (model[4].weight, 1, 1)), model[4].bias)],
+                  layers)
+        weight, shift = folded(model[0], model[1])
+        decompose(z1, layers["v1"], [(conv_paths("x", x, weight, 1, 1), shift)], layers)
+    return layers["x"][None]
 
 
 def test_small_cnn_matches_the_written_out_decomposition():
@@ -137,78 +177,241 @@ def test_small_cnn_matches_the_written_out_decomposition():
     assert maps.shape == (2, 1, 8, 8) and maps.dtype == torch.float64
     for i, t in enumerate(targets):
         torch.testing.assert_close(maps[i], small_cnn_reference(model, x[i], t), rtol=1e-9, atol=1e-12)
-    # the default layer is the last ReLU; naming it, or the convolution before it, gives the same map
+    plain = SRD(model, contrastive=False)(x, targets)
+    torch.testing.assert_close(plain[1], small_cnn_reference(model, x[1], 1, contrastive=False), rtol=1e-9,
+                               atol=1e-12)
+    # the default layer is the last ReLU; naming it, or the convolution before it (a layer of its own, z = A), gives
+    # the same map
     for layer in ("8", "7", model[8]):
         torch.testing.assert_close(SRD(model, layer)(x, targets), maps, rtol=1e-9, atol=1e-12)
 
 
-def test_bias_free_network_conserves_the_logit():
-    """Without biases every PFV's sharing ratios sum to 1 and the start relevance sums to the logit (linear head
-    on global average pooling): the map sums to the target's logit; with biases it does not."""
-    model = small_cnn(bias=False)
+def test_relevance_is_conserved_with_biases():
+    """Each bias is shared out completely, so the sharing ratios of every pre-activation PFV sum to 1: the map sums
+    to the start's total, on a global-average-pooling + linear head the logit less the head's bias (0 when
+    contrastive); the same on the ResNet with its residual and downsampling branches."""
+    model = small_cnn(bias=True)
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     targets = [0, 2, 4]
-    maps = SRD(model)(x, targets)
-    logits = model(x)[torch.arange(3), targets]
-    torch.testing.assert_close(maps.sum((1, 2, 3)), logits.detach(), rtol=1e-10, atol=1e-12)
-    with_bias = small_cnn(bias=True)
-    biased = SRD(with_bias)(x, targets).sum((1, 2, 3))
-    assert (biased - with_bias(x)[torch.arange(3), targets]).abs().min() > 1e-4
+    logits = model(x)[torch.arange(3), targets].detach() - model[11].bias[targets].detach()
+    torch.testing.assert_close(SRD(model, contrastive=False)(x, targets).sum((1, 2, 3)), logits, rtol=1e-10,
+                               atol=1e-12)
+    assert SRD(model)(x, targets).sum((1, 2, 3)).abs().max() < 1e-12
+    resnet = lrp_resnet18(5)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grabbed = {}
+    hook = resnet.layer3.register_forward_hook(lambda m, i, o: grabbed.setdefault("A", o))
+    try:
+        scores = resnet(images.requires_grad_(True))[[0, 1], [2, 3]]
+    finally:
+        hook.remove()
+    (grad,) = torch.autograd.grad(scores.sum(), grabbed["A"])
+    start = (grabbed["A"] * grad).sum((1, 2, 3)).detach()
+    torch.testing.assert_close(SRD(resnet, contrastive=False)(images.detach(), [2, 3]).sum((1, 2, 3)), start,
+                               rtol=1e-9, atol=1e-12)
 
 
-def test_inactive_channels_count():
-    """The sharing ratio is taken along the pre-activation, negative (inactive) channels included: one 1x1
-    convolution of two PFVs into one output PFV z = (2, -3) (a bias-free linear head on the ReLU)."""
-    conv = nn.Conv2d(2, 2, (1, 2), bias=False).double()
+def test_sharing_ratios_closed_form():
+    """One 1x2 convolution of two PFVs a = (1, 0) and b = (1, 3) into one PFV, then a ReLU and a linear head (1, 5):
+    c_a = (1, 0), c_b = (1, -3) and the bias (1, 1) make z = (3, -2) (its negative, inactive channel counts),
+    v = (3, 0), R = <v, (1, 5)> = 3.  The bias goes to c_a and c_b in proportion 1 : sqrt(10)."""
+    conv = nn.Conv2d(2, 2, (1, 2)).double()
     head = nn.Linear(2, 1, bias=False).double()
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]], [[[0.0, 0.0]], [[-1.0, -1.0]]]]))
+        conv.bias.copy_(torch.tensor([1.0, 1.0]))
         head.weight.copy_(torch.tensor([[1.0, 5.0]]))
     model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), head).eval()
-    # PFV a = (1, 0) adds (1, 0) to z; PFV b = (1, 3) adds (1, -3): z = (2, -3), v = (2, 0), y = 2
     x = torch.tensor([[[[1.0, 1.0]], [[0.0, 3.0]]]], dtype=torch.float64)
-    got = SRD(model, "1")(x, 0)
-    # mu_a = <(1, 0), (2, -3)> / 13 = 2 / 13, mu_b = <(1, -3), (2, -3)> / 13 = 11 / 13; R = <v, w> = 2
-    torch.testing.assert_close(got, torch.tensor([[[[2 * 2 / 13, 2 * 11 / 13]]]], dtype=torch.float64))
+    got = SRD(model, "1")(x, 0)  # one position: nothing to centre
+    z, bias = torch.tensor([3.0, -2.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    share_a, share_b = 1 / (1 + math.sqrt(10)), math.sqrt(10) / (1 + math.sqrt(10))
+    mu_a = (torch.tensor([1.0, 0.0], dtype=torch.float64) + share_a * bias).dot(z) / 13
+    mu_b = (torch.tensor([1.0, -3.0], dtype=torch.float64) + share_b * bias).dot(z) / 13
+    torch.testing.assert_close(mu_a + mu_b, torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(got, torch.stack([3 * mu_a, 3 * mu_b]).view(1, 1, 1, 2))
+    # without the bias: the shares of the pre-activation z = (2, -3), 2/13 and 11/13 of R = 2
+    with torch.no_grad():
+        conv.bias.zero_()
+    torch.testing.assert_close(SRD(model, "1")(x, 0),
+                               torch.tensor([[[[2 * 2 / 13, 2 * 11 / 13]]]], dtype=torch.float64))
+
+
+def test_equivalent_forms_give_the_same_map():
+    """Zero padding as a module before the convolution or inside it: the padded positions contribute nothing."""
+    torch.manual_seed(5)
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).double().eval()
+    first = nn.Conv2d(3, 4, 3).double()
+    first.load_state_dict(inner[0].state_dict())
+    outer = nn.Sequential(nn.ZeroPad2d(1), first, *inner[1:]).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(SRD(outer, "4")(x, [0, 2]), SRD(inner, "3")(x, [0, 2]), rtol=1e-10, atol=1e-13)
+
+
+def masked_decomposition(x, z, relevance, branches):
+    """SRD of one block read off by masking: the contribution of input PFV ``x[:, iy, ix]`` to ``z_j`` in a branch
+    is ``linear(x kept at (iy, ix) only)[:, j]`` (one path per pair in these blocks); ``branches`` holds
+    (linear part, bias map)."""
+    out = torch.zeros(x.shape[1:], dtype=x.dtype)
+    norm = z.square().sum(0)
+    for linear, bias in branches:
+        parts = {}
+        for iy in range(x.shape[1]):
+            for ix in range(x.shape[2]):
+                alone = torch.zeros_like(x)
+                alone[:, iy, ix] = x[:, iy, ix]
+                parts[iy, ix] = linear(alone)
+        total = sum(c.norm(dim=0) for c in parts.values())
+        for (iy, ix), c in parts.items():
+            share = c + bias * torch.where(total > 0, c.norm(dim=0) / total, 0)
+            out[iy, ix] += ((share * z).sum(0) / norm * relevance).sum()
+    return out
+
+
+class Concatenated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.a, self.b = nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(3, 3, 1)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)).mean((2, 3)))
+
+
+def test_convolution_options_and_concatenation_match_a_masked_decomposition():
+    """Asymmetric zero padding, a grouped convolution with stride and dilation and a batch norm; and two
+    convolutions concatenated along the channels (two branches, each sharing its own bias)."""
+    torch.manual_seed(10)
+    grouped = nn.Sequential(nn.ZeroPad2d((1, 2, 0, 1)), nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2),
+                            nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        grouped[2].running_mean.uniform_(-0.5, 0.5)
+        grouped[2].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    maps = SRD(grouped, "3")(x, [2, 0])
+    conv, norm = grouped[1], grouped[2]
+    scale = (norm.weight / (norm.running_var + norm.eps).sqrt()).detach()[:, None, None]
+    for i, t in enumerate([2, 0]):
+        with torch.no_grad():
+            z = grouped[:3](x[i:i + 1])[0]
+
+            def linear(s):
+                return scale * F.conv2d(grouped[0](s[None]), conv.weight, None, 2, 0, 2, 2)[0]
+
+        v = z.relu().requires_grad_(True)
+        relevance = start_relevance(v, grouped[6](v.mean((1, 2)))[t], contrastive=True)
+        with torch.no_grad():
+            expected = masked_decomposition(x[i], z, relevance, [(linear, z - linear(x[i]))])
+        torch.testing.assert_close(maps[i, 0], expected, rtol=1e-9, atol=1e-13)
+
+    model = Concatenated().double().eval()
+    images = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    # from the first branch's output (a layer of its own, z = A): the other branch, a path around it, adds nothing
+    maps = SRD(model, model.a)(images, [1, 3])
+    with torch.no_grad():
+        model.b.weight.mul_(3)
+        model.b.bias.add_(1)
+    torch.testing.assert_close(SRD(model, model.a)(images, [1, 3]), maps, rtol=1e-12, atol=1e-15)
+    # the start at the concatenation's ReLU: a functional call, so the target is the model's last module before the
+    # head, reached through a hook on the linear layer's input instead
+    grabbed = {}
+    hook = model.head.register_forward_pre_hook(lambda m, args: grabbed.setdefault("rows", args[0]))
+    try:
+        model(images)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        za, zb = model.a(images), model.b(images)
+        z = torch.cat([za, zb], 1)
+
+    def branch(conv, first):
+        def linear(s):
+            part = F.conv2d(s[None], conv.weight, None, 1, conv.padding)[0]
+            zeros = torch.zeros(5 - part.shape[0], *part.shape[1:], dtype=part.dtype)
+            return torch.cat([part, zeros] if first else [zeros, part])
+        bias = conv.bias.detach()[:, None, None].expand(-1, 5, 5)
+        zeros = torch.zeros(5 - bias.shape[0], 5, 5, dtype=bias.dtype)
+        return linear, torch.cat([bias, zeros] if first else [zeros, bias])
+
+    class Start(nn.Module):  # the ReLU as a module of its own, to name it as the target
+        def __init__(self, net: Concatenated) -> None:
+            super().__init__()
+            self.net, self.act = net, nn.ReLU()
+
+        def forward(self, x):
+            return self.net.head(self.act(torch.cat([self.net.a(x), self.net.b(x)], dim=1)).mean((2, 3)))
+
+    wrapped = Start(model).eval()
+    maps = SRD(wrapped, "act")(images, [1, 3])
+    for i, t in enumerate([1, 3]):
+        v = z[i].relu().requires_grad_(True)
+        relevance = start_relevance(v, model.head(v.mean((1, 2)))[t], contrastive=True)
+        with torch.no_grad():
+            expected = masked_decomposition(images[i], z[i], relevance, [branch(model.a, True),
+                                                                           branch(model.b, False)])
+        torch.testing.assert_close(maps[i, 0], expected, rtol=1e-9, atol=1e-13)
 
 
 # --------------------------------------------------------------------------------------------------- ResNet-18
-def block_shares(block, x, relevance):
-    """A BasicBlock ``relu(bn2(conv2(relu(bn1(conv1(x))))) + identity(x))``: the output's pre-activation takes the
-    second convolution's and the identity's (or the downsampling's) contributions; ``x`` also feeds the first."""
+def block_decompose(block, name, x, paths_x, layers, relevance):
+    """A BasicBlock ``relu(bn2(conv2(h)) + identity)`` with ``h = relu(bn1(conv1(x)))``: its output's relevance to
+    ``h`` and to the layer below (``paths_x(weight, stride, padding)``: the paths from that layer through ``x`` and a
+    convolution; ``weight None``: the identity), branch by branch."""
     with torch.no_grad():
-        z1 = block.bn1(block.conv1(x[None]))[0]
-        h = z1.relu()
+        za = block.bn1(block.conv1(x[None]))[0]
+        h = za.relu()
         identity = x if block.downsample is None else block.downsample(x[None])[0]
-        z2 = block.bn2(block.conv2(h[None]))[0] + identity
-    into_h = conv_shares(h, folded(block.conv2, block.bn2), 1, 1, z2, relevance)
-    if block.downsample is None:
-        into_x = identity_shares(x, z2, relevance)
-    else:
-        conv, norm = block.downsample
-        into_x = conv_shares(x, folded(conv, norm), conv.stride[0], 0, z2, relevance)
-    return into_x + conv_shares(x, folded(block.conv1, block.bn1), block.conv1.stride[0], 1, z1, into_h)
+        zb = block.bn2(block.conv2(h[None]))[0] + identity
+        layers["h"] = torch.zeros(h.shape[1:], dtype=h.dtype)
+        weight, shift = folded(block.conv2, block.bn2)
+        branches = [(conv_paths("h", h, weight, 1, 1), shift)]
+        if block.downsample is None:
+            branches.append((paths_x(None, 1, 0), None))
+        else:
+            dweight, dshift = folded(*block.downsample)
+            branches.append((paths_x(dweight, block.downsample[0].stride[0], 0), dshift))
+        decompose(zb, relevance, branches, layers)
+        weight, shift = folded(block.conv1, block.bn1)
+        decompose(za, layers.pop("h"), [(paths_x(weight, block.conv1.stride[0], 1), shift)], layers)
 
 
 def resnet_reference(model, image: torch.Tensor, target: int) -> torch.Tensor:
-    """SRD of one image from ``layer3``'s output (ResNet-18 at 32x32: layer4 is 1x1), written out block by block."""
+    """SRD of one image from ``layer3``'s output (ResNet-18 at 32x32: layer4 is 1x1), written out block by block; the
+    max pooling after the stem belongs to layer1.0's blocks (the authors' ``simprop2_layer1``)."""
     x = image.detach()
     with torch.no_grad():
         z0 = model.bn1(model.conv1(x[None]))[0]
         v0 = z0.relu()
-        p0 = model.maxpool(v0[None])[0]
-        inputs, h = [], p0
+        inputs, h = [], v0
         for block in list(model.layer1) + list(model.layer2) + list(model.layer3):
             inputs.append(h)
-            h = block(h[None])[0]
+            h = block(model.maxpool(h[None])[0][None] if block is model.layer1[0] else h[None])[0]
     activation = h.requires_grad_(True)
     score = model.fc(torch.flatten(model.avgpool(model.layer4(activation[None])), 1))[0, target]
-    relevance = start_relevance(activation, score)
+    relevance = start_relevance(activation, score, contrastive=True)
     blocks = list(model.layer1) + list(model.layer2) + list(model.layer3)
-    for block, block_input in zip(reversed(blocks), reversed(inputs)):
-        relevance = block_shares(block, block_input, relevance)
-    relevance = max_pool_shares(v0, 3, 2, 1, p0, relevance)
-    return conv_shares(x, folded(model.conv1, model.bn1), 2, 3, z0, relevance)[None]
+    for n, (block, below) in enumerate(zip(reversed(blocks), reversed(inputs))):
+        layers = {"below": torch.zeros(below.shape[1:], dtype=below.dtype)}
+        if block is model.layer1[0]:  # below is the stem's ReLU: its paths run through the max pooling
+            def paths_x(weight, stride, padding, v=below):
+                then = None if weight is None else (weight, stride, padding)
+                return max_pool_paths("below", v, 3, 2, 1, then)
+            block_input = model.maxpool(below[None])[0]
+        else:
+            def paths_x(weight, stride, padding, v=below):
+                return identity_paths("below", v) if weight is None else conv_paths("below", v, weight, stride,
+                                                                                     padding)
+            block_input = below
+        block_decompose(block, "below", block_input, paths_x, layers, relevance)
+        relevance = layers["below"]
+    layers = {"x": torch.zeros(x.shape[1:], dtype=x.dtype)}
+    weight, shift = folded(model.conv1, model.bn1)
+    with torch.no_grad():
+        decompose(z0, relevance, [(conv_paths("x", x, weight, 2, 3), shift)], layers)
+    return layers["x"][None]
 
 
 def test_resnet18_matches_the_written_out_decomposition():
@@ -226,7 +429,7 @@ def test_resnet18_matches_the_written_out_decomposition():
 
 # ------------------------------------------------------------------------------------------- defaults, layers
 def test_defaults_and_default_layers():
-    assert SRD.defaults == {"target_layer": None} and SRD.kind == "cam" and SRD.name == "srd"
+    assert SRD.defaults == {"target_layer": None, "contrastive": True} and SRD.kind == "cam" and SRD.name == "srd"
     # the paper's layers: conv5_3 (features.29, its ReLU) for VGG16, the average pooling's input for ResNets
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
     vgg16 = nn.Sequential()
@@ -268,6 +471,7 @@ def test_a_shared_activation_starts_at_its_last_call():
     shared = Shared().double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     expected = SRD(Separate(shared), "last")(x, [0, 2])
+    assert expected.abs().sum() > 0
     torch.testing.assert_close(SRD(shared, "act")(x, [0, 2]), expected)
 
 
@@ -288,7 +492,8 @@ def test_create_graph_matches_central_differences():
     def value(create_graph: bool) -> torch.Tensor:
         return SRD(model)(x, [1, 3], create_graph=create_graph).square()
 
-    check_parameter_derivative(value, model, ["0.weight", "4.weight", "7.weight", "1.weight", "11.weight"])
+    check_parameter_derivative(value, model, ["0.weight", "0.bias", "4.weight", "7.weight", "1.weight", "1.bias",
+                                              "11.weight"])
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -301,18 +506,25 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
 
 
+class Reshaped(nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], x.shape[1] * 2, x.shape[2] // 2, x.shape[3])[:, :4]
+
+
 def headed(*body: nn.Module) -> nn.Sequential:
     torch.manual_seed(8)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), *body, nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
 
 
-def test_layers_srd_cannot_decompose_are_named():
+def test_blocks_srd_cannot_decompose_are_named():
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match=r"normalisation.*layer '1' \(GroupNorm\)"):
         SRD(headed(nn.GroupNorm(2, 4), nn.ReLU()), "4")(x, 0)
     with pytest.raises(ValueError, match=r"product of two feature maps.*layer '2' \(SqueezeExcite\)"):
         SRD(headed(nn.ReLU(), SqueezeExcite(4)), "4")(x, 0)
+    with pytest.raises(ValueError, match=r"reshape to \(2, 8, 4, 8\).*layer '2' \(Reshaped\)"):
+        SRD(headed(nn.ReLU(), Reshaped()), "4")(x, 0)
     # the same layers above the target layer are the head's business: its plain gradient
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), SqueezeExcite(4), nn.GroupNorm(2, 4),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
@@ -330,6 +542,8 @@ def test_bad_options():
         SRD(Unused(), "unused")(x.float(), 0)
     with pytest.raises(TypeError, match="unknown option"):
         SRD(model, layer="8")
+    with pytest.raises(TypeError, match="contrastive must be a bool, got 'yes'"):
+        SRD(model)(x, 0, contrastive="yes")
 
 
 class Unused(nn.Module):

@@ -36,7 +36,9 @@ DISCRIMINATIVE = {
     "lift_cam": {},
     "excitation_backprop": {},
     "relevance_cam": {},
-    "srd": {},
+    # the default (contrastive) map is signed, the other object negative, and |map| counts both halves: its
+    # positive part has its own test below
+    "srd": {"contrastive": False},
     "iia": {},  # the activations' path, 11 points  # from the default layer (the head's ReLU6): 0.83 against 0.03 when written
     # the paper's combined NormGrad: at the last layer before the pooled head the gradient is the same everywhere
     # (the identity map is then ||a|| scaled: 0.44 on the cat half for both classes); two middle stages multiplied
@@ -113,6 +115,17 @@ def test_cam_is_class_discriminative(name, efficientnet, pair):
     share = cat_share(explain(name, efficientnet, pair))
     print(f"{name}: {share[0]:.3f} - {share[1]:.3f} = {share[0] - share[1]:.3f}")
     assert share[0] - share[1] >= MARGIN, f"{name}: cat share {share[0]:.3f} (cat) vs {share[1]:.3f} (coffee)"
+
+
+def test_srd_contrastive_map_is_positive_on_the_explained_object(efficientnet, pair):
+    """SRD's default start is centred (the authors' contrastive rule): the map sums to 0, positive on the explained
+    object and negative on the other; its positive part lies on the cat half for the cat (0.89 when written) and on
+    the coffee for the coffee (0.12 on the cat half)."""
+    maps = explain("srd", efficientnet, pair, contrastive=True)
+    torch.testing.assert_close(maps.flatten(1).sum(1), torch.zeros(2, dtype=maps.dtype), rtol=0,
+                               atol=1e-4 * float(maps.abs().flatten(1).sum(1).max()))
+    share = cat_share(maps.clamp(min=0))
+    assert share[0] - share[1] >= MARGIN, f"cat share {share[0]:.3f} (cat) vs {share[1]:.3f} (coffee)"
 
 
 def test_fullgrad_leans_towards_the_explained_class(efficientnet, pair):
