@@ -47,7 +47,7 @@ ACTIVATION_FUNCTIONS = (
     F.hardsigmoid, F.sigmoid, torch.sigmoid, Tensor.sigmoid, F.tanh, torch.tanh, Tensor.tanh, F.logsigmoid,
     F.hardshrink, F.softshrink, F.softsign, F.tanhshrink, F.threshold, F.threshold_, F.rrelu, F.rrelu_, F.prelu,
 )
-_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
 def inplace_position(func: Callable[..., Any]) -> Optional[int]:
@@ -453,7 +453,7 @@ class RuleMode(TorchFunctionMode):
 
     def _fold(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> None:
         """Fold an eval-mode batch norm whose input is the previous linear call's output into that call."""
-        bound = dict(zip(_BATCH_NORM_ARGS, args), **kwargs)
+        bound = dict(zip(BATCH_NORM_ARGS, args), **kwargs)
         x, mean, var = bound["input"], bound.get("running_mean"), bound.get("running_var")
         if x is not self._last_output or not self.calls or self.calls[-1].norm is not None \
                 or bound.get("training", False) or mean is None or var is None:
