@@ -369,6 +369,8 @@ def gradient_work(steps: int, samples: int, size: int) -> Dict[str, Work]:
                                        if importlib.util.find_spec("torchray") else None}),
         "meaningful_perturbation": Work({"iterations": steps}, meaningful_floor),
         # noise off, so that every run takes the same line-search trials as the counted one
+        # 9 x 9 windows of an 8 x 8 grid, then the 17 x 17 of a 16 x 16 grid that the map selects: counted
+        "hipe": Work({"max_depth": 2}, replayed_floor),
         "igos": Work({"iterations": max(1, steps // 8), "steps": 8, "noise": 0.0}, replayed_floor),
         "igos_pp": Work({"iterations": max(1, steps // 8), "steps": 8, "noise": 0.0}, replayed_floor),
         "rise": Work({"n_masks": positions}, rise_floor),  # as many masked forwards as occlusion's windows
@@ -816,7 +818,7 @@ OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards, or for AtMan one per patch token, per image): ask
 #: for them with --methods
 SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam", "atman", "fusion_cam",
-               "value_zeroing", "mda"}
+               "value_zeroing", "mda", "hipe"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

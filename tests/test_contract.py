@@ -43,6 +43,7 @@ FAST = {
     "smooth_taylor": {"samples": 3, "generator": torch.Generator().manual_seed(0)},
     "noise_grad": {"noisy_models": 2},
     "occlusion": {"window": 4, "stride": 4},
+    "hipe": {},
     # the gain map (differentiable); the default rank map's order flips between near-ties of the flat toy net in bf16
     "moxi": {"grid": 3, "heatmap": "gain"},
     "rise": {"n_masks": 24, "grid": 4, "generator": torch.Generator().manual_seed(0)},

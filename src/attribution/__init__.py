@@ -91,7 +91,7 @@ from .gradients import (
     XRAI,
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
-                           MoXI, Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
+                           HiPe, MoXI, Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
 from .transformers import (ALTI, MDA, TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionNorm, GlobEnc, AttentionRollout, BeyondIntuition, GenericAttention,
                            GradientRollout, GradSAM, LeGrad, RawAttention, TokenTM, TransformerAttribution, ValueZeroing)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
@@ -183,6 +183,7 @@ __all__ = [
     "NoiseGrad",
     "RectGrad",
     "MoXI",
+    "HiPe",
     "Occlusion",
     "PartitionSHAP",
     "OptiCAM",
