@@ -800,6 +800,9 @@ def cam_work(size: int) -> Dict[str, Work]:
         "alti": Work({}, forward_floor, models="vit"),
         "attention_norm": Work({}, forward_floor, models="vit"),  # the last block's norms only (rollout=False)
         "globenc": Work({}, forward_floor, models="vit"),
+        # one forward, then the decomposed stream: N copies of the residual stream through every linear (about N
+        # forwards of multiply-adds), plus N^3 x D per block for the attention
+        "decompx": Work({}, value_zeroing_floor, models="vit"),
     }
 
 
@@ -818,7 +821,7 @@ OPTI_ITERATIONS = 10
 #: many-pass methods left out of the default CPU run (C forwards, or for AtMan one per patch token, per image): ask
 #: for them with --methods
 SLOW_ON_CPU = {"score_cam", "ss_cam", "is_cam", "sess", "vit_cx", "sidu", "poly_cam", "atman", "fusion_cam",
-               "value_zeroing", "mda", "hipe"}
+               "value_zeroing", "mda", "hipe", "decompx"}
 #: peers that take C full forwards per image where ours takes C tail passes: only in --quick runs on a CPU
 SLOW_PEERS_ON_CPU = {"pytorch-grad-cam AblationCAM"}
 #: not benchmarked: their cost is that of the methods they combine, measured on their own rows

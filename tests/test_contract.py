@@ -82,6 +82,7 @@ FAST = {
     "alti": {},
     "attention_norm": {},
     "globenc": {},
+    "decompx": {},
     "token_tm": {},
     "tam": {"steps": 3, "start_block": 0},
     # CAMs: the default layer of tiny_cnn is its last ReLU ("5", 16 channels at 8x8)

@@ -92,7 +92,7 @@ from .gradients import (
 )
 from .perturbation import (IGOS, LIME, RISE, ExtremalPerturbation, HSICAttribution, IGOSPlusPlus, KernelSHAP, MeaningfulPerturbation,
                            HiPe, MoXI, Occlusion, PartitionSHAP, PredictionDifference, ShapleyValueSampling, SobolAttribution)
-from .transformers import (ALTI, MDA, TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionNorm, GlobEnc, AttentionRollout, BeyondIntuition, GenericAttention,
+from .transformers import (ALTI, MDA, TAM, TIS, AGCAM, AtMan, AttCAT, AttentionFlow, AttentionNorm, GlobEnc, DecompX, AttentionRollout, BeyondIntuition, GenericAttention,
                            GradientRollout, GradSAM, LeGrad, RawAttention, TokenTM, TransformerAttribution, ValueZeroing)
 from . import metrics, utils  # sub-packages, reachable as attribution.metrics and attribution.utils
 
@@ -121,6 +121,7 @@ __all__ = [
     "CombinedWrapper",
     "DecomCAM",
     "Deconvnet",
+    "DecompX",
     "DeepLift",
     "DeepLiftShap",
     "EigenCAM",

@@ -115,7 +115,7 @@ def seeded(name: str) -> dict:
 
 
 @pytest.mark.parametrize("name, options", [
-    ("attcat", {}), ("legrad", {}), ("token_tm", {}), ("value_zeroing", {}), ("alti", {}), ("attention_norm", {}), ("globenc", {}), ("atman", {}), ("tis", {"n_masks": 6}),
+    ("attcat", {}), ("legrad", {}), ("token_tm", {}), ("value_zeroing", {}), ("alti", {}), ("attention_norm", {}), ("globenc", {}), ("decompx", {}), ("atman", {}), ("tis", {"n_masks": 6}),
     ("attention_rollout", {}), ("transformer_attribution", {})])
 def test_sequence_first_encoders_give_their_batch_first_twins_maps(name, options):
     """17 images of 17 tokens: the batch and the token dimensions of the layers' (N, B, D) tokens have one size,
@@ -262,7 +262,8 @@ def counting(model: nn.Module) -> Tuple[List[int], List[int], Callable[[], None]
 
 
 @pytest.mark.parametrize("name", ["attention_rollout", "raw_attention", "attention_flow", "generic_attention",
-                                  "grad_sam", "ag_cam", "transformer_attribution", "attcat", "token_tm"])
+                                  "grad_sam", "ag_cam", "transformer_attribution", "attcat", "token_tm",
+                                  "decompx"])
 def test_target_none_reads_the_arg_max_from_the_images_own_forward(x, name):
     model = tiny_vit()
     explainer = A.create(name, model)

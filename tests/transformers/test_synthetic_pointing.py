@@ -34,7 +34,7 @@ def task():
 NATIVE = {"generic_attention": {}, "grad_sam": {}, "ag_cam": {}, "attention_rollout": {}, "attention_flow": {},
           "raw_attention": {},
           "attcat": {}, "legrad": {}, "transformer_attribution": {}, "beyond_intuition": {"start_block": 1, "baseline": "black"},
-          "tis": {"generator": torch.Generator().manual_seed(0)}, "atman": {}, "token_tm": {}, "value_zeroing": {}, "alti": {}, "attention_norm": {}, "globenc": {},
+          "tis": {"generator": torch.Generator().manual_seed(0)}, "atman": {}, "token_tm": {}, "value_zeroing": {}, "alti": {}, "attention_norm": {}, "globenc": {}, "decompx": {},
           "tam": {"start_block": 0, "baseline": "black"}}  # TAM: the same zero-baseline trouble as Beyond Intuition
 #: measured pointing rates below 0.9: AG-CAM with the authors' sums over heads and blocks points 0.47 here (0.97 with
 #: layer_fusion='max', 0.69 with head_fusion='max'), still far above its transposed maps' 0.12

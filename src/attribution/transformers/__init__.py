@@ -6,6 +6,7 @@ from .attcat import AttCAT
 from .attention import AttentionCapture
 from .attention_flow import AttentionFlow
 from .beyond_intuition import BeyondIntuition
+from .decompx import DecompX
 from .generic_attention import GenericAttention
 from .grad_rollout import GradientRollout
 from .grad_sam import GradSAM
@@ -21,6 +22,6 @@ from .tokens import TokenLayout, token_layout, tokens_to_map
 from .transformer_attribution import TransformerAttribution
 from .value_zeroing import ValueZeroing
 
-__all__ = ["AGCAM", "ALTI", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionNorm", "AttentionRollout", "BeyondIntuition", "GenericAttention", "GlobEnc", "GradientRollout",
+__all__ = ["AGCAM", "ALTI", "AtMan", "AttCAT", "AttentionCapture", "AttentionFlow", "AttentionNorm", "AttentionRollout", "BeyondIntuition", "DecompX", "GenericAttention", "GlobEnc", "GradientRollout",
            "GradSAM", "LeGrad", "MDA", "RawAttention", "TAM", "TIS", "TokenLayout", "TokenTM", "TransformerAttribution",
            "ValueZeroing", "token_layout", "tokens_to_map"]

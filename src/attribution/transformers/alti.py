@@ -39,19 +39,36 @@ class ValueCapture(AttentionCapture):
     back to the token width: ``nn.MultiheadAttention``'s ``out_proj``, or for ``F.scaled_dot_product_attention``
     and timm's unfused ``attn @ v`` the first ``F.linear`` that runs after the call (timm's ``proj``).  A
     normalisation that runs between the call and that linear (timm's ``scale_norm``) records ``None``: the heads
-    then do not reach the projection linearly."""
+    then do not reach the projection linearly.  ``value_maps`` holds, per call, the ``(weight, bias)`` rows of the
+    linear that made the value vectors from the attention's input tokens (row ``h * head_dim + c``: head ``h``'s
+    channel ``c``; ``nn.MultiheadAttention``'s value slice of its input projection, else the ``F.linear`` whose
+    output the values are a view of, timm's ``qkv``), ``None`` where the values are no such view."""
 
     def __enter__(self) -> "ValueCapture":
         self.values: List[Tensor] = []
         self.projections: List[Optional[Tuple[Tensor, Optional[Tensor]]]] = []
+        self.value_maps: List[Optional[Tuple[Tensor, Optional[Tensor]]]] = []
+        self._linears: List[Tuple[Tensor, Tensor, Optional[Tensor]]] = []  # (output, weight, bias) since the last call
         self._awaiting = False
         return super().__enter__()  # type: ignore[return-value]
+
+    def __exit__(self, *exc: Any) -> None:
+        self._linears = []
+        return super().__exit__(*exc)
 
     def _expect_projection(self, values: Tensor) -> None:
         if self._awaiting:  # the previous call's output never reached a linear
             self.projections.append(None)
         self.values.append(values)
+        self.value_maps.append(self._value_map(values))
         self._awaiting = True
+
+    def _value_map(self, values: Tensor) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+        """The rows of the linear (recorded since the previous attention call) whose output ``values`` is a view of."""
+        base = _root(values)  # a linear's output may itself be a view (of its flattened rows)
+        found = next(((w, b, out) for out, w, b in reversed(self._linears) if _root(out) is base), None)
+        self._linears = []
+        return None if found is None else value_rows(values, found[2], found[0], found[1])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -60,13 +77,14 @@ class ValueCapture(AttentionCapture):
             self._expect_projection(args[1])
         elif self._awaiting and func is F.linear:
             self._awaiting = False
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            self.projections.append((weight, bias))
+            self.projections.append(_linear_parameters(args, kwargs))
         elif self._awaiting and func in _NORMALISATIONS:
             self._awaiting = False
             self.projections.append(None)
-        return super().__torch_function__(func, types, args, kwargs)
+        out = super().__torch_function__(func, types, args, kwargs)
+        if func is F.linear and isinstance(out, Tensor):
+            self._linears.append((out,) + _linear_parameters(args, kwargs))  # type: ignore[arg-type]
+        return out
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
@@ -78,6 +96,11 @@ class ValueCapture(AttentionCapture):
 
     def _multi_head(self, *args: Any, **kwargs: Any) -> Tuple[Tensor, Optional[Tensor]]:
         bound = _MULTI_HEAD.bind(self._attend, *args, **kwargs).arguments
+        self._linears = []
+        weight = bound.get("v_proj_weight") if bound.get("use_separate_proj_weight") else \
+            bound["in_proj_weight"].chunk(3)[2]
+        bias = bound.get("in_proj_bias")
+        self.value_maps.append((weight, None if bias is None else bias.chunk(3)[2]))
         out = super()._multi_head(*args, **kwargs)
         self.projections.append((bound["out_proj_weight"], bound.get("out_proj_bias")))
         return out
@@ -88,6 +111,38 @@ class ValueCapture(AttentionCapture):
         return super()._attend(q, k, v, attn_mask, is_causal)
 
 
+def _linear_parameters(args: tuple, kwargs: dict) -> Tuple[Tensor, Optional[Tensor]]:
+    """The ``(weight, bias)`` of an ``F.linear`` call."""
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return weight, bias
+
+
+def _root(tensor: Tensor) -> Tensor:
+    """The tensor whose storage a view shares (itself when it is no view)."""
+    return tensor if tensor._base is None else tensor._base
+
+
+def value_rows(values: Tensor, output: Tensor, weight: Tensor,
+               bias: Optional[Tensor]) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """The rows of a linear's ``weight`` (and ``bias``) that give the (B, H, N, head_dim) ``values``, a view of its
+    contiguous (B, N, C) ``output``: row ``h * head_dim + c`` the one of head ``h``'s channel ``c``, read from the
+    view's offset and strides; None when the view does not take whole tokens of one image in that way."""
+    if values.dim() != 4 or output.dim() != 3 or weight.dim() != 2 or not output.is_contiguous():
+        return None
+    batch, heads, tokens, width = values.shape
+    if tuple(output.shape[:2]) != (batch, tokens) or (batch > 1 and values.stride(0) != output.stride(0)) \
+            or (tokens > 1 and values.stride(2) != output.stride(1)):
+        return None
+    offset = values.storage_offset() - output.storage_offset()
+    rows = (offset + torch.arange(heads)[:, None] * values.stride(1)
+            + torch.arange(width)[None] * values.stride(3)).flatten()
+    if int(rows.min()) < 0 or int(rows.max()) >= output.shape[2] or weight.shape[0] != output.shape[2]:
+        return None
+    rows = rows.to(weight.device)
+    return weight[rows], None if bias is None else bias[rows]
+
+
 class BlockTerms(NamedTuple):
     """One block's attention sublayer in ALTI's terms (B images, N tokens, H heads, width D), in at least float32:
     ``y_i = x_i + sum_h sum_j A_h[i, j] f_h(x_j) + b``."""
@@ -96,6 +151,16 @@ class BlockTerms(NamedTuple):
     attention: Tensor  # A: the attention probabilities (B, H, N, N)
     heads: Tensor  # f_h(x_j) = s * W_O^h (W_V^h LN(x_j) + b_V^h) (B, H, N, D), s the layer scale (or 1)
     bias: Tensor  # b = s * b_O (D,), zeros without an output bias
+
+
+class BlockForward(NamedTuple):
+    """One forward of a chunk of images through a model whose blocks' attention sublayers are decomposed."""
+
+    outputs: Tensor  # the model's outputs (B, K)
+    terms: List[BlockTerms]  # every block's, checked to rebuild the stream after its attention sublayer
+    states: List[Tuple[Tensor, Tensor, Tensor]]  # every block's tokens: entering, after attention, leaving (B, N, D)
+    projections: List[Tuple[Tensor, Optional[Tensor]]]  # every block's output projection (weight, bias)
+    value_maps: List[Optional[Tuple[Tensor, Optional[Tensor]]]]  # every block's value projection rows, if found
 
 
 def head_vectors(values: Tensor, weight: Tensor, scale: Optional[Tensor]) -> Tensor:
@@ -228,12 +293,18 @@ class BlockDecompositionExplainer(AttentionExplainer):
         """Every block's :class:`BlockTerms` for ``rows`` images, from one forward (the target is evaluated on it:
         validated, and ``None`` resolved, though the map ignores it), each checked to rebuild the block's
         residual stream after its attention sublayer."""
+        return self._block_forward(rows, target, owners, blocks, names, create_graph).terms
+
+    def _block_forward(self, rows: Tensor, target: Target, owners: Tensor, blocks: Sequence[nn.Module],
+                       names: Sequence[str], create_graph: bool, handles: Sequence[Any] = ()) -> "BlockForward":
+        """:meth:`_block_terms` with what else the forward gave (:class:`BlockForward`); the hook ``handles`` the
+        caller registered for this forward (to record more of it) are removed afterwards, whatever happens."""
         recorder = BlockRecorder(blocks, names)
         try:
             with torch.set_grad_enabled(create_graph), ValueCapture(self.model) as capture:
                 outputs = self._forward(rows)
         finally:
-            for handle in recorder.handles:
+            for handle in list(recorder.handles) + list(handles):
                 handle.remove()
         target(outputs, owners)
         count = rows.shape[0]
@@ -250,7 +321,8 @@ class BlockDecompositionExplainer(AttentionExplainer):
                 found = self._terms(name, block, probs, values, projection, entering)
             self._check_decomposition(name, found, middle, (probs, values, middle))
             terms.append(found)
-        return terms
+        value_maps = capture.value_maps[:len(attention)]
+        return BlockForward(outputs, terms, states, projections[:len(attention)], value_maps)  # type: ignore[arg-type]
 
     def _terms(self, name: str, block: nn.Module, probs: Tensor, values: Tensor,
                projection: Optional[Tuple[Tensor, Optional[Tensor]]], entering: Tensor) -> BlockTerms:
