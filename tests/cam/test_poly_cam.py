@@ -224,7 +224,7 @@ def test_option_errors(model, x):
     explainer = PolyCAM(model)
     with pytest.raises(ValueError, match=r"variant must be one of \('pm', 'p', 'm'\)"):
         explainer(x, 0, variant="plus")
-    with pytest.raises(ValueError, match="local_norm must be a bool"):
+    with pytest.raises(TypeError, match="local_norm must be a bool"):
         explainer(x, 0, local_norm="yes")
     with pytest.raises(ValueError, match=r"shallow to deep .*\['3', '0'\]"):
         explainer(x, 0, target_layer=["3", "0"])

@@ -285,7 +285,6 @@ BAD_OPTIONS = [
     (MFABA, {"variant": "norm"}, "variant must be one of"),
     (MFABA, {"step_size": 0}, "step_size must be a positive number"),
     (MFABA, {"epsilon": -1}, "epsilon must be a positive number"),
-    (MFABA, {"early_stop": 1}, "early_stop must be a bool"),
     (MFABA, {"bounds": (1, 0)}, r"bounds must be None or a pair \(low, high\)"),
     (MFABA, {"bounds": 1.0}, "bounds must be None or a pair"),
     (AGI, {"epsilon": 0}, "epsilon must be a positive number"),
@@ -295,9 +294,15 @@ BAD_OPTIONS = [
     (AGI, {"sampling": [1, 5]}, r"class indices in \[0, 5\)"),
     (AGI, {"sampling": []}, "non-empty sequence of class indices"),
     (AGI, {"sampling": torch.tensor([0.5])}, "sampling must be one of"),
-    (AGI, {"walk": "yes"}, "walk must be a bool"),
     (AGI, {"bounds": (0, 0)}, "bounds must be None or a pair"),
 ]
+
+
+@pytest.mark.parametrize("cls, options", [(MFABA, {"early_stop": 1}), (AGI, {"walk": "yes"})])
+def test_flags_of_the_wrong_type_are_type_errors(cls, options):
+    name = next(iter(options))
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        cls(tiny_cnn(), **options)(torch.randn(2, 3, 16, 16), [0, 1])
 
 
 @pytest.mark.parametrize("cls, options, message", BAD_OPTIONS)

@@ -205,7 +205,7 @@ class PolyCAM(StageEndCAM):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS} (PCAM+/-, PCAM+, PCAM-), got {variant!r}")
         if not isinstance(local_norm, bool):
-            raise ValueError(f"local_norm must be a bool, got {local_norm!r}")
+            raise TypeError(f"local_norm must be a bool, got {local_norm!r}")
         layers = self.target_layers(x, target_layer, reshape_transform)
         activations, base = self._capture_with_scores(x, target, layers, reshape_transform, batch_size, create_graph)
         areas = [a.shape[-2] * a.shape[-1] for a in activations]

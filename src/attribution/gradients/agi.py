@@ -73,7 +73,7 @@ class AGI(AdversarialPathExplainer):
         max_iter = positive_int(max_iter, "max_iter")
         topk = positive_int(topk, "topk")
         if not isinstance(walk, bool):
-            raise ValueError(f"walk must be a bool, got {walk!r}")
+            raise TypeError(f"walk must be a bool, got {walk!r}")
         limits = check_bounds(bounds)
         classes, num_classes = self._other_classes_setup(x, target, "AGI integrates")
         candidates = false_classes(classes, num_classes, topk, sampling, generator)

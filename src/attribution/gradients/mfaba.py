@@ -70,7 +70,7 @@ class MFABA(AdversarialPathExplainer):
         size = STEP_SIZES[variant] if step_size is None else positive_number(step_size, "step_size")
         radius = positive_number(epsilon, "epsilon")
         if not isinstance(early_stop, bool):
-            raise ValueError(f"early_stop must be a bool, got {early_stop!r}")
+            raise TypeError(f"early_stop must be a bool, got {early_stop!r}")
         limits = check_bounds(bounds)
         if early_stop and target.classes is None:
             raise ValueError("MFABA stops each path where the prediction leaves the target class, so it needs class "
