@@ -103,3 +103,12 @@ def test_the_gram_route_equals_the_direct_route(monkeypatch, layer):
     monkeypatch.setattr(cameras, "GRAM_FACTOR", 10 ** 12)
     gram = A.CAMERAS(model, layer)(x, [3, 6], resolutions=[32, 40, 56])
     torch.testing.assert_close(gram, direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
+
+
+def test_a_fixed_size_model_is_named_with_the_way_out():
+    """CAMERAS runs the model at larger resolutions: a timm ViT built for one size refuses them with a bare
+    AssertionError; the error names the resolutions and what to do."""
+    from conftest import tiny_vit
+
+    with pytest.raises(ValueError, match=r"refused a 23 x 23 input.*dynamic_img_size=True"):
+        A.CAMERAS(tiny_vit())(torch.randn(1, 3, 16, 16), 0)

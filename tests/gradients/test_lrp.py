@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attribution.gradients.input_x_gradient import InputXGradient
@@ -352,3 +353,32 @@ def test_create_graph_derivative_through_residual_sums(composite):
     direction = torch.randn_like(weight)
     difference = central_difference(lambda: explainer(x, [0, 2]).sum(), weight, direction)
     torch.testing.assert_close((grad * direction).sum(), difference, rtol=1e-5, atol=1e-8)
+
+
+def test_layer_and_group_norms_pass_relevance_unchanged():
+    """LRP through ConvNeXt-style layer norms (and group norms): the norm passes relevance unchanged, as an unfolded
+    batch norm does, so LRP-epsilon on a bias-free net with norms conserves the unit start relevance (before, the
+    norms kept their plain gradient and the maps summed to 1e-6..1e-9 on torchvision's ConvNeXt)."""
+    generator = torch.Generator().manual_seed(0)
+
+    class NormNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.norm1 = nn.GroupNorm(2, 8)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.norm2 = nn.LayerNorm(8)
+            self.head = nn.Linear(8, 5, bias=False)
+            for module in (self.norm1, self.norm2):
+                module.weight.data = torch.rand(8, generator=generator) + 0.5
+                module.bias.data.zero_()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.relu(self.norm1(self.conv1(x)))
+            x = self.norm2(self.conv2(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # channels-last LayerNorm
+            return self.head(F.relu(x).mean((2, 3)))
+
+    model = NormNet().double().eval()
+    images = torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64)
+    maps = LRP(model, composite="epsilon", eps=1e-12, stabilizer=1e-12)(images, [1, 4])
+    torch.testing.assert_close(maps.sum(dim=(1, 2, 3)), torch.ones(2, dtype=torch.float64), rtol=1e-7, atol=1e-7)

@@ -275,3 +275,11 @@ def test_attcat_runs_on_torchvisions_vit_and_is_class_discriminative():
     first, other = attcat(images, [0, 0]), attcat(images, [3, 3])
     assert first.shape == (2, 1, 32, 32) and torch.isfinite(first).all()
     assert not torch.allclose(first, other)
+
+
+@pytest.mark.parametrize("name, cls", [("atman", "AtMan"), ("tis", "TIS"), ("legrad", "LeGrad"), ("alti", "ALTI")])
+def test_a_model_without_attention_is_refused_by_the_method_by_name(name, cls):
+    from conftest import tiny_cnn
+
+    with pytest.raises(ValueError, match=rf"^{cls} found no attention in Sequential's forward pass; it needs a "):
+        attribution.create(name, tiny_cnn())(torch.randn(1, 3, 16, 16), 0)

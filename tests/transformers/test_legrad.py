@@ -61,3 +61,14 @@ def test_bad_start_block():
     for bad in (2, -3, 1.0):
         with pytest.raises(ValueError, match="start_block must be an int from -2 to 1"):
             attribution.LeGrad(model)(x, 0, start_block=bad)
+
+
+def test_hierarchical_transformers_are_refused_by_name():
+    """LeGrad feeds every chosen block's output to the model's last layers: Swin's stages return tokens of
+    different shapes, which gave torch's bare "Sizes of tensors must match" before."""
+    import timm
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, embed_dim=16,
+                              depths=(1, 1), num_heads=(1, 1), img_size=32, window_size=2).eval()
+    with pytest.raises(ValueError, match=r"blocks must return tokens of one shape.*Swin are not supported"):
+        attribution.LeGrad(model)(torch.randn(1, 3, 32, 32), 0)

@@ -66,8 +66,16 @@ class CAMERAS(CAM):
             for size in sizes:
                 rows = images if size == sizes[0] else F.interpolate(images, size=size, mode="bicubic",
                                                                       align_corners=False)
-                outputs, layer_acts, layer_grads = self._capture(rows, owners, target, layers, reshape_transform,
-                                                                 create_graph, gradients=True)
+                try:
+                    outputs, layer_acts, layer_grads = self._capture(rows, owners, target, layers,
+                                                                     reshape_transform, create_graph, gradients=True)
+                except (AssertionError, RuntimeError) as error:
+                    if size == sizes[0]:
+                        raise
+                    raise ValueError(f"CAMERAS runs the model at the resolutions {sizes}; {type(self.model).__name__} "
+                                     f"refused a {size[0]} x {size[1]} input ({error}): it needs a model that takes "
+                                     "other input sizes (CNNs; timm ViTs built with dynamic_img_size=True), or "
+                                     "resolutions=[one value] for the image's own size only") from error
                 predicted = outputs.argmax(dim=1)
                 base = predicted if base is None else base
                 agree = predicted == base

@@ -27,10 +27,12 @@ import contextlib
 import contextvars
 import difflib
 import numbers
-from typing import Any, Callable, ClassVar, ContextManager, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .batching import RowPlanner, check_batch_size
 from .guard import preserve_model
@@ -117,7 +119,7 @@ class Explainer:
                 resolved = resolve_target(target, x.shape[0], x.device, opts.pop("score"))
                 self._resolve_argmax(x, resolved, opts["batch_size"])
                 twice = opts.get("create_graph") or self._differentiates_twice()
-                with math_attention() if twice else contextlib.nullcontext():
+                with twice_differentiable(self.model) if twice else contextlib.nullcontext():
                     saliency = self._explain(x, resolved, **opts)
         finally:
             _AMP_DTYPE.reset(token)
@@ -212,6 +214,31 @@ def math_attention() -> ContextManager[Any]:
     except ImportError:  # pragma: no cover - older torch
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
+
+
+class _TwiceDifferentiableActivations(TorchFunctionMode):
+    """``F.hardsigmoid`` as ``relu6(x + 3) / 6`` (the same function): torch has no derivative of
+    ``hardsigmoid_backward`` (MobileNetV3's squeeze-and-excitation gates), which create_graph and second-derivative
+    methods need.  Its slope is then exactly 1/6 (torch's own backward multiplies by 1/6 rounded to float32: float64
+    maps differ from the plain pass's by about 1e-8 relative)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid and args and isinstance(args[0], Tensor):
+            out = F.relu6(args[0] + 3) / 6
+            inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            return args[0].copy_(out) if inplace else out
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[None]:
+    """The passes of create_graph and of second-derivative methods: attention on its math kernel
+    (:func:`math_attention`) and, in a model with ``nn.Hardsigmoid`` modules (the one activation whose backward torch
+    cannot differentiate), that activation written out (the mode sees every call, so only where it is needed)."""
+    hard = any(isinstance(module, nn.Hardsigmoid) for module in model.modules())
+    with math_attention(), _TwiceDifferentiableActivations() if hard else contextlib.nullcontext():
+        yield
 
 
 def model_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:

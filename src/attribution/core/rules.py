@@ -38,6 +38,9 @@ Denominator = Callable[[Tensor], Tensor]
 LINEAR_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 POOL_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                   F.adaptive_avg_pool3d)
+#: means over feature dimensions written as tensor methods (``x.mean((2, 3))`` in torchvision's ShuffleNetV2 and
+#: MNASNet, ``x.mean((1, 2))`` in timm's NHWC heads, ``x[:, 1:].mean(1)`` in BEiT's token pooling): average pooling
+MEAN_FUNCTIONS = (torch.mean, Tensor.mean)
 SUM_FUNCTIONS = (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
 IN_PLACE_SUM_FUNCTIONS = (Tensor.add_, Tensor.__iadd__)  # ``out += identity`` in torchvision's residual blocks
 #: the elementwise activations given the pass rule: the functional forms of zennit's ``Activation`` modules
@@ -408,10 +411,11 @@ class RuleMode(TorchFunctionMode):
     """
 
     def __init__(self, linear_rule: Callable[[Callable[..., Tensor]], LinearRule], pool: Norm,
-                 sum_denominator: Denominator, fold_batch_norm: bool = False, pass_activations: bool = False) -> None:
+                 sum_denominator: Denominator, fold_batch_norm: bool = False, pass_activations: bool = False,
+                 pass_norms: bool = False) -> None:
         super().__init__()
         self.linear_rule, self.pool, self.sum_denominator = linear_rule, pool, sum_denominator
-        self.fold_batch_norm, self.pass_activations = fold_batch_norm, pass_activations
+        self.fold_batch_norm, self.pass_activations, self.pass_norms = fold_batch_norm, pass_activations, pass_norms
         self.state = RuleState()
         self.calls: List[LinearCall] = []
         self.folded = 0
@@ -429,8 +433,11 @@ class RuleMode(TorchFunctionMode):
             out = self._route(call, x, weight, bias)
             self._last_output = out
             return out
-        if func in POOL_FUNCTIONS:
+        if func in POOL_FUNCTIONS or (func in MEAN_FUNCTIONS and _pooling_mean(args, kwargs)):
             return self._route(_Pool(func, tuple(args[1:]), kwargs, self.pool), args[0])
+        if self.pass_norms and func in (F.layer_norm, F.group_norm) and args and _activation(args[0]):
+            operation = PassThrough(func, args, kwargs, copy=False)  # as a batch norm that is not folded
+            return self._route(operation, *operation.tensors())
         if func is F.batch_norm:
             if self.fold_batch_norm:
                 self._fold(args, kwargs)
@@ -465,6 +472,18 @@ class RuleMode(TorchFunctionMode):
             return
         call.norm = (mean, var, bound.get("weight"), bound.get("bias"), float(bound.get("eps", 1e-5)))
         self.folded += 1
+
+
+def _pooling_mean(args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+    """Whether a ``mean`` call averages a computed floating-point tensor over some of its dimensions, never the
+    batch's (the first): global average pooling, as ``adaptive_avg_pool`` computes it."""
+    if not args or not _activation(args[0]) or not args[0].is_floating_point():
+        return False
+    dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dims is None:
+        return False
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return len(dims) > 0 and all(d % args[0].dim() != 0 for d in dims)
 
 
 def _activation(t: Any) -> bool:

@@ -231,7 +231,8 @@ class LRPRules(RuleMode):
     def __init__(self, rules: Dict[str, LinearRule], first_kinds: str, stabilizer: float) -> None:
         self.rules, self.first_kinds, self.first_done = rules, first_kinds, rules.get("first") is None
         super().__init__(self._rule_of, Norm(lambda out: stabilize(out, stabilizer)),
-                         lambda out: stabilize(out, stabilizer), fold_batch_norm=True, pass_activations=True)
+                         lambda out: stabilize(out, stabilizer), fold_batch_norm=True, pass_activations=True,
+                         pass_norms=True)
 
     def _rule_of(self, func: Callable[..., Tensor]) -> LinearRule:
         kind = "conv" if func in _CONVOLUTIONS else "linear"

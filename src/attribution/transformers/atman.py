@@ -229,7 +229,7 @@ class AtMan(Explainer):
         ``create_graph``: conceptual suppression's factors depend on them)."""
         key = tuple(x.shape[1:])
         if key not in self._blocks:
-            self._blocks[key] = attention_blocks(self.model, x[:1], self._forward)
+            self._blocks[key] = attention_blocks(self.model, x[:1], self._forward, type(self).__name__)
         first = dict(self.model.named_modules())[self._blocks[key][0]]
         chunks = []
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):

@@ -55,7 +55,8 @@ class _CallStacks(AttentionCapture):
         return super()._record_output(module, inputs, output)
 
 
-def attention_blocks(model: nn.Module, x: Tensor, forward: Optional[Callable[[Tensor], Tensor]] = None) -> List[str]:
+def attention_blocks(model: nn.Module, x: Tensor, forward: Optional[Callable[[Tensor], Tensor]] = None,
+                     owner: str = "") -> List[str]:
     """The blocks of a transformer, one per attention call, in order: the children of one ``Sequential`` or
     ``ModuleList`` among which the attention calls of a forward of ``x[:1]`` fall one per child.  ``forward`` runs
     the model (default: the model itself; an explainer passes its own, which applies the call's precision).  The
@@ -64,7 +65,10 @@ def attention_blocks(model: nn.Module, x: Tensor, forward: Optional[Callable[[Te
     with torch.no_grad(), _CallStacks(model) as capture:
         (forward or model)(x[:1])
     if not capture.stacks:
-        raise ValueError(f"found no attention in {type(model).__name__}'s forward pass")
+        who = f"{owner} " if owner else ""
+        raise ValueError(f"{who}found no attention in {type(model).__name__}'s forward pass; it needs a transformer "
+                         "whose attention runs through F.scaled_dot_product_attention, nn.MultiheadAttention or "
+                         "timm's Attention")
     stacks = capture.stacks[:len(block_attention(capture.maps))]  # an attention-pooling head's calls are no block's
     for depth_name in stacks[0]:
         parent = depth_name.rpartition(".")[0]

@@ -83,7 +83,7 @@ class AttentionExplainer(Explainer):
         cache: Dict[Tuple[int, ...], List[str]] = self.__dict__.setdefault("_block_cache", {})
         key = tuple(x.shape[1:])
         if key not in cache:
-            cache[key] = attention_blocks(self.model, x[:1], self._forward)
+            cache[key] = attention_blocks(self.model, x[:1], self._forward, type(self).__name__)
         return cache[key]
 
     def _forward_capturing(self, rows: Tensor, handles: List[Any]) -> Tuple[Tensor, AttentionCapture]:

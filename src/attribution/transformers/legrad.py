@@ -41,8 +41,10 @@ class LeGrad(AttentionExplainer):
         names = self._block_names(x)
         if isinstance(start_block, bool) or not isinstance(start_block, int) \
                 or not -len(names) <= start_block < len(names):
-            raise ValueError(f"start_block must be an int from {-len(names)} to {len(names) - 1} (the model has "
-                             f"{len(names)} blocks), got {start_block!r}")
+            default = " (the default: the last two blocks)" if start_block == self.defaults["start_block"] else ""
+            raise ValueError(f"start_block must be an int from {-len(names)} to {len(names) - 1}: LeGrad found "
+                             f"{len(names)} attention block(s) in {type(self.model).__name__} ({names}); got "
+                             f"{start_block!r}{default}")
         first = start_block % len(names)
         modules = dict(self.model.named_modules())
         chosen = [modules[name] for name in names[first:]]
@@ -58,6 +60,12 @@ class LeGrad(AttentionExplainer):
             def stack(module: nn.Module, args, output: Tensor) -> Tensor:
                 # along the batch (the second dimension of sequence-first blocks' (N, B, D) tokens): the tail then
                 # predicts from every chosen block
+                shapes = [tuple(t.shape) for t in [output] + earlier]
+                if len(set(shapes)) != 1:
+                    raise ValueError(f"LeGrad feeds each chosen block's output to the model's last layers, so the "
+                                     f"blocks must return tokens of one shape; {type(self.model).__name__}'s blocks "
+                                     f"{names[first:]} return {shapes} (hierarchical transformers such as Swin are "
+                                     f"not supported)")
                 return torch.cat([output] + earlier, dim=batch_dim(output, rows, module))
 
             handles = [block.register_forward_hook(keep) for block in chosen[:-1]]

@@ -91,7 +91,7 @@ class TIS(Explainer):
         ratios = fraction_list(tokens_ratio, "tokens_ratio")
         key = tuple(x.shape[1:])
         if key not in self._blocks:
-            self._blocks[key] = attention_blocks(self.model, x[:1], self._forward)
+            self._blocks[key] = attention_blocks(self.model, x[:1], self._forward, type(self).__name__)
         modules = dict(self.model.named_modules())
         blocks = [modules[name] for name in self._blocks[key]]
         features = self._block_outputs(x, blocks, batch_size)  # (B, N, L*D)
