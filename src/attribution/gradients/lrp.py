@@ -264,14 +264,16 @@ class LRP(GradientExplainer):
     * flat: equal shares over each output's window; w^2: shares ``w_jk^2 / sum_j w_jk^2``;
     * z^B: ``(x_j w_jk - l_j w_jk+ - h_j w_jk-)`` normalised, for inputs in the box ``[low, high]``.
 
-    Average pooling and residual sums ``a + b`` share the relevance in proportion to their inputs (``a R / s(a +
+    Average pooling (``avg_pool``, ``adaptive_avg_pool`` and global means ``x.mean(dims)`` over feature dimensions)
+    and residual sums ``a + b`` share the relevance in proportion to their inputs (``a R / s(a +
     b)``, zennit's ``Norm`` rule with its ``ResNetCanonizer``), elementwise activations (ReLU, ReLU6, GELU, ...)
     pass it unchanged (zennit's ``Pass``), max pooling passes it to the arg-max (its gradient), and a batch norm
     (eval mode) whose input is the output of the forward's previous convolution or linear call is folded into that
     layer, the pair's rule applied to ``W s, (b - mean) s + beta`` with ``s = gamma / sqrt(var + eps)`` (zennit's
     ``SequentialMergeBatchNorm``); a batch norm after anything else passes the relevance unchanged (zennit's rule for
-    batch norms it does not merge).  Other operations (transposed convolutions, layer or group norms, products of
-    activations, attention) keep their plain gradient.
+    batch norms it does not merge), and so do layer and group norms (ConvNeXt's).  Other operations (transposed
+    convolutions, products of activations, attention: AttnLRP has rules for transformers) keep their plain
+    gradient.
 
     ``composite`` (which rule where, zennit's composites; the "first layer" is the forward's first convolution or
     linear call, its first convolution for ``epsilon_gamma_box``):
