@@ -19,7 +19,9 @@ class FEM(CAM):
 
     With ``mu_k`` and ``sigma_k`` the mean and (population) standard deviation of channel ``k`` over positions:
     ``w_k = mean_ij [A_k(i, j) > mu_k + k sigma_k]`` (option ``k``, default 2), ``map = ReLU(sum_k w_k A_k)``.
-    The target does not enter the map.  Cost: one forward (no gradient).  Same formula as pytorch-grad-cam's
+    The target does not enter the map.  No value of ``n`` positions lies more than ``sqrt(n - 1)`` standard
+    deviations above their mean, so on layers of ``n <= k^2 + 1`` positions (5 at ``k=2``: a 2 x 2 map of a small
+    input) every weight is 0 and so is the map.  Cost: one forward (no gradient).  Same formula as pytorch-grad-cam's
     ``FEM``; the thresholded weights carry no gradient, so with ``create_graph=True`` the map is differentiable
     through the activations only.
     """
