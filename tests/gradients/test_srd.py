@@ -553,3 +553,104 @@ class Unused(nn.Module):
 
     def forward(self, x):
         return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+# ------------------------------------------------------------------------ parameters computed in the forward
+class StdConv(nn.Conv2d):
+    """A weight-standardised convolution computing its kernel from its parameters in the forward, as timm's
+    ``ScaledStdConv2d`` does (a batch norm with batch statistics over the weight, ``gain * scale`` its weight)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels) + 0.5)
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def standardised(self) -> torch.Tensor:
+        return F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                            weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                            eps=1e-6).reshape_as(self.weight)
+
+    def forward(self, x):
+        return F.conv2d(x, self.standardised(), self.bias, self.stride, self.padding)
+
+
+def test_kernels_computed_from_parameters_are_constants():
+    """A kernel computed from parameters alone (weight standardisation) is a constant of its block, not a layer:
+    SRD runs (it refused such networks, NF-ResNets and NFNets, as a training-mode batch norm), gives the map of the
+    same network with the kernels precomputed, and conserves the relevance."""
+    torch.manual_seed(3)
+    model = nn.Sequential(StdConv(3, 4, 3, padding=1), nn.ReLU(), StdConv(4, 5, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).double().eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("gain")})
+    with torch.no_grad():
+        for i in (0, 2):
+            plain[i].weight.copy_(model[i].standardised())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    maps = SRD(model, "3", contrastive=False)(x, [0, 2])
+    torch.testing.assert_close(maps, SRD(plain, "3", contrastive=False)(x, [0, 2]), rtol=1e-10, atol=1e-13)
+    logits = model(x)[[0, 1], [0, 2]].detach() - model[6].bias[[0, 2]].detach()
+    torch.testing.assert_close(maps.sum((1, 2, 3)), logits, rtol=1e-10, atol=1e-12)
+
+
+def test_nf_resnet_conserves():
+    """timm's NF-ResNet (weight-standardised convolutions, ``x * alpha`` and ``beta`` scalings) runs and conserves."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("nf_resnet26", pretrained=False, num_classes=3).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    grabbed = {}
+    hook = model.final_act.register_forward_hook(lambda m, i, o: grabbed.setdefault("A", o))
+    try:
+        scores = model(x.requires_grad_(True))[[0, 1], [1, 2]]
+    finally:
+        hook.remove()
+    (grad,) = torch.autograd.grad(scores.sum(), grabbed["A"])
+    start = (grabbed["A"] * grad).sum((1, 2, 3)).detach()
+    maps = SRD(model, "final_act", contrastive=False)(x.detach(), [1, 2])
+    torch.testing.assert_close(maps.sum((1, 2, 3)), start, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- a branch that contributes nothing
+class ZeroGammaBlock(nn.Module):
+    """A residual block whose last batch norm has a zero weight (timm's ``zero_init_last``) and a non-zero shift:
+    the branch's contributions are all 0, its bias is not."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+            self.bn2.weight.zero_()
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def test_the_bias_of_a_branch_without_contributions_is_shared():
+    """Where a residual branch contributes only its bias, the bias goes to the shortcut's contributions instead of
+    being lost: the map still sums to the logit less the head's bias (contrastive: to 0); the same on timm's
+    ResNet-18-D with ``zero_init_last``."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), ZeroGammaBlock(16), ZeroGammaBlock(16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert (model[1](model[0](x)).amax(dim=1) > 0).all()  # every shortcut PFV non-zero: nothing else loses relevance
+    logits = model(x)[[0, 1], [1, 0]].detach() - model[6].bias[[1, 0]].detach()
+    torch.testing.assert_close(SRD(model, "3", contrastive=False)(x, [1, 0]).sum((1, 2, 3)), logits, rtol=1e-10,
+                               atol=1e-12)
+    assert SRD(model, "3")(x, [1, 0]).sum((1, 2, 3)).abs().max() < 1e-12
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet18d", pretrained=False, num_classes=3, zero_init_last=True).double().eval()
+    with torch.no_grad():
+        for module in resnet.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.bias.uniform_(-0.2, 0.2)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    assert SRD(resnet)(images, [0, 2]).sum((1, 2, 3)).abs().max() < 1e-12

@@ -57,11 +57,16 @@ class SRD(GradientExplainer):
     ``mu = <c + b_j |c| / sum_c' |c'|, z_j> / |z_j|^2`` (the bias of its branch shared in proportion to the
     contributions' norms, so the ratios of ``z_j`` sum to 1), and ``R_i = sum mu R_j`` over ``v_i``'s contributions.
     Inactive neurons count: ``z_j`` is the pre-activation.  Pooling is part of the block it feeds, not a layer.  At
-    ``target_layer`` each PFV starts with ``R_j = <A_j, dy/dA_j>`` (the head's plain gradient; the PFV's contribution
-    to the logit on a global-average-pooling + linear head), minus its mean over the layer's positions with
-    ``contrastive`` (the authors' default ``contrastive_rule``).  The map is the relevance of the input's PFVs, the
-    pixels, (B, 1, H, W); it sums to the start's total (0 when contrastive; the logit less the head's bias on such a
-    head otherwise) wherever no branch of a block reads only zero PFVs at a position.
+    ``target_layer`` each PFV starts with ``R_j = <A_j, dy/dA_j>`` (the head's plain gradient; the PFV's contribution to
+    the logit on a global-average-pooling + linear head), minus its mean over the layer's positions with ``contrastive``
+    (the authors' default ``contrastive_rule``).  The map is the relevance of the input's PFVs, the pixels,
+    (B, 1, H, W); it sums to the start's total (0 when contrastive; the logit less the head's bias on such a head
+    otherwise) wherever some contribution of each pre-activation PFV is non-zero (relevance is lost only at a ``z_j``
+    all of whose contributions are 0, as where a block reads only zero PFVs).  A branch whose contributions are all 0 at
+    a position while its bias is not (a residual branch whose last batch norm has a zero weight, as timm's
+    ``zero_init_last`` gives, or pruned channels) has its bias shared by every contribution of ``z_j`` instead, in
+    proportion to their norms.  Tensors computed from parameters alone in the forward (weight standardisation in
+    NF-ResNets and NFNets, ``gain * scale``) are constants of their block, not layers.
 
     ``target_layer`` (a dotted name or module; ``None``: the library's default CAM layer, stepping back over a
     trailing pooling, see :func:`srd_default_layer`): the paper's experiments use conv5_3 for VGG16 and the average
@@ -74,18 +79,26 @@ class SRD(GradientExplainer):
     squeeze-and-excitation gates, reshapes) raise a ValueError naming the module; token models are refused so.
 
     Cost: one forward and one backward in which every block below ``target_layer`` is replayed on its contributions,
-    one entry per path (9 per 3x3 convolution, 36 for a 2x2 max pooling and a 3x3 convolution, 81 for ResNet's stem
-    pooling and a 3x3 convolution): about 6-7 times a forward and input gradient on ResNet-50 and VGG16 (CPU,
-    128x128, one thread), and that many times a block's activations in memory while it is replayed.
+    one entry per path (9 per 3x3 convolution, 49 for ResNet's 7x7 stem, 36 for a 2x2 max pooling and a 3x3
+    convolution, 81 for ResNet-18/34's stem pooling and a 3x3 convolution): about (paths per block) x (the block's
+    replay).  Measured against a forward and input gradient (CPU, one thread): ResNet-50 and VGG16 about 5-7 times
+    (128x128, batch 2; ResNet-50 at 224 about 8 times), DenseNet-121 about 72 times (224x224; a concatenation pads
+    each input's contributions with zeros to all its channels, which the dense blocks' replays then carry) and
+    Xception-41 about 45 times (64x64; each depthwise + pointwise block is 9 paths at the pointwise width).  Memory:
+    that many times a block's activations while it is replayed, about 1 GB per image on ResNet-50 at 224x224 (the
+    stem's 49 paths at 112x112), about 10 times a plain gradient; mind ``batch_size`` on a CPU.
 
-    Deliberate differences from the authors' code: any architecture made of the operations above, batched (theirs:
-    VGG16 and ResNet-50, one image at a time); max pooling takes the forward's arg-max (theirs compares values,
-    counting ties twice); the batch-norm shift is the exact ``beta - gamma mean / sqrt(var + eps)`` (theirs drops
-    ``eps`` there); guarded divisions give 0 where a norm is 0 (theirs add 1e-12, or divide 0 by 0 for a branch
-    whose PFVs are all 0); the start is ``<A_j, dy/dA_j>`` on every head (theirs: the same on ResNet-50, the clamped
-    Grad-CAM map at conv5_3 on VGG16); a block's own bias after a sum of branches is shared by all of them and a
-    concatenation keeps its inputs' branches (the authors' models have neither).  The paper's method section could
-    not be read offline: the formulas follow the authors' released code.
+    Deliberate differences from the authors' code: any architecture made of the operations above, batched (theirs: VGG16
+    and ResNet-50, one image at a time); max pooling takes the forward's arg-max (theirs compares values, counting ties
+    twice); the batch-norm shift is the exact ``beta - gamma mean / sqrt(var + eps)`` (theirs drops ``eps`` there);
+    guarded divisions give 0 where a norm is 0 (theirs add 1e-12, or divide 0 by 0); the bias of a branch with no
+    non-zero contribution at a position goes to every contribution of ``z_j`` (theirs: 0 / 0, NaN; their pretrained
+    models do not meet the case); the start is ``<A_j, dy/dA_j>`` on every head (theirs on ResNet-50: the same plus the
+    head's bias ``b_y`` shared equally over the positions, ``(W_y A_j + b_y) / HW``, which the centring removes, so the
+    two starts are equal only with ``contrastive=True``; on VGG16 the clamped Grad-CAM map at conv5_3); a block's own
+    bias after a sum of branches is shared by all of them and a concatenation keeps its inputs' branches (the authors'
+    models have neither).  The paper's method section could not be read offline: the formulas follow the authors'
+    released code.
     """
 
     kind = "cam"

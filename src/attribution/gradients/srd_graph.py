@@ -274,8 +274,9 @@ class MaxPool(Node):
     def groups(self, replay: Replay) -> List[Group]:
         groups, (height, width), out_hw = replay(self.inputs[0]), self.in_shape[-2:], self.shape[-2:]
         device = groups[0][0].device
-        positions = torch.arange(1, height * width + 1, device=device, dtype=torch.float64).view(1, 1, height, width)
-        index = (self.indices + 1).to(torch.float64)
+        # flat positions counted from 1 (0 is the padding), in int64 like the indices: exact, and on every device
+        positions = torch.arange(1, height * width + 1, device=device, dtype=torch.int64).view(1, 1, height, width)
+        index = self.indices + 1
         taken = [(where == index).to(replay.dtype)
                  for where in _offsets(positions, self.kernel, self.stride, self.pads, self.dilation, out_hw)]
         flat = self.indices.flatten(2)

@@ -3,9 +3,10 @@
 Sharing ratio.  A contribution's share of ``z_j`` is its projection on ``z_j``: ``mu = <c + beta_c, z_j> / |z_j|^2``,
 where ``beta_c = b_j |c| / sum_c' |c'|`` is its part of the bias ``b_j`` of its branch, shared in proportion to the
 contributions' norms (the authors' ``bias_bunbae``); a residual branch's bias is shared within the branch, an
-operation's own bias among every contribution through it.  The ratios of one ``z_j`` then sum to 1 and relevance is
-conserved layer by layer: ``R_i = sum mu R_j`` over every contribution of ``v_i``.  Inactive neurons count: ``z_j`` is
-the pre-activation, negative channels included (the paper's APOP observation).
+operation's own bias among every contribution through it, and a branch's bias where all its contributions are 0 (a zero
+batch-norm weight) among every contribution of ``z_j`` (the authors divide 0 by 0 there).  The ratios of one ``z_j``
+then sum to 1 and relevance is conserved layer by layer: ``R_i = sum mu R_j`` over every contribution of ``v_i``.
+Inactive neurons count: ``z_j`` is the pre-activation, negative channels included (the paper's APOP observation).
 
 As a backward.  Each contribution is linear in its one PFV and so is its norm, so ``R_i = <v_i, g_i>`` (Euler) with
 ``g`` the vector-Jacobian product of the contributions with the cotangent ``s_j + t_j c / |c|``,
@@ -36,6 +37,23 @@ def _channel_norm(u: Tensor) -> Tensor:
     positive = square > 0
     root = torch.where(positive, square, torch.ones_like(square)).sqrt()
     return torch.where(positive, root, torch.zeros_like(square))
+
+
+def _bias_shares(groups: Sequence[Tuple[Tensor, Optional[Tensor]]], sizes: Sequence[Tensor], z: Tensor,
+                 relevance: Tensor, norm: Tensor) -> List[Optional[Tensor]]:
+    """Each branch's ``t_j = R_j <b, z_j> / (|z_j|^2 sum_c' |c'|)`` (B, 1, *spatial), the sum over the branch's own
+    contributions; None for a branch with no bias.  Where every contribution of a branch is 0 (a residual branch
+    whose last batch norm has a zero weight, pruned channels) its bias is shared by every contribution of ``z_j``
+    instead, in proportion to their norms, so that no relevance is lost."""
+    totals = [size.sum(dim=1) for size in sizes]
+    projections = [None if b is None else (b * z).sum(dim=1, keepdim=True) for _, b in groups]
+    orphans = [torch.where(total > 0, torch.zeros_like(p), p) for p, total in zip(projections, totals) if p is not None]
+    extra = safe_divide(relevance * sum(orphans), sum(totals) * norm) if orphans else None
+    shares: List[Optional[Tensor]] = []
+    for projection, total in zip(projections, totals):
+        share = None if projection is None else safe_divide(relevance * projection, total * norm)
+        shares.append(extra if share is None else share if extra is None else share + extra)
+    return shares
 
 
 # ------------------------------------------------------------------------------------------------- the layers
@@ -95,13 +113,11 @@ class Point(Operation):
         replay = Replay(dtype, create_graph)
         norm = z.square().sum(dim=1, keepdim=True)
         along = safe_divide(relevance * z, norm).unsqueeze(1)
+        groups = replay(self.node)
+        sizes = [_channel_norm(u) for u, _ in groups]
         contributions, cotangents = [], []
-        for u, b in replay(self.node):
-            cotangent = along
-            if b is not None:
-                size = _channel_norm(u)
-                share = safe_divide(relevance * (b * z).sum(dim=1, keepdim=True), size.sum(dim=1) * norm)
-                cotangent = cotangent + share.unsqueeze(1) * safe_divide(u, size)
+        for (u, _), size, share in zip(groups, sizes, _bias_shares(groups, sizes, z, relevance, norm)):
+            cotangent = along if share is None else along + share.unsqueeze(1) * safe_divide(u, size)
             contributions.append(u)
             cotangents.append(cotangent.expand_as(u))
         aliases = [replay.aliases[id(t)] for t in self.sources]

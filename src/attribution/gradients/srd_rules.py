@@ -143,6 +143,7 @@ class SRDRules(TorchFunctionMode):
         self._inputs: Dict[int, Tuple[Tensor, Tensor]] = {}  # the network's input -> (it, as the model reads it)
         self._running: List[nn.Module] = []
         self._handles: List[Any] = []
+        self._reaches: Dict[int, Tuple[Any, bool]] = {}  # grad_fn id -> (it, whether it reaches a non-parameter leaf)
 
     # --------------------------------------------------------------------------------------- context, hooks
     def __enter__(self) -> "SRDRules":
@@ -166,6 +167,7 @@ class SRDRules(TorchFunctionMode):
             self._nodes.clear()
             self._made.clear()
             self._inputs.clear()
+            self._reaches.clear()
 
     def finish(self) -> None:
         """After the forward: the points after the start keep their plain gradient; a block below it that SRD
@@ -215,6 +217,29 @@ class SRDRules(TorchFunctionMode):
         return out
 
     # ------------------------------------------------------------------------------------------ bookkeeping
+    def _from_input(self, t: Tensor) -> bool:
+        """Whether ``t`` depends on the network's input: its autograd graph reaches a leaf that is no parameter.  A
+        tensor computed from parameters alone (a weight-standardised kernel, ``gain * scale``) is a constant of the
+        block, not a layer.  Memoised over the forward's graph."""
+        if t.grad_fn is None:
+            return not is_parameter(t)
+        stack = [t.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if id(fn) in self._reaches:
+                continue
+            leaf = getattr(fn, "variable", None)
+            if leaf is not None:
+                self._reaches[id(fn)] = (fn, not is_parameter(leaf))
+                continue
+            children = [f for f, _ in fn.next_functions if f is not None]
+            pending = [f for f in children if id(f) not in self._reaches]
+            if pending:
+                stack += [fn] + pending
+                continue
+            self._reaches[id(fn)] = (fn, any(self._reaches[id(f)][1] for f in children))
+        return self._reaches[id(t.grad_fn)][1]
+
     def _node(self, t: Any, register: bool = True) -> Optional[Node]:
         """How ``t`` was computed; a computed tensor not recorded is a layer of its own (the network's input)."""
         if not isinstance(t, Tensor):
@@ -222,7 +247,7 @@ class SRDRules(TorchFunctionMode):
         entry = self._nodes.get(id(t))
         if entry is not None and entry[0] is t:
             return entry[1]
-        if not register or not _computed(t):
+        if not register or not _computed(t) or not self._from_input(t):
             return None
         node = Source(t)  # the network's input (or what an operation SRD does not record made of it)
         self._nodes[id(t)] = (t, node)
@@ -258,7 +283,8 @@ class SRDRules(TorchFunctionMode):
     # ------------------------------------------------------------------------------------------- dispatch
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = dict(kwargs or {})
-        activation = func in ACTIVATION_FUNCTIONS and _feature_map(args)
+        activation = func in ACTIVATION_FUNCTIONS and _feature_map(args) and (
+            self._node(args[0], register=False) is not None or self._from_input(args[0]))
         if activation or func in _DECOMPOSED:
             for t in _tensors_in(args, kwargs):
                 self._node(t)  # the first reading of the network's input records it
