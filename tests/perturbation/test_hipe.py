@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attribution
-from attribution.perturbation.hipe import HiPe, cell_schedule
+from attribution.perturbation.hipe import HiPe, cell_schedule, nearest_cells
 from conftest import RowCounter, check_parameter_derivative, tiny_cnn
 
 ndimage = pytest.importorskip("scipy.ndimage")
@@ -273,7 +273,49 @@ def test_bad_options_are_named(bad, message):
 
 
 def test_images_too_small_for_the_schedule_are_named():
-    with pytest.raises(ValueError, match="at least 8 pixels a side, got 7x12; pass max_depth"):
-        HiPe(tiny_cnn())(torch.randn(1, 3, 7, 12), 0)
+    """The default schedule runs on a smaller side of 8 or at least 16 (the authors' loop runs no depth on the
+    others: 2-7 and 9-15); the message says so (it said "at least 8" once, wrong for 9-15)."""
+    for height, width in ((7, 12), (12, 64), (64, 15)):
+        with pytest.raises(ValueError, match=f"no depth on a {height}x{width} image \\(its smaller side must be 8 or "
+                                             "at least 16 pixels\\); pass max_depth"):
+            HiPe(tiny_cnn())(torch.randn(1, 3, height, width), 0)
+    assert [cell_schedule(side, 64, None) for side in (8, 16, 17)] == [[2], [4], [4]]
     out = HiPe(tiny_cnn())(torch.randn(1, 3, 7, 12), 0, max_depth=1)  # 1 cell doubled: 2 x 2 cells
     assert out.shape == (1, 1, 7, 12) and torch.isfinite(out).all()
+
+
+def test_nearest_cells_are_the_authors_upsampling_in_the_images_dtype_with_no_float64_for_float32():
+    """The authors' masks are in the images' dtype: the cells of float32 images are those of a float32 grid (which
+    on a CPU differ from a float64 grid's at some pixels, e.g. pixel 41 of 2 cells on 82: they were taken from a
+    float64 grid once, which MPS does not have either), float64 images' those of a float64 grid."""
+    from torch.overrides import TorchFunctionMode
+
+    class Dtypes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.seen.add(out.dtype)
+            return out
+
+    with Dtypes() as mode:
+        HiPe(tiny_cnn())(torch.randn(1, 3, 32, 32), 0)
+    assert torch.float64 not in mode.seen, mode.seen
+    differ = 0
+    for cells in (1, 2, 3, 7, 8, 16, 33):
+        for size in range(cells, 200, 3):
+            mask = torch.arange(cells * cells, dtype=torch.float32).view(1, 1, cells, cells)  # the authors' 2-D masks
+            upsampled = F.interpolate(mask, (size, size + 5), mode="nearest")[0, 0].long()
+            rows = nearest_cells(cells, size, torch.device("cpu"))
+            columns = nearest_cells(cells, size + 5, torch.device("cpu"))
+            assert torch.equal(rows[:, None] * cells + columns[None], upsampled), (cells, size)
+            grid = torch.arange(cells, dtype=torch.float64).view(1, 1, cells)
+            wide = F.interpolate(grid, size=size, mode="nearest").view(size).long()
+            assert torch.equal(nearest_cells(cells, size, torch.device("cpu"), torch.float64), wide), (cells, size)
+            differ += not torch.equal(rows, wide)
+    assert differ > 0  # the dtype matters
+    assert nearest_cells(2, 82, torch.device("cpu"))[41] == 0 and nearest_cells(2, 82, torch.device("cpu"),
+                                                                                 torch.float64)[41] == 1

@@ -36,8 +36,8 @@ def cell_schedule(height: int, width: int, max_depth: Optional[int]) -> List[int
             cells *= 2
             schedule.append(cells)
         if not schedule:
-            raise ValueError(f"HiPe's schedule needs images of at least 8 pixels a side, got {height}x{width}; "
-                             "pass max_depth to run a depth on smaller images")
+            raise ValueError(f"HiPe's schedule runs no depth on a {height}x{width} image (its smaller side must be 8 "
+                             "or at least 16 pixels); pass max_depth to run depths on it")
         return schedule
     schedule = [cells * 2 ** depth for depth in range(1, max_depth + 1)]
     if cells < 1 or schedule[-1] > side:
@@ -46,10 +46,13 @@ def cell_schedule(height: int, width: int, max_depth: Optional[int]) -> List[int
     return schedule
 
 
-def nearest_cells(cells: int, size: int, device: torch.device) -> Tensor:
+def nearest_cells(cells: int, size: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """(size,) the grid cell of each pixel when a ``cells``-long grid is upsampled to ``size`` pixels with
-    ``F.interpolate(mode='nearest')``, as the authors upsample their masks (computed by that very operation)."""
-    grid = torch.arange(cells, dtype=torch.float64, device=device).view(1, 1, cells)
+    ``F.interpolate(mode='nearest')``, as the authors upsample their masks (computed by that very operation, in
+    ``dtype``: the authors' masks are in the images' dtype, and on a CPU the nearest index of a float32 grid differs
+    from a float64 one's at some pixels, e.g. pixel 41 of 2 cells on 82; float32 also where float64 does not exist,
+    as on MPS)."""
+    grid = torch.arange(cells, dtype=dtype, device=device).view(1, 1, cells)
     return F.interpolate(grid, size=size, mode="nearest").view(size).long()
 
 
@@ -172,7 +175,7 @@ class HiPe(Explainer):
         the window's nearest-upsampled cells."""
         batch, _, height, width = x.shape
         windows = window_cells(cells, x.device)
-        row_cell, col_cell = nearest_cells(cells, height, x.device), nearest_cells(cells, width, x.device)
+        row_cell, col_cell = (nearest_cells(cells, side, x.device, saliency.dtype) for side in (height, width))
         credit = (windows[:, row_cell], windows[:, col_cell])  # (n + 1, H), (n + 1, W)
         chosen = selected_windows(saliency.detach(), row_cell, col_cell, cells, threshold)
         image, wy, wx = chosen.nonzero(as_tuple=True)

@@ -4,8 +4,9 @@ The decomposition (:class:`BlockTerms`, :class:`BlockDecompositionExplainer`) is
 methods of :mod:`.norm_based`."""
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -153,11 +154,34 @@ class BlockTerms(NamedTuple):
     bias: Tensor  # b = s * b_O (D,), zeros without an output bias
 
 
+class BlockPieces(NamedTuple):
+    """One block's attention sublayer as recorded, in the working precision, before its (B, H, N, D) head vectors
+    are formed: :meth:`terms` forms them (one block's at a time, so that a method holds one block's at most);
+    :meth:`output` rebuilds the sublayer's output without them."""
+
+    tokens: Tensor  # x: the tokens entering the block (B, N, D)
+    attention: Tensor  # A: the attention probabilities (B, H, N, N)
+    values: Tensor  # the value vectors v_j^h (B, H, N, head_dim)
+    weight: Tensor  # the output projection W_O (D, H * head_dim)
+    scale: Optional[Tensor]  # the layer scale s (D,), None without one
+    bias: Tensor  # s * b_O (D,), zeros without an output bias
+
+    def terms(self) -> BlockTerms:
+        """The block's :class:`BlockTerms` (its head vectors formed now)."""
+        return BlockTerms(self.tokens, self.attention, head_vectors(self.values, self.weight, self.scale), self.bias)
+
+    def output(self) -> Tensor:
+        """(B, N, D) ``y_i = x_i + s * W_O concat_h(sum_j A_h[i, j] v_j^h) + s b_O``: the sum of the decomposition
+        (:func:`sublayer_output` of :meth:`terms`) computed as the model does, with no (B, H, N, D) tensor."""
+        mixed = (self.attention @ self.values).transpose(1, 2).flatten(2) @ self.weight.T  # (B, N, D)
+        return self.tokens + (mixed if self.scale is None else mixed * self.scale) + self.bias
+
+
 class BlockForward(NamedTuple):
     """One forward of a chunk of images through a model whose blocks' attention sublayers are decomposed."""
 
     outputs: Tensor  # the model's outputs (B, K)
-    terms: List[BlockTerms]  # every block's, checked to rebuild the stream after its attention sublayer
+    pieces: List[BlockPieces]  # every block's, checked to rebuild the stream after its attention sublayer
     states: List[Tuple[Tensor, Tensor, Tensor]]  # every block's tokens: entering, after attention, leaving (B, N, D)
     projections: List[Tuple[Tensor, Optional[Tensor]]]  # every block's output projection (weight, bias)
     value_maps: List[Optional[Tuple[Tensor, Optional[Tensor]]]]  # every block's value projection rows, if found
@@ -170,6 +194,14 @@ def head_vectors(values: Tensor, weight: Tensor, scale: Optional[Tensor]) -> Ten
     heads, width = values.shape[1], values.shape[3]
     vectors = torch.einsum("bhjc,dhc->bhjd", values, weight.reshape(weight.shape[0], heads, width))
     return vectors if scale is None else vectors * scale
+
+
+def without_autocast(device: torch.device) -> ContextManager[Any]:
+    """``torch.autocast`` turned off on ``device`` (where the device has one): a method's own arithmetic stays in
+    its working precision under a caller's autocast; only the model's forward runs in the caller's (or ``amp``'s)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def sublayer_output(terms: BlockTerms) -> Tensor:
@@ -251,7 +283,11 @@ class BlockDecompositionExplainer(AttentionExplainer):
     (:class:`BlockTerms`, from one forward, checked to rebuild the model's residual stream) and measure each token's
     share in each output: ALTI, the attention norm, GlobEnc.  A subclass gives :meth:`_contributions` (one block's
     (B, N, N) shares, rows the outputs, columns the source tokens) and, where it aggregates the blocks otherwise
-    than ALTI, :meth:`_aggregate`; with ``rollout=False`` only the last block's shares are computed."""
+    than ALTI, :meth:`_aggregate`; with ``rollout=False`` only the last block's shares are computed.  The blocks'
+    head vectors are formed one block at a time and dropped once its shares are computed (each block's
+    decomposition is checked without them), so one block's (B, H, N, D) vectors are held at most (every block's
+    graph with ``create_graph=True``).  The method's own arithmetic runs with autocast off (in float32, or float64
+    for float64 models) also under a caller's ``torch.autocast``: only the model's forward runs in 16 bits."""
 
     defaults = {"rollout": True}
     argmax_on_rows = True
@@ -269,9 +305,11 @@ class BlockDecompositionExplainer(AttentionExplainer):
         size = tuple(x.shape[-2:])
         maps = []
         for start, stop in RowPlanner(x.shape[0], batch_size, x.device):
-            terms = self._block_terms(x[start:stop], target, owners[start:stop], blocks, names, create_graph)
-            with torch.set_grad_enabled(create_graph):
-                shares = [self._contributions(t) for t in (terms if rollout else terms[-1:])]
+            pieces = self._block_forward(x[start:stop], target, owners[start:stop], blocks, names,
+                                         create_graph).pieces
+            with torch.set_grad_enabled(create_graph), without_autocast(x.device):
+                # one block's head vectors at a time: each block's terms are dropped once its shares are computed
+                shares = [self._contributions(p.terms()) for p in (pieces if rollout else pieces[-1:])]
                 relevance = self._aggregate(shares, rollout)
             layout = token_layout(self.model, size, relevance.shape[-1], "the attention maps")
             maps.append(self._to_image(relevance, layout, size))
@@ -292,12 +330,16 @@ class BlockDecompositionExplainer(AttentionExplainer):
                      names: Sequence[str], create_graph: bool) -> List[BlockTerms]:
         """Every block's :class:`BlockTerms` for ``rows`` images, from one forward (the target is evaluated on it:
         validated, and ``None`` resolved, though the map ignores it), each checked to rebuild the block's
-        residual stream after its attention sublayer."""
-        return self._block_forward(rows, target, owners, blocks, names, create_graph).terms
+        residual stream after its attention sublayer (every block's head vectors held at once)."""
+        pieces = self._block_forward(rows, target, owners, blocks, names, create_graph).pieces
+        with torch.set_grad_enabled(create_graph), without_autocast(rows.device):
+            return [p.terms() for p in pieces]
 
     def _block_forward(self, rows: Tensor, target: Target, owners: Tensor, blocks: Sequence[nn.Module],
                        names: Sequence[str], create_graph: bool, handles: Sequence[Any] = ()) -> "BlockForward":
-        """:meth:`_block_terms` with what else the forward gave (:class:`BlockForward`); the hook ``handles`` the
+        """Every block's :class:`BlockPieces` for ``rows`` images, from one forward, each checked to rebuild the
+        block's residual stream after its attention sublayer, with what else the forward gave
+        (:class:`BlockForward`); the hook ``handles`` the
         caller registered for this forward (to record more of it) are removed afterwards, whatever happens."""
         recorder = BlockRecorder(blocks, names)
         try:
@@ -314,19 +356,19 @@ class BlockDecompositionExplainer(AttentionExplainer):
             raise ValueError(f"{self.label} found {len(attention)} attention maps, {len(capture.values)} sets of value "
                              f"vectors and {len(states)} blocks in {type(self.model).__name__}'s forward")
         projections = capture.projections + [None] * (len(attention) - len(capture.projections))
-        terms = []
+        pieces = []
         for name, block, probs, values, projection, (entering, middle, _) in zip(
                 names, blocks, attention, capture.values, projections, states):
-            with torch.set_grad_enabled(create_graph):
-                found = self._terms(name, block, probs, values, projection, entering)
-            self._check_decomposition(name, found, middle, (probs, values, middle))
-            terms.append(found)
+            with torch.set_grad_enabled(create_graph), without_autocast(rows.device):
+                found = self._pieces(name, block, probs, values, projection, entering)
+                self._check_decomposition(name, found, middle, (probs, values, middle))
+            pieces.append(found)
         value_maps = capture.value_maps[:len(attention)]
-        return BlockForward(outputs, terms, states, projections[:len(attention)], value_maps)  # type: ignore[arg-type]
+        return BlockForward(outputs, pieces, states, projections[:len(attention)], value_maps)  # type: ignore[arg-type]
 
-    def _terms(self, name: str, block: nn.Module, probs: Tensor, values: Tensor,
-               projection: Optional[Tuple[Tensor, Optional[Tensor]]], entering: Tensor) -> BlockTerms:
-        """One block's terms in the working precision (float64 for float64 tokens, else float32)."""
+    def _pieces(self, name: str, block: nn.Module, probs: Tensor, values: Tensor,
+                projection: Optional[Tuple[Tensor, Optional[Tensor]]], entering: Tensor) -> BlockPieces:
+        """One block's pieces in the working precision (float64 for float64 tokens, else float32)."""
         dtype = torch.float64 if entering.dtype == torch.float64 else torch.float32
         heads_dim = values.shape[1] * values.shape[3]
         if projection is None or projection[0].dim() != 2 or tuple(projection[0].shape) != (entering.shape[-1],
@@ -342,18 +384,20 @@ class BlockDecompositionExplainer(AttentionExplainer):
         scale = layer_scale(block)
         scale = None if scale is None else scale.to(dtype)
         bias = torch.zeros_like(weight[:, 0]) if bias is None else bias
-        return BlockTerms(entering.to(dtype), probs.to(dtype), head_vectors(values.to(dtype), weight, scale),
-                          bias if scale is None else bias * scale)
+        return BlockPieces(entering.to(dtype), probs.to(dtype), values.to(dtype), weight, scale,
+                           bias if scale is None else bias * scale)
 
-    def _check_decomposition(self, name: str, terms: BlockTerms, middle: Tensor, pieces: Sequence[Tensor]) -> None:
+    def _check_decomposition(self, name: str, block: BlockPieces, middle: Tensor,
+                             recorded: Sequence[Tensor]) -> None:
         """A ValueError unless ``x + sum_j T_i(x_j) + s b_O`` equals the model's own stream after the attention
-        sublayer (up to :data:`DECOMPOSITION_TOLERANCE`)."""
+        sublayer (up to :data:`DECOMPOSITION_TOLERANCE`; ``recorded``: the pieces as the forward gave them, whose
+        16-bit precision, if any, sets the tolerance)."""
         with torch.no_grad():
-            rebuilt = sublayer_output(terms)
+            rebuilt = block.output()
             actual = middle.to(rebuilt.dtype)
             error = float((rebuilt - actual).abs().amax())
-            scale = max(float(actual.abs().amax()), float(terms.tokens.abs().amax()), 1e-30)
-        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in pieces)
+            scale = max(float(actual.abs().amax()), float(block.tokens.abs().amax()), 1e-30)
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in recorded)
         if not error <= DECOMPOSITION_TOLERANCE["half" if half else "full"] * scale:
             raise ValueError(
                 f"{self.label}'s decomposition of block {name!r} of {type(self.model).__name__} does not rebuild the "
@@ -403,7 +447,8 @@ class ALTI(BlockDecompositionExplainer):
     per image, then per block ``N^2 D H`` multiply-adds and ``N^2 D`` entries written and read for the transformed
     vectors and their distances (held for at most ``CHUNK_ELEMENTS`` entries at a time; with ``create_graph=True``
     every slice's graph is kept; the last block's alone with ``rollout=False``): for ViT-B/16 at 224 a quarter of a
-    forward's multiply-adds, but memory-bound, about 2-3 forwards' time on a 2-core CPU.  ``create_graph=True``
+    forward's multiply-adds, but memory-bound: 7.4 forwards' time on a 2-core CPU (benchmarks/RESULTS.md; the
+    norm-based methods 2.3 and 3.0).  ``create_graph=True``
     keeps the map differentiable in the model's parameters (the absolute values and the clip have kinks at 0).
 
     Deliberate differences: a row of ``c`` that is all zero (every transformed vector at least as far from ``y_i``

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from ..core.batching import RowPlanner
 from ..core.registry import register
 from ..core.targets import Target
-from .alti import DECOMPOSITION_TOLERANCE, BlockDecompositionExplainer, BlockForward, BlockTerms, transformed_vectors
+from .alti import (DECOMPOSITION_TOLERANCE, BlockDecompositionExplainer, BlockForward, BlockTerms, transformed_vectors,
+                   without_autocast)
 from .base import batch_first_tokens, scores_to_image
 from .token_tm import _is_norm
 from .tokens import TokenLayout, token_layout
@@ -242,14 +243,14 @@ class DecompX(BlockDecompositionExplainer):
         classes = target.classes[owners] if target.classes is not None else forward.outputs.argmax(dim=1)
         size = (int(rows.shape[-2]), int(rows.shape[-1]))
         layout = token_layout(self.model, size, forward.states[0][0].shape[1], "the tokens")
-        with torch.set_grad_enabled(create_graph):
+        with torch.set_grad_enabled(create_graph), without_autocast(rows.device):  # autocast: the forward's alone
             return self._token_scores(forward, recorder, blocks, names, layout, classes, biases), layout
 
     # ------------------------------------------------------------------------------------------------ plan
     def _token_scores(self, forward: BlockForward, recorder: _Recorder, blocks: Sequence[nn.Module],
                       names: Sequence[str], layout: TokenLayout, classes: Tensor, biases: str) -> Tensor:
         """(B, K) every input token's share of its image's target logit (the bias token's last for 'token')."""
-        dtype = forward.terms[0].tokens.dtype
+        dtype = forward.pieces[0].tokens.dtype
         half = any(t.dtype in (torch.float16, torch.bfloat16) for t in (forward.outputs, forward.states[0][1]))
         plans = [self._block_plan(index, block, name, forward, recorder.blocks[index], dtype)
                  for index, (block, name) in enumerate(zip(blocks, names))]
@@ -276,7 +277,7 @@ class DecompX(BlockDecompositionExplainer):
     def _block_plan(self, index: int, block: nn.Module, name: str, forward: BlockForward, events: List[_Event],
                     dtype: torch.dtype) -> _Block:
         """One block's :class:`_Block` from the forward's records (a ValueError for what DecompX cannot follow)."""
-        terms = forward.terms[index]
+        pieces = forward.pieces[index]
         entering, middle, leaving = forward.states[index]
         norms = [e for e in events if e.kind == "norm"]
         if len(norms) != 2:
@@ -302,7 +303,7 @@ class DecompX(BlockDecompositionExplainer):
         if mlp_scale is not None:
             fc2_weight = cast(mlp_scale)[:, None] * fc2_weight
             fc2_bias = None if fc2_bias is None else cast(mlp_scale) * fc2_bias
-        return _Block(terms=terms if index == 0 else None, attention=cast(terms.attention),
+        return _Block(terms=pieces.terms() if index == 0 else None, attention=cast(pieces.attention),
                       norm1=self._norm(norms[0].module, entering, dtype), values=values,
                       projection=scale[:, None] * out_weight, bias=scale * out_bias, middle=cast(middle),
                       norm2=self._norm(norms[1].module, middle, dtype),
