@@ -502,3 +502,25 @@ def test_seg_eigen_cam_makes_the_dominant_side_positive():
         component = first_component(flipped, sign="extreme").flatten(1)
         assert (component.amax(1) >= component.amin(1).abs()).all()
     torch.testing.assert_close(first_component(features, sign="extreme"), first_component(-features, sign="extreme"))
+
+
+@pytest.mark.parametrize("size, out_size", [((7, 7), (224, 224)), ((5, 6), (16, 23)), ((4, 4), (4, 4)),
+                                            ((3, 8), (13, 20)), ((9, 9), (5, 7))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scaling_by_the_range_of_the_upsampled_map_without_upsampling(size, out_size, dtype):
+    """``scale_as_upsampled`` (ViT-CX's masks) equals min-max scaling the bilinear upsampling, without upsampling;
+    a constant map scales to 0 (upsampled by F.interpolate, 2.0 on a 5x6 grid comes out 2 +- 2e-16, a false range
+    that min-max scaling blew up to a [0, 1] mask of rounding noise)."""
+    from attribution.cam.base import min_max_scale, scale_as_upsampled
+
+    torch.manual_seed(1)
+    maps = torch.randn(3, 4, *size, dtype=dtype)
+    maps[0, 0] = 2.0
+    scaled = scale_as_upsampled(maps, out_size)
+    full = F.interpolate(maps, out_size, mode="bilinear", align_corners=False)
+    expected = min_max_scale(full.flatten(0, 1).unsqueeze(1)).view_as(full)
+    expected[0, 0] = 0
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(F.interpolate(scaled, out_size, mode="bilinear", align_corners=False), expected,
+                               rtol=tolerance, atol=tolerance)
+    assert scaled[0, 0].abs().max() == 0

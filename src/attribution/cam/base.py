@@ -48,6 +48,47 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def interpolation_rows(size: int, out_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(out_size, size) weights of the 1-D linear interpolation from ``size`` to ``out_size`` points
+    (``align_corners=False``, as ``F.interpolate``): row ``o`` gives output ``o`` from the inputs."""
+    eye = torch.eye(size, dtype=dtype, device=device).unsqueeze(1)                           # (size, 1, size)
+    return F.interpolate(eye, size=int(out_size), mode="linear", align_corners=False).squeeze(1).T
+
+
+def extreme_taps(size: int, out_size: int, device: torch.device, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """For the outputs of the 1-D linear interpolation from ``size`` to ``out_size`` points that come first or
+    last among the outputs lying between the same two inputs (at most two per input): their inputs ``i0 <= i1``
+    and weights ``t`` (output ``= lerp(a[i0], a[i1], t)``, exact for constants)."""
+    rows = interpolation_rows(size, out_size, device, dtype)
+    first = (rows > 0).to(rows.dtype).argmax(dim=1)                     # the first input an output depends on
+    before = torch.cat([first.new_full((1,), -1), first[:-1]])
+    after = torch.cat([first[1:], first.new_full((1,), -1)])
+    keep = ((first != before) | (first != after)).nonzero().squeeze(1)
+    i0 = first[keep]
+    i1 = (i0 + 1).clamp_max(size - 1)
+    weight = torch.where(i1 > i0, rows[keep, i1], torch.zeros_like(rows[keep, i1]))
+    return i0, i1, weight
+
+
+def scale_as_upsampled(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """(..., h, w) maps shifted and scaled so that their bilinear upsampling to ``size`` spans [0, 1] (0 where
+    constant), still at (h, w): upsampling keeps constants, so scaling the small map by the upsampled map's range
+    equals scaling the upsampled map.  The range is found without upsampling: between four neighbouring inputs a
+    bilinear map is linear in each coordinate, so its extremes over the output samples there lie on the first or
+    last of those samples' rows and columns; only those (at most 2h x 2w samples) are computed, as ``lerp``, which
+    is exact on constants (``F.interpolate``'s weighted sums leave a constant map a false range of a few ulps, which
+    min-max scaling would blow up to [0, 1])."""
+    height, width = maps.shape[-2:]
+    weights = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    r0, r1, rw = extreme_taps(height, size[0], maps.device, weights)
+    c0, c1, cw = extreme_taps(width, size[1], maps.device, weights)
+    rows = torch.lerp(maps.index_select(-2, r0), maps.index_select(-2, r1), rw.to(maps.dtype).unsqueeze(1))
+    samples = torch.lerp(rows.index_select(-1, c0), rows.index_select(-1, c1), cw.to(maps.dtype))
+    low, high = torch.aminmax(samples.flatten(-2), dim=-1)
+    low, high = low[..., None, None], high[..., None, None]
+    return safe_divide(maps - low, (high - low).expand_as(maps))
+
+
 def channel_sum(weights: Tensor, activations: Tensor) -> Tensor:
     """``ReLU(sum_k w_k * A_k)``: the usual CAM combination, (N, 1, h, w)."""
     return F.relu((weights * activations).sum(dim=1, keepdim=True))

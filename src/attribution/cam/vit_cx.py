@@ -14,7 +14,7 @@ from ..core.progress import progress_bar
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
-from .base import CAM, safe_divide, upsample
+from .base import CAM, safe_divide, scale_as_upsampled, upsample
 
 
 def complete_linkage(distance: Tensor, threshold: float) -> Tensor:
@@ -51,21 +51,6 @@ def complete_linkage(distance: Tensor, threshold: float) -> Tensor:
         relabel = labels[b] == gone.unsqueeze(1)
         labels[b] = torch.where(relabel, keep.unsqueeze(1), labels[b])
     return labels
-
-
-def scaled_as_upsampled(maps: Tensor, size: Sequence[int], chunk_elements: int = 1 << 24) -> Tensor:
-    """(N, 1, h, w) maps shifted and scaled so that their bilinear upsampling to ``size`` spans [0, 1] (0 where
-    constant), still at (h, w).  Upsampling keeps constants (its weights sum to 1), so scaling the small map by the
-    upsampled map's range equals scaling the upsampled map; the range is found ``chunk_elements`` at a time."""
-    lows, highs = [], []
-    per_map = int(size[0]) * int(size[1])
-    step = max(1, chunk_elements // per_map)
-    for start in range(0, maps.shape[0], step):
-        low, high = torch.aminmax(upsample(maps[start:start + step], size).flatten(1), dim=1)
-        lows.append(low)
-        highs.append(high)
-    low, high = torch.cat(lows).view(-1, 1, 1, 1), torch.cat(highs).view(-1, 1, 1, 1)
-    return safe_divide(maps - low, (high - low).expand_as(maps))
 
 
 def upsampling_gram(size: Sequence[int], out_size: Sequence[int], dtype: torch.dtype,
@@ -140,7 +125,7 @@ class ViTCX(CAM):
         """The min-max scaled cluster masks of every image at the layer's resolution, (sum K, 1, h, w) image by
         image and within an image by first channel, and each image's K, (B,)."""
         batch, channels, h, w = acts.shape
-        scaled = scaled_as_upsampled(acts.reshape(batch * channels, 1, h, w), size).view(batch, channels, h * w)
+        scaled = scale_as_upsampled(acts.reshape(batch * channels, 1, h, w), size).view(batch, channels, h * w)
         gram = upsampling_gram((h, w), size, scaled.dtype, scaled.device)
         inner = scaled @ gram @ scaled.transpose(1, 2)                               # (B, C, C)
         norms = inner.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
@@ -149,7 +134,7 @@ class ViTCX(CAM):
         # a cluster is named by its first channel: sum every channel into that slot, keep the slots that name one
         summed = torch.zeros_like(scaled).scatter_add(1, labels.unsqueeze(2).expand_as(scaled), scaled)
         roots = labels == torch.arange(channels, device=labels.device)               # (B, C)
-        masks = scaled_as_upsampled(summed[roots].view(-1, 1, h, w), size)
+        masks = scale_as_upsampled(summed[roots].view(-1, 1, h, w), size)
         return masks, roots.sum(dim=1)
 
     def _causal_map(self, x: Tensor, flat_masks: Tensor, counts: Tensor, clean: Tensor, target: Target,
