@@ -12,7 +12,7 @@ from ..core.filters import gaussian_blur
 from ..core.layers import LayerSpec
 from ..core.registry import register
 from ..core.targets import Target
-from .base import CAM, FUSIONS, min_max_scale, upsample
+from .base import CAM, FUSIONS, scale_as_upsampled, upsample
 
 
 def group_maps(activations: Tensor, gradients: Tensor, groups: int, percentile: float) -> Tensor:
@@ -93,7 +93,7 @@ class GroupCAM(CAM):
             for start, stop in RowPlanner(batch * count, batch_size, x.device):
                 index = torch.arange(start, stop, device=x.device)
                 image, group = index // count, index % count
-                masks = min_max_scale(upsample(grouped[image, group].unsqueeze(1), x.shape[-2:]))
+                masks = upsample(scale_as_upsampled(grouped[image, group].unsqueeze(1), x.shape[-2:]), x.shape[-2:])
                 unveiled = x[image] * masks.to(x.dtype) + blurred[image] * (1 - masks.to(x.dtype))
                 scores = (target(self._forward(unveiled), image) - base[image]).to(total.dtype)
                 weighted = scores.view(-1, 1, 1, 1) * masks

@@ -14,12 +14,14 @@ from ..core.progress import progress_bar
 from ..core.registry import register
 from ..core.targets import Target
 from ..gradients.base import accumulation_dtype
-from .base import CAM, FUSIONS, channel_sum, min_max_scale, upsample
+from .base import CAM, FUSIONS, channel_sum, scale_as_upsampled, upsample
 
 
 def normalized_masks(activations: Tensor, size: tuple) -> Tensor:
-    """(n, h, w) activation maps upsampled to ``size`` and min-max scaled to [0, 1] each (0 where constant)."""
-    return min_max_scale(upsample(activations.unsqueeze(1), size))
+    """(n, h, w) activation maps upsampled to ``size`` and min-max scaled to [0, 1] each (0 where constant): scaled
+    at the layer's resolution by the upsampled map's range (:func:`attribution.cam.base.scale_as_upsampled`, exact
+    on constant maps), then upsampled once."""
+    return upsample(scale_as_upsampled(activations.unsqueeze(1), size), size)
 
 
 class _ScoreWeightedCAM(CAM):
