@@ -524,3 +524,15 @@ def test_scaling_by_the_range_of_the_upsampled_map_without_upsampling(size, out_
     torch.testing.assert_close(F.interpolate(scaled, out_size, mode="bilinear", align_corners=False), expected,
                                rtol=tolerance, atol=tolerance)
     assert scaled[0, 0].abs().max() == 0
+
+
+def test_score_cams_mask_of_a_constant_channel_is_zero():
+    """Score-CAM's masks are min-max scaled upsamplings: a constant channel (a saturated ReLU6) gives no mask, at
+    any size (before, 2.3 on a 5x6 grid upsampled to 16x23 gave a [0, 1] mask of float rounding noise)."""
+    from attribution.cam.score_cam import normalized_masks
+
+    acts = torch.full((2, 5, 6), 2.3)
+    acts[1] = torch.rand(5, 6, generator=torch.Generator().manual_seed(0))
+    masks = normalized_masks(acts, (16, 23))
+    assert masks[0].abs().max() == 0
+    assert 0 <= float(masks[1].min()) < 1e-6 and 1 - 1e-6 < float(masks[1].max()) <= 1

@@ -93,7 +93,8 @@ class GroupCAM(CAM):
             for start, stop in RowPlanner(batch * count, batch_size, x.device):
                 index = torch.arange(start, stop, device=x.device)
                 image, group = index // count, index % count
-                masks = upsample(scale_as_upsampled(grouped[image, group].unsqueeze(1), x.shape[-2:]), x.shape[-2:])
+                masks = upsample(scale_as_upsampled(grouped[image, group].unsqueeze(1), x.shape[-2:]),
+                                 x.shape[-2:]).clamp(0, 1)
                 unveiled = x[image] * masks.to(x.dtype) + blurred[image] * (1 - masks.to(x.dtype))
                 scores = (target(self._forward(unveiled), image) - base[image]).to(total.dtype)
                 weighted = scores.view(-1, 1, 1, 1) * masks

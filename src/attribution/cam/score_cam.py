@@ -20,8 +20,8 @@ from .base import CAM, FUSIONS, channel_sum, scale_as_upsampled, upsample
 def normalized_masks(activations: Tensor, size: tuple) -> Tensor:
     """(n, h, w) activation maps upsampled to ``size`` and min-max scaled to [0, 1] each (0 where constant): scaled
     at the layer's resolution by the upsampled map's range (:func:`attribution.cam.base.scale_as_upsampled`, exact
-    on constant maps), then upsampled once."""
-    return upsample(scale_as_upsampled(activations.unsqueeze(1), size), size)
+    on constant maps), then upsampled once (clamped: the upsampling's rounding leaves ~1e-9 outside [0, 1])."""
+    return upsample(scale_as_upsampled(activations.unsqueeze(1), size), size).clamp(0, 1)
 
 
 class _ScoreWeightedCAM(CAM):
