@@ -18,7 +18,7 @@ from attribution.core.targets import resolve_target
 from attribution.transformers.alti import (ALTI, CHUNK_ELEMENTS, alti_contributions, layer_scale,
                                            transformed_vectors)
 from attribution.transformers.rollout import row_normalised
-from conftest import check_parameter_derivative, tiny_cnn, tiny_vit
+from conftest import check_parameter_derivative, tiny_vit
 from vit_parts import first_block_inputs, timm_blocks, torchvision_blocks
 
 timm = pytest.importorskip("timm")
@@ -298,23 +298,6 @@ def test_defaults_are_the_papers():
     assert ALTI.defaults == {"rollout": True}
     assert A.get_method("alti") is ALTI and ALTI.kind == "attention" and ALTI.argmax_on_rows
 
-
-def test_bad_options_and_models_name_what_is_wrong():
-    explainer, x = ALTI(tiny_vit()), torch.randn(1, 3, 16, 16)
-    for value in ("yes", 1, None):
-        with pytest.raises(TypeError, match="rollout must be a bool"):
-            explainer(x, rollout=value)
-    with pytest.raises(TypeError, match="unknown option 'rolout'"):
-        ALTI(tiny_vit(), rolout=False)
-    with pytest.raises(ValueError, match="batch_size"):
-        explainer(x, batch_size=0)
-    with pytest.raises(ValueError, match="found no attention"):
-        ALTI(tiny_cnn())(x)
-    with pytest.raises(ValueError, match="normalised .* first"):  # timm's scale_norm: a LayerNorm before proj
-        ALTI(tiny_vit(scale_attn_norm=True))(x)
-    from timm.models.vision_transformer import ResPostBlock
-    with pytest.raises(ValueError, match="pre-norm blocks"):  # post-norm: x + norm(attention(x))
-        ALTI(tiny_vit(block_fn=ResPostBlock))(x)
 
 
 class GatedBlock(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attribution as A
-from attribution.transformers.alti import transformed_vectors, vector_norms
+from attribution.transformers.alti import ALTI, transformed_vectors, vector_norms
 from attribution.transformers.norm_based import AttentionNorm, GlobEnc, largest_row_sum_one
 from conftest import check_parameter_derivative, tiny_cnn, tiny_vit
 from test_alti import CASES, GatedBlock, images, mlp_written_out, parts_of, terms_of, vit_tiny
@@ -261,7 +261,7 @@ def test_defaults_are_the_papers():
         assert A.get_method(name) is method and method.kind == "attention" and method.argmax_on_rows
 
 
-@pytest.mark.parametrize("method", [AttentionNorm, GlobEnc])
+@pytest.mark.parametrize("method", [ALTI, AttentionNorm, GlobEnc])
 def test_bad_options_and_models_name_what_is_wrong(method):
     explainer, x = method(tiny_vit()), torch.randn(1, 3, 16, 16)
     for value in ("yes", 1, None):
