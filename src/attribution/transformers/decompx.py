@@ -346,7 +346,8 @@ class DecompX(BlockDecompositionExplainer):
             if not pooled and event.inputs.dim() == 3:
                 if not _close(event.inputs, current, half):
                     raise ValueError(f"DecompX could not follow the head of {model}: its {kind} does not run on the "
-                                     "last block's tokens")
+                                     "last block's tokens (attention-pooling heads, e.g. timm's global_pool='map', "
+                                     "are not supported)")
             elif not pooled:
                 readout = _readout(event.inputs, current, layout, half)
                 if readout is None:
