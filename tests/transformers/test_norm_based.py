@@ -18,33 +18,10 @@ import attribution as A
 from attribution.transformers.alti import ALTI, transformed_vectors, vector_norms
 from attribution.transformers.norm_based import AttentionNorm, GlobEnc, largest_row_sum_one
 from conftest import check_parameter_derivative, tiny_cnn, tiny_vit
-from test_alti import CASES, GatedBlock, images, mlp_written_out, parts_of, terms_of, vit_tiny
+from test_alti import CASES, GatedBlock, block_written_out, images, mlp_written_out, parts_of, terms_of, vit_tiny
 from vit_parts import first_block_inputs
 
 timm = pytest.importorskip("timm")
-
-
-def sublayer_written_out(p, attention_scale, h: torch.Tensor):
-    """One pre-norm block's attention sublayer on one image's tokens h (N, D), by hand, head by head and pair by
-    pair: v_j = W_V^h LN1(x_j) + b_V^h, f_h(x_j) = s W_O^h v_j; W[i][j] = sum_h A_h[i, j] f_h(x_j) (no residual, no
-    b_O); y_i = x_i + sum_j W[i][j] + s b_O.  Returns W (a list of lists of (D,) vectors) and y (N, D)."""
-    n, d = h.shape
-    width = d // p.heads
-    s = torch.ones(d, dtype=h.dtype) if attention_scale is None else attention_scale
-    a = p.norm1(h)
-    (wq, wk, wv), (bq, bk, bv) = p.qkv[0].chunk(3), p.qkv[1].chunk(3)
-    wo, bo = p.proj
-    W = [[torch.zeros(d, dtype=h.dtype) for _ in range(n)] for _ in range(n)]
-    for head in range(p.heads):
-        cols = slice(head * width, (head + 1) * width)
-        q, k, v = a @ wq[cols].T + bq[cols], a @ wk[cols].T + bk[cols], a @ wv[cols].T + bv[cols]
-        attention = (q @ k.T * p.scale).softmax(dim=-1)
-        for j in range(n):
-            f = s * (wo[:, cols] @ v[j])
-            for i in range(n):
-                W[i][j] = W[i][j] + attention[i, j] * f
-    y = torch.stack([h[i] + sum(W[i][j] for j in range(n)) + s * bo for i in range(n)])
-    return W, y
 
 
 def norms_written_out(model: nn.Module, image: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -55,12 +32,12 @@ def norms_written_out(model: nn.Module, image: torch.Tensor) -> Tuple[List[torch
     h = first_block_inputs(model, first, image[None])[0]
     attention_norms, encoder_norms = [], []
     for p, (s1, s2) in zip(parts, scales):
-        W, y = sublayer_written_out(p, s1, h)
-        n = len(W)
-        attention_norms.append(torch.tensor([[float(W[i][j].norm()) for j in range(n)] for i in range(n)],
-                                            dtype=torch.float64))
-        encoder_norms.append(torch.tensor([[float((W[i][j] + (h[i] if i == j else 0)).norm()) for j in range(n)]
-                                           for i in range(n)], dtype=torch.float64))
+        T, y = block_written_out(p, s1, h)  # T[i][j]: the weighted vectors, plus x_i where j == i
+        n = len(T)
+        encoder_norms.append(torch.tensor([[float(T[i][j].norm()) for j in range(n)] for i in range(n)],
+                                          dtype=torch.float64))
+        attention_norms.append(torch.tensor([[float((T[i][j] - (h[i] if i == j else 0)).norm()) for j in range(n)]
+                                             for i in range(n)], dtype=torch.float64))
         h = mlp_written_out(p, s2, y)
     return attention_norms, encoder_norms
 
