@@ -169,6 +169,18 @@ def small_cnn_reference(model: nn.Sequential, image: torch.Tensor, target: int, 
     return layers["x"][None]
 
 
+def start_total(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets) -> torch.Tensor:
+    """Each image's total of SRD's non-contrastive start relevance, ``sum <A, dy_t/dA>`` at ``layer``: what the map
+    sums to when relevance is conserved."""
+    grabbed = {}
+    hook = layer.register_forward_hook(lambda m, i, o: grabbed.setdefault("A", o))
+    try:
+        scores = model(x.detach().requires_grad_(True))[torch.arange(x.shape[0]), torch.as_tensor(targets)]
+    finally:
+        hook.remove()
+    (grad,) = torch.autograd.grad(scores.sum(), grabbed["A"])
+    return (grabbed["A"] * grad).sum((1, 2, 3)).detach()
+
 def test_small_cnn_matches_the_written_out_decomposition():
     model = small_cnn()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -199,14 +211,7 @@ def test_relevance_is_conserved_with_biases():
     assert SRD(model)(x, targets).sum((1, 2, 3)).abs().max() < 1e-12
     resnet = lrp_resnet18(5)
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    grabbed = {}
-    hook = resnet.layer3.register_forward_hook(lambda m, i, o: grabbed.setdefault("A", o))
-    try:
-        scores = resnet(images.requires_grad_(True))[[0, 1], [2, 3]]
-    finally:
-        hook.remove()
-    (grad,) = torch.autograd.grad(scores.sum(), grabbed["A"])
-    start = (grabbed["A"] * grad).sum((1, 2, 3)).detach()
+    start = start_total(resnet, resnet.layer3, images, [2, 3])
     torch.testing.assert_close(SRD(resnet, contrastive=False)(images.detach(), [2, 3]).sum((1, 2, 3)), start,
                                rtol=1e-9, atol=1e-12)
 
@@ -600,14 +605,7 @@ def test_nf_resnet_conserves():
     torch.manual_seed(0)
     model = timm.create_model("nf_resnet26", pretrained=False, num_classes=3).double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    grabbed = {}
-    hook = model.final_act.register_forward_hook(lambda m, i, o: grabbed.setdefault("A", o))
-    try:
-        scores = model(x.requires_grad_(True))[[0, 1], [1, 2]]
-    finally:
-        hook.remove()
-    (grad,) = torch.autograd.grad(scores.sum(), grabbed["A"])
-    start = (grabbed["A"] * grad).sum((1, 2, 3)).detach()
+    start = start_total(model, model.final_act, x, [1, 2])
     maps = SRD(model, "final_act", contrastive=False)(x.detach(), [1, 2])
     torch.testing.assert_close(maps.sum((1, 2, 3)), start, rtol=1e-9, atol=1e-12)
 
