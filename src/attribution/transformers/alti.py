@@ -298,9 +298,7 @@ class BlockDecompositionExplainer(AttentionExplainer):
                  create_graph: bool) -> Tensor:
         if not isinstance(rollout, bool):
             raise TypeError(f"rollout must be a bool, got {rollout!r}")
-        names = self._block_names(x)
-        modules = dict(self.model.named_modules())
-        blocks = [modules[name] for name in names]
+        names, blocks = self._blocks(x)
         owners = torch.arange(x.shape[0], device=x.device)
         size = tuple(x.shape[-2:])
         maps = []

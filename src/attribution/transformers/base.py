@@ -86,6 +86,12 @@ class AttentionExplainer(Explainer):
             cache[key] = attention_blocks(self.model, x[:1], self._forward, type(self).__name__)
         return cache[key]
 
+    def _blocks(self, x: Tensor) -> Tuple[List[str], List[nn.Module]]:
+        """The model's blocks for inputs shaped like ``x``: their names (:meth:`_block_names`) and the modules."""
+        names = self._block_names(x)
+        modules = dict(self.model.named_modules())
+        return names, [modules[name] for name in names]
+
     def _forward_capturing(self, rows: Tensor, handles: List[Any]) -> Tuple[Tensor, AttentionCapture]:
         """The model's outputs for ``rows`` (differentiable w.r.t. them) and the attention it computed; the hook
         ``handles`` the caller registered for this forward are removed afterwards, whatever happens."""

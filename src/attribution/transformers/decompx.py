@@ -222,9 +222,7 @@ class DecompX(BlockDecompositionExplainer):
         if target.score != "logit":
             raise ValueError(f"DecompX decomposes the logit into the tokens' shares: score must be 'logit', got "
                              f"{target.score!r}")
-        names = self._block_names(x)
-        modules = dict(self.model.named_modules())
-        blocks = [modules[name] for name in names]
+        names, blocks = self._blocks(x)
         owners = torch.arange(x.shape[0], device=x.device)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         maps = []

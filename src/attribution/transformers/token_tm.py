@@ -136,9 +136,7 @@ class TokenTM(AttentionExplainer):
     needs_gradients = True
 
     def _explain(self, x: Tensor, target: Target, *, batch_size: Optional[int], create_graph: bool) -> Tensor:
-        names = self._block_names(x)
-        modules = dict(self.model.named_modules())
-        blocks = [modules[name] for name in names]
+        names, blocks = self._blocks(x)
         owners = torch.arange(x.shape[0], device=x.device)
         size = tuple(x.shape[-2:])
         maps = []
